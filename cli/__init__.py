@@ -32,5 +32,6 @@ def main() -> None:  # console entry point
 # Command modules (each adds its commands to `app`).
 from probekit.cli import datasets_cmd  # noqa: E402,F401
 from probekit.cli import info_cmd  # noqa: E402,F401
+from probekit.cli import report_cmd  # noqa: E402,F401
 
 __all__ = ["app", "main"]

@@ -1,0 +1,155 @@
+"""What a cache shard holds: file names, dataset names, shapes and dtypes, and the shard checks.
+
+Writer, reader and verifier all take shapes from :class:`Layout`, so there is one definition of a
+shard. A shard of ``n`` items holds::
+
+    items/id                 (n,)                 utf-8 str
+    items/label              (n,)                 int64, gold choice index
+    items/n_choices          (n,)                 int64
+    items/difficulty/<m>     (n,)                 float64, NaN where unknown (one per measure)
+    items/pool               (n,)                 utf-8 str ("probe" / "holdout")
+    items/source             (n,)                 utf-8 str
+    hidden/answer_end        (n_layers, n, C, d)  float16, chunk (1, n, C, d): one layer = one chunk
+    hidden/question_end      (n_layers, n, d)     float16, chunk (1, n, d)
+    logprob/choice_sum       (n, C)               float32, -inf on padded choices
+    logprob/choice_tokens    (n, C)               int32
+
+Only the sites the cache was written with are present under ``hidden/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+
+FORMAT = "probekit-cache/1"
+MANIFEST = "manifest.json"
+MANIFEST_LOCK = ".manifest.lock"
+
+#: Token positions a cache can hold, and whether each has a choice axis.
+SITES: dict[str, bool] = {"answer_end": True, "question_end": False}
+
+#: Hidden-state storage dtypes (h5py has no bfloat16).
+DTYPES = ("float16", "float32")
+
+#: Item columns every shard holds besides the difficulty measures, with their dtypes.
+ITEM_FIELDS: dict[str, Any] = {
+    "id": h5py.string_dtype("utf-8"),
+    "label": np.int64,
+    "n_choices": np.int64,
+    "pool": h5py.string_dtype("utf-8"),
+    "source": h5py.string_dtype("utf-8"),
+}
+
+#: HDF5 refuses chunks of 4 GiB or more.
+MAX_CHUNK_BYTES = 2**32 - 1
+
+
+def shard_name(k: int) -> str:
+    """File name of shard ``k``: ``shard-00003.h5``."""
+    return f"shard-{k:05d}.h5"
+
+
+def temp_name(k: int) -> str:
+    """Name shard ``k`` is written under until it is complete: ``.shard-00003.h5.tmp``."""
+    return f".{shard_name(k)}.tmp"
+
+
+def lock_name(rank: int) -> str:
+    """Per-rank directory lock file: ``.lock-rank0``."""
+    return f".lock-rank{rank}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The array shapes a cache was written with (everything a shard's layout depends on)."""
+
+    layers: tuple[int, ...]
+    sites: tuple[str, ...]
+    hidden_size: int
+    max_choices: int
+    measures: tuple[str, ...]
+    dtype: str = "float16"
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> "Layout":
+        """The layout recorded in a manifest dict."""
+        return cls(
+            layers=tuple(manifest["layers"]),
+            sites=tuple(manifest["sites"]),
+            hidden_size=int(manifest["hidden_size"]),
+            max_choices=int(manifest["max_choices"]),
+            measures=tuple(manifest["measures"]),
+            dtype=manifest.get("dtype", "float16"),
+        )
+
+    def hidden_shape(self, site: str, n: int) -> tuple[int, ...]:
+        """Shape of ``hidden/<site>`` for ``n`` items: layer-major, choice axis for answer_end."""
+        if SITES[site]:
+            return (len(self.layers), n, self.max_choices, self.hidden_size)
+        return (len(self.layers), n, self.hidden_size)
+
+    def datasets(self, n: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """Every dataset of a shard of ``n`` items: ``{path: (shape, dtype)}``."""
+        out: dict[str, tuple[tuple[int, ...], Any]] = {
+            f"items/{name}": ((n,), dtype) for name, dtype in ITEM_FIELDS.items()
+        }
+        out.update({f"items/difficulty/{m}": ((n,), np.float64) for m in self.measures})
+        out.update({f"hidden/{s}": (self.hidden_shape(s, n), np.dtype(self.dtype)) for s in self.sites})
+        out["logprob/choice_sum"] = ((n, self.max_choices), np.float32)
+        out["logprob/choice_tokens"] = ((n, self.max_choices), np.int32)
+        return out
+
+    def parts(self) -> tuple[str, ...]:
+        """Groups of datasets written together: each needs every row written before a shard is done."""
+        return ("items", *(f"hidden/{s}" for s in self.sites), "logprob")
+
+
+def sha256_file(path: Path, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def check_shard(path: Path, entry: Mapping[str, Any], layout: Layout, full: bool) -> str | None:
+    """What is wrong with a recorded shard file, or None when it is fine.
+
+    The quick check (``full=False``) looks at existence, byte size and dataset shapes; ``full=True``
+    also compares the file's sha256 with the manifest entry.
+    """
+    if not path.is_file():
+        return "file is missing"
+    size = path.stat().st_size
+    if "bytes" in entry and size != entry["bytes"]:
+        return f"size is {size} bytes, manifest says {entry['bytes']}"
+    if full and sha256_file(path) != entry.get("sha256"):
+        return f"sha256 differs from the manifest ({str(entry.get('sha256'))[:12]}...)"
+    try:
+        with h5py.File(path, "r") as f:
+            for name, (shape, _) in layout.datasets(int(entry["n_items"])).items():
+                if name not in f:
+                    return f"dataset {name} is missing"
+                if f[name].shape != shape:
+                    return f"dataset {name} has shape {f[name].shape}, expected {shape}"
+    except OSError as exc:
+        return f"cannot be read as HDF5 ({str(exc).splitlines()[0]})"
+    return None
