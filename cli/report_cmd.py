@@ -1,0 +1,86 @@
+"""`probekit report`: bootstrap statistics, tables and plots from a sweep's results."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from probekit.cli import app
+from probekit.cli.common import clean_errors, console
+from probekit.report import build_report
+from probekit.report.tables import fmt_acc, fmt_test, level_order
+
+
+class _RateColumn(ProgressColumn):
+    """Finished tables per second (blank until the rate is known)."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.2f} tables/s" if task.speed else "", style="progress.data.speed")
+
+
+@app.command("report")
+def report(
+    results_dir: Path = typer.Argument(..., help="Sweep results directory (holds results.parquet and sweep.json)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Report directory to write (created if missing)."),
+    boot: int = typer.Option(10_000, "--boot", help="Bootstrap resamples per accuracy and paired difference."),
+    boot_sgr: int = typer.Option(100_000, "--boot-sgr", help="Bootstrap resamples per SGR."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every bootstrap."),
+    site: Optional[str] = typer.Option(None, "--site", help="Headline site (default: answer_end when present)."),
+    layer: Optional[str] = typer.Option(None, "--layer", help='Headline layer or layer set, e.g. "30" or "15+30" '
+                                                              "(default: the last single layer)."),
+    solver: Optional[str] = typer.Option(None, "--solver", help="Headline solver (default: paper when present)."),
+) -> None:
+    """Accuracies with bootstrap CIs, SGR with CIs and p-values, tables and plots.
+
+    Writes REP/summary.json (every number), REP/report.md (tables and plots), CSVs and PNGs.
+
+    Prints the headline table: hard-test accuracy per difficulty measure, one layer.
+
+    \b
+    Example:
+      probekit report results/smollm2-135m__arc --out reports/smollm2-135m__arc
+      probekit report results/run1 --out reports/run1 --layer 15+30 --seed 1
+    """
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with clean_errors(), Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("bootstrapping", total=None)
+
+        def progress(done: int, total: int, what: str) -> None:
+            bar.update(task, completed=done, total=total, description=what[:48])
+
+        summary = build_report(results_dir, out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed,
+                               site=site, layer=layer, solver=solver, progress=progress)
+    _print_headline(summary)
+    console.print(f"Report: {out / 'report.md'}  (numbers: {out / 'summary.json'}, {len(summary['files'])} files)")
+
+
+def _print_headline(summary: dict) -> None:
+    head = summary["settings"]["headline"]
+    rows = [r for r in summary["population"]
+            if head and (r["site"], r["layer"], r["solver"]) == (head["site"], head["layer"], head["solver"])]
+    if not rows:
+        console.print(f"No population experiment in the results (have: {', '.join(summary['results']['experiments'])}).")
+        return
+    levels = level_order({lv for r in rows for lv in r["accuracy"]} - {"zero_shot"})
+    table = Table(title=f"Hard-test accuracy (%) by training data; site {head['site']}, layer {head['layer']}, "
+                        f"solver {head['solver']}")
+    table.add_column("measure", style="bold", no_wrap=True, min_width=max(len(r["measure"]) for r in rows))
+    table.add_column("zero-shot", justify="right")
+    for lv in levels:
+        table.add_column(lv, justify="right")
+    table.add_column("SGR [95% CI]", justify="right")
+    table.add_column("p", justify="right")
+    for r in rows:
+        acc, sgr = r["accuracy"], fmt_test(r["sgr"])
+        sgr, _, p = sgr.partition(" p=")
+        cells = [fmt_acc(acc.get(lv)) for lv in ("zero_shot", *levels)]
+        table.add_row(r["measure"], *cells, sgr, p)
+    console.print(table)

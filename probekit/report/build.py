@@ -1,0 +1,288 @@
+"""``build_report``: results directory in, report directory out.
+
+``REP/summary.json`` holds every number (fractions, not percent) with its interval and, for
+SGR and differences, its p-value, plus the settings, ``sweep.json`` and the cache hash.
+``REP/report.md`` shows the tables and links the PNGs; one CSV per table sits beside them.
+
+Everything is computed before anything is written. Files are written to a temporary directory
+beside ``REP`` and moved in; an old ``summary.json`` is removed first and the new one is moved
+in last, so a ``summary.json`` in ``REP`` always belongs to a complete report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+import probekit
+from probekit.errors import ProbekitError
+from probekit.report import plots
+from probekit.report.tables import (
+    HARD,
+    Headline,
+    all_to_all_table,
+    cache_hash,
+    choose_headline,
+    curve_table,
+    flatten,
+    fmt_acc,
+    headline_frame,
+    load_results,
+    population_display,
+    population_table,
+    to_markdown,
+    transfer_table,
+)
+
+FORMAT = "probekit-report/1"
+#: experiment -> (x column, CSV/PNG stem, plot title, x label)
+CURVES = {
+    "learning_curve": ("n_train", "learning_curves", "Hard-test accuracy vs training set size", "n_train (log scale)"),
+    "label_noise": ("label_noise", "label_noise", "Hard-test accuracy vs label noise", "label noise rate (as run)"),
+}
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def build_report(
+    results_dir: str | Path,
+    out_dir: str | Path,
+    n_boot: int = 10_000,
+    n_boot_sgr: int = 100_000,
+    seed: int = 0,
+    *,
+    site: str | None = None,
+    layer: str | None = None,
+    solver: str | None = None,
+    progress: ProgressFn | None = None,
+) -> dict:
+    """Build the report of a sweep's results directory and return the summary.
+
+    ``n_boot`` resamples go into each accuracy interval and paired difference, ``n_boot_sgr``
+    into each SGR; every bootstrap uses ``seed``. ``site``, ``layer`` (e.g. "30" or "15+30") and
+    ``solver`` pick the headline head; by default the last single layer at ``answer_end`` with
+    the ``paper`` solver (see :func:`probekit.report.tables.choose_headline`). Every layer is
+    reported in ``population.csv``. ``progress(done, total, what)`` is called after each unit of
+    work. Bad or incomplete results raise :class:`ProbekitError` before anything is written.
+    """
+    for name, value in (("n_boot", n_boot), ("n_boot_sgr", n_boot_sgr)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
+    res = load_results(results_dir)
+    table = res.table
+    headline = choose_headline(table, site, layer, solver)
+    experiments = sorted(table["experiment"].unique())
+
+    tick = _Ticker(progress, _count_tasks(table))
+    population = population_table(table, n_boot, n_boot_sgr, seed, tick)
+    all_to_all = all_to_all_table(table, n_boot, seed, tick)
+    curves = {exp: curve_table(table, exp, spec[0], n_boot, seed, tick) for exp, spec in CURVES.items()}
+    transfer = transfer_table(table, headline) if headline else pd.DataFrame()
+
+    summary = {
+        "format": FORMAT,
+        "probekit_version": probekit.__version__,
+        "results": {
+            "dir": str(res.path.resolve()),
+            "sha256": _sha256(res.path / "results.parquet"),
+            "n_rows": int(len(table)),
+            "experiments": experiments,
+        },
+        "cache_manifest_sha256": cache_hash(res.sweep),
+        "sweep": res.sweep,
+        "settings": {
+            "n_boot": int(n_boot),
+            "n_boot_sgr": int(n_boot_sgr),
+            "seed": int(seed),
+            "level": 0.95,
+            "test_level": HARD,
+            "headline": vars(headline) if headline else None,
+            "accuracy": "crossed bootstrap over test items and training draws; point = nanmean of the "
+                        "item x draw matrix, interval = percentiles of the resampled means",
+            "sgr": "(easy - zero_shot) / (hard - zero_shot) on the hard test; one shared item resample, "
+                   "independent draw resamples; p-value: centered two-sided bootstrap test of 0",
+            "differences": {"hard_minus_easy": "hard-trained minus easy-trained",
+                            "easy_minus_zero_shot": "easy-trained minus zero-shot"},
+        },
+        "population": population,
+        "transfer": transfer.to_dict(orient="records"),
+        "all_to_all": all_to_all,
+        "learning_curve": curves["learning_curve"],
+        "label_noise": curves["label_noise"],
+        "files": [],
+    }
+    summary = _jsonable(summary)
+    _write(Path(out_dir), summary, headline, population, all_to_all, curves, transfer)
+    return summary
+
+
+class _Ticker:
+    """Counts finished units of work and forwards them to a progress callback."""
+
+    def __init__(self, progress: ProgressFn | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def __call__(self, what: str) -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total, what)
+
+
+def _count_tasks(table: pd.DataFrame) -> int:
+    trained = table[table["train_level"] != "zero_shot"]
+
+    def groups(rows: pd.DataFrame, keys: list[str]) -> int:
+        return int(rows.groupby(keys).ngroups) if len(rows) else 0
+
+    n = groups(trained[trained["experiment"] == "population"], ["measure", "site", "layer", "solver"])
+    n += groups(trained[trained["experiment"] == "all_to_all"], ["site", "layer", "solver", "train_level"])
+    for exp, (x, *_) in CURVES.items():
+        rows = trained[(trained["experiment"] == exp) & (trained["test_level"] == HARD)]
+        n += groups(rows, ["measure", "site", "layer", "solver", "train_level", x])
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _write(out: Path, summary: dict, headline: Headline | None, population, all_to_all, curves, transfer) -> None:
+    if out.exists() and not out.is_dir():
+        raise ProbekitError(f"report output {out} exists and is not a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        files = _write_files(tmp, summary, headline, population, all_to_all, curves, transfer)
+        summary["files"] = files + ["summary.json"]
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+        out.mkdir(exist_ok=True)
+        (out / "summary.json").unlink(missing_ok=True)
+        for name in files:
+            os.replace(tmp / name, out / name)
+        os.replace(tmp / "summary.json", out / "summary.json")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_files(tmp: Path, summary, headline, population, all_to_all, curves, transfer) -> list[str]:
+    files: list[str] = []
+
+    def csv(name: str, frame: pd.DataFrame) -> None:
+        if len(frame):
+            frame.to_csv(tmp / name, index=False)
+            files.append(name)
+
+    def png(path: Path | None) -> str | None:
+        if path is not None:
+            files.append(path.name)
+            return path.name
+        return None
+
+    csv("population.csv", flatten(population))
+    csv("transfer.csv", transfer)
+    csv("all_to_all.csv", flatten(all_to_all))
+    for exp, (_, stem, *_) in CURVES.items():
+        csv(f"{stem}.csv", flatten(curves[exp]))
+    figs = {}
+    if headline:
+        figs["sgr"] = png(plots.plot_sgr(population, headline, tmp / "sgr.png"))
+        figs["layers"] = png(plots.plot_layer_curves(population, headline, tmp / "layer_curves.png"))
+        figs["transfer"] = png(plots.plot_transfer(transfer, headline, tmp / "transfer.png"))
+    for exp, (x, stem, title, xlabel) in CURVES.items():
+        figs[exp] = png(plots.plot_curves(curves[exp], x, tmp / f"{stem}.png", title, xlabel, headline))
+    md = _markdown(summary, headline, population, all_to_all, curves, figs, files)
+    (tmp / "report.md").write_text(md)
+    files.append("report.md")
+    return files
+
+
+def _markdown(summary, headline, population, all_to_all, curves, figs, files) -> str:
+    s = summary["settings"]
+    lines = [
+        "# probekit report",
+        "",
+        f"- Results: `{summary['results']['dir']}` ({summary['results']['n_rows']} rows; "
+        f"experiments: {', '.join(summary['results']['experiments'])}; sha256 `{summary['results']['sha256'][:16]}…`)",
+        f"- Cache manifest sha256: `{summary['cache_manifest_sha256'] or 'not recorded'}`",
+        f"- Bootstrap: {s['n_boot']} resamples per accuracy and difference, {s['n_boot_sgr']} per SGR, "
+        f"seed {s['seed']}, 95% percentile intervals.",
+        "- Accuracy cells: bootstrap mean ± error bar in % (crossed bootstrap over test items and training "
+        "draws). SGR = (easy − zero-shot) / (hard − zero-shot) on the hard test, with its 95% interval and "
+        "bootstrap p-value against 0. Differences in percentage points.",
+        "",
+    ]
+    if headline:
+        lines += [
+            f"## Headline: hard-test accuracy (site `{headline.site}`, layer `{headline.layer}`, solver `{headline.solver}`)",
+            "",
+            to_markdown(headline_frame(population, headline)),
+        ]
+        for key, alt in (("sgr", "SGR per measure"), ("layers", "Hard-test accuracy by layer"),
+                         ("transfer", "Accuracy by training and test level")):
+            if figs.get(key):
+                lines += [f"![{alt}]({figs[key]})", ""]
+    if population:
+        lines += ["## Population table, every site, layer and solver", "",
+                  to_markdown(population_display(population)), "Numbers: `population.csv`.", ""]
+    if all_to_all:
+        frame = pd.DataFrame([{"site": r["site"], "layer": r["layer"], "solver": r["solver"],
+                               "train": r["train_level"], "n_train": r["n_train"], "test": r["test_level"],
+                               "accuracy (%)": fmt_acc(r["accuracy"])} for r in all_to_all])
+        lines += ["## All-to-all (random training split)", "", to_markdown(frame), "Numbers: `all_to_all.csv`.", ""]
+    for exp, (x, stem, title, _) in CURVES.items():
+        recs = curves[exp]
+        if not recs:
+            continue
+        frame = _curve_display(recs, x)
+        lines += [f"## {title}", ""]
+        if figs.get(exp):
+            lines += [f"![{title}]({figs[exp]})", ""]
+        lines += [to_markdown(frame), f"Numbers: `{stem}.csv`.", ""]
+    if summary["sweep"] is not None:
+        lines += ["## Sweep configuration", "", "<details><summary>sweep.json</summary>", "", "```json",
+                  json.dumps(summary["sweep"], indent=2), "```", "", "</details>", ""]
+    lines += ["## Files", "", *[f"- [{f}]({f})" for f in [*files, "summary.json"]], ""]
+    return "\n".join(lines)
+
+
+def _curve_display(records: list[dict], x: str) -> pd.DataFrame:
+    """Curve records as a wide table: one row per head and training level, one column per x."""
+    long = pd.DataFrame([{"measure": r["measure"], "site": r["site"] or "–", "layer": r["layer"] or "–",
+                          "train": r["train_level"], x: r[x], "acc": fmt_acc(r["accuracy"])} for r in records])
+    wide = long.pivot_table(index=["measure", "site", "layer", "train"], columns=x, values="acc", aggfunc="first")
+    wide.columns = [f"{x}={v:g}" for v in wide.columns]
+    return wide.reset_index().fillna("")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(obj):
+    """Plain JSON types: numpy scalars to Python, NaN/inf to None, tuples to lists."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj

@@ -1,0 +1,477 @@
+"""Tables from a sweep's per-item results (``RES/results.parquet``), with bootstrap statistics.
+
+The results table has one row per (head, test item). For a condition (experiment, measure,
+site, layer, solver, training level, ...) the rows become an item x draw matrix: one row per
+test item, one column per training draw, 0/1 correctness in the cells and NaN where the item
+was not a test item in that draw (it was in that draw's training set, so it has no row).
+
+Tables (each a list of plain records; :func:`flatten` turns one into a CSV-ready frame):
+
+- :func:`population_table`: per measure, site, layer and solver, hard-test accuracy of zero-shot
+  and of heads trained on easy, medium, hard and all data (crossed bootstrap), the SGR
+  (zero-shot -> easy vs hard) and two paired differences (hard - easy, easy - zero-shot).
+- :func:`transfer_table`: accuracy by training level x test level (point estimates; heatmap).
+- :func:`all_to_all_table`: heads trained on a random split, accuracy by test level.
+- :func:`curve_table`: accuracy on the hard test against ``n_train`` (learning curves) or
+  ``label_noise`` (noisy labels), per training level.
+
+Every bootstrap call uses the same ``seed``, so each number is reproducible on its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from probekit.errors import ProbekitError
+from probekit.stats import crossed_bootstrap, paired_difference, sgr_bootstrap
+
+#: Columns that ``results.parquet`` must have.
+REQUIRED_COLUMNS = (
+    "experiment", "site", "layer", "measure", "train_level", "draw", "n_train",
+    "label_noise", "solver", "item_id", "test_level", "correct",
+)
+TEXT_COLUMNS = ("experiment", "site", "layer", "measure", "train_level", "solver", "item_id", "test_level")
+#: Training levels in display order; other levels found in the results follow, sorted.
+TRAIN_LEVELS = ("zero_shot", "easy", "medium", "hard", "all")
+TEST_LEVELS = ("easy", "medium", "hard", "all")
+HARD = "hard"
+ZERO_SHOT = "zero_shot"
+#: Population-table comparisons: name -> (baseline level, compared level); the statistic is
+#: mean(compared - baseline).
+DIFFERENCES = {"hard_minus_easy": ("easy", "hard"), "easy_minus_zero_shot": (ZERO_SHOT, "easy")}
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Results:
+    """A loaded results directory: the per-item table and the sweep configuration (or None)."""
+
+    path: Path
+    table: pd.DataFrame
+    sweep: dict | None
+
+
+@dataclass(frozen=True)
+class Headline:
+    """The site, layer (or layer set) and solver that the headline table and plots show."""
+
+    site: str
+    layer: str
+    solver: str
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_results(results_dir: str | Path) -> Results:
+    """Read ``results.parquet`` (and ``sweep.json`` when present) and check the columns."""
+    root = Path(results_dir)
+    path = root / "results.parquet"
+    if not root.is_dir():
+        raise ProbekitError(f"results directory not found: {root}")
+    if not path.is_file():
+        raise ProbekitError(f"no results.parquet in {root} (run `probekit sweep ... --out {root}` first)")
+    try:
+        table = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ProbekitError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ProbekitError(f"{path} lacks column(s) {', '.join(missing)}")
+    if table.empty:
+        raise ProbekitError(f"{path} has no rows")
+    table = _normalise(table, path)
+    sweep = None
+    sweep_path = root / "sweep.json"
+    if sweep_path.exists():
+        try:
+            sweep = json.loads(sweep_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ProbekitError(f"cannot read {sweep_path}: {exc}") from None
+        if not isinstance(sweep, dict):
+            raise ProbekitError(f"{sweep_path} must hold a JSON object")
+    return Results(root, table, sweep)
+
+
+def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    out = table.copy()
+    for col in TEXT_COLUMNS:
+        out[col] = out[col].fillna("").astype(str)
+    try:
+        out["draw"] = out["draw"].astype(np.int64)
+        out["n_train"] = out["n_train"].astype(np.int64)
+        out["label_noise"] = out["label_noise"].astype(np.float64)
+        out["correct"] = out["correct"].astype(np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ProbekitError(f"{path}: non-numeric draw, n_train, label_noise or correct ({exc})") from None
+    bad = ~out["correct"].isin([0.0, 1.0])
+    if bad.any():
+        row = out[bad].iloc[0]
+        raise ProbekitError(f"{path}: correct must be 0 or 1, got {row['correct']!r} for item {row['item_id']!r}")
+    return out
+
+
+def cache_hash(sweep: dict | None) -> str | None:
+    """The cache manifest hash recorded in ``sweep.json`` (first key naming a manifest sha256)."""
+    if not isinstance(sweep, dict):
+        return None
+    stack = [sweep]
+    while stack:
+        d = stack.pop(0)
+        for key, value in d.items():
+            if isinstance(value, str) and "sha256" in key and ("manifest" in key or "cache" in key):
+                return value
+        stack.extend(v for v in d.values() if isinstance(v, dict))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Ordering and selection
+
+
+def layer_key(layer: str) -> tuple:
+    """Sort key for layers: single layers by index, then layer sets ("15+30") by their indices."""
+    try:
+        parts = tuple(int(p) for p in layer.split("+")) if layer else ()
+    except ValueError:
+        return (2, (), layer)
+    return (0 if len(parts) <= 1 else 1, parts, layer)
+
+
+def level_order(levels: Iterable[str], canonical: Sequence[str] = TRAIN_LEVELS) -> list[str]:
+    """The given levels in ``canonical`` order, then any others sorted."""
+    levels = set(levels)
+    return [lv for lv in canonical if lv in levels] + sorted(levels - set(canonical))
+
+
+def choose_headline(table: pd.DataFrame, site: str | None = None, layer: str | None = None,
+                    solver: str | None = None) -> Headline | None:
+    """Pick the headline site, layer and solver among the trained heads.
+
+    Defaults: site ``answer_end`` when present (else the first), the last single layer (the
+    highest index; a layer set only when there are no single layers), solver ``paper`` when
+    present (else the first). A requested value that the results lack is an error.
+    """
+    trained = table[table["train_level"] != ZERO_SHOT]
+    if trained.empty:
+        return None
+    site = _pick(trained["site"], site, "answer_end", "site")
+    trained = trained[trained["site"] == site]
+    layers = sorted(trained["layer"].unique(), key=layer_key)
+    if layer is None:
+        singles = [lv for lv in layers if layer_key(lv)[0] == 0]
+        layer = (singles or layers)[-1]
+    layer = _pick(trained["layer"], layer, None, "layer")
+    solver = _pick(trained[trained["layer"] == layer]["solver"], solver, "paper", "solver")
+    return Headline(site, layer, solver)
+
+
+def _pick(values: pd.Series, wanted: str | None, preferred: str | None, what: str) -> str:
+    present = sorted(values.unique(), key=layer_key if what == "layer" else str)
+    if wanted is not None:
+        if wanted not in present:
+            raise ProbekitError(f"{what} {wanted!r} is not in the results (have {', '.join(map(repr, present))})")
+        return wanted
+    return preferred if preferred in present else present[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Matrices
+
+
+def item_draw_frame(rows: pd.DataFrame, what: str = "condition") -> pd.DataFrame:
+    """Pivot rows to an item x draw frame of 0/1 correctness (NaN: not a test item in that draw).
+
+    Rows are sorted by item id and columns by draw, so the bootstrap resamples of a condition
+    do not depend on the order of the results file.
+    """
+    dup = rows.duplicated(["item_id", "draw"])
+    if dup.any():
+        r = rows[dup].iloc[0]
+        raise ProbekitError(f"results.parquet: item {r['item_id']!r} appears twice in draw {r['draw']} of {what}")
+    frame = rows.pivot(index="item_id", columns="draw", values="correct")
+    return frame.sort_index().sort_index(axis=1)
+
+
+def aligned(*frames: pd.DataFrame) -> list[np.ndarray]:
+    """Matrices of several conditions over the union of their items (same row order)."""
+    index = frames[0].index
+    for f in frames[1:]:
+        index = index.union(f.index)
+    index = index.sort_values()
+    return [f.reindex(index).to_numpy(dtype=np.float64) for f in frames]
+
+
+def zero_shot_rows(table: pd.DataFrame, measure: str) -> pd.DataFrame:
+    """Zero-shot rows of a measure, one per item (they repeat identically across sites)."""
+    zs = table[(table["train_level"] == ZERO_SHOT) & (table["measure"] == measure)]
+    return zs.drop_duplicates(["item_id", "draw"])
+
+
+def test_levels(rows: pd.DataFrame) -> list[str]:
+    """The test levels present (unknown "" left out), then "all" (every test item)."""
+    return [lv for lv in level_order(rows["test_level"].unique(), TEST_LEVELS[:-1]) if lv] + ["all"]
+
+
+def _largest_n_train(rows: pd.DataFrame) -> tuple[pd.DataFrame, int]:
+    n = int(rows["n_train"].max())
+    return rows[rows["n_train"] == n], n
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def population_table(
+    table: pd.DataFrame,
+    n_boot: int = 10_000,
+    n_boot_sgr: int = 100_000,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Hard-test accuracies, SGR and paired differences per measure, site, layer and solver.
+
+    Uses the ``population`` experiment's trained heads and the zero-shot rows of each measure.
+    When a training level holds several ``n_train`` values, the largest is used. A measure
+    without hard-test rows is an error. Entries that cannot be computed (a level that was not
+    run, no zero-shot rows) are None.
+    """
+    pop = table[(table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT)]
+    records = []
+    for measure in sorted(pop["measure"].unique()):
+        pm = pop[pop["measure"] == measure]
+        if not (pm["test_level"] == HARD).any():
+            raise ProbekitError(f"results.parquet: no hard-test rows for measure {measure!r} in the population experiment")
+        zero = zero_shot_rows(table, measure)
+        zero = zero[zero["test_level"] == HARD]
+        zero_frame = item_draw_frame(zero, f"{measure}/zero_shot") if len(zero) else None
+        for key, group in _groups(pm, ["site", "layer", "solver"]):
+            records.append(_population_record(measure, key, group, zero_frame, n_boot, n_boot_sgr, seed))
+            if progress:
+                progress(f"population {measure} {key[0]} layer {key[1] or '-'}")
+    return records
+
+
+def _groups(rows: pd.DataFrame, keys: list[str]):
+    groups = dict(tuple(rows.groupby(keys, sort=False)))
+    order = sorted(groups, key=lambda k: tuple(layer_key(v) if c == "layer" else (v,) for c, v in zip(keys, k)))
+    return [(k, groups[k]) for k in order]
+
+
+def _population_record(measure, key, group, zero_frame, n_boot, n_boot_sgr, seed) -> dict:
+    site, layer, solver = key
+    hard = group[group["test_level"] == HARD]
+    frames: dict[str, pd.DataFrame] = {}
+    n_train: dict[str, int] = {}
+    if zero_frame is not None:
+        frames[ZERO_SHOT] = zero_frame
+        n_train[ZERO_SHOT] = 0
+    for level in level_order(hard["train_level"].unique()):
+        rows, n_train[level] = _largest_n_train(hard[hard["train_level"] == level])
+        frames[level] = item_draw_frame(rows, f"{measure}/{site}/{layer}/{level}")
+    accuracy = {lv: crossed_bootstrap(f.to_numpy(np.float64), n_boot, seed).to_dict() for lv, f in frames.items()}
+    record = {
+        "measure": measure, "site": site, "layer": layer, "solver": solver,
+        "n_train": n_train, "accuracy": accuracy, "sgr": None,
+    }
+    if all(lv in frames for lv in (ZERO_SHOT, "easy", HARD)):
+        A, B, C = aligned(frames[ZERO_SHOT], frames["easy"], frames[HARD])
+        record["sgr"] = sgr_bootstrap(A, B, C, n_boot_sgr, seed).to_dict()
+    for name, (base, other) in DIFFERENCES.items():
+        record[name] = None
+        if base in frames and other in frames:
+            A, B = aligned(frames[base], frames[other])
+            record[name] = paired_difference(A, B, n_boot, seed).to_dict()
+    return record
+
+
+def transfer_table(table: pd.DataFrame, headline: Headline) -> pd.DataFrame:
+    """Accuracy (nanmean of the item x draw matrix) by training level x test level.
+
+    One block per measure for the headline site, layer and solver, from the ``population``
+    experiment (zero-shot included) and the ``all_to_all`` experiment (measure "all"). Columns:
+    measure, train_level, test_level, accuracy, n_items.
+    """
+    rows = table[
+        table["experiment"].isin(["population", "all_to_all"])
+        & (table["site"] == headline.site) & (table["layer"] == headline.layer)
+        & (table["solver"] == headline.solver) & (table["train_level"] != ZERO_SHOT)
+    ]
+    out = []
+    for measure in sorted(rows["measure"].unique()):
+        rm = rows[rows["measure"] == measure]
+        zero = zero_shot_rows(table, measure)
+        levels = [(ZERO_SHOT, zero)] if len(zero) else []
+        for lv in level_order(rm["train_level"].unique()):
+            levels.append((lv, _largest_n_train(rm[rm["train_level"] == lv])[0]))
+        for lv, lrows in levels:
+            for test in test_levels(lrows):
+                sel = lrows if test == "all" else lrows[lrows["test_level"] == test]
+                if len(sel):
+                    M = item_draw_frame(sel, f"{measure}/{lv}").to_numpy(np.float64)
+                    out.append({"measure": measure, "train_level": lv, "test_level": test,
+                                "accuracy": float(np.nanmean(M)), "n_items": int(M.shape[0])})
+    return pd.DataFrame(out, columns=["measure", "train_level", "test_level", "accuracy", "n_items"])
+
+
+def all_to_all_table(table: pd.DataFrame, n_boot: int = 10_000, seed: int = 0,
+                     progress: Progress | None = None) -> list[dict]:
+    """Heads trained on a random split (``all_to_all``): accuracy by test level, with CIs."""
+    rows = table[table["experiment"] == "all_to_all"]
+    records = []
+    for (site, layer, solver, level), group in _groups(rows, ["site", "layer", "solver", "train_level"]):
+        group, n = _largest_n_train(group)
+        for test in test_levels(group):
+            sel = group if test == "all" else group[group["test_level"] == test]
+            M = item_draw_frame(sel, f"all_to_all/{site}/{layer}").to_numpy(np.float64)
+            records.append({"site": site, "layer": layer, "solver": solver, "train_level": level,
+                            "n_train": n, "test_level": test,
+                            "accuracy": crossed_bootstrap(M, n_boot, seed).to_dict()})
+        if progress:
+            progress(f"all-to-all {site} layer {layer}")
+    return records
+
+
+def curve_table(table: pd.DataFrame, experiment: str, x: str, n_boot: int = 10_000, seed: int = 0,
+                progress: Progress | None = None) -> list[dict]:
+    """Hard-test accuracy against ``x`` ("n_train" or "label_noise") per training level.
+
+    One record per (measure, site, layer, solver, train level, x) of ``experiment``; zero-shot
+    records (x = 0) are added per measure as the reference line.
+    """
+    rows = table[(table["experiment"] == experiment) & (table["test_level"] == HARD)
+                 & (table["train_level"] != ZERO_SHOT)]
+    records = []
+    keys = ["measure", "site", "layer", "solver", "train_level", x]
+    for key, group in _groups(rows, keys):
+        M = item_draw_frame(group, f"{experiment}/{'/'.join(map(str, key))}").to_numpy(np.float64)
+        rec = dict(zip(keys, key))
+        rec[x] = float(rec[x]) if x == "label_noise" else int(rec[x])
+        rec["accuracy"] = crossed_bootstrap(M, n_boot, seed).to_dict()
+        records.append(rec)
+        if progress:
+            progress(f"{experiment} {key[0]} {key[4]} {x}={key[5]}")
+    for measure in sorted(rows["measure"].unique()):
+        zero = zero_shot_rows(table, measure)
+        zero = zero[zero["test_level"] == HARD]
+        if len(zero):
+            M = item_draw_frame(zero, f"{measure}/zero_shot").to_numpy(np.float64)
+            records.append({"measure": measure, "site": "", "layer": "", "solver": ZERO_SHOT,
+                            "train_level": ZERO_SHOT, x: 0 if x == "n_train" else 0.0,
+                            "accuracy": crossed_bootstrap(M, n_boot, seed).to_dict()})
+    return records
+
+
+def count_population_tasks(table: pd.DataFrame) -> int:
+    pop = table[(table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT)]
+    return int(pop.groupby(["measure", "site", "layer", "solver"]).ngroups) if len(pop) else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Flat frames and writers
+
+
+STAT_FIELDS = {"": "point", "_lo": "lo", "_hi": "hi", "_err": "error_bar"}
+
+
+def flatten(records: list[dict]) -> pd.DataFrame:
+    """One flat row per record: nested statistics become ``<name>``, ``<name>_lo``, ``_hi``, ...
+
+    Accuracy entries become ``acc_<level>`` columns; paired statistics add ``<name>_p``.
+    """
+    rows = []
+    for rec in records:
+        flat = {}
+        for key, value in rec.items():
+            if key == "accuracy" and isinstance(value, dict) and "point" not in value:
+                for level, stat in value.items():
+                    flat.update(_stat_columns(f"acc_{level}", stat))
+            elif key == "accuracy":
+                flat.update(_stat_columns("acc", value))
+            elif key == "n_train" and isinstance(value, dict):
+                flat.update({f"n_train_{lv}": n for lv, n in value.items()})
+            elif isinstance(value, dict) or (value is None and key in ("sgr", *DIFFERENCES)):
+                flat.update(_stat_columns(key, value))
+            else:
+                flat[key] = value
+        rows.append(flat)
+    return pd.DataFrame(rows)
+
+
+def _stat_columns(name: str, stat: dict | None) -> dict:
+    if stat is None:
+        return {f"{name}{suffix}": math.nan for suffix in (*STAT_FIELDS, "_p")}
+    out = {f"{name}{suffix}": stat[field] for suffix, field in STAT_FIELDS.items()}
+    if "p_value" in stat:
+        out[f"{name}_p"] = stat["p_value"]
+    out[f"{name}_n_items"] = stat["n_items"]
+    return out
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def fmt_acc(stat: dict | None) -> str:
+    """``78.3 ± 1.2`` (percent, bootstrap mean ± error bar), or ``–`` when missing."""
+    if not stat or not _finite(stat["mean"]):
+        return "–"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['error_bar']:.1f}"
+
+
+def fmt_test(stat: dict | None, percent: bool = False) -> str:
+    """``0.92 [0.81, 1.04] p=0.001`` (point, interval, p-value), or ``–`` when undefined."""
+    if not stat or not _finite(stat["point"]) or not _finite(stat["lo"]):
+        return "–"
+    k, d = (100, 1) if percent else (1, 2)
+    return f"{k * stat['point']:.{d}f} [{k * stat['lo']:.{d}f}, {k * stat['hi']:.{d}f}] p={stat['p_value']:.3f}"
+
+
+def headline_frame(records: list[dict], headline: Headline | None) -> pd.DataFrame:
+    """The headline population table as display strings, one row per measure."""
+    chosen = [r for r in records if headline and (r["site"], r["layer"], r["solver"])
+              == (headline.site, headline.layer, headline.solver)]
+    return population_display(chosen, with_head=False)
+
+
+def population_display(records: list[dict], with_head: bool = True) -> pd.DataFrame:
+    """Population records as display strings (accuracies in %, SGR, differences in points)."""
+    rows = []
+    for r in records:
+        row = {"measure": r["measure"]}
+        if with_head:
+            row.update(site=r["site"], layer=r["layer"], solver=r["solver"])
+        row["zero-shot"] = fmt_acc(r["accuracy"].get(ZERO_SHOT))
+        for lv in level_order(set(r["accuracy"]) - {ZERO_SHOT}):
+            row[f"{lv}→hard"] = fmt_acc(r["accuracy"][lv])
+        row["SGR [95% CI]"] = fmt_test(r["sgr"])
+        row["hard−easy (pts)"] = fmt_test(r["hard_minus_easy"], percent=True)
+        row["easy−zero-shot (pts)"] = fmt_test(r["easy_minus_zero_shot"], percent=True)
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    return frame.fillna("–") if len(frame) else frame
+
+
+def to_markdown(frame: pd.DataFrame) -> str:
+    """A GitHub-flavoured Markdown table of ``frame`` (floats with 4 decimals)."""
+    if frame.empty:
+        return "_(no rows)_\n"
+
+    def cell(v) -> str:
+        if isinstance(v, float):
+            return "–" if math.isnan(v) else f"{v:.4f}"
+        return str(v).replace("|", "\\|")
+
+    head = "| " + " | ".join(map(str, frame.columns)) + " |"
+    rule = "|" + "|".join("---" for _ in frame.columns) + "|"
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, rule, *body]) + "\n"

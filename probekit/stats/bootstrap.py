@@ -1,0 +1,394 @@
+"""Bootstrap statistics over item x draw accuracy matrices (PROTOCOL §6).
+
+A matrix has one row per test item and one column per training draw; a cell is the 0/1
+correctness of that draw's head on that item, or NaN when the item was not a test item in that
+draw (it was in the training set). Three statistics share one resampling scheme:
+
+- :func:`crossed_bootstrap`: accuracy with a percentile interval, resampling items (rows) and
+  draws (columns) with replacement (``metrics.grid_bootstrap``).
+- :func:`sgr_bootstrap`: the supervision gap recovered ``(B - A) / (C - A)`` with A zero-shot,
+  B easy-trained and C hard-trained; one shared row index vector per resample keeps items
+  paired, each matrix gets its own column indices (``bootstrapBminusAoverCminusA``).
+- :func:`paired_difference`: ``mean(B - A)`` with the same scheme (``bootstrapDiff``).
+
+The fast path never builds the (resamples x rows x cols) array. A resample is summarised by how
+often it drew each row (a count vector ``w``) and each column, or column pair, of a difference
+(a count vector ``v``); the nanmean of a resampled matrix is then
+``(w @ X0 @ v) / (w @ K @ v)`` with ``X0`` the matrix with NaN set to 0 and ``K`` its non-NaN
+mask. Blocks of resamples go through one matrix product. With 0/1 data every partial sum is an
+integer, so the result equals the plain nanmean of the resampled matrix bit for bit.
+
+Randomness comes only from ``np.random.default_rng(seed)``, consumed by
+:func:`resample_indices`; the ``*_resample_stats`` functions take drawn indices, so a plain loop
+over the same indices can check them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from probekit.errors import ProbekitError
+
+#: Upper bound on (resamples x rows) per block. A block's working memory is about 25 bytes per
+#: element (int32 indices, int64 bincount, float64 counts): 100 MB at this setting.
+BLOCK_ELEMENTS = 4_000_000
+
+
+@dataclass(frozen=True)
+class CrossedBootstrap:
+    """Accuracy of one condition with a crossed (items x draws) bootstrap interval.
+
+    ``point`` is the nanmean of the matrix, ``mean`` the mean of the resampled statistics,
+    ``[lo, hi]`` the percentile interval at ``level`` and ``error_bar`` the average distance of
+    ``lo`` and ``hi`` from ``mean`` (the paper's "±"). ``n_kept`` counts resamples with a defined
+    statistic (a resample can draw only NaN cells).
+    """
+
+    point: float
+    mean: float
+    lo: float
+    hi: float
+    error_bar: float
+    level: float
+    n_items: int
+    n_draws: int
+    n_resamples: int
+    n_kept: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BootstrapTest:
+    """A paired statistic (SGR or a difference) with a percentile interval and a p-value.
+
+    ``point`` is the statistic on the original matrices, ``mean`` the mean of the finite
+    resampled statistics, ``[lo, hi]`` their percentile interval at ``level``,
+    ``error_bar = (hi - lo) / 2`` and ``p_value`` the centered two-sided bootstrap p-value of
+    H0: statistic = 0 (:func:`p_value`). ``n_draws`` holds the column count of each matrix after
+    all-NaN columns are dropped; ``n_kept`` counts resamples with a finite statistic.
+    """
+
+    point: float
+    mean: float
+    lo: float
+    hi: float
+    error_bar: float
+    p_value: float
+    level: float
+    n_items: int
+    n_draws: tuple[int, ...]
+    n_resamples: int
+    n_kept: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["n_draws"] = list(self.n_draws)
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks and cleaning
+
+
+def as_matrix(x, name: str = "matrix") -> np.ndarray:
+    """Return ``x`` as a float64 (items x draws) matrix; a 1-D vector becomes one column."""
+    try:
+        m = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ProbekitError(f"{name} must be numeric (item x draw), got {type(x).__name__}: {exc}") from None
+    if m.ndim == 1:
+        m = m[:, None]
+    if m.ndim != 2:
+        raise ProbekitError(f"{name} must be 2-D (item x draw), got shape {m.shape}")
+    if np.isinf(m).any():
+        raise ProbekitError(f"{name} holds infinite values; use NaN for missing cells")
+    return m
+
+
+def _check_settings(n_resamples: int, level: float) -> None:
+    if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
+        raise ProbekitError(f"n_resamples must be a positive integer, got {n_resamples!r}")
+    if not (isinstance(level, (int, float)) and 0 < level < 1):
+        raise ProbekitError(f"level must be in (0, 1), got {level!r}")
+
+
+def drop_empty(*mats: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Drop rows NaN in every matrix, then each matrix's all-NaN columns (rows stay paired)."""
+    observed = np.zeros(mats[0].shape[0], dtype=bool)
+    for m in mats:
+        observed |= ~np.isnan(m).all(axis=1)
+    out = []
+    for m in mats:
+        m = m[observed]
+        out.append(m[:, ~np.isnan(m).all(axis=0)])
+    return tuple(out)
+
+
+def _check_baseline(A: np.ndarray, X: np.ndarray, names: str) -> None:
+    if A.shape[1] not in (1, X.shape[1]):
+        raise ProbekitError(
+            f"{names}: the baseline has {A.shape[1]} observed draws and the other matrix {X.shape[1]}; "
+            "a baseline needs one draw (recycled) or as many draws"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Index draws
+
+
+def block_size(n_rows: int, n_resamples: int) -> int:
+    """Resamples per block, so one block's row indices hold at most ``BLOCK_ELEMENTS`` values."""
+    return int(max(1, min(n_resamples, BLOCK_ELEMENTS // max(n_rows, 1))))
+
+
+def resample_indices(
+    seed: int, n_resamples: int, n_rows: int, n_cols: Sequence[int]
+) -> Iterator[tuple[np.ndarray, tuple[np.ndarray, ...]]]:
+    """Yield blocks ``(rows, cols)`` of bootstrap indices drawn from ``default_rng(seed)``.
+
+    ``rows`` has shape (b, n_rows) with values in [0, n_rows); ``cols[k]`` has shape
+    (b, n_cols[k]) with values in [0, n_cols[k]); both int32. Blocks together hold
+    ``n_resamples`` resamples; the sequence depends only on the arguments (and on
+    ``BLOCK_ELEMENTS``, which sets the block size).
+    """
+    rng = np.random.default_rng(seed)
+    size = block_size(n_rows, n_resamples)
+    done = 0
+    while done < n_resamples:
+        b = min(size, n_resamples - done)
+        rows = rng.integers(0, n_rows, size=(b, n_rows), dtype=np.int32)
+        cols = tuple(rng.integers(0, m, size=(b, m), dtype=np.int32) for m in n_cols)
+        yield rows, cols
+        done += b
+
+
+def _counts(idx: np.ndarray, n: int) -> np.ndarray:
+    """How often each value in [0, n) occurs in each row of ``idx``: (b, n) float64."""
+    b = idx.shape[0]
+    dtype = np.int32 if b * n < 2**31 else np.int64  # int32 keeps the bincount fast
+    flat = (idx.astype(dtype, copy=False) + (np.arange(b, dtype=dtype) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Counts-based nanmean of a resampled (difference) matrix
+
+
+def _features(X: np.ndarray, A: np.ndarray | None) -> np.ndarray:
+    """Sum and count features of the cells of ``X - A``, one per (X column, A column) pair.
+
+    Returns (n_rows, 2 q) with q = m_X * m_A: the first q columns hold the difference with NaN
+    set to 0, the last q the 0/1 indicator that both cells are observed. With ``A`` None the
+    features are those of ``X`` itself (q = m_X).
+    """
+    kx = ~np.isnan(X)
+    x0 = np.where(kx, X, 0.0)
+    if A is None:
+        return np.concatenate([x0, kx.astype(np.float64)], axis=1)
+    ka = ~np.isnan(A)
+    a0 = np.where(ka, A, 0.0)
+    both = kx[:, :, None] & ka[:, None, :]
+    diff = np.where(both, x0[:, :, None] - a0[:, None, :], 0.0)
+    n = X.shape[0]
+    return np.concatenate([diff.reshape(n, -1), both.reshape(n, -1).astype(np.float64)], axis=1)
+
+
+def _slot_counts(cx: np.ndarray, ca: np.ndarray | None, m_x: int, m_a: int) -> np.ndarray:
+    """Counts of the (X column, A column) pairs that the resampled columns line up.
+
+    Resampled column j of ``X`` meets resampled column j of ``A``, or A's single column when A
+    has one (it is recycled across X's columns).
+    """
+    if ca is None:
+        return _counts(cx, m_x)
+    aligned = ca if ca.shape[1] == cx.shape[1] else np.repeat(ca[:, :1], cx.shape[1], axis=1)
+    return _counts(cx * m_a + aligned, m_x * m_a)
+
+
+def _means(G: np.ndarray, P: np.ndarray) -> np.ndarray:
+    """nanmeans from ``G = W @ features`` (b, 2 q) and slot counts ``P`` (b, q); NaN if empty."""
+    q = P.shape[1]
+    total = np.einsum("bq,bq->b", G[:, :q], P)
+    count = np.einsum("bq,bq->b", G[:, q:], P)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / count
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics for given indices (one block); the fast path of the public functions
+
+
+def crossed_resample_stats(M: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """nanmean of ``M[rows[i]][:, cols[i]]`` for every resample i, without building it."""
+    F = _features(M, None)
+    return _means(_counts(rows, M.shape[0]) @ F, _counts(cols, M.shape[1]))
+
+
+def difference_resample_stats(
+    A: np.ndarray, B: np.ndarray, rows: np.ndarray, cols_a: np.ndarray, cols_b: np.ndarray
+) -> np.ndarray:
+    """nanmean of ``B[r][:, cb] - A[r][:, ca]`` per resample (A recycled when it has one column)."""
+    _check_baseline(A, B, "paired_difference")
+    F = _features(B, A)
+    G = _counts(rows, B.shape[0]) @ F
+    return _means(G, _slot_counts(cols_b, cols_a, B.shape[1], A.shape[1]))
+
+
+def sgr_resample_stats(
+    A: np.ndarray,
+    B: np.ndarray,
+    C: np.ndarray,
+    rows: np.ndarray,
+    cols_a: np.ndarray,
+    cols_b: np.ndarray,
+    cols_c: np.ndarray,
+) -> np.ndarray:
+    """``nanmean(B* - A*) / nanmean(C* - A*)`` per resample; one shared row index vector."""
+    _check_baseline(A, B, "sgr_bootstrap (A vs B)")
+    _check_baseline(A, C, "sgr_bootstrap (A vs C)")
+    fb, fc = _features(B, A), _features(C, A)
+    G = _counts(rows, A.shape[0]) @ np.concatenate([fb, fc], axis=1)
+    num = _means(G[:, : fb.shape[1]], _slot_counts(cols_b, cols_a, B.shape[1], A.shape[1]))
+    den = _means(G[:, fb.shape[1] :], _slot_counts(cols_c, cols_a, C.shape[1], A.shape[1]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries
+
+
+def p_value(stats: np.ndarray) -> float:
+    """Centered two-sided bootstrap p-value of H0: statistic = 0.
+
+    ``p = mean(s - s̄ < -|s̄|) + mean(s - s̄ > |s̄|)`` with ``s̄`` the mean of the statistics
+    (``metrics.p_value``). NaN when ``stats`` is empty.
+    """
+    s = np.asarray(stats, dtype=np.float64)
+    if s.size == 0:
+        return math.nan
+    centre = s.mean()
+    centred = s - centre
+    return float(np.mean(centred < -abs(centre)) + np.mean(centred > abs(centre)))
+
+
+def _summary(stats: np.ndarray, level: float) -> tuple[float, float, float, int]:
+    """Mean, lower and upper percentile (numpy "linear", R type 7) of the finite stats."""
+    kept = stats[np.isfinite(stats)]
+    if kept.size == 0:
+        return math.nan, math.nan, math.nan, 0
+    alpha = (1.0 - level) / 2.0
+    lo, hi = np.quantile(kept, [alpha, 1.0 - alpha])
+    return float(kept.mean()), float(lo), float(hi), int(kept.size)
+
+
+def _nanmean(x: np.ndarray) -> float:
+    k = ~np.isnan(x)
+    return float(x[k].sum() / k.sum()) if k.any() else math.nan
+
+
+def _collect(stat_fn, seed: int, n_resamples: int, n_rows: int, n_cols: Sequence[int]) -> np.ndarray:
+    return np.concatenate(
+        [stat_fn(rows, *cols) for rows, cols in resample_indices(seed, n_resamples, n_rows, n_cols)]
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Public statistics
+
+
+def crossed_bootstrap(M, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> CrossedBootstrap:
+    """Accuracy of an item x draw matrix with a crossed bootstrap percentile interval.
+
+    All-NaN rows are dropped; each resample draws the rows and the columns with replacement and
+    takes the nanmean (PROTOCOL §6, ``grid_bootstrap``). Resamples that draw only NaN cells are
+    left out of the summary.
+    """
+    _check_settings(n_resamples, level)
+    (M,) = drop_empty(as_matrix(M, "M"))
+    if M.size == 0:
+        raise ProbekitError("crossed_bootstrap: the matrix has no observed cell")
+    n, m = M.shape
+
+    def block(rows, cols):
+        return crossed_resample_stats(M, rows, cols)
+
+    stats = _collect(block, seed, n_resamples, n, [m])
+    mean, lo, hi, kept = _summary(stats, level)
+    err = float((abs(lo - mean) + abs(hi - mean)) / 2.0)
+    return CrossedBootstrap(_nanmean(M), mean, lo, hi, err, level, n, m, n_resamples, kept)
+
+
+def _test(point, stats, level, n_items, n_draws, n_resamples) -> BootstrapTest:
+    kept = stats[np.isfinite(stats)]
+    mean, lo, hi, n_kept = _summary(kept, level)
+    return BootstrapTest(
+        float(point), mean, lo, hi, float((hi - lo) / 2.0), p_value(kept), level,
+        n_items, tuple(n_draws), n_resamples, n_kept,
+    )
+
+
+def _prepare(names: str, *mats) -> tuple[np.ndarray, ...]:
+    arrays = [as_matrix(m, n) for m, n in zip(mats, names)]
+    if len({a.shape[0] for a in arrays}) != 1:
+        shapes = ", ".join(f"{n}{a.shape}" for n, a in zip(names, arrays))
+        raise ProbekitError(f"matrices must have the same item rows, got {shapes}")
+    arrays = drop_empty(*arrays)
+    for n, a in zip(names, arrays):
+        if a.size == 0:
+            raise ProbekitError(f"matrix {n} has no observed cell on the shared items")
+    return arrays
+
+
+def paired_difference(A, B, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> BootstrapTest:
+    """Difference ``mean(B - A)`` of two conditions on the same items, with interval and p-value.
+
+    Rows NaN in both matrices are dropped, then each matrix's all-NaN columns. Each resample
+    draws one row index vector for both and independent column indices per matrix, and takes
+    the nanmean of the elementwise difference (``bootstrapDiff``); A with one column is
+    recycled across B's columns, otherwise A and B need the same number of draws. ``point`` is
+    the same statistic on the original matrices.
+    """
+    _check_settings(n_resamples, level)
+    A, B = _prepare("AB", A, B)
+    _check_baseline(A, B, "paired_difference")
+    n, ma, mb = A.shape[0], A.shape[1], B.shape[1]
+
+    def block(rows, ca, cb):
+        return difference_resample_stats(A, B, rows, ca, cb)
+
+    stats = _collect(block, seed, n_resamples, n, [ma, mb])
+    point = _nanmean(B - A)  # A broadcasts when it has one column
+    return _test(point, stats, level, n, (ma, mb), n_resamples)
+
+
+def sgr_bootstrap(A, B, C, n_resamples: int = 100_000, seed: int = 0, level: float = 0.95) -> BootstrapTest:
+    """Supervision gap recovered ``(B - A) / (C - A)`` with interval and p-value.
+
+    A is the zero-shot matrix (items x 1), B easy-trained and C hard-trained (items x draws), on
+    the same item rows. Rows NaN in all three are dropped, then each matrix's all-NaN columns.
+    Each resample draws one shared row index vector and independent column indices per matrix,
+    and computes ``nanmean(B* - A*) / nanmean(C* - A*)`` (A recycled across columns);
+    non-finite statistics are dropped (``bootstrapBminusAoverCminusA``). ``point`` is
+    ``(mean B - mean A) / (mean C - mean A)`` with nanmeans of the original matrices.
+    """
+    _check_settings(n_resamples, level)
+    A, B, C = _prepare("ABC", A, B, C)
+    _check_baseline(A, B, "sgr_bootstrap (A vs B)")
+    _check_baseline(A, C, "sgr_bootstrap (A vs C)")
+    n, ma, mb, mc = A.shape[0], A.shape[1], B.shape[1], C.shape[1]
+
+    def block(rows, ca, cb, cc):
+        return sgr_resample_stats(A, B, C, rows, ca, cb, cc)
+
+    stats = _collect(block, seed, n_resamples, n, [ma, mb, mc])
+    a = _nanmean(A)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = np.float64(_nanmean(B) - a) / np.float64(_nanmean(C) - a)
+    return _test(point, stats, level, n, (ma, mb, mc), n_resamples)

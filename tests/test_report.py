@@ -1,0 +1,302 @@
+"""The report from a results table: files exist, numbers agree with direct statistics calls."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from probekit.errors import ProbekitError
+from probekit.report import build_report, load_results
+from probekit.stats import crossed_bootstrap, paired_difference, sgr_bootstrap
+
+N_BOOT, N_BOOT_SGR, SEED = 300, 1000, 3
+MEASURES = ("grade", "question_num_words")
+COLUMNS = ["experiment", "site", "layer", "measure", "train_level", "draw", "n_train", "label_noise",
+           "solver", "item_id", "test_level", "correct", "p_gold"]
+ALL_EXPERIMENTS = ("population", "all_to_all", "learning_curve", "label_noise")
+
+
+# ----------------------------------------------------------------------------------------------
+# Test input: a results table in the sweep's schema, drawn from a seeded simulation
+
+
+def make_results(out: Path, seed: int = 0, n_items: int = 150, draws: int = 3,
+                 experiments=ALL_EXPERIMENTS) -> pd.DataFrame:
+    """Write RES/results.parquet and RES/sweep.json: heads whose test items exclude their training items."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([f"q{i:04d}" for i in range(n_items)])
+    levels = {m: rng.choice(np.array(["easy", "medium", "hard"]), n_items) for m in MEASURES}
+    ability = rng.uniform(0.3, 0.9, n_items)
+    bonus = {"easy": 0.05, "medium": 0.07, "hard": 0.08, "all": 0.07}
+    rows: list[tuple] = []
+
+    def add(exp, layer, measure, level, draw, n_train, noise, solver, train, lv, shift):
+        test = np.setdiff1d(np.arange(n_items), train)
+        correct = (rng.random(len(test)) < np.clip(ability[test] + shift, 0, 1)).astype(np.int8)
+        for i, c in zip(test, correct):
+            rows.append((exp, "answer_end", layer, measure, level, draw, n_train, noise, solver, ids[i], lv[i], c, 0.5))
+
+    def train_draw(pool, n):
+        return rng.choice(pool, n, replace=False)
+
+    for m in MEASURES:
+        lv = levels[m]
+        if "population" in experiments:
+            add("population", "", m, "zero_shot", 0, 0, 0.0, "zero_shot", np.array([], int), lv, -0.2)
+            for layer, shift in (("10", -0.05), ("20", 0.0), ("10+20", 0.01)):
+                for level in ("easy", "medium", "hard", "all"):
+                    pool = np.arange(n_items) if level == "all" else np.flatnonzero(lv == level)
+                    for d in range(draws):
+                        add("population", layer, m, level, d, 12, 0.0, "paper", train_draw(pool, 12), lv, bonus[level] + shift)
+        for level in ("easy", "hard"):
+            pool = np.flatnonzero(lv == level)
+            for d in range(draws):
+                if "learning_curve" in experiments:
+                    for n in (5, 10, 20):
+                        add("learning_curve", "20", m, level, d, n, 0.0, "paper", train_draw(pool, n), lv, bonus[level] * n / 20)
+                if "label_noise" in experiments:
+                    for noise in (0.0, 0.1, 0.2):
+                        add("label_noise", "20", m, level, d, 12, noise, "paper", train_draw(pool, 12), lv, bonus[level] - noise)
+    if "all_to_all" in experiments:
+        for d in range(draws):
+            add("all_to_all", "20", "all", "all", d, 20, 0.0, "paper", train_draw(np.arange(n_items), 20),
+                levels["grade"], 0.07)
+    df = pd.DataFrame(rows, columns=COLUMNS).astype({"p_gold": np.float32, "correct": np.int8})
+    out.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(out / "results.parquet")
+    sweep = {"seed": seed, "dataset": "synthetic", "cache": {"path": "cache/x", "manifest_sha256": "ab" * 32}}
+    (out / "sweep.json").write_text(json.dumps(sweep))
+    return df
+
+
+def matrix(df: pd.DataFrame, **where) -> np.ndarray:
+    """Item x draw matrix built with a plain loop: rows = sorted item ids, columns = sorted draws."""
+    sel = df
+    for col, value in where.items():
+        sel = sel[sel[col] == value]
+    ids, draws = sorted(set(sel["item_id"])), sorted(set(sel["draw"]))
+    M = np.full((len(ids), len(draws)), np.nan)
+    for item, draw, correct in zip(sel["item_id"], sel["draw"], sel["correct"]):
+        M[ids.index(item), draws.index(draw)] = correct
+    return M, ids
+
+
+def align(*pairs) -> list[np.ndarray]:
+    """Matrices over the sorted union of their item ids."""
+    union = sorted(set().union(*[ids for _, ids in pairs]))
+    out = []
+    for M, ids in pairs:
+        A = np.full((len(union), M.shape[1]), np.nan)
+        for k, item in enumerate(ids):
+            A[union.index(item)] = M[k]
+        out.append(A)
+    return out
+
+
+def same(summary_stat: dict, direct) -> bool:
+    """A summary entry (after its JSON round trip) equals a direct statistics call."""
+    return summary_stat == json.loads(json.dumps(direct.to_dict()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The full report, built once
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    df = make_results(root / "res")
+    summary = build_report(root / "res", root / "rep", n_boot=N_BOOT, n_boot_sgr=N_BOOT_SGR, seed=SEED)
+    return df, summary, root / "rep"
+
+
+def test_report_writes_every_file(full):
+    _, summary, rep = full
+    expected = {"summary.json", "report.md", "population.csv", "transfer.csv", "all_to_all.csv",
+                "learning_curves.csv", "label_noise.csv", "sgr.png", "layer_curves.png", "transfer.png",
+                "learning_curves.png", "label_noise.png"}
+    assert expected <= {p.name for p in rep.iterdir()}
+    assert set(summary["files"]) == expected
+    for png in rep.glob("*.png"):
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    md = (rep / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert {"sgr.png", "layer_curves.png", "transfer.png", "learning_curves.png", "label_noise.png"} <= set(links)
+    assert all((rep / link).is_file() for link in links)
+    assert not list(rep.parent.glob(".rep.tmp-*"))  # the temporary directory is gone
+    on_disk = json.loads((rep / "summary.json").read_text())
+    assert on_disk == summary
+    assert on_disk["cache_manifest_sha256"] == "ab" * 32
+    assert on_disk["sweep"]["dataset"] == "synthetic"
+    assert on_disk["settings"]["headline"] == {"site": "answer_end", "layer": "20", "solver": "paper"}
+
+
+@pytest.mark.parametrize("measure", MEASURES)
+def test_population_numbers_equal_direct_calls(full, measure):
+    df, summary, _ = full
+    rec = next(r for r in summary["population"] if (r["measure"], r["layer"]) == (measure, "20"))
+    pop = df[(df["experiment"] == "population") & (df["measure"] == measure) & (df["test_level"] == "hard")]
+    zero = matrix(pop, train_level="zero_shot")
+    trained = {lv: matrix(pop, train_level=lv, layer="20") for lv in ("easy", "medium", "hard", "all")}
+    assert same(rec["accuracy"]["zero_shot"], crossed_bootstrap(zero[0], N_BOOT, SEED))
+    for lv, (M, _) in trained.items():
+        assert same(rec["accuracy"][lv], crossed_bootstrap(M, N_BOOT, SEED))
+    A, B, C = align(zero, trained["easy"], trained["hard"])
+    assert same(rec["sgr"], sgr_bootstrap(A, B, C, N_BOOT_SGR, SEED))
+    E, H = align(trained["easy"], trained["hard"])
+    assert same(rec["hard_minus_easy"], paired_difference(E, H, N_BOOT, SEED))
+    Z, E = align(zero, trained["easy"])
+    assert same(rec["easy_minus_zero_shot"], paired_difference(Z, E, N_BOOT, SEED))
+
+
+def test_training_items_are_not_test_items(full):
+    df, summary, _ = full
+    # hard-trained heads never test on their own training items: each draw misses 12 hard items
+    rec = next(r for r in summary["population"] if (r["measure"], r["layer"]) == ("grade", "20"))
+    M, ids = matrix(df[(df["experiment"] == "population") & (df["measure"] == "grade")], train_level="hard",
+                    layer="20", test_level="hard")
+    assert (np.isnan(M).sum(axis=0) == 12).all()
+    assert rec["accuracy"]["hard"]["n_items"] == len(ids)
+    assert rec["accuracy"]["hard"]["point"] == np.nanmean(M)
+
+
+def test_csvs_agree_with_summary(full):
+    _, summary, rep = full
+    pop = pd.read_csv(rep / "population.csv", dtype={"layer": str})
+    assert len(pop) == len(summary["population"]) == 2 * 3
+    for rec in summary["population"]:
+        row = pop[(pop["measure"] == rec["measure"]) & (pop["layer"] == rec["layer"])].iloc[0]
+        assert row["acc_hard"] == pytest.approx(rec["accuracy"]["hard"]["point"], abs=1e-12)
+        assert row["sgr"] == pytest.approx(rec["sgr"]["point"], abs=1e-12)
+        assert row["sgr_p"] == pytest.approx(rec["sgr"]["p_value"], abs=1e-12)
+    curves = pd.read_csv(rep / "learning_curves.csv")
+    assert set(curves["n_train"]) == {0, 5, 10, 20}
+    noise = pd.read_csv(rep / "label_noise.csv")
+    assert set(noise["label_noise"]) == {0.0, 0.1, 0.2}
+
+
+def test_curves_and_all_to_all_equal_direct_calls(full):
+    df, summary, _ = full
+    rec = next(r for r in summary["learning_curve"] if (r["measure"], r["train_level"], r["n_train"]) == ("grade", "easy", 10))
+    sel = df[(df["experiment"] == "learning_curve") & (df["measure"] == "grade") & (df["n_train"] == 10)]
+    assert same(rec["accuracy"], crossed_bootstrap(matrix(sel, train_level="easy", test_level="hard")[0], N_BOOT, SEED))
+    rec = next(r for r in summary["all_to_all"] if r["test_level"] == "medium")
+    sel = df[df["experiment"] == "all_to_all"]
+    assert same(rec["accuracy"], crossed_bootstrap(matrix(sel, test_level="medium")[0], N_BOOT, SEED))
+    transfer = {(t["measure"], t["train_level"], t["test_level"]): t["accuracy"] for t in summary["transfer"]}
+    M, _ = matrix(df[(df["experiment"] == "population") & (df["measure"] == "grade")], train_level="easy",
+                  layer="20", test_level="easy")
+    assert transfer[("grade", "easy", "easy")] == np.nanmean(M)
+
+
+def test_report_is_reproducible(full, tmp_path):
+    _, summary, rep = full
+    again = build_report(rep.parent / "res", tmp_path / "rep", n_boot=N_BOOT, n_boot_sgr=N_BOOT_SGR, seed=SEED)
+    assert again["population"] == summary["population"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Partial results, headline choice, bad input
+
+
+def test_only_population(tmp_path):
+    make_results(tmp_path / "res", experiments=("population",), n_items=90, draws=2)
+    summary = build_report(tmp_path / "res", tmp_path / "rep", n_boot=50, n_boot_sgr=100, layer="10+20")
+    names = {p.name for p in (tmp_path / "rep").iterdir()}
+    assert {"summary.json", "report.md", "population.csv", "sgr.png", "layer_curves.png"} <= names
+    assert not {"all_to_all.csv", "learning_curves.png", "label_noise.png"} & names
+    assert summary["all_to_all"] == [] and summary["learning_curve"] == []
+    assert summary["settings"]["headline"]["layer"] == "10+20"
+
+
+def test_without_population(tmp_path):
+    make_results(tmp_path / "res", experiments=("learning_curve",), n_items=90, draws=2)
+    summary = build_report(tmp_path / "res", tmp_path / "rep", n_boot=50, n_boot_sgr=100)
+    assert summary["population"] == [] and summary["learning_curve"]
+    assert (tmp_path / "rep" / "learning_curves.png").is_file()
+    assert not (tmp_path / "rep" / "sgr.png").exists()
+
+
+def broken(tmp_path: Path, change) -> Path:
+    df = make_results(tmp_path / "res", experiments=("population",), n_items=60, draws=2)
+    df = change(df)
+    if df is not None:
+        df.to_parquet(tmp_path / "res" / "results.parquet")
+    return tmp_path / "res"
+
+
+def no_hard_grade(df):
+    df.loc[(df["measure"] == "grade") & (df["test_level"] == "hard"), "test_level"] = "medium"
+    return df
+
+
+def garbage(df):
+    return None
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda df: df.drop(columns=["test_level"]), "lacks column(s) test_level"),
+    (no_hard_grade, "no hard-test rows for measure 'grade'"),
+    (lambda df: df.assign(correct=2), "correct must be 0 or 1"),
+    (lambda df: pd.concat([df, df[df["train_level"] == "hard"].iloc[[0]]]), "appears twice"),
+    (lambda df: df.iloc[:0], "has no rows"),
+])
+def test_malformed_results_raise_one_line(tmp_path, change, message):
+    res = broken(tmp_path, change)
+    with pytest.raises(ProbekitError, match=re.escape(message)) as exc:
+        build_report(res, tmp_path / "rep", n_boot=20, n_boot_sgr=20)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "rep").exists()
+
+
+def test_missing_or_damaged_results(tmp_path):
+    with pytest.raises(ProbekitError, match="results directory not found"):
+        load_results(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ProbekitError, match="no results.parquet"):
+        load_results(tmp_path / "empty")
+    res = broken(tmp_path, garbage)
+    (res / "results.parquet").write_bytes(b"not a parquet file")
+    with pytest.raises(ProbekitError, match="cannot read"):
+        load_results(res)
+    with pytest.raises(ProbekitError, match="layer '7' is not in the results"):
+        make_results(tmp_path / "ok", experiments=("population",), n_items=60, draws=2)
+        build_report(tmp_path / "ok", tmp_path / "rep", n_boot=20, n_boot_sgr=20, layer="7")
+
+
+def test_failure_keeps_old_report_whole(tmp_path):
+    make_results(tmp_path / "res", experiments=("population",), n_items=60, draws=2)
+    build_report(tmp_path / "res", tmp_path / "rep", n_boot=20, n_boot_sgr=20)
+    before = (tmp_path / "rep" / "summary.json").read_text()
+    (tmp_path / "res" / "results.parquet").write_bytes(b"damaged")
+    with pytest.raises(ProbekitError):
+        build_report(tmp_path / "res", tmp_path / "rep", n_boot=20, n_boot_sgr=20)
+    assert (tmp_path / "rep" / "summary.json").read_text() == before
+    assert not list(tmp_path.glob(".rep.tmp-*"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_report(tmp_path):
+    from probekit.cli import app
+
+    make_results(tmp_path / "res", experiments=("population",), n_items=60, draws=2)
+    runner = CliRunner()
+    out = runner.invoke(app, ["report", str(tmp_path / "res"), "--out", str(tmp_path / "rep"),
+                              "--boot", "50", "--boot-sgr", "100", "--seed", "1"], terminal_width=160)
+    assert out.exit_code == 0, out.output
+    assert "grade" in out.output and "question_num_words" in out.output and "report.md" in out.output
+    assert json.loads((tmp_path / "rep" / "summary.json").read_text())["settings"]["seed"] == 1
+    bad = runner.invoke(app, ["report", str(tmp_path / "missing"), "--out", str(tmp_path / "rep2")])
+    assert bad.exit_code == 2 and "error: results directory not found" in bad.output
+    help_text = runner.invoke(app, ["report", "--help"]).output
+    assert "Example:" in help_text
