@@ -1,0 +1,348 @@
+"""Benchmark: the probe engine's population sweep against careful per-fit loops, measured side by side.
+
+1. Writes (once; reused while its shape matches) a synthetic cache shaped like a Llama-2-7B ARC run
+   (3521 probe items with the real ARC difficulty annotations when ../shared/data is there,
+   5 answer slots, 33 layers, width 4096, float16) THROUGH probekit.store's writer, shard by shard.
+   A planted direction marks each gold answer slot (fainter for higher grades), so probes learn.
+2. Times ``probekit.probe.sweep`` on the population experiment (every layer x 5 measures x
+   easy/medium/hard x 5 draws, n_train 160; ``--pad mask`` (default) or ``zero``, the protocol's
+   zero-padding) with each solver, and the converged multinomial head on question_end, each in a
+   fresh child process so its peak RSS is its own.
+3. Times, on a sample of the same heads and the same layer, per-fit loops a careful user would write:
+   the paper recipe in plain numpy (vectorised within the fit, folded z-normalisation for scoring),
+   and scipy L-BFGS on the converged solver's loss to the same optimum.
+4. Measures the machine: numpy float32 GEMM GFLOP/s and memory bandwidth (large array copy).
+
+Prints fits/s, ratios, the engine's achieved GFLOP/s (useful flops only: Gram, initial scores,
+weight recovery, the solver's own steps where fixed, scoring) beside the GEMM rate, and peak RSS
+beside one layer's size.
+
+Example:
+    python bench/sweep.py                      # the full shape (writes ~5 GB once, takes a while)
+    python bench/sweep.py --layers 4 --sample 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from threadpoolctl import threadpool_limits
+
+REPO = Path(__file__).resolve().parents[1]
+MEASURES = ["grade", "difficulty", "bloom", "question_num_words", "answer_num_words"]
+C = 5
+
+
+# ----- the synthetic cache -------------------------------------------------------------------------
+def arc_items(n_items: int, rng: np.random.Generator) -> pd.DataFrame:
+    """Probe items with real ARC annotations (../shared/data, else the bundled sample, resampled)."""
+    from probekit.data import load_dataset
+
+    shared = REPO.parent / "shared" / "data"
+    try:
+        t = load_dataset("arc", data_dir=shared).table if (shared / "arc").is_dir() else None
+    except Exception:  # noqa: BLE001 - fall back to the bundled sample
+        t = None
+    if t is None:
+        t = load_dataset("bundled").table
+    t = t[t["pool"] == "probe"].reset_index(drop=True)
+    pick = np.arange(n_items) % len(t) if n_items > len(t) else np.arange(n_items)
+    t = t.iloc[pick].reset_index(drop=True)
+    return pd.DataFrame({
+        "id": [f"{i}-{k}" for k, i in enumerate(t["id"])], "label": t["label"].to_numpy(),
+        "n_choices": t["choices"].map(len).to_numpy(), "pool": "probe", "source": t["source"],
+        **{m: t[m].to_numpy(float) for m in MEASURES},
+    })
+
+
+def write_bench_cache(path: Path, n_items: int, n_layers: int, width: int, seed: int = 0) -> Path:
+    from probekit.store import Cache, write_cache
+
+    shape = {"n_items": n_items, "layers": list(range(n_layers)), "hidden_size": width}
+    if (path / "manifest.json").exists():
+        try:
+            c = Cache(path)
+            if (c.n_items, c.layers, c.hidden_size) == (n_items, shape["layers"], width):
+                return path
+        except Exception:  # noqa: BLE001 - rewrite an unusable cache
+            pass
+        shutil.rmtree(path)
+    rng = np.random.default_rng(seed)
+    items = arc_items(n_items, rng)
+    gold = items["label"].to_numpy()
+    n_choices = items["n_choices"].to_numpy()
+    strength = 0.25 * (1.6 - 0.12 * np.nan_to_num(items["grade"].to_numpy(), nan=6.0))
+    direction = rng.standard_normal((n_layers, width), dtype=np.float32)
+    depth = np.linspace(0.2, 1.0, n_layers, dtype=np.float32)
+    class_dirs = rng.standard_normal((C, width), dtype=np.float32) / np.sqrt(width / 16)
+
+    def shard(lo: int, hi: int) -> dict:
+        r = np.random.default_rng([seed, lo])
+        b = hi - lo
+        ans = r.standard_normal((n_layers, b, C, width), dtype=np.float32)
+        is_gold = (np.arange(C)[None, :] == gold[lo:hi, None]).astype(np.float32) * strength[lo:hi, None]
+        ans += depth[:, None, None, None] * is_gold[None, :, :, None] * direction[:, None, None, :]
+        real = np.arange(C)[None, :] < n_choices[lo:hi, None]
+        ans[:, ~real] = 0.0
+        cs = np.where(real, r.normal(-9, 2, (b, C)) + 1.5 * (np.arange(C)[None, :] == gold[lo:hi, None]), -np.inf)
+        qst = r.standard_normal((n_layers, b, width), dtype=np.float32)
+        qst += depth[:, None, None] * (4 * strength[lo:hi, None] * class_dirs[gold[lo:hi]])[None]
+        return {"answer_end": ans.astype(np.float16), "question_end": qst.astype(np.float16),
+                "choice_sum": cs.astype(np.float32), "choice_tokens": np.where(real, 4, 0)}
+
+    t0 = time.perf_counter()
+    write_cache(
+        path, {"model": {"id": "synthetic-llama-2-7b-shape", "n_layers": n_layers - 1},
+               "dataset": {"name": "arc", "fingerprint": "synthetic"}, "prompt": {"id": "0040"}},
+        items, shard, layers=shape["layers"], sites=["answer_end", "question_end"], hidden_size=width, max_choices=C,
+        measures=MEASURES, shard_size=128,
+    )
+    print(f"wrote {path} ({n_items} items x {n_layers} layers x {C} x {width}) in {time.perf_counter() - t0:.0f} s")
+    return path
+
+
+# ----- machine rates -------------------------------------------------------------------------------
+def gemm_gflops(n: int = 4096) -> float:
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    a @ a
+    best = min(_timed(lambda: a @ a) for _ in range(3))
+    return 2 * n**3 / best / 1e9
+
+
+def copy_gbps(nbytes: int = 1 << 30) -> float:
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    np.copyto(b, a)
+    best = min(_timed(lambda: np.copyto(b, a)) for _ in range(3))
+    return 2 * nbytes / best / 1e9  # read + write
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+# ----- per-fit references --------------------------------------------------------------------------
+def _train_rows(X, n_choices, rows, pad):
+    """A head's normalised training slots (float32) in plain numpy: (n, C, D) rows and the softmax mask.
+
+    zero: the protocol's zero-padding (padded slots are zero vectors in the statistics and the
+    softmax); mask: padded slots left out of both."""
+    N, Cm, D = X.shape
+    Xtr = X[rows]
+    real = np.arange(Cm)[None, :] < n_choices[rows][:, None]
+    stats = Xtr.reshape(-1, D) if pad == "zero" else Xtr[real]
+    mu, sd = stats.mean(0), stats.std(0, ddof=1)
+    sd[sd == 0] = 1
+    mask = np.ones_like(real) if pad == "zero" else real
+    return ((Xtr - mu) / sd).astype(np.float32), mask, mu, sd
+
+
+def _softmax(s, mask):
+    s = np.where(mask, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return p / p.sum(-1, keepdims=True)
+
+
+def numpy_paper_fit(X, n_choices, gold, rows, w0, pad, steps=100):
+    """PROTOCOL §4 for one head in plain numpy (float32, vectorised within the fit), then every item
+    scored with folded normalisation. Returns p(gold) for all items."""
+    N, Cm, D = X.shape
+    n = len(rows)
+    Z, mask, mu, sd = _train_rows(X, n_choices, rows, pad)
+    keep = mask.reshape(-1)
+    Zk = np.ascontiguousarray(Z.reshape(-1, D)[keep])  # only the slots in the softmax do any work
+    onehot = np.eye(Cm, dtype=np.float32)[gold[rows]]
+    w = w0.copy()
+    for t in range(steps):
+        s = np.zeros((n, Cm), np.float32)
+        s[mask] = Zk @ w
+        p = _softmax(s, mask)
+        r = ((p - onehot) / n)[mask]
+        g = Zk.T @ r + w / np.linalg.norm(w)
+        g *= min(1.0, 1.0 / (np.linalg.norm(g) + 1e-6))
+        w -= 0.05 * (1 - 0.9 * t / steps) * g
+    v = w / sd
+    s = (X.reshape(-1, D) @ v).reshape(N, Cm) - mu @ v
+    real = np.arange(Cm)[None, :] < n_choices[:, None]
+    return _softmax(s, np.ones_like(real) if pad == "zero" else real)[np.arange(N), gold]
+
+
+def scipy_converged_fit(X, n_choices, gold, rows, pad, Cinv=1.0):
+    """The converged solver's loss minimised by scipy L-BFGS to a tight gradient: (loss, iterations)."""
+    from scipy.optimize import minimize
+
+    N, Cm, D = X.shape
+    n = len(rows)
+    Z, mask, _, _ = _train_rows(X, n_choices, rows, pad)
+    Zk = np.ascontiguousarray(Z.reshape(-1, D)[mask.reshape(-1)])
+    y = gold[rows]
+    lam = 1.0 / (Cinv * n)
+
+    def f(w):
+        s = np.full((n, Cm), -np.inf)
+        s[mask] = Zk @ w.astype(np.float32)
+        m = s.max(1, keepdims=True)
+        lse = m[:, 0] + np.log(np.exp(s - m).sum(1))
+        p = np.exp(s - lse[:, None])
+        p[np.arange(n), y] -= 1
+        g = (Zk.T @ (p[mask] / n).astype(np.float32)).astype(np.float64) + lam * w
+        return (lse - s[np.arange(n), y]).mean() + 0.5 * lam * w @ w, g
+
+    opt = minimize(f, np.zeros(D), jac=True, method="L-BFGS-B", options={"gtol": 1e-6, "maxiter": 5000})
+    return opt.fun, opt.nit
+
+
+def sklearn_multinomial_fit(Xq, gold, rows, Cinv=1.0):
+    from sklearn.linear_model import LogisticRegression
+
+    Z = Xq[rows]
+    Z = (Z - Z.mean(0)) / Z.std(0, ddof=1)
+    y = gold[rows]
+    clf = LogisticRegression(C=Cinv, tol=1e-6, max_iter=5000).fit(Z, y)
+    p = clf.predict_proba(Z)[np.arange(len(y)), y]
+    return float(-np.log(p).mean() + (clf.coef_**2).sum() / (2 * Cinv * len(y)))
+
+
+# ----- the engine, in a child process --------------------------------------------------------------
+def _vm_hwm() -> int:
+    """This process's peak resident set (VmHWM, bytes); unlike ru_maxrss it starts afresh at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child_sweep(cache: str, out: str, site: str, solver: str, pad: str, queue) -> None:
+    from probekit.probe import sweep
+
+    imported = _vm_hwm()
+    rec = sweep(cache, out, measures=MEASURES, layers="all", site=site, solver=solver, n_train=[160], draws=5,
+                seed=0, levels=["easy", "medium", "hard"], pad=pad, zero_shot=False, verify=False)
+    queue.put((rec, _vm_hwm(), imported))
+
+
+def run_engine(cache: Path, out: Path, site: str, solver: str, pad: str) -> tuple[dict, int, int]:
+    """One sweep in a fresh process: its record, its peak RSS and its RSS after imports (bytes)."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_sweep, args=(str(cache), str(out), site, solver, pad, q))
+    p.start()
+    rec, peak, base = q.get()
+    p.join()
+    return rec, peak, base
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=3521)
+    ap.add_argument("--layers", type=int, default=33, help="cache layers (all are swept)")
+    ap.add_argument("--width", type=int, default=4096)
+    ap.add_argument("--sample", type=int, default=6, help="heads timed in the per-fit loops")
+    ap.add_argument("--cache", type=Path, default=Path("/tmp/probekit-bench/cache"))
+    ap.add_argument("--solvers", default="paper,converged")
+    ap.add_argument("--pad", default="mask", choices=["mask", "zero"],
+                    help="padded answer slots: mask (probekit's default) or zero (the protocol's zero-padding)")
+    args = ap.parse_args()
+
+    from probekit.probe import ProbeConfig, fit_and_score, head_seed, item_frame, plan
+    from probekit.probe.kernel import init_weights, mc_rows_needed
+    from probekit.probe.engine import head_key
+    from probekit.store import Cache
+
+    cache_dir = write_bench_cache(args.cache, args.items, args.layers, args.width)
+    gemm, bw = gemm_gflops(), copy_gbps()
+    print(f"machine: numpy float32 GEMM {gemm:.0f} GFLOP/s, copy bandwidth {bw:.1f} GB/s, "
+          f"{mp.cpu_count()} CPUs")
+    cache = Cache(cache_dir)
+    N, D = cache.n_items, cache.hidden_size
+    layer_bytes = N * C * D * 4
+    frame = item_frame(cache.items, "arc", MEASURES)
+    heads = plan(frame, "population", MEASURES, n_train=[160], draws=5, levels=["easy", "medium", "hard"])
+    n_fits = len(heads) * args.layers
+    m = int(np.mean([mc_rows_needed(frame.n_choices[h.rows], args.pad) for h in heads]))
+    slots_np = int(np.mean([frame.n_choices[h.rows].sum() if args.pad == "mask" else 160 * C for h in heads]))
+    print(f"population sweep: {len(heads)} heads x {args.layers} layers = {n_fits} fits per solver "
+          f"(n_train 160, pad={args.pad}: ~{m} kernel rows per head, {slots_np} answer slots in the "
+          f"per-fit loop, {N} items scored per head)")
+
+    # per-fit references on a sample of the same heads, last layer
+    layer = cache.layers[-1]
+    X = cache.read_layer("answer_end", layer)
+    rng = np.random.default_rng(1)
+    sample = [heads[i] for i in rng.choice(len(heads), min(args.sample, len(heads)), replace=False)]
+    ref = {"paper": np.inf}
+    for threads in (1, None):  # a careful user picks the faster BLAS setting for these small matvecs
+        with threadpool_limits(limits=threads):
+            t_np = []
+            for h in sample:
+                w0 = np.asarray(init_weights(head_key(head_seed(0, h.name)), D)[0])
+                t_np.append(_timed(lambda: numpy_paper_fit(X, frame.n_choices, frame.gold, h.rows, w0, args.pad)))
+        print(f"  numpy paper loop with {threads or 'all'} BLAS threads: {np.median(t_np) * 1e3:.1f} ms/fit")
+        ref["paper"] = min(ref["paper"], float(np.median(t_np)))
+    sub = sample[: max(2, len(sample) // 2)]
+    t_sp, sp = [], []
+    for h in sub:
+        t = time.perf_counter()
+        sp.append(scipy_converged_fit(X, frame.n_choices, frame.gold, h.rows, args.pad))
+        t_sp.append(time.perf_counter() - t)
+    ref["converged"] = float(np.median(t_sp))
+    res = fit_and_score([X], frame.n_choices, frame.gold, np.stack([h.rows for h in sub]),
+                        np.stack([h.labels for h in sub]), np.arange(len(sub)),
+                        ProbeConfig(solver="converged", pad=args.pad))
+    rel_mc = max(abs(float(res.loss[i]) - fun) / fun for i, (fun, _) in enumerate(sp))
+    del X
+    Xq = cache.read_layer("question_end", layer)
+    t_sk = []
+    for h in sub:
+        t = time.perf_counter()
+        sk_loss = sklearn_multinomial_fit(Xq, frame.gold, h.rows)
+        t_sk.append(time.perf_counter() - t)
+    ref["multinomial"] = float(np.median(t_sk))
+    res = fit_and_score([Xq], frame.n_choices, frame.gold, np.stack([h.rows for h in sub[-1:]]),
+                        np.stack([h.labels for h in sub[-1:]]), np.arange(1),
+                        ProbeConfig(head="multinomial", solver="converged"))
+    rel_mn = abs(float(res.loss[0]) - sk_loss) / sk_loss
+    del Xq
+
+    flops_score = 2 * N * C * D
+    flops_np = 100 * 4 * slots_np * D + flops_score + 6 * slots_np * D
+    print(f"per-fit numpy paper loop: {ref['paper'] * 1e3:.1f} ms/fit ({1 / ref['paper']:.1f} fits/s, "
+          f"{flops_np / ref['paper'] / 1e9:.1f} GFLOP/s incl. scoring {N} items)")
+    print(f"per-fit scipy L-BFGS, multiple-choice converged loss: {ref['converged'] * 1e3:.0f} ms/fit "
+          f"(iterations {[nit for _, nit in sp]}); engine loss vs scipy: max rel diff {rel_mc:.1e}")
+    print(f"per-fit scikit-learn LogisticRegression, multinomial on question_end: {ref['multinomial'] * 1e3:.0f} ms/fit; "
+          f"engine loss vs sklearn: rel diff {rel_mn:.1e}")
+
+    out_root = args.cache.parent / "results"
+    runs = [("answer_end", s) for s in args.solvers.split(",")] + [("question_end", "converged")]
+    for site, solver in runs:
+        rec, peak, base = run_engine(cache_dir, out_root / f"{site}-{solver}", site, solver, args.pad)
+        secs = rec["fit_seconds"]
+        per_fit = secs / rec["counts"]["fits"]
+        if site == "answer_end":
+            flops = 2 * m * m * D + 4 * m * D + flops_score + (100 * 2 * m * m if solver == "paper" else 0)
+            versus = ref[solver]
+        else:
+            flops = 2 * 160 * 160 * D + 4 * 160 * C * D + 2 * N * C * D
+            versus = ref["multinomial"]
+        print(f"engine {site}/{solver}: {rec['counts']['fits']} fits, {secs:.1f} s fitting "
+              f"({rec['wall_seconds']:.1f} s wall with layer reads and {rec['counts']['rows']:,} rows written): "
+              f"{1 / per_fit:.1f} fits/s = {versus / per_fit:.1f}x the per-fit loop; "
+              f"{flops / per_fit / 1e9:.0f} GFLOP/s useful = {flops / per_fit / 1e9 / gemm:.0%} of GEMM; "
+              f"peak RSS {peak / 2**20:.0f} MiB ({(peak - base) / 2**20:.0f} MiB above the "
+              f"{base / 2**20:.0f} MiB after imports) vs one layer {layer_bytes / 2**20:.0f} MiB")
+    (out_root / "machine.json").write_text(json.dumps({"gemm_gflops": gemm, "copy_gbps": bw}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""`probekit sweep` and `probekit hardness`: fit thousands of linear heads on a cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+)
+from rich.text import Text
+
+from probekit.cli import app
+from probekit.cli.common import clean_errors, console
+from probekit.errors import ProbekitError
+
+
+class _HeadRate(ProgressColumn):
+    """Heads fitted per second."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.1f} heads/s" if task.speed else "", style="progress.data.speed")
+
+
+def _bar() -> Progress:
+    return Progress(
+        TextColumn("layer {task.fields[layer]:>7}"), BarColumn(), MofNCompleteColumn(), _HeadRate(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+    )
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ProbekitError(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ProbekitError(f"{name} must be comma-separated numbers, got {text!r}") from None
+
+
+def _cutoffs(items: list[str]) -> dict:
+    from probekit.data.levels import parse_cutoff
+
+    out = {}
+    for item in items:
+        measure, sep, rule = item.partition("=")
+        if not sep:
+            raise ProbekitError(f"--cutoff {item!r}: expected MEASURE=EASY_MAX,HARD_MIN or MEASURE=qLO,qHI")
+        out[measure.strip()] = parse_cutoff(rule)
+    return out
+
+
+@app.command("sweep")
+def sweep_cmd(
+    cache_dir: Path = typer.Argument(..., help="Cache directory written by `probekit extract`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results directory (results.parquet, sweep.json)."),
+    experiment: str = typer.Option("population", "--experiment", "-e",
+                                   help="population | all_to_all | learning_curve | label_noise."),
+    measures: Optional[str] = typer.Option(None, "--measures", "-m",
+                                           help="Comma-separated difficulty measures (default: all in the cache; "
+                                                "'mdl' after `probekit hardness`)."),
+    layers: str = typer.Option("middle_and_last", "--layers", "-l",
+                               help="all | middle_and_last | middle | last | 15,30 (15+30 concatenates)."),
+    site: str = typer.Option("answer_end", "--site", help="answer_end (multiple-choice head) | question_end "
+                                                          "(multinomial head)."),
+    solver: str = typer.Option("paper", "--solver", help="paper | converged | both."),
+    n_train: str = typer.Option("160", "--n-train", help="Training size, or sizes for learning curves (10,20,40)."),
+    label_noise: str = typer.Option("0,0.05,0.1,0.2,0.3", "--label-noise",
+                                    help="Noise rates p for label_noise (hard items get 2p)."),
+    draws: int = typer.Option(5, "--draws", help="Training draws per condition."),
+    seed: int = typer.Option(0, "--seed", help="Seed of draws, label noise and initialisations."),
+    pad: str = typer.Option("mask", "--pad", help="mask padded choices, or zero: the protocol's zero-padding."),
+    C: float = typer.Option(1.0, "--C", help="Converged solver's inverse regularisation (scikit-learn's C)."),
+    cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule: grade=5,8 or mdl=q30,q70 "
+                                                          "(repeatable)."),
+    zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Add zero-shot rows from log-probs."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard hashes before fitting."),
+) -> None:
+    """Fit linear probes for every measure x train level x draw x layer; write per-item results.
+
+    One row per (head, test item) goes to OUT/results.parquet; OUT/sweep.json records the
+    configuration, the cache's manifest hash, counts and heads/s.
+
+    \b
+    Example:
+      probekit sweep cache/llama-2-7b__arc --out results/arc-pop
+      probekit sweep cache/llama-2-7b__arc --out results/arc-lc --experiment learning_curve \\
+          --n-train 10,20,40,80,160,320 --measures grade --layers last --solver both
+      probekit sweep cache/llama-2-7b__mmlu --out results/mmlu-noise --experiment label_noise
+    """
+    from probekit.probe import sweep
+
+    with clean_errors():
+        sizes = _ints(n_train, "--n-train")
+        noise = _floats(label_noise, "--label-noise")
+        chosen = [m.strip() for m in measures.split(",") if m.strip()] if measures else None
+        with _bar() as bar:
+            task = bar.add_task("fit", total=None, layer="")
+
+            def progress(done: int, total: int, layer: str) -> None:
+                bar.update(task, completed=done, total=total, layer=layer)
+
+            record = sweep(
+                cache_dir, out, experiment=experiment, measures=chosen, layers=layers, site=site, solver=solver,
+                n_train=sizes, label_noise=noise, draws=draws, seed=seed, pad=pad, C=C,
+                cutoffs=_cutoffs(cutoff), zero_shot=zero_shot, verify=verify, progress=progress,
+            )
+    counts = record["counts"]
+    console.print(
+        f"{counts['fits']} fits ({counts['heads']} heads x {counts['feature_sets']} feature sets x "
+        f"{len(record['config']['solvers'])} solvers), {counts['rows']:,} rows, "
+        f"{record['heads_per_second']} heads/s, {record['wall_seconds']:.1f} s -> {out}",
+        highlight=False,
+    )
+    if counts["not_converged"]:
+        console.print(f"warning: {counts['not_converged']} converged-solver fits missed the tolerance", style="yellow")
+
+
+@app.command("hardness")
+def hardness_cmd(
+    cache_dir: Path = typer.Argument(..., help="Cache directory with hold-out items (pool == holdout)."),
+    layers: str = typer.Option("middle_and_last", "--layers", "-l", help="Feature sets, as for `probekit sweep`."),
+    site: str = typer.Option("answer_end", "--site", help="answer_end | question_end."),
+    sizes: str = typer.Option("5,20,80,340,900", "--sizes", help="Nested training sizes of the learning curve."),
+    draws: int = typer.Option(5, "--draws", help="Draws of the hold-out training pool."),
+    seed: int = typer.Option(0, "--seed", help="Seed of draws and initialisations."),
+    pad: str = typer.Option("mask", "--pad", help="mask | zero."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write (default CACHE/hardness.json)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard hashes before fitting."),
+) -> None:
+    """Model-based (MDL) hardness: 1 - mean p(gold) of hold-out-trained probes over a learning curve.
+
+    Writes CACHE/hardness.json (item id -> hardness); `probekit sweep --measures mdl` then cuts it
+    at its 30/70 percentiles.
+
+    \b
+    Example:
+      probekit hardness cache/llama-2-7b__arc
+      probekit sweep cache/llama-2-7b__arc --out results/arc-mdl --measures mdl
+    """
+    from probekit.probe import hardness
+
+    with clean_errors():
+        with _bar() as bar:
+            task = bar.add_task("fit", total=None, layer="")
+
+            def progress(done: int, total: int, layer: str) -> None:
+                bar.update(task, completed=done, total=total, layer=layer)
+
+            record = hardness(cache_dir, layers=layers, site=site, sizes=_ints(sizes, "--sizes"), draws=draws,
+                              seed=seed, pad=pad, out=out, verify=verify, progress=progress)
+    values = list(record["mdl"].values())
+    console.print(f"MDL hardness of {len(values)} probe items (mean {sum(values) / max(len(values), 1):.3f}) -> "
+                  f"{out or Path(cache_dir) / 'hardness.json'}", highlight=False)

@@ -1,0 +1,18 @@
+"""The JAX probe engine: batched linear heads over cached hidden states, the sweep and MDL hardness.
+
+* :func:`sweep` runs an experiment (population, all_to_all, learning_curve, label_noise) over a
+  cache and writes ``results.parquet`` + ``sweep.json``.
+* :func:`hardness` writes model-based (MDL) hardness next to the cache.
+* :func:`fit_and_score` fits a batch of heads on one feature set and scores every item
+  (:class:`ProbeConfig` picks the head, solver and padding).
+"""
+
+from probekit.probe.engine import HeadResults, ProbeConfig, fit_and_score, head_seed
+from probekit.probe.hardness import MDL_SIZES, hardness
+from probekit.probe.plan import EXPERIMENTS, Head, item_frame, parse_layers, plan
+from probekit.probe.sweep import RESULTS, SCHEMA, SWEEP_JSON, sweep
+
+__all__ = [
+    "EXPERIMENTS", "MDL_SIZES", "RESULTS", "SCHEMA", "SWEEP_JSON", "Head", "HeadResults", "ProbeConfig",
+    "fit_and_score", "hardness", "head_seed", "item_frame", "parse_layers", "plan", "sweep",
+]

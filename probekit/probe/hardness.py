@@ -1,0 +1,100 @@
+"""Model-based (MDL) hardness, PROTOCOL §7: learning-curve probes on the hold-out pool score the probe items.
+
+For each draw, nested training sets of sizes 5, 20, 80, 340, 900 are drawn from the hold-out items;
+a probe is fitted at each size and every probe item is scored. An item's hardness is
+``1 - mean p(gold)`` over draws x sizes (x feature sets), an average over the learning curve
+that approximates a prequential code length. The result, ``DIR/hardness.json``, is what
+``sweep(..., measures=["mdl"])`` cuts at its 30/70 percentiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from probekit.data.draws import train_draw
+from probekit.errors import ProbekitError
+from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, put_layer
+from probekit.probe.plan import item_frame, layer_label, parse_layers
+from probekit.probe.sweep import HARDNESS_FILE, SITE_HEAD, Progress, read_features
+from probekit.store import Cache
+
+MDL_SIZES = (5, 20, 80, 340, 900)
+
+
+def hardness(
+    cache: str | os.PathLike | Cache,
+    *,
+    layers: str | Sequence[int] = "middle_and_last",
+    site: str = "answer_end",
+    sizes: Sequence[int] = MDL_SIZES,
+    draws: int = 5,
+    seed: int = 0,
+    solver: str = "paper",
+    pad: str = "mask",
+    out: str | os.PathLike | None = None,
+    verify: bool = True,
+    devices: Sequence[jax.Device] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Score every probe item's MDL hardness and write ``out`` (default ``DIR/hardness.json``).
+
+    Returns the written record: ``{"config": ..., "mdl": {item_id: hardness}}``. Needs hold-out
+    items (``pool == "holdout"``) numbering at least ``max(sizes) + 50``.
+
+    Example:
+        >>> hardness("cache/llama-2-7b__arc", layers="middle_and_last", draws=5)
+    """
+    t0 = time.perf_counter()
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    if verify:
+        problems = cache.verify()
+        if problems:
+            raise ProbekitError(f"cache {cache.path} fails verification: {problems[0]}")
+    if site not in SITE_HEAD or site not in cache.sites:
+        raise ProbekitError(f"site {site!r} is not in cache {cache.path}; it holds {cache.sites}")
+    dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
+    frame = item_frame(cache.items, dataset, [])
+    sizes = sorted({int(n) for n in sizes})
+    if not sizes or sizes[0] < 2:
+        raise ProbekitError(f"hardness sizes must be at least 2, got {sizes}")
+    if len(frame.holdout) == 0:
+        raise ProbekitError(f"cache {cache.path} has no hold-out items (pool == 'holdout') to fit hardness probes on")
+    sets = parse_layers(layers, cache.layers, cache.manifest.get("model", {}).get("n_layers"))
+    cfg = ProbeConfig(head=SITE_HEAD[site], solver=solver, pad=pad)
+    pools = [train_draw(frame.holdout, sizes[-1], seed=seed, draw=b, key="mdl/holdout") for b in range(draws)]
+    total = len(sets) * len(sizes) * draws
+    done = 0
+    p_sum = np.zeros(len(frame.ids))
+    for fs in sets:
+        label = layer_label(fs)
+        Xs = [put_layer(read_features(cache, site, layer, frame.ids), devices) for layer in fs]
+        for n in sizes:
+            rows = np.stack([pool[:n] for pool in pools])
+            seeds = np.array([head_seed(seed, f"mdl/{b}/{n}/{label}") for b in range(draws)])
+            res = fit_and_score(Xs, frame.n_choices, frame.gold, rows, frame.gold[rows], seeds, cfg, devices=devices)
+            p_sum += res.p_gold.sum(0)
+            done += draws
+            if progress is not None:
+                progress(done, total, label)
+        del Xs
+    mdl = 1.0 - p_sum / total
+    record = {
+        "format": "probekit-hardness/1",
+        "cache_manifest_sha256": cache.manifest_sha256,
+        "config": {"layers": [layer_label(s) for s in sets], "site": site, "sizes": sizes, "draws": draws,
+                   "seed": seed, "solver": solver, "pad": pad, "holdout_items": int(len(frame.holdout))},
+        "seconds": round(time.perf_counter() - t0, 3),
+        "mdl": {str(frame.ids[i]): float(mdl[i]) for i in frame.probe},
+    }
+    path = Path(out) if out is not None else cache.path / HARDNESS_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)
+    return record

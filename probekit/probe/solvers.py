@@ -1,0 +1,218 @@
+"""The two solvers, for ONE head in coefficient space (see :mod:`probekit.probe.kernel`).
+
+A weight vector is held as ``w = beta * w0 + Z.T @ a`` (plus a bias ``b`` for multinomial
+heads). With ``s = Z @ w`` (the per-slot scores without bias) every quantity the recipes need is
+available without touching the ``D``-wide rows again:
+
+* ``|w|^2 = beta^2 |w0|^2 + beta a.u + a.s``  (since ``K a = s - beta u``)
+* ``Z.T r . w = r.s`` and ``|Z.T r|^2 = r.K r``.
+
+``paper`` replays PROTOCOL §4 step by step (the iterates are those of plain SGD on the
+D-dimensional weights, up to float rounding); ``converged`` minimises the squared-L2 regularised
+likelihood with Newton-CG in the same space. Both are pure functions; the engine vmaps and jits
+them over heads.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from probekit.probe.kernel import Kernel, expand, log_softmax, reduce
+
+
+class Fit(NamedTuple):
+    """A fitted head in coefficient space: ``w = beta * w0 + Z.T @ a``, bias ``b`` (or None).
+
+    ``loss`` is the solver's own objective at the end, ``grad_norm`` its gradient norm
+    (paper: before clipping), ``converged`` whether the converged solver met its tolerance
+    (always True for the fixed-step paper recipe), ``steps`` iterations taken.
+    """
+
+    beta: jax.Array
+    a: jax.Array
+    b: jax.Array | None
+    loss: jax.Array
+    grad_norm: jax.Array
+    converged: jax.Array
+    steps: jax.Array
+
+
+def _residual(kern: Kernel, s: jax.Array, b: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """Mean NLL of the gold choices and its gradient with respect to the score grid, (n, C)."""
+    logits = expand(kern, s) if b is None else expand(kern, s) + b
+    logp = log_softmax(logits, kern.mask)
+    n = kern.y.shape[0]
+    onehot = jax.nn.one_hot(kern.y, logits.shape[-1], dtype=logits.dtype)
+    nll = -jnp.sum(jnp.where(onehot > 0, logp, 0.0)) / n
+    p = jnp.where(kern.mask, jnp.exp(logp), 0.0)
+    # p - onehot, with the gold entry as minus the others' mass: accurate when p_gold is near 1
+    others = jnp.sum(jnp.where(onehot > 0, 0.0, p), -1, keepdims=True)
+    R = jnp.where(onehot > 0, -others, p) / n
+    return nll, R
+
+
+# ----- paper recipe (PROTOCOL §4) -----------------------------------------------------------------
+def paper(
+    kern: Kernel,
+    *,
+    l2: float = 1.0,
+    lr: float = 0.05,
+    steps: int = 100,
+    max_grad_norm: float = 1.0,
+) -> Fit:
+    """Plain full-batch SGD on mean NLL + ``l2 * |w|`` (unsquared), clipped, linearly decayed lr.
+
+    Step ``t`` (0-based) uses ``lr * (1 - 0.9 t / steps)``; the total gradient (regulariser
+    included, bias included) is scaled by ``min(1, max_grad_norm / (|g| + 1e-6))`` as
+    ``torch.nn.utils.clip_grad_norm_`` does. The bias, if any, is not regularised.
+    """
+    has_bias = kern.b0 is not None
+
+    def step(state, t):
+        beta, a, s, b = state
+        wnorm = jnp.sqrt(beta * beta * kern.w0w0 + beta * jnp.vdot(a, kern.u) + jnp.vdot(a, s))
+        _, R = _residual(kern, s, b)
+        r = reduce(kern, R)
+        Kr = kern.K @ r
+        gb = R.sum(0) if has_bias else None
+        g2 = jnp.vdot(r, Kr) + 2.0 * l2 * jnp.vdot(r, s) / wnorm + l2 * l2
+        if has_bias:
+            g2 = g2 + jnp.vdot(gb, gb)
+        gnorm = jnp.sqrt(jnp.maximum(g2, 0.0))
+        clip = jnp.minimum(1.0, max_grad_norm / (gnorm + 1e-6))
+        eta = lr * (1.0 - 0.9 * t / steps) * clip
+        shrink = 1.0 - eta * l2 / wnorm
+        b = b - eta * gb if has_bias else b
+        return (shrink * beta, shrink * a - eta * r, shrink * s - eta * Kr, b), gnorm
+
+    zero = jnp.zeros_like(kern.u)
+    state = (jnp.ones((), kern.u.dtype), zero, kern.u, kern.b0)
+    (beta, a, s, b), gnorms = jax.lax.scan(step, state, jnp.arange(steps, dtype=kern.u.dtype))
+    nll, _ = _residual(kern, s, b)
+    wnorm = jnp.sqrt(beta * beta * kern.w0w0 + beta * jnp.vdot(a, kern.u) + jnp.vdot(a, s))
+    return Fit(beta, a, b, nll + l2 * wnorm, gnorms[-1], jnp.array(True), jnp.array(steps))
+
+
+# ----- converged: Newton-CG on the squared-L2 objective --------------------------------------------
+def converged(
+    kern: Kernel,
+    *,
+    l2: float,
+    tol: float = 1e-4,
+    max_newton: int = 50,
+    max_cg: int = 200,
+) -> Fit:
+    """Minimise mean NLL + ``l2/2 * |w|^2`` (bias unregularised) with line-searched Newton-CG.
+
+    Works in coefficient space with the metric ``<x, y> = x_a.K y_a + x_b.y_b``, in which the
+    Hessian is self-adjoint, so conjugate gradients and norms are those of the D-dimensional
+    problem. It stops, with ``converged`` True, once ``|g|^2 / (2 l2)`` (which bounds how far the
+    objective is above its minimum; exactly so for the weights, the unregularised bias aside) is at
+    most ``tol`` times the objective: a relative optimality guarantee independent of scale.
+    """
+    has_bias = kern.b0 is not None
+    K = kern.K
+    zb = jnp.zeros_like(kern.b0) if has_bias else None
+
+    def objective(a, s, b):
+        nll, R = _residual(kern, s, b)
+        return nll + 0.5 * l2 * jnp.vdot(a, s), R
+
+    def gradient(a, s, R):
+        """Gradient coordinates (g_a, g_b), K g_a, and the squared metric norm."""
+        ga = reduce(kern, R) + l2 * a
+        Kga = K @ ga
+        gb = R.sum(0) if has_bias else None
+        g2 = jnp.vdot(ga, Kga) + (jnp.vdot(gb, gb) if has_bias else 0.0)
+        return ga, gb, Kga, g2
+
+    def hess_times(s, b, da, Kda, db):
+        """Hessian applied to a direction: coordinates (h_a, h_b) and the quadratic form."""
+        logits = expand(kern, s) if b is None else expand(kern, s) + b
+        p = jnp.exp(log_softmax(logits, kern.mask))
+        dL = expand(kern, Kda) if db is None else expand(kern, Kda) + db
+        Q = jnp.where(kern.mask, p * (dL - jnp.sum(p * dL, -1, keepdims=True)), 0.0) / kern.y.shape[0]
+        ha = reduce(kern, Q) + l2 * da
+        hb = Q.sum(0) if has_bias else None
+        quad = jnp.sum(dL * Q) + l2 * jnp.vdot(da, Kda)
+        return ha, hb, quad
+
+    def newton_direction(s, b, ga, gb, Kga, g2):
+        """Approximately solve H d = -g by conjugate gradients in the K-metric."""
+        forcing = jnp.minimum(0.5, jnp.sqrt(jnp.sqrt(g2)))
+        stop2 = (forcing * forcing) * g2
+
+        def cond(c):
+            i, _, _, _, _, _, _, _, rr, _ = c
+            return (i < max_cg) & (rr > stop2)
+
+        def body(c):
+            i, xa, Kxa, xb, ra, Kra, rb, pa_pb, rr, Kpa = c
+            pa, pb = pa_pb
+            ha, hb, quad = hess_times(s, b, pa, Kpa, pb)
+            alpha = rr / jnp.maximum(quad, 1e-30)
+            Kha = K @ ha
+            xa, Kxa = xa + alpha * pa, Kxa + alpha * Kpa
+            ra, Kra = ra - alpha * ha, Kra - alpha * Kha
+            if has_bias:
+                xb, rb = xb + alpha * pb, rb - alpha * hb
+            rr_new = jnp.vdot(ra, Kra) + (jnp.vdot(rb, rb) if has_bias else 0.0)
+            beta = rr_new / rr
+            pa, Kpa = ra + beta * pa, Kra + beta * Kpa
+            pb = rb + beta * pb if has_bias else None
+            return (i + 1, xa, Kxa, xb, ra, Kra, rb, (pa, pb), rr_new, Kpa)
+
+        init = (0, jnp.zeros_like(ga), jnp.zeros_like(ga), zb, -ga, -Kga,
+                -gb if has_bias else None, (-ga, -gb if has_bias else None), g2, -Kga)
+        out = jax.lax.while_loop(cond, body, init)
+        return out[1], out[2], out[3]
+
+    def newton_step(c):
+        it, a, s, b, f, R, _ = c
+        ga, gb, Kga, g2 = gradient(a, s, R)
+        da, Kda, db = newton_direction(s, b, ga, gb, Kga, g2)
+        slope = jnp.vdot(ga, Kda) + (jnp.vdot(gb, db) if has_bias else 0.0)
+
+        def trial(t):
+            bt = b + t * db if has_bias else None
+            return objective(a + t * da, s + t * Kda, bt)
+
+        def ls_cond(ls):
+            t, ft, _ = ls
+            return (ft > f + 1e-4 * t * slope) & (t > 1e-8)
+
+        def ls_body(ls):
+            t = 0.5 * ls[0]
+            ft, Rt = trial(t)
+            return (t, ft, Rt)
+
+        f1, R1 = trial(1.0)
+        t, ft, Rt = jax.lax.while_loop(ls_cond, ls_body, (jnp.ones_like(f), f1, R1))
+        accept = ft <= f
+        a = jnp.where(accept, a + t * da, a)
+        s = jnp.where(accept, s + t * Kda, s)
+        if has_bias:
+            b = jnp.where(accept, b + t * db, b)
+        f = jnp.where(accept, ft, f)
+        R = jnp.where(accept, Rt, R)
+        return (it + 1, a, s, b, f, R, jnp.sqrt(jnp.maximum(g2, 0.0)))
+
+    def done(f, g2):
+        """|g|^2 / (2 l2) bounds the suboptimality (strong convexity): stop when it is below tol * f."""
+        return g2 <= 2.0 * l2 * tol * f
+
+    def newton_cond(c):
+        it, a, s, b, f, R, _ = c
+        return (it < max_newton) & ~done(f, gradient(a, s, R)[3])
+
+    a0 = jnp.zeros_like(kern.u)
+    f0, R0 = objective(a0, a0, zb)
+    it, a, s, b, f, R, _ = jax.lax.while_loop(newton_cond, newton_step, (0, a0, a0, zb, f0, R0, jnp.zeros_like(f0)))
+    g2 = gradient(a, s, R)[3]
+    return Fit(jnp.zeros((), a.dtype), a, b, f, jnp.sqrt(jnp.maximum(g2, 0.0)), done(f, g2), it)
+
+
+SOLVERS = ("paper", "converged")

@@ -1,0 +1,271 @@
+"""``sweep``: fit every head of an experiment on every feature set of a cache, write the results table.
+
+Reads one layer at a time (two for a concatenated pair), fits all heads of that feature set in
+batched, head-sharded computations (:mod:`probekit.probe.engine`), and appends one row per
+(head, test item) to ``RES/results.parquet``; ``RES/sweep.json`` records the configuration, the
+cache's manifest hash, counts and timings. Both files are written under temporary names and
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from probekit.data.levels import LEVELS, Cutoff
+from probekit.errors import ProbekitError
+from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, put_layer
+from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, parse_layers, plan
+from probekit.store import Cache
+
+RESULTS = "results.parquet"
+SWEEP_JSON = "sweep.json"
+HARDNESS_FILE = "hardness.json"
+MDL = "mdl"
+SITE_HEAD = {"answer_end": "mc", "question_end": "multinomial"}
+
+_STR = pa.dictionary(pa.int32(), pa.string())
+SCHEMA = pa.schema([
+    ("experiment", _STR), ("site", _STR), ("layer", _STR), ("measure", _STR), ("train_level", _STR),
+    ("draw", pa.int32()), ("n_train", pa.int32()), ("label_noise", pa.float64()), ("solver", _STR),
+    ("item_id", _STR), ("test_level", _STR), ("correct", pa.int8()), ("p_gold", pa.float32()),
+])
+_LEVEL_NAMES = np.array(list(LEVELS) + [""], dtype=object)
+
+Progress = Callable[[int, int, str], None]  # (fits done, fits in all, feature set being fitted)
+
+
+def load_items(cache: Cache, measures: Sequence[str] | None) -> tuple[Any, list[str]]:
+    """The cache's item table plus the ``mdl`` column when asked for; the measures to use."""
+    items = cache.items.copy()
+    known = list(cache.measures) + [MDL]
+    chosen = list(measures) if measures else list(cache.measures)
+    for m in chosen:
+        if m not in known:
+            raise ProbekitError(f"unknown measure {m!r}: the cache has {', '.join(known)}")
+    if MDL in chosen:
+        path = cache.path / HARDNESS_FILE
+        if not path.is_file():
+            raise ProbekitError(f"measure 'mdl' needs {path}: run `probekit hardness {cache.path}` first")
+        scores = json.loads(path.read_text())["mdl"]
+        items[MDL] = items["id"].astype(str).map(scores).astype(float)
+    return items, chosen
+
+
+def read_features(cache: Cache, site: str, layer: int, ids: np.ndarray) -> np.ndarray:
+    """One layer as float32, refusing non-finite values (named by layer and item)."""
+    X = cache.read_layer(site, layer)
+    finite = np.concatenate([np.isfinite(X[i:i + 256]).reshape(len(X[i:i + 256]), -1).all(1)
+                             for i in range(0, len(X), 256)])
+    if not finite.all():
+        bad = int(np.flatnonzero(~finite)[0])
+        raise ProbekitError(
+            f"layer {layer} ({site}) has non-finite features for {int((~finite).sum())} items, first {ids[bad]!r}"
+        )
+    return X
+
+
+def zero_shot_p(choice_sum: np.ndarray, n_choices: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """p(gold) and correctness from summed choice log-probs, softmaxed over the real choices (§5)."""
+    real = np.arange(choice_sum.shape[1])[None, :] < n_choices[:, None]
+    s = np.where(real, choice_sum.astype(np.float64), -np.inf)
+    s = s - s.max(1, keepdims=True)
+    p = np.exp(s)
+    p /= p.sum(1, keepdims=True)
+    return p[np.arange(len(gold)), gold].astype(np.float32), (s.argmax(1) == gold).astype(np.int8)
+
+
+class _Rows:
+    """Builds result-table batches with dictionary-encoded string columns."""
+
+    def __init__(self, frame: ItemFrame, experiment: str, site: str) -> None:
+        self.frame, self.experiment, self.site = frame, experiment, site
+        self.item_dict = pa.array(frame.ids, pa.string())
+        self.n_rows = 0
+
+    @staticmethod
+    def _const(value: str, n: int) -> pa.DictionaryArray:
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
+
+    def _levels(self, measure: str, rows: np.ndarray) -> pa.DictionaryArray:
+        codes = self.frame.levels[measure][rows] if measure in self.frame.levels else np.full(len(rows), -1)
+        idx = np.where(codes < 0, 3, codes).astype(np.int32)
+        return pa.DictionaryArray.from_arrays(pa.array(idx), pa.array(list(_LEVEL_NAMES), pa.string()))
+
+    def table(self, *, layer: str, measure: str, train_level: str, draw: int, n_train: int, noise: float,
+              solver: str, rows: np.ndarray, correct: np.ndarray, p_gold: np.ndarray) -> pa.Table:
+        n = len(rows)
+        self.n_rows += n
+        cols = [
+            self._const(self.experiment, n), self._const(self.site, n), self._const(layer, n),
+            self._const(measure, n), self._const(train_level, n),
+            pa.array(np.full(n, draw, np.int32)), pa.array(np.full(n, n_train, np.int32)),
+            pa.array(np.full(n, noise, np.float64)), self._const(solver, n),
+            pa.DictionaryArray.from_arrays(pa.array(rows.astype(np.int32)), self.item_dict),
+            self._levels(measure, rows), pa.array(correct.astype(np.int8)), pa.array(p_gold.astype(np.float32)),
+        ]
+        return pa.Table.from_arrays(cols, schema=SCHEMA)
+
+
+def _test_rows(frame: ItemFrame, head: Head) -> np.ndarray:
+    return frame.probe[~np.isin(frame.probe, head.exclude)]
+
+
+def sweep(
+    cache: str | os.PathLike | Cache,
+    out: str | os.PathLike,
+    *,
+    experiment: str = "population",
+    measures: Sequence[str] | None = None,
+    layers: str | Sequence[int] = "middle_and_last",
+    site: str = "answer_end",
+    solver: str | Sequence[str] = "paper",
+    n_train: Sequence[int] = (160,),
+    label_noise: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3),
+    draws: int = 5,
+    seed: int = 0,
+    levels: Sequence[str] | None = None,
+    pad: str = "mask",
+    C: float = 1.0,
+    cutoffs: Mapping[str, Cutoff] | None = None,
+    zero_shot: bool = True,
+    verify: bool = True,
+    devices: Sequence[jax.Device] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run one experiment over a cache; write ``out/results.parquet`` and ``out/sweep.json``.
+
+    ``experiment``: population | all_to_all | learning_curve | label_noise (see
+    :func:`probekit.probe.plan.plan`). ``layers``: all | last | middle | middle_and_last | "15,30" |
+    "15+30". ``site``: answer_end (multiple-choice head) or question_end (multinomial head).
+    ``solver``: paper, converged or both. ``pad``: mask (default) or zero (the protocol's
+    zero-padding). ``C``: converged solver's inverse regularisation (scikit-learn's C).
+    ``levels``: restrict the training levels (e.g. ``["easy", "hard"]``).
+    ``cutoffs``: per-measure level rules overriding the defaults. ``progress(done, total, layer)``
+    is called as heads complete. Returns the contents of ``sweep.json``.
+
+    Example:
+        >>> sweep("cache/llama-2-7b__arc", "results/pop", measures=["grade", "difficulty"],
+        ...       layers="middle_and_last", solver="both")
+    """
+    t0 = time.perf_counter()
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    if verify:
+        problems = cache.verify()
+        if problems:
+            raise ProbekitError(f"cache {cache.path} fails verification: {problems[0]}"
+                                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    if experiment not in EXPERIMENTS:
+        raise ProbekitError(f"unknown experiment {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
+    if site not in SITE_HEAD:
+        raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
+    if site not in cache.sites:
+        raise ProbekitError(f"site {site!r} is not in cache {cache.path}; it holds {cache.sites}")
+    solvers = ["paper", "converged"] if solver == "both" else ([solver] if isinstance(solver, str) else list(solver))
+    configs = {s: ProbeConfig(head=SITE_HEAD[site], solver=s, pad=pad, C=C) for s in solvers}
+    dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
+    items, measures = load_items(cache, measures)
+    frame = item_frame(items, dataset, measures, cutoffs)
+    sets = parse_layers(layers, cache.layers, cache.manifest.get("model", {}).get("n_layers"))
+    heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
+                 levels=levels)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{RESULTS}.tmp"
+    rows = _Rows(frame, experiment, site)
+    groups: dict[int, list[Head]] = {}
+    for h in heads:
+        groups.setdefault(h.n_train, []).append(h)
+    n_fits = len(heads) * len(sets) * len(solvers)
+    done = 0
+
+    def tick(label: str) -> Callable[[int], None]:
+        def on_chunk(k: int) -> None:
+            nonlocal done
+            done += k
+            if progress is not None:
+                progress(done, n_fits, label)
+        return on_chunk
+
+    fit_seconds = 0.0
+    not_converged = 0
+    try:
+        with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+            if zero_shot:
+                choice_sum, _ = cache.logprobs()
+                p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
+                for m in (measures if experiment != "all_to_all" else [ALL]):
+                    writer.write_table(rows.table(
+                        layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
+                        solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe]))
+            for fs in sets:
+                label = layer_label(fs)
+                Xs = [put_layer(read_features(cache, site, layer, frame.ids), devices) for layer in fs]
+                for s, cfg in configs.items():
+                    for n, group in groups.items():
+                        t1 = time.perf_counter()
+                        res = fit_and_score(
+                            Xs, frame.n_choices, frame.gold,
+                            np.stack([h.rows for h in group]), np.stack([h.labels for h in group]),
+                            np.array([head_seed(seed, f"{h.name}/{label}") for h in group]), cfg,
+                            devices=devices,
+                            on_chunk=tick(label),
+                        )
+                        fit_seconds += time.perf_counter() - t1
+                        not_converged += int((~res.converged).sum())
+                        for i, h in enumerate(group):
+                            test = _test_rows(frame, h)
+                            for m in h.measures:
+                                writer.write_table(rows.table(
+                                    layer=label, measure=m, train_level=h.train_level, draw=h.draw,
+                                    n_train=h.n_train, noise=h.label_noise, solver=s, rows=test,
+                                    correct=res.correct[i, test], p_gold=res.p_gold[i, test]))
+                del Xs
+        os.replace(tmp, out / RESULTS)
+    finally:
+        tmp.unlink(missing_ok=True)
+    wall = time.perf_counter() - t0
+    record = {
+        "format": "probekit-sweep/1",
+        "cache": str(cache.path.resolve()),
+        "cache_manifest_sha256": cache.manifest_sha256,
+        "dataset": dataset,
+        "model": cache.manifest.get("model", {}),
+        "config": {
+            "experiment": experiment, "measures": measures, "layers": [layer_label(s) for s in sets],
+            "layers_spec": layers if isinstance(layers, str) else list(layers), "site": site,
+            "head": SITE_HEAD[site], "solvers": solvers, "n_train": sorted({int(x) for x in n_train}),
+            "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
+            "draws": draws, "train_levels": sorted({h.train_level for h in heads}), "pad": pad,
+            "probe": {s: dataclasses.asdict(c) for s, c in configs.items()},
+            "objectives": {"paper": "mean NLL + l2 * |w| (unsquared), SGD as PROTOCOL §4",
+                           "converged": "mean NLL + |w|^2 / (2 C n_train), bias unregularised"},
+            "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "zero_shot": zero_shot,
+            "normalisation": "z-score with training statistics (unbiased std)",
+        },
+        "seed": seed,
+        "counts": {
+            "heads": len(heads), "feature_sets": len(sets), "fits": n_fits, "rows": rows.n_rows,
+            "probe_items": int(len(frame.probe)), "not_converged": not_converged,
+            "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
+                       for m in measures},
+        },
+        "devices": [str(d) for d in (devices or jax.devices())],
+        "wall_seconds": round(wall, 3),
+        "fit_seconds": round(fit_seconds, 3),
+        "heads_per_second": round(n_fits / fit_seconds, 3) if fit_seconds > 0 else None,
+    }
+    tmp_json = out / f".{SWEEP_JSON}.tmp"
+    tmp_json.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp_json, out / SWEEP_JSON)
+    return record

@@ -1,0 +1,208 @@
+"""The probe engine against plain references: a per-fit numpy loop of the paper recipe (same init),
+scikit-learn's LogisticRegression and scipy's L-BFGS for the converged solver, and one device
+against four."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from scipy.optimize import minimize
+from sklearn.linear_model import LogisticRegression
+
+from probekit.errors import ProbekitError
+from probekit.probe.engine import ProbeConfig, fit_and_score, head_key, head_seed
+from probekit.probe.kernel import init_weights
+
+C = 5
+
+
+def make_problem(seed=0, N=240, D=48, layers=1, full=False):
+    """Answer-slot features with a planted direction on the gold slot; padded slots are zeros."""
+    rng = np.random.default_rng(seed)
+    n_choices = np.full(N, C) if full else rng.choice([3, 4, 5], size=N, p=[0.1, 0.75, 0.15])
+    gold = rng.integers(0, n_choices)
+    signal = rng.normal(size=D)
+    Xs = []
+    for _ in range(layers):
+        X = rng.normal(size=(N, C, D)).astype(np.float32) * rng.uniform(0.5, 2.0, D).astype(np.float32) + 1.0
+        X += 0.4 * (np.arange(C)[None, :] == gold[:, None])[..., None] * signal.astype(np.float32)
+        X[np.arange(C)[None, :] >= n_choices[:, None]] = 0.0
+        Xs.append(X)
+    return Xs, n_choices, gold, rng
+
+
+def softmax(s, mask):
+    s = np.where(mask, s, -np.inf)
+    s = s - s.max(-1, keepdims=True)
+    e = np.exp(s)
+    return e / e.sum(-1, keepdims=True)
+
+
+def paper_reference(X, n_choices, gold, rows, y, w0, pad, l2=1.0, lr=0.05, steps=100):
+    """PROTOCOL §4 written plainly for one multiple-choice head, in float64 and D dimensions."""
+    X = X.astype(np.float64)
+    N, Cm, D = X.shape
+    n = len(rows)
+    real = np.arange(Cm)[None, :] < n_choices[:, None]
+    train = X[rows].reshape(-1, D) if pad == "zero" else X[rows][real[rows]]
+    mu, sd = train.mean(0), train.std(0, ddof=1)
+    Z = (X - mu) / sd
+    mask = np.ones_like(real) if pad == "zero" else real
+    w = np.asarray(w0, np.float64).copy()
+    onehot = np.eye(Cm)[y]
+    for t in range(steps):
+        p = softmax(Z[rows] @ w, mask[rows])
+        g = np.einsum("nc,ncd->d", (p - onehot) * mask[rows] / n, Z[rows]) + l2 * w / np.linalg.norm(w)
+        g *= min(1.0, 1.0 / (np.linalg.norm(g) + 1e-6))
+        w -= lr * (1 - 0.9 * t / steps) * g
+    p = softmax(Z @ w, mask)
+    return p[np.arange(N), gold], w
+
+
+@pytest.mark.parametrize("pad", ["zero", "mask"])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_paper_matches_numpy_loop(pad, layers):
+    Xs, n_choices, gold, rng = make_problem(layers=layers)
+    H, n = 3, 40
+    rows = np.stack([rng.choice(len(gold), n, replace=False) for _ in range(H)])
+    labels = gold[rows].copy()
+    labels[1, :8] = (labels[1, :8] + 1) % n_choices[rows[1, :8]]  # a noisy head
+    seeds = np.array([head_seed(0, f"head{h}") for h in range(H)])
+    res = fit_and_score(Xs, n_choices, gold, rows, labels, seeds, ProbeConfig(head="mc", solver="paper", pad=pad))
+    X = np.concatenate(Xs, axis=-1)  # middle first: concatenation order = list order
+    for h in range(H):
+        w0, _ = init_weights(head_key(int(seeds[h])), X.shape[-1])
+        p_ref, _ = paper_reference(X, n_choices, gold, rows[h], labels[h], np.asarray(w0), pad)
+        np.testing.assert_allclose(res.p_gold[h], p_ref, atol=2e-5)
+        assert res.correct[h].mean() > 0.4  # the planted signal is learnt
+        assert set(np.unique(res.correct[h])) <= {0, 1}
+
+
+def test_paper_multinomial_matches_numpy_loop():
+    rng = np.random.default_rng(3)
+    N, D, n = 200, 40, 60
+    n_choices = rng.choice([4, 5], size=N)
+    gold = rng.integers(0, n_choices)
+    X = (rng.normal(size=(N, D)) + 0.8 * np.eye(D)[gold * 3] + 2.0).astype(np.float32)
+    rows = np.stack([rng.choice(N, n, replace=False) for _ in range(2)])
+    seeds = np.array([head_seed(1, "a"), head_seed(1, "b")])
+    res = fit_and_score([X], n_choices, gold, rows, gold[rows], seeds, ProbeConfig(head="multinomial", solver="paper"))
+    for h in range(2):
+        W0, b0 = (np.asarray(a, np.float64) for a in init_weights(head_key(int(seeds[h])), D, C))
+        Xtr = X[rows[h]].astype(np.float64)
+        mu, sd = Xtr.mean(0), Xtr.std(0, ddof=1)
+        Z = (X - mu) / sd
+        mask = np.arange(C)[None, :] < n_choices[:, None]
+        W, b, y = W0.copy(), b0.copy(), gold[rows[h]]
+        for t in range(100):
+            P = softmax(Z[rows[h]] @ W + b, mask[rows[h]])
+            R = (P - np.eye(C)[y]) * mask[rows[h]] / n
+            gW = Z[rows[h]].T @ R + W / np.linalg.norm(W)
+            gb = R.sum(0)
+            clip = min(1.0, 1.0 / (np.sqrt((gW**2).sum() + (gb**2).sum()) + 1e-6))
+            W -= 0.05 * (1 - 0.9 * t / 100) * clip * gW
+            b -= 0.05 * (1 - 0.9 * t / 100) * clip * gb
+        p_ref = softmax(Z @ W + b, mask)[np.arange(N), gold]
+        np.testing.assert_allclose(res.p_gold[h], p_ref, atol=2e-5)
+
+
+def test_converged_multinomial_matches_sklearn():
+    rng = np.random.default_rng(5)
+    N, D, n, Cinv = 260, 64, 120, 0.5
+    n_choices = np.full(N, 4)
+    gold = rng.integers(0, 4, N)
+    X = (rng.normal(size=(N, D)) + 0.7 * np.eye(D)[gold * 5] + 1.0).astype(np.float32)
+    rows = np.stack([rng.choice(N, n, replace=False) for _ in range(2)])
+    seeds = np.array([head_seed(0, "x"), head_seed(0, "y")])
+    res = fit_and_score([X], n_choices, gold, rows, gold[rows], seeds,
+                        ProbeConfig(head="multinomial", solver="converged", C=Cinv, tol=1e-6))
+    assert res.converged.all()
+    for h in range(2):
+        Xtr = X[rows[h]].astype(np.float64)
+        mu, sd = Xtr.mean(0), Xtr.std(0, ddof=1)
+        Z = (X - mu) / sd
+        clf = LogisticRegression(C=Cinv, tol=1e-12, max_iter=20000).fit(Z[rows[h]], gold[rows[h]])
+        P = clf.predict_proba(Z)
+        nll = -np.log(P[rows[h], gold[rows[h]]]).mean()
+        ref_loss = nll + (clf.coef_**2).sum() / (2 * Cinv * n)
+        assert abs(res.loss[h] - ref_loss) / ref_loss <= 1e-4
+        np.testing.assert_allclose(res.p_gold[h], P[np.arange(N), gold], atol=2e-3)
+
+
+@pytest.mark.parametrize("pad", ["mask", "zero"])
+def test_converged_mc_matches_scipy(pad):
+    Xs, n_choices, gold, rng = make_problem(seed=7, N=200, D=40)
+    X = Xs[0]
+    n, Cinv = 80, 2.0
+    rows = np.stack([rng.choice(len(gold), n, replace=False) for _ in range(2)])
+    seeds = np.array([0, 1])
+    res = fit_and_score([X], n_choices, gold, rows, gold[rows], seeds,
+                        ProbeConfig(head="mc", solver="converged", pad=pad, C=Cinv, tol=1e-6))
+    assert res.converged.all()
+    for h in range(2):
+        real = np.arange(C)[None, :] < n_choices[rows[h]][:, None]
+        Xtr = X[rows[h]].astype(np.float64)
+        stats = Xtr.reshape(-1, X.shape[-1]) if pad == "zero" else Xtr[real]
+        Z = (Xtr - stats.mean(0)) / stats.std(0, ddof=1)
+        mask = np.ones_like(real) if pad == "zero" else real
+        y = gold[rows[h]]
+        lam = 1.0 / (Cinv * n)
+
+        def loss(w):
+            s = np.where(mask, Z @ w, -np.inf)
+            m = s.max(1, keepdims=True)
+            lse = m[:, 0] + np.log(np.exp(s - m).sum(1))
+            p = np.exp(s - lse[:, None])
+            g = np.einsum("nc,ncd->d", (p - np.eye(C)[y]) * mask / n, Z) + lam * w
+            return (lse - s[np.arange(n), y]).mean() + 0.5 * lam * w @ w, g
+
+        opt = minimize(loss, np.zeros(X.shape[-1]), jac=True, method="L-BFGS-B",
+                       options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 20000})
+        assert abs(res.loss[h] - opt.fun) / opt.fun <= 1e-4
+
+
+def test_config_validation():
+    with pytest.raises(ProbekitError, match="pad must be one of"):
+        ProbeConfig(pad="drop")
+    with pytest.raises(ProbekitError, match="solver must be one of"):
+        ProbeConfig(solver="adam")
+
+
+def test_same_numbers_on_four_devices(tmp_path):
+    """The head axis sharded over 4 (forced host) devices gives the numbers of one device."""
+    script = textwrap.dedent(
+        """
+        import sys, json, numpy as np
+        sys.path.insert(0, %r)
+        from test_probe import make_problem
+        from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed
+        import jax
+        Xs, n_choices, gold, rng = make_problem(seed=11, N=150, D=32)
+        rows = np.stack([rng.choice(150, 30, replace=False) for _ in range(6)])
+        seeds = np.array([head_seed(0, str(h)) for h in range(6)])
+        out = {"devices": len(jax.devices())}
+        for solver in ("paper", "converged"):
+            res = fit_and_score(Xs, n_choices, gold, rows, gold[rows], seeds,
+                                ProbeConfig(solver=solver, pad="zero"), chunk=4)
+            out[solver] = res.p_gold.tolist()
+        json.dump(out, open(sys.argv[1], "w"))
+        """
+    ) % os.path.dirname(os.path.abspath(__file__))
+    path = tmp_path / "run.py"
+    path.write_text(script)
+    results = {}
+    for ndev in (1, 4):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={ndev}")
+        out = tmp_path / f"out{ndev}.json"
+        subprocess.run([sys.executable, str(path), str(out)], check=True, env=env, timeout=300)
+        results[ndev] = json.loads(out.read_text())
+    assert results[1]["devices"] == 1 and results[4]["devices"] == 4
+    for solver in ("paper", "converged"):
+        # float32 rounding may differ in the last bits (a batch of 4 heads vs 1 head per device)
+        np.testing.assert_allclose(results[4][solver], results[1][solver], rtol=1e-5, atol=1e-5)
