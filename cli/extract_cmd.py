@@ -1,0 +1,106 @@
+"""`probekit extract`: run a question set through a model once and cache hidden states and log-probs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from probekit.cli import app
+from probekit.cli.common import clean_errors, console
+
+
+def _default_out(model: Optional[str], quantize: Optional[str], bnb_type: str, dataset: str, limit: Optional[int],
+                 icl: Optional[int], demos_from: str, measure: str) -> Path:
+    from probekit.extract.models import DEFAULT_NAME, model_slug
+
+    slug = model_slug(model) if model else DEFAULT_NAME
+    if quantize:
+        slug += f"-{quantize}" + (f"-{bnb_type}" if quantize == "4bit" else "")
+    data = model_slug(dataset)
+    if limit:
+        data += f"-first{limit}"
+    out = f"{slug}__{data}"
+    if icl:
+        out += f"__icl-k{icl}-{demos_from}-{measure}"
+    from probekit.extract.models import default_cache_root
+
+    return default_cache_root() / out
+
+
+@app.command("extract")
+def extract_cmd(
+    dataset: str = typer.Option("bundled", "--dataset", "-d",
+                                help="arc | mmlu | strategyqa | gsm8k | bundled (offline ARC sample) | FILE.jsonl/.csv"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the original files (arc/, mmlu/, ...); "
+                                           "default: $PROBEKIT_DATA_DIR, else the Hugging Face hub."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local folder or FILE.gguf; "
+                                        "default: the offline SmolLM2-135M-Instruct (converted once under the cache root)."),
+    dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto (float16 on CUDA, float32 on CPU)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="bitsandbytes: 8bit | 4bit."),
+    bnb_4bit_type: str = typer.Option("nf4", "--bnb-4bit-type", help="4-bit quantization type: nf4 | fp4."),
+    device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto."),
+    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs."),
+    layers: str = typer.Option("middle_and_last", "--layers", help="all | middle_and_last | comma-separated hidden_states indices (0 = embeddings)."),
+    sites: str = typer.Option("answer_end,question_end", "--sites", help="Token positions: answer_end, question_end."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (all choices of an item share one row)."),
+    shard_size: int = typer.Option(256, "--shard-size", help="Items per HDF5 shard (the unit of resuming)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory; default cache/<model-slug>__<dataset>."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N items."),
+    icl: Optional[int] = typer.Option(None, "--icl", help="Score k-shot prompts with K demonstrations instead of caching hidden states."),
+    demos_from: str = typer.Option("easy", "--demos-from", help="Level the ICL demonstrations come from: easy | medium | hard."),
+    measure: str = typer.Option("grade", "--measure", help="Difficulty measure that defines the ICL level."),
+    draws: int = typer.Option(5, "--draws", help="ICL draws of demonstrations."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the ICL draws."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Run a question set through a model once; cache hidden states and choice log-probs.
+
+    Every item is rendered with its set's prompt (ARC/MMLU "0040", StrategyQA "0306"); the prompt runs once per item and all its answer choices are scored as continuations of it. Hidden states at the requested layers and token positions go to DIR/shard-NNNNN.h5 (float16) with a manifest; rerunning the same command finishes an interrupted cache. Under torchrun each rank writes its own shards into the same directory.
+
+    With --icl K, every probe item is instead scored under K-shot prompts whose demonstrations are drawn from one difficulty level; choice log-probs per draw go to DIR/icl.json and DIR/draw-NNN.h5.
+
+    \b
+    Example:
+      probekit extract --dataset bundled --limit 64
+      probekit extract --dataset arc --data-dir ../shared/data --layers all --batch-size 16
+      probekit extract --dataset arc --data-dir ../shared/data --model meta-llama/Llama-2-7b-hf --quantize 8bit --device cuda
+      torchrun --nproc-per-node 4 --no-python probekit extract --dataset mmlu --model ./llama-13b --out cache/l13__mmlu
+      probekit extract --dataset arc --data-dir ../shared/data --icl 10 --demos-from easy --measure grade --draws 5
+    """
+    with clean_errors():
+        from probekit.data import load_dataset
+        from probekit.errors import ProbekitError
+
+        if quantize is not None and quantize not in ("8bit", "4bit"):
+            raise ProbekitError(f"--quantize {quantize!r}: choose 8bit or 4bit")
+        if limit is not None and limit < 1:
+            raise ProbekitError(f"--limit {limit}: must be a positive integer")
+        if threads is not None:
+            if threads < 1:
+                raise ProbekitError(f"--threads {threads}: must be a positive integer")
+            import torch
+
+            torch.set_num_threads(threads)
+        if dtype == "auto":
+            import torch
+
+            on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) or device_map is not None
+            dtype = "float16" if on_gpu else "float32"
+        items = load_dataset(dataset, data_dir=data_dir)
+        target = out or _default_out(model, quantize, bnb_4bit_type, items.name if Path(dataset).suffix == "" else Path(dataset).stem,
+                                     limit, icl, demos_from, measure)
+        common = dict(dtype=dtype, quantize=quantize, bnb_4bit_type=bnb_4bit_type, device=device,
+                      device_map=device_map, limit=limit, progress=not no_progress, batch_size=batch_size)
+        if icl is not None:
+            from probekit.extract.icl import extract_icl
+
+            summary = extract_icl(items, target, model, k=icl, demos_from=demos_from, measure=measure,
+                                  draws=draws, seed=seed, **common)
+        else:
+            from probekit.extract.run import extract
+
+            summary = extract(items, target, model, layers=layers, sites=sites, shard_size=shard_size, **common)
+        console.print(summary.line(), highlight=False, soft_wrap=True)

@@ -1,0 +1,83 @@
+"""Prompt templates of the paper's code (PROTOCOL §2), zero-shot and k-shot.
+
+Two templates are used:
+
+``"0040"`` (ARC, MMLU, multiple choice from a file)::
+
+    Question: {q} \\nA) {c0}\\nB) {c1}\\nC) {c2}\\nD) {c3}\\nAnswer:
+
+Note the space before the first ``\\n``. Choices are lettered A), B), ... up to the number of
+answers. The reference code strips the trailing space after ``Answer:`` for models named "llama";
+probekit always renders the prompt without it and lets the tokenizer supply the space before the
+answer (see :func:`probekit.extract.tokens.answer_text`): a SentencePiece tokenizer adds it with
+its dummy prefix, a byte-level BPE tokenizer (GPT-2 style, e.g. SmolLM2) gets ``" " + choice``.
+Either way the answer word is tokenised as a word that follows a space, which is what the
+paper's Llama runs saw.
+
+``"0306"`` (StrategyQA)::
+
+    Q: {q}\\nA:
+
+k-shot (``render_kshot``): each demonstration is rendered with the gold answer *text* and an extra
+space before the label line (``... \\nAnswer: {gold}`` for "0040", ``Q: {q} \\nA: {gold}`` for
+"0306"); demonstrations are joined by ``\\n\\n`` and ``\\n\\n`` precedes the test item.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Sequence
+
+from probekit.errors import ProbekitError
+
+TEMPLATES = ("0040", "0306")
+LETTERS = string.ascii_uppercase
+
+#: Human-readable template text recorded in cache manifests.
+TEMPLATE_TEXT = {
+    "0040": "Question: {question} \\nA) {choice_0}\\nB) {choice_1}\\n...\\nAnswer:",
+    "0306": "Q: {question}\\nA:",
+}
+
+
+def _check_template(template: str) -> None:
+    if template not in TEMPLATES:
+        raise ProbekitError(f"unknown prompt template {template!r}; known: {', '.join(TEMPLATES)}")
+
+
+def _choices_block(choices: Sequence[str]) -> str:
+    if len(choices) > len(LETTERS):
+        raise ProbekitError(f"{len(choices)} answer choices; at most {len(LETTERS)} can be lettered")
+    return "".join(f"\n{LETTERS[i]}) {c}" for i, c in enumerate(choices))
+
+
+def render_prompt(question: str, choices: Sequence[str] = (), template: str = "0040") -> str:
+    """The zero-shot test prompt (no trailing space); the answer is appended as a continuation."""
+    _check_template(template)
+    if template == "0040":
+        if len(choices) == 0:
+            raise ProbekitError("template 0040 needs answer choices")
+        return f"Question: {question} {_choices_block(choices)}\nAnswer:"
+    return f"Q: {question}\nA:"
+
+
+def render_example(question: str, choices: Sequence[str], answer: str, template: str = "0040") -> str:
+    """One k-shot demonstration with its gold answer text (note the space before the label line)."""
+    _check_template(template)
+    if template == "0040":
+        return f"Question: {question} {_choices_block(choices)} \nAnswer: {answer}"
+    return f"Q: {question} \nA: {answer}"
+
+
+def render_kshot(
+    examples: Sequence[tuple[str, Sequence[str], str]],
+    question: str,
+    choices: Sequence[str] = (),
+    template: str = "0040",
+) -> str:
+    """k demonstrations ``(question, choices, gold answer text)`` joined by blank lines, then the test prompt."""
+    test = render_prompt(question, choices, template)
+    if not examples:
+        return test
+    demos = "\n\n".join(render_example(q, c, a, template) for q, c, a in examples)
+    return demos + "\n\n" + test

@@ -1,0 +1,420 @@
+"""Hidden-state capture and choice scoring with a shared prompt (PROTOCOL §3, §5).
+
+For every item the prompt runs once and its choices are scored as continuations of it. Each item
+becomes ONE packed row: ``prompt + choice_0 + choice_1 + ...`` with a 4-D attention mask in which
+the prompt is causal, each choice attends to the whole prompt and causally to itself (never to
+another choice), and the position ids of every choice continue from the end of the prompt. Rows
+are right-padded and several items run in one forward. This is the same computation as running
+``prompt + choice_j`` separately for every j (``capture_naive``, the reference), with the prompt's
+work done once instead of once per choice.
+
+An optional :class:`Prefix` (the k-shot demonstrations of an ICL draw) is run once; its key/value
+cache is reused by every batch that continues it.
+
+Per item and requested layer of the ``hidden_states`` tuple (0 = embedding output, L = last,
+after the final norm) the capture returns:
+
+* ``answer_end``: the hidden state at the last token of prompt+choice, for every choice;
+* ``question_end``: the hidden state at the last prompt token;
+* per choice, the summed log-prob of its tokens given the prompt, and its token count.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from probekit.errors import ProbekitError
+from probekit.extract.tokens import Encoded
+
+SITES = ("answer_end", "question_end")
+
+
+def resolve_layers(layers: str | int | Sequence[int], n_layers: int) -> list[int]:
+    """Indices into the ``hidden_states`` tuple (length ``n_layers + 1``).
+
+    ``"all"`` -> 0..L; ``"middle_and_last"`` -> [ceil((L+1)/2), L] (PROTOCOL §3); ``"last"``; a
+    list such as ``[0, 5, 17]`` or the string ``"0,5,17"``. Negative indices count from the end.
+    """
+    L = int(n_layers)
+    if isinstance(layers, str):
+        text = layers.strip()
+        if text == "all":
+            return list(range(L + 1))
+        if text == "middle_and_last":
+            return [math.ceil((L + 1) / 2), L]
+        if text == "middle":
+            return [math.ceil((L + 1) / 2)]
+        if text == "last":
+            return [L]
+        try:
+            layers = [int(p) for p in text.split(",") if p.strip()]
+        except ValueError:
+            raise ProbekitError(
+                f"layers={text!r}: expected all, middle_and_last, middle, last or comma-separated integers"
+            ) from None
+    elif isinstance(layers, (int, np.integer)):
+        layers = [int(layers)]
+    out: list[int] = []
+    for v in layers:
+        v = int(v)
+        idx = v + L + 1 if v < 0 else v
+        if not 0 <= idx <= L:
+            raise ProbekitError(f"layer {v} is out of range: this model has hidden_states indices 0..{L}")
+        if idx not in out:
+            out.append(idx)
+    if not out:
+        raise ProbekitError("layers: no layer requested")
+    return out
+
+
+def resolve_sites(sites: str | Sequence[str]) -> list[str]:
+    if isinstance(sites, str):
+        sites = [s.strip() for s in sites.split(",") if s.strip()]
+    out = []
+    for s in sites:
+        if s not in SITES:
+            raise ProbekitError(f"unknown site {s!r}; known sites: {', '.join(SITES)}")
+        if s not in out:
+            out.append(s)
+    return out
+
+
+@dataclass
+class Captured:
+    """What one batch yields (numpy, on the CPU)."""
+
+    answer_end: np.ndarray | None  # (n_layers, b, C, d)
+    question_end: np.ndarray | None  # (n_layers, b, d)
+    choice_sum: np.ndarray  # (b, C) float32, -inf for padded choices
+    choice_tokens: np.ndarray  # (b, C) int32, 0 for padded choices
+    n_tokens: int  # tokens run through the model (padding excluded)
+
+
+@dataclass
+class Prefix:
+    """A token prefix shared by every row (k-shot demonstrations), run once; its KV cache is reused."""
+
+    ids: list[int]
+    cache: Any
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _parts(lm):
+    model = lm.model
+    impl = str(getattr(model.config, "_attn_implementation", "") or "")
+    if impl.startswith("flash"):
+        raise ProbekitError(
+            f"attention implementation {impl!r} ignores the packed 4-D attention mask; load the model with sdpa or eager"
+        )
+    base = getattr(model, model.base_model_prefix, None) if getattr(model, "base_model_prefix", "") else None
+    if base is None:
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    head = model.get_output_embeddings()
+    return base, head
+
+
+def _compute_dtype(lm):
+    import torch
+
+    w = lm.model.get_input_embeddings().weight
+    return w.dtype if w.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def _hidden_request(layers: list[int] | None):
+    if not layers:
+        return False
+    try:
+        from transformers.utils import output_capturing
+
+        if hasattr(output_capturing, "selected_hidden_states"):
+            return list(layers)  # only these entries of the tuple are kept
+    except ImportError:
+        pass
+    return True
+
+
+def _logprobs_at(lm, head, hidden, targets):
+    """log p(target) from final hidden states (N, d) -> (N,) float32 on the CPU."""
+    import torch
+
+    logits = head(hidden).float()
+    cfg = lm.model.config
+    scale = getattr(cfg, "logit_scale", None)
+    if isinstance(scale, (int, float)) and scale not in (0, 1):
+        logits = logits * scale
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    lp = torch.log_softmax(logits, dim=-1)
+    return lp.gather(1, targets.to(lp.device)[:, None])[:, 0].cpu()
+
+
+def _no_grad(fn):
+    """Run ``fn`` under ``torch.inference_mode`` (no autograd bookkeeping, nothing global changed)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import torch
+
+        with torch.inference_mode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_grad
+def compute_prefix(lm, ids: Sequence[int]) -> Prefix:
+    """Run a shared prefix once (batch of one) and keep its key/value cache."""
+    import torch
+
+    base, _ = _parts(lm)
+    ids_t = torch.tensor([list(ids)], dtype=torch.long, device=lm.device)
+    out = base(input_ids=ids_t, use_cache=True)
+    return Prefix(ids=list(ids), cache=out.past_key_values)
+
+
+def _expanded_cache(prefix: Prefix, b: int):
+    cache = copy.deepcopy(prefix.cache)
+    if b > 1:
+        cache.batch_repeat_interleave(b)
+    return cache
+
+
+def pack_batch(batch: Sequence[Encoded], pad_id: int, offset: int = 0):
+    """Packed rows ``prompt + choice_0 + ...``: ids, position ids, segment ids (-1 pad, 0 prompt, j+1 choice j), choice starts."""
+    b = len(batch)
+    width = max(e.n_tokens_shared for e in batch)
+    ids = np.full((b, width), pad_id, dtype=np.int64)
+    pos = np.zeros((b, width), dtype=np.int64)
+    seg = np.full((b, width), -1, dtype=np.int64)
+    starts: list[list[int]] = []
+    for i, e in enumerate(batch):
+        p = len(e.prompt)
+        ids[i, :p] = e.prompt
+        pos[i, :p] = offset + np.arange(p)
+        seg[i, :p] = 0
+        o, row = p, []
+        for j, c in enumerate(e.choices):
+            t = len(c)
+            ids[i, o:o + t] = c
+            pos[i, o:o + t] = offset + p + np.arange(t)
+            seg[i, o:o + t] = j + 1
+            row.append(o)
+            o += t
+        pos[i, o:] = pos[i, o - 1] if o > 0 else 0
+        starts.append(row)
+    return ids, pos, seg, starts
+
+
+def packed_mask(seg, prefix_len: int, dtype):
+    """Additive 4-D mask (b, 1, S, prefix_len + S): prompt causal, each choice sees the prompt and itself."""
+    import torch
+
+    seg_t = torch.as_tensor(seg)
+    b, s = seg_t.shape
+    q, k = seg_t[:, :, None], seg_t[:, None, :]
+    causal = torch.ones(s, s, dtype=torch.bool).tril()[None]
+    allowed = causal & (k >= 0) & ((k == 0) | (k == q))
+    eye = torch.eye(s, dtype=torch.bool)[None].expand(b, s, s)
+    allowed = torch.where(q < 0, eye, allowed)  # padding rows see only themselves (no all-masked row)
+    if prefix_len:
+        allowed = torch.cat([torch.ones(b, s, prefix_len, dtype=torch.bool), allowed], dim=2)
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def _targets(batch: Sequence[Encoded], p_end: Sequence[int], starts):
+    """Flat (row, predictor position, target id, item, choice) for every choice token."""
+    rows, poss, tgts, owner_i, owner_j = [], [], [], [], []
+    for i, e in enumerate(batch):
+        for j, c in enumerate(e.choices):
+            s0 = starts[i][j]
+            for t, tok in enumerate(c):
+                rows.append(i)
+                poss.append(p_end[i] if t == 0 else s0 + t - 1)
+                tgts.append(tok)
+                owner_i.append(i)
+                owner_j.append(j)
+    return rows, poss, tgts, owner_i, owner_j
+
+
+def _scores(lm, head, last, rows, poss, tgts, oi, oj, b, max_choices, batch):
+    import torch
+
+    choice_sum = np.full((b, max_choices), -np.inf, dtype=np.float32)
+    choice_tokens = np.zeros((b, max_choices), dtype=np.int32)
+    if rows:
+        h = last[torch.as_tensor(rows, device=last.device), torch.as_tensor(poss, device=last.device)]
+        lp = _logprobs_at(lm, head, h, torch.as_tensor(tgts)).numpy().astype(np.float64)
+        sums = np.zeros((b, max_choices), dtype=np.float64)
+        np.add.at(sums, (np.asarray(oi), np.asarray(oj)), lp)
+        for i, e in enumerate(batch):
+            n = len(e.choices)
+            choice_sum[i, :n] = sums[i, :n]
+            choice_tokens[i, :n] = [len(c) for c in e.choices]
+    return choice_sum, choice_tokens
+
+
+def _check_fits(batch: Sequence[Encoded], max_choices: int) -> None:
+    for e in batch:
+        if len(e.choices) > max_choices:
+            raise ProbekitError(f"item {e.item_id!r} has {len(e.choices)} choices, more than max_choices={max_choices}")
+
+
+@_no_grad
+def capture_batch(
+    lm,
+    batch: Sequence[Encoded],
+    layers: Sequence[int],
+    sites: Sequence[str],
+    max_choices: int,
+    prefix: Prefix | None = None,
+) -> Captured:
+    """Prefix-shared capture of a batch of items (one packed forward)."""
+    import torch
+
+    _check_fits(batch, max_choices)
+    base, head = _parts(lm)
+    layers = list(layers) if sites else []
+    plen = len(prefix) if prefix is not None else 0
+    ids, pos, seg, starts = pack_batch(batch, lm.extras.get("pad_id", 0), offset=plen)
+    dev = lm.device
+    mask = packed_mask(seg, plen, _compute_dtype(lm)).to(dev)
+    kwargs: dict[str, Any] = {}
+    if prefix is not None:
+        kwargs["past_key_values"] = _expanded_cache(prefix, len(batch))
+        kwargs["use_cache"] = True
+    else:
+        kwargs["use_cache"] = False
+    out = base(
+        input_ids=torch.as_tensor(ids, device=dev),
+        attention_mask=mask,
+        position_ids=torch.as_tensor(pos, device=dev),
+        output_hidden_states=_hidden_request(layers),
+        **kwargs,
+    )
+    b = len(batch)
+    p_end = [len(e.prompt) - 1 for e in batch]
+    result = _gather_hidden(out, layers, sites, batch, p_end, starts, max_choices, lm.hidden_size)
+    rows, poss, tgts, oi, oj = _targets(batch, p_end, starts)
+    choice_sum, choice_tokens = _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, b, max_choices, batch)
+    return Captured(result[0], result[1], choice_sum, choice_tokens, int(sum(e.n_tokens_shared for e in batch)))
+
+
+def _gather_hidden(out, layers, sites, batch, p_end, starts, max_choices, d):
+    import torch
+
+    b = len(batch)
+    ae = qe = None
+    if not layers:
+        return ae, qe
+    hs = out.hidden_states
+    if "answer_end" in sites:
+        ae = np.zeros((len(layers), b, max_choices, d), dtype=np.float32)
+        ri, pi, ii, jj = [], [], [], []
+        for i, e in enumerate(batch):
+            for j, c in enumerate(e.choices):
+                ri.append(i)
+                pi.append(starts[i][j] + len(c) - 1)
+                ii.append(i)
+                jj.append(j)
+        for li, layer in enumerate(layers):
+            h = hs[layer]
+            vals = h[torch.as_tensor(ri, device=h.device), torch.as_tensor(pi, device=h.device)].float().cpu().numpy()
+            ae[li, ii, jj] = vals
+    if "question_end" in sites:
+        qe = np.zeros((len(layers), b, d), dtype=np.float32)
+        rows = torch.arange(b)
+        cols = torch.as_tensor(p_end)
+        for li, layer in enumerate(layers):
+            h = hs[layer]
+            qe[li] = h[rows.to(h.device), cols.to(h.device)].float().cpu().numpy()
+    return ae, qe
+
+
+@_no_grad
+def capture_naive(
+    lm, batch: Sequence[Encoded], layers: Sequence[int], sites: Sequence[str], max_choices: int
+) -> Captured:
+    """Reference path: every (item, choice) runs as its own left-padded sequence ``prompt + choice``."""
+    import torch
+
+    _check_fits(batch, max_choices)
+    base, head = _parts(lm)
+    layers = list(layers) if sites else []
+    seqs, owners = [], []
+    for i, e in enumerate(batch):
+        for j, c in enumerate(e.choices):
+            seqs.append(e.prompt + c)
+            owners.append((i, j))
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    pad = lm.extras.get("pad_id", 0)
+    ids = np.full((n, width), pad, dtype=np.int64)
+    att = np.zeros((n, width), dtype=np.int64)
+    pos = np.zeros((n, width), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = s
+        att[r, width - len(s):] = 1
+        pos[r, width - len(s):] = np.arange(len(s))
+    dev = lm.device
+    out = base(
+        input_ids=torch.as_tensor(ids, device=dev),
+        attention_mask=torch.as_tensor(att, device=dev),
+        position_ids=torch.as_tensor(pos, device=dev),
+        output_hidden_states=_hidden_request(layers),
+        use_cache=False,
+    )
+    b, d = len(batch), lm.hidden_size
+    ae = np.zeros((len(layers), b, max_choices, d), dtype=np.float32) if "answer_end" in sites and layers else None
+    qe = np.zeros((len(layers), b, d), dtype=np.float32) if "question_end" in sites and layers else None
+    for li, layer in enumerate(layers):
+        h = out.hidden_states[layer].float().cpu().numpy()
+        for r, (i, j) in enumerate(owners):
+            if ae is not None:
+                ae[li, i, j] = h[r, -1]
+            if qe is not None and j == 0:
+                qe[li, i] = h[r, width - 1 - len(batch[i].choices[j])]
+    rows, poss, tgts, oi, oj = [], [], [], [], []
+    for r, (i, j) in enumerate(owners):
+        t_len = len(batch[i].choices[j])
+        for t, tok in enumerate(batch[i].choices[j]):
+            rows.append(r)
+            poss.append(width - t_len - 1 + t)
+            tgts.append(tok)
+            oi.append(i)
+            oj.append(j)
+    choice_sum, choice_tokens = _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, b, max_choices, batch)
+    return Captured(ae, qe, choice_sum, choice_tokens, int(sum(e.n_tokens_naive for e in batch)))
+
+
+@_no_grad
+def bare_forward(lm, batch: Sequence[Encoded], scores: bool = True) -> int:
+    """The packed forward with no hidden states kept and nothing written: the floor capture is measured against.
+
+    With ``scores`` the choice log-probs are computed too (the logits a plain causal-LM forward
+    gives, at the positions that score choices); without, only the transformer body runs.
+    """
+    import torch
+
+    base, head = _parts(lm)
+    ids, pos, seg, starts = pack_batch(batch, lm.extras.get("pad_id", 0))
+    dev = lm.device
+    mask = packed_mask(seg, 0, _compute_dtype(lm)).to(dev)
+    out = base(input_ids=torch.as_tensor(ids, device=dev), attention_mask=mask,
+               position_ids=torch.as_tensor(pos, device=dev), use_cache=False)
+    if scores:
+        p_end = [len(e.prompt) - 1 for e in batch]
+        rows, poss, tgts, oi, oj = _targets(batch, p_end, starts)
+        _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, len(batch),
+                max(len(e.choices) for e in batch), batch)
+    return int(sum(e.n_tokens_shared for e in batch))

@@ -1,0 +1,316 @@
+"""In-context-learning scores (PROTOCOL §1.7, §2, §5): k-shot choice log-probs per draw.
+
+For each draw b, ``k`` demonstrations are drawn from the probe items of one difficulty level
+(``probekit.data.draws.train_draw`` with key ``"icl/{measure}/{level}"``); every probe item is then
+scored under the k-shot prompt (demonstrations with their gold answer text, then the test item).
+All items of a draw share the demonstrations, so the longest token prefix common to every k-shot
+prompt of the draw runs once and its key/value cache is reused for every batch.
+
+Output directory::
+
+    DIR/icl.json        manifest: model, dataset, prompt, "icl" block (k, demos_from, measure,
+                        seed, draws, per draw: demo ids, rows, k used, shared prefix length),
+                        n_items, complete
+    DIR/draw-NNN.h5     per draw: items/id, logprob/choice_sum (n, C) float32 (-inf padded
+                        choices, NaN for the draw's demonstrations), logprob/choice_tokens (n, C)
+
+Each draw file is written to a temporary name and renamed, then recorded in the manifest; a rerun
+skips recorded draws. :func:`load_icl` returns ``choice_sum`` with a leading draw axis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from probekit.data.prompts import TEMPLATE_TEXT, render_kshot
+from probekit.errors import ProbekitError
+from probekit.extract.capture import Prefix, capture_batch, compute_prefix
+from probekit.extract.models import LoadedModel, ModelSpec
+from probekit.extract.progress import progress_bar
+from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model
+from probekit.extract.tokens import Encoded, TokenRules, answer_text, encode_prompt
+
+FORMAT = "probekit-icl/1"
+MANIFEST = "icl.json"
+
+
+def draw_name(b: int) -> str:
+    return f"draw-{b:03d}.h5"
+
+
+@dataclass
+class DrawPlan:
+    """One draw: demonstration rows and every item's k-shot token ids."""
+
+    draw: int
+    demo_rows: np.ndarray
+    k_used: int
+    encoded: list[Encoded]  # full k-shot prompt ids per scored row
+    prefix_ids: list[int]
+
+
+def level_pool(items, measure: str, level: str) -> np.ndarray:
+    """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of PROTOCOL §1.6)."""
+    from probekit.data.levels import LEVELS, cut_levels, cutoff_for
+
+    if measure not in items.measures:
+        raise ProbekitError(f"measure {measure!r} is not a difficulty measure of {items.name} ({', '.join(items.measures)})")
+    if level not in LEVELS:
+        raise ProbekitError(f"level {level!r} is not one of {', '.join(LEVELS)}")
+    table = items.table.reset_index(drop=True)
+    probe = np.flatnonzero((table["pool"] == "probe").to_numpy())
+    codes = cut_levels(table[measure].to_numpy(np.float64)[probe], cutoff_for(items.name, measure))
+    return probe[codes == LEVELS.index(level)]
+
+
+def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        m = 0
+        while m < n and s[m] == first[m]:
+            m += 1
+        n = m
+    return n
+
+
+def plan_draw(lm: LoadedModel, items, rows: np.ndarray, demo_rows: np.ndarray, draw: int,
+              rules: TokenRules, max_seq_len: int) -> DrawPlan:
+    """Tokenise every row's k-shot prompt (jointly, as the reference does) and find the shared prefix.
+
+    If a prompt plus its longest choice exceeds ``max_seq_len`` tokens, demonstrations are dropped
+    from the end for the whole draw (the reference drops them per prompt).
+    """
+    table = items.table.reset_index(drop=True)
+    template = items.prompt_template
+    demos = [(str(table.at[r, "question"]), [str(c) for c in table.at[r, "choices"]],
+              str(table.at[r, "choices"][int(table.at[r, "label"])])) for r in demo_rows]
+    k = len(demos)
+    while True:
+        encoded = []
+        for r in rows:
+            choices = [str(c) for c in table.at[r, "choices"]]
+            text = render_kshot(demos[:k], str(table.at[r, "question"]), choices, template)
+            p = encode_prompt(lm.tokenizer, text, rules)
+            cs = [list(lm.tokenizer(answer_text(c, rules), add_special_tokens=False)["input_ids"]) for c in choices]
+            if any(not c for c in cs):
+                raise ProbekitError(f"item {table.at[r, 'id']!r}: a choice encodes to no tokens")
+            encoded.append(Encoded(prompt=p, choices=cs, item_id=str(table.at[r, "id"])))
+        longest = max(len(e.prompt) + max(len(c) for c in e.choices) for e in encoded)
+        if longest <= max_seq_len or k == 0:
+            break
+        k -= 1
+    if longest > max_seq_len:
+        raise ProbekitError(f"a zero-shot prompt is {longest} tokens, longer than max_seq_len={max_seq_len}")
+    m = _common_prefix([e.prompt for e in encoded])
+    m = min(m, min(len(e.prompt) for e in encoded) - 1)  # every row keeps at least its last prompt token
+    return DrawPlan(draw=draw, demo_rows=np.asarray(demo_rows), k_used=k, encoded=encoded,
+                    prefix_ids=encoded[0].prompt[:m] if m > 0 else [])
+
+
+def score_plan(lm: LoadedModel, plan: DrawPlan, max_choices: int, batch_size: int, bar=None) -> tuple[np.ndarray, np.ndarray]:
+    """Choice log-prob sums (n, C) of every row of a plan, the shared prefix run once."""
+    m = len(plan.prefix_ids)
+    prefix: Prefix | None = compute_prefix(lm, plan.prefix_ids) if m else None
+    rest = [Encoded(prompt=e.prompt[m:], choices=e.choices, item_id=e.item_id) for e in plan.encoded]
+    n = len(rest)
+    csum = np.full((n, max_choices), -np.inf, dtype=np.float32)
+    ctok = np.zeros((n, max_choices), dtype=np.int32)
+    for idx in length_batches(rest, batch_size):
+        cap = capture_batch(lm, [rest[i] for i in idx], [], [], max_choices, prefix=prefix)
+        csum[idx] = cap.choice_sum
+        ctok[idx] = cap.choice_tokens
+        if bar is not None:
+            bar.advance(len(idx), cap.n_tokens)
+    return csum, ctok
+
+
+def _read_manifest(out: Path) -> dict | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise ProbekitError(f"{path} is not valid JSON") from None
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    tmp = out / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
+    os.replace(tmp, out / MANIFEST)
+
+
+def _update_manifest(out: Path, fn) -> dict:
+    import fcntl
+
+    with open(out / ".icl.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        manifest = fn(_read_manifest(out))
+        _write_manifest(out, manifest)
+        return manifest
+
+
+def _write_draw(out: Path, b: int, ids: Sequence[str], csum: np.ndarray, ctok: np.ndarray) -> None:
+    import h5py
+
+    final = out / draw_name(b)
+    tmp = out / f".{draw_name(b)}.tmp"
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("items/id", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
+        f.create_dataset("logprob/choice_sum", data=csum.astype(np.float32))
+        f.create_dataset("logprob/choice_tokens", data=ctok.astype(np.int32))
+        f.attrs["draw"] = b
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+@dataclass
+class IclSummary:
+    out_dir: Path
+    draws_written: list[int]
+    n_items: int
+    items_run: int
+    tokens: int
+    seconds: float
+    complete: bool
+
+    def line(self) -> str:
+        return (f"ICL: {len(self.draws_written)} draws written, {self.items_run} item scorings, {self.tokens:,} tokens "
+                f"in {self.seconds:.1f} s; {self.out_dir} ({self.n_items} items, "
+                f"{'complete' if self.complete else 'incomplete'})")
+
+
+def extract_icl(
+    items,
+    out_dir: str | os.PathLike,
+    model: str | ModelSpec | LoadedModel | None = None,
+    *,
+    k: int = 10,
+    demos_from: str = "easy",
+    measure: str = "grade",
+    draws: int = 5,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_seq_len: int = 2048,
+    min_test: int = 50,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    bnb_4bit_type: str = "nf4",
+    compute_dtype: str | None = None,
+    device: str = "cpu",
+    device_map: Any = None,
+    limit: int | None = None,
+    cache_root: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> IclSummary:
+    """Score every probe item under ``k``-shot prompts, for ``draws`` draws of demonstrations.
+
+    Draw ``b`` takes its demonstrations from the ``demos_from`` level of ``measure``; the level must
+    hold at least ``k + min_test`` probe items (the protocol's check, 50). Under
+    ``RANK``/``WORLD_SIZE`` draws are split across ranks (``b % world_size == rank``).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ProbekitError(f"icl k must be a positive integer, got {k!r}")
+    if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
+        raise ProbekitError(f"draws must be a positive integer, got {draws!r}")
+    items = limit_items(items, limit)
+    if len(items) == 0:
+        raise ProbekitError(f"dataset {items.name!r} has no items: nothing to score")
+    pool = level_pool(items, measure, demos_from)
+    table = items.table.reset_index(drop=True)
+    rows = np.flatnonzero((table["pool"] == "probe").to_numpy())
+    from probekit.data.draws import train_draw
+
+    demo_sets = [train_draw(pool, k, seed=seed, draw=b, key=f"icl/{measure}/{demos_from}", min_test=min_test)
+                 for b in range(draws)]
+    rank, world, local = dist_env()
+    lm = prepare_model(model, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
+                       bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype, cache_root=cache_root,
+                       local_rank=local, world_size=world)
+    rules: TokenRules = lm.extras["rules"]
+    max_choices = int(items.max_choices)
+    out = Path(out_dir)
+    header = {
+        "format": FORMAT,
+        "model": lm.identity,
+        "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(table)},
+        "prompt": {"template": items.prompt_template, "text": TEMPLATE_TEXT.get(items.prompt_template, ""),
+                   "tokenization": rules.describe()},
+        "icl": {"k": k, "demos_from": demos_from, "measure": measure, "seed": seed, "draws": draws,
+                "key": f"icl/{measure}/{demos_from}", "max_seq_len": max_seq_len},
+        "n_items": int(len(rows)),
+        "max_choices": max_choices,
+    }
+
+    def merge(m):
+        if m is None:
+            return {**header, "draw_info": {}, "complete": False}
+        for key in ("format", "model", "dataset", "prompt", "icl", "n_items"):
+            if m.get(key) != header[key]:
+                raise ProbekitError(f"{out} holds ICL scores with another {key}; choose another --out")
+        return m
+
+    existing = _read_manifest(out) if out.is_dir() else None
+    manifest = merge(existing)  # refuses another configuration before anything is written
+    done = {int(b) for b, info in manifest["draw_info"].items() if (out / info["file"]).is_file()}
+    todo = [b for b in range(draws) if b % world == rank and b not in done]
+    ids = table["id"].astype(str).to_numpy()[rows]
+    t0 = time.perf_counter()
+    tokens = items_run = 0
+    written = []
+    with progress_bar(len(todo) * len(rows), f"icl k={k} {demos_from} {measure}", enabled=progress and bool(todo)) as bar:
+        for b in todo:
+            plan = plan_draw(lm, items, rows, demo_sets[b], b, rules, max_seq_len)
+            csum, ctok = score_plan(lm, plan, max_choices, batch_size, bar)
+            is_demo = np.isin(rows, plan.demo_rows[: plan.k_used])
+            csum[is_demo] = np.nan
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ProbekitError(f"cannot create {out} ({exc.strerror})") from None
+            _write_draw(out, b, ids, csum, ctok)
+            info = {"file": draw_name(b), "demo_rows": [int(r) for r in plan.demo_rows[: plan.k_used]],
+                    "demo_ids": [str(table.at[int(r), "id"]) for r in plan.demo_rows[: plan.k_used]],
+                    "k_used": plan.k_used, "shared_prefix_tokens": len(plan.prefix_ids)}
+
+            def record(m, b=b, info=info):
+                m = merge(m)
+                draw_info = {**m["draw_info"], str(b): info}
+                return {**m, "draw_info": draw_info, "complete": len(draw_info) == draws}
+
+            _update_manifest(out, record)
+            written.append(b)
+            items_run += len(rows)
+            tokens += len(plan.prefix_ids) + sum(e.n_tokens_shared - len(plan.prefix_ids) for e in plan.encoded)
+    final = _read_manifest(out) or {}
+    return IclSummary(out_dir=out, draws_written=written, n_items=len(rows), items_run=items_run, tokens=tokens,
+                      seconds=time.perf_counter() - t0, complete=bool(final.get("complete")))
+
+
+def load_icl(path: str | os.PathLike) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
+    """(manifest, item ids, choice_sum (draws, n, C), choice_tokens (n, C)) of a complete ICL directory."""
+    import h5py
+
+    out = Path(path)
+    manifest = _read_manifest(out)
+    if manifest is None or manifest.get("format") != FORMAT:
+        raise ProbekitError(f"{out} is not an ICL score directory (no {MANIFEST})")
+    if not manifest.get("complete"):
+        raise ProbekitError(f"{out}: ICL scores are incomplete ({len(manifest['draw_info'])} of {manifest['icl']['draws']} draws); rerun the command")
+    sums, ids, toks = [], None, None
+    for b in range(manifest["icl"]["draws"]):
+        with h5py.File(out / manifest["draw_info"][str(b)]["file"], "r") as f:
+            sums.append(f["logprob/choice_sum"][...])
+            if ids is None:
+                ids = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in f["items/id"][...]])
+                toks = f["logprob/choice_tokens"][...]
+    return manifest, ids, np.stack(sums), toks

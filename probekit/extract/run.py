@@ -1,0 +1,263 @@
+"""The extraction pipeline: items -> model -> prefix-shared capture -> HDF5 shard cache.
+
+``extract`` tokenises every item with its set's prompt template (PROTOCOL §2), runs the model once
+per batch of items with the prompt shared by all choices (:mod:`probekit.extract.capture`), and
+writes hidden states (float16), choice log-probs and item metadata through
+:class:`probekit.store.CacheWriter` one shard at a time. A rerun skips the shards already written
+and verified, so an interrupted run is finished by running it again.
+
+Under ``torchrun``/``accelerate`` (``RANK``/``WORLD_SIZE`` in the environment) rank r writes the
+shards k with ``k % world_size == r`` into the same cache directory; the manifest turns complete
+when the last shard of any rank lands.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from probekit.data.prompts import TEMPLATE_TEXT, render_prompt
+from probekit.errors import ProbekitError
+from probekit.extract.capture import capture_batch, resolve_layers, resolve_sites
+from probekit.extract.models import LoadedModel, ModelSpec, load_model
+from probekit.extract.progress import progress_bar
+from probekit.extract.tokens import Encoded, TokenRules, encode_item, token_rules
+
+
+@dataclass
+class ExtractSummary:
+    out_dir: Path
+    n_items: int  # items in the cache
+    items_run: int  # items this process ran through the model
+    tokens: int  # tokens this process ran
+    seconds: float
+    shards_written: list[int]
+    bytes_on_disk: int
+    complete: bool
+    rank: int = 0
+    world_size: int = 1
+
+    def line(self) -> str:
+        rate = self.items_run / self.seconds if self.seconds > 0 else 0.0
+        done = "complete" if self.complete else "incomplete (other ranks still writing)"
+        return (
+            f"{self.items_run} items, {self.tokens:,} tokens in {self.seconds:.1f} s ({rate:.1f} items/s); "
+            f"{len(self.shards_written)} shards written; cache {self.out_dir} "
+            f"{self.bytes_on_disk / 2**20:.1f} MiB, {self.n_items} items, {done}"
+        )
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun/accelerate environment variables (0, 1, 0 if unset)."""
+    def _int(name: str, default: int) -> int:
+        raw = os.environ.get(name)
+        if raw in (None, ""):
+            return default
+        try:
+            return int(raw)
+        except ValueError:
+            raise ProbekitError(f"environment variable {name}={raw!r} is not an integer") from None
+
+    world = _int("WORLD_SIZE", 1)
+    rank = _int("RANK", 0)
+    local = _int("LOCAL_RANK", rank)
+    if world < 1 or not 0 <= rank < world:
+        raise ProbekitError(f"RANK={rank} is not in 0..{world - 1} (WORLD_SIZE={world})")
+    return rank, world, local
+
+
+def limit_items(items, limit: int | None):
+    """The first ``limit`` items of a set (a new ItemSet, its own fingerprint)."""
+    if limit is None:
+        return items
+    if limit < 1:
+        raise ProbekitError(f"limit must be a positive integer, got {limit}")
+    return dataclasses.replace(items, table=items.table.iloc[:limit].reset_index(drop=True))
+
+
+def encode_rows(lm: LoadedModel, table, template: str, rules: TokenRules) -> list[Encoded]:
+    out = []
+    for row in table[["id", "question", "choices"]].itertuples(index=False):
+        choices = [str(c) for c in row.choices]
+        out.append(encode_item(lm.tokenizer, render_prompt(str(row.question), choices, template), choices, rules, str(row.id)))
+    return out
+
+
+def length_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
+    """Row indices grouped into batches of similar packed length (less padding)."""
+    order = sorted(range(len(encoded)), key=lambda i: (encoded[i].n_tokens_shared, i))
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.glob("*") if p.is_file())
+
+
+def prepare_model(model: Any, *, dtype: str, quantize: str | None, device: str, device_map: Any,
+                  bnb_4bit_type: str, compute_dtype: str | None, cache_root: Any, local_rank: int,
+                  world_size: int) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        lm = model
+    else:
+        if isinstance(model, ModelSpec):
+            spec = model
+        else:
+            if world_size > 1 and device in ("cuda", "auto") and device_map is None:
+                import torch
+
+                if torch.cuda.is_available():
+                    device = f"cuda:{local_rank % torch.cuda.device_count()}"
+            spec = ModelSpec(model=model, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
+                             bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype, cache_root=cache_root)
+        lm = load_model(spec)
+    if "pad_id" not in lm.extras:
+        lm.extras["rules"] = token_rules(lm.tokenizer)
+        lm.extras["pad_id"] = lm.extras["rules"].pad_id
+    return lm
+
+
+def extract(
+    items,
+    out_dir: str | os.PathLike,
+    model: str | ModelSpec | LoadedModel | None = None,
+    *,
+    layers: str | Sequence[int] = "middle_and_last",
+    sites: str | Sequence[str] = ("answer_end", "question_end"),
+    batch_size: int = 8,
+    shard_size: int = 256,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    bnb_4bit_type: str = "nf4",
+    compute_dtype: str | None = None,
+    device: str = "cpu",
+    device_map: Any = None,
+    store_dtype: str = "float16",
+    limit: int | None = None,
+    cache_root: str | os.PathLike | None = None,
+    progress: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
+    barrier: bool = True,
+) -> ExtractSummary:
+    """Run ``items`` through a model and write (or finish) the hidden-state cache ``out_dir``.
+
+    ``model``: hub id, folder, ``.gguf`` file, :class:`ModelSpec`, an already loaded
+    :class:`LoadedModel`, or None for the offline SmolLM2 default. ``layers``: ``"all"``,
+    ``"middle_and_last"`` or indices into ``hidden_states``. ``sites``: ``answer_end`` and/or
+    ``question_end``. Rank and world size default to the ``RANK``/``WORLD_SIZE`` environment.
+    """
+    from probekit.store import CacheWriter
+
+    sites = resolve_sites(sites)
+    if not sites:
+        raise ProbekitError("sites: at least one of answer_end, question_end is needed")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ProbekitError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise ProbekitError(f"shard_size must be a positive integer, got {shard_size!r}")
+    items = limit_items(items, limit)
+    if len(items) == 0:
+        raise ProbekitError(f"dataset {getattr(items, 'name', '?')!r} has no items: nothing to extract")
+    env_rank, env_world, local_rank = dist_env()
+    rank = env_rank if rank is None else int(rank)
+    world_size = env_world if world_size is None else int(world_size)
+    if not 0 <= rank < world_size:
+        raise ProbekitError(f"rank {rank} is not in 0..{world_size - 1}")
+    if isinstance(layers, str) and layers not in ("all", "middle_and_last", "middle", "last"):
+        resolve_layers(layers, 10**6)  # syntax check before the model loads
+    out_dir = Path(out_dir)
+    template = items.prompt_template
+    render_prompt("q", ["a", "b"], template)  # unknown template -> error before loading
+
+    lm = prepare_model(model, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
+                       bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype, cache_root=cache_root,
+                       local_rank=local_rank, world_size=world_size)
+    layer_idx = resolve_layers(layers, lm.n_layers)
+    rules: TokenRules = lm.extras["rules"]
+    table = items.table.reset_index(drop=True)
+    measures = list(items.measures)
+    max_choices = int(items.max_choices)
+    header = {
+        "model": lm.identity,
+        "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(table),
+                    "origin": getattr(items, "origin", "")},
+        "prompt": {"template": template, "text": TEMPLATE_TEXT.get(template, template), "k_shot": 0,
+                   "tokenization": rules.describe()},
+        "capture": {"prefix_shared": True},
+    }
+    writer = CacheWriter(out_dir, header, n_items=len(table), shard_size=shard_size, layers=layer_idx,
+                         sites=sites, hidden_size=lm.hidden_size, max_choices=max_choices, measures=measures,
+                         dtype=store_dtype, rank=rank, world_size=world_size)
+    t0 = time.perf_counter()
+    written: list[int] = []
+    items_run = tokens_run = 0
+    with writer:
+        pending = writer.pending_shards()
+        total = sum(writer.shard_range(k)[1] - writer.shard_range(k)[0] for k in pending)
+        desc = "extract" if world_size == 1 else f"extract rank {rank}/{world_size}"
+        with progress_bar(total, desc, enabled=progress and total > 0) as bar:
+            for k in pending:
+                lo, hi = writer.shard_range(k)
+                rows = table.iloc[lo:hi]
+                encoded = encode_rows(lm, rows, template, rules)
+                n = hi - lo
+                buf = {
+                    s: np.zeros((len(layer_idx), n, max_choices, lm.hidden_size) if s == "answer_end"
+                                else (len(layer_idx), n, lm.hidden_size), dtype=store_dtype)
+                    for s in sites
+                }
+                csum = np.full((n, max_choices), -np.inf, dtype=np.float32)
+                ctok = np.zeros((n, max_choices), dtype=np.int32)
+                for idx in length_batches(encoded, batch_size):
+                    cap = capture_batch(lm, [encoded[i] for i in idx], layer_idx, sites, max_choices)
+                    if cap.answer_end is not None:
+                        buf["answer_end"][:, idx] = cap.answer_end
+                    if cap.question_end is not None:
+                        buf["question_end"][:, idx] = cap.question_end
+                    csum[idx] = cap.choice_sum
+                    ctok[idx] = cap.choice_tokens
+                    bar.advance(len(idx), cap.n_tokens)
+                    tokens_run += cap.n_tokens
+                with writer.open_shard(k) as sw:
+                    sw.write_items(
+                        0, ids=rows["id"].astype(str).tolist(), labels=rows["label"].to_numpy(np.int64),
+                        n_choices=rows["choices"].map(len).to_numpy(np.int64),
+                        pool=rows["pool"].astype(str).tolist(), source=rows["source"].astype(str).tolist(),
+                        difficulty={m: rows[m].to_numpy(np.float64) for m in measures},
+                    )
+                    for s in sites:
+                        sw.write_hidden(0, s, buf[s])
+                    sw.write_logprobs(0, choice_sum=csum, choice_tokens=ctok)
+                written.append(k)
+                items_run += n
+                del buf
+    if world_size > 1 and barrier:
+        _barrier(rank, world_size)
+    seconds = time.perf_counter() - t0
+    return ExtractSummary(out_dir=out_dir, n_items=len(table), items_run=items_run, tokens=tokens_run,
+                          seconds=seconds, shards_written=written, bytes_on_disk=_dir_bytes(out_dir),
+                          complete=writer.complete, rank=rank, world_size=world_size)
+
+
+def _barrier(rank: int, world_size: int) -> None:
+    """Wait for every rank (gloo, CPU) when a torchrun/accelerate rendezvous is configured."""
+    if not os.environ.get("MASTER_ADDR"):
+        return
+    import datetime
+
+    import torch.distributed as dist
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(hours=2))
+    try:
+        dist.barrier()
+    finally:
+        if own:
+            dist.destroy_process_group()
