@@ -42,7 +42,7 @@ def extract_cmd(
     bnb_4bit_type: str = typer.Option("nf4", "--bnb-4bit-type", help="4-bit quantization type: nf4 | fp4."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs."),
-    layers: str = typer.Option("middle_and_last", "--layers", help="all | middle_and_last | comma-separated hidden_states indices (0 = embeddings)."),
+    layers: str = typer.Option("all", "--layers", help="all | middle_and_last | comma-separated hidden_states indices (0 = embeddings, L = last)."),
     sites: str = typer.Option("answer_end,question_end", "--sites", help="Token positions: answer_end, question_end."),
     batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (all choices of an item share one row)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Items per HDF5 shard (the unit of resuming)."),

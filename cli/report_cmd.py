@@ -9,6 +9,7 @@ import typer
 from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
 )
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -30,11 +31,11 @@ def report(
     results_dir: Path = typer.Argument(..., help="Sweep results directory (holds results.parquet and sweep.json)."),
     out: Path = typer.Option(..., "--out", "-o", help="Report directory to write (created if missing)."),
     boot: int = typer.Option(10_000, "--boot", help="Bootstrap resamples per accuracy and paired difference."),
-    boot_sgr: int = typer.Option(100_000, "--boot-sgr", help="Bootstrap resamples per SGR."),
+    boot_sgr: int = typer.Option(100_000, "--boot-sgr", help="Bootstrap resamples for the headline SGR (other layers' SGR use --boot)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every bootstrap."),
     site: Optional[str] = typer.Option(None, "--site", help="Headline site (default: answer_end when present)."),
     layer: Optional[str] = typer.Option(None, "--layer", help='Headline layer or layer set, e.g. "30" or "15+30" '
-                                                              "(default: the last single layer)."),
+                                                              "(default: the middle+last concatenation, else the last single layer)."),
     solver: Optional[str] = typer.Option(None, "--solver", help="Headline solver (default: paper when present)."),
 ) -> None:
     """Accuracies with bootstrap CIs, SGR with CIs and p-values, tables and plots.
@@ -70,17 +71,20 @@ def _print_headline(summary: dict) -> None:
         console.print(f"No population experiment in the results (have: {', '.join(summary['results']['experiments'])}).")
         return
     levels = level_order({lv for r in rows for lv in r["accuracy"]} - {"zero_shot"})
-    table = Table(title=f"Hard-test accuracy (%) by training data; site {head['site']}, layer {head['layer']}, "
-                        f"solver {head['solver']}")
-    table.add_column("measure", style="bold", no_wrap=True, min_width=max(len(r["measure"]) for r in rows))
-    table.add_column("zero-shot", justify="right")
+    # Compact enough for an 80-column terminal: bootstrap means only; report.md has the error bars.
+    table = Table(title=f"Hard-test accuracy (%) by training level (site {head['site']}, layer {head['layer']}, "
+                        f"solver {head['solver']})", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("measure", style="bold", no_wrap=True)
+    table.add_column("0-shot", justify="right", no_wrap=True)
     for lv in levels:
-        table.add_column(lv, justify="right")
-    table.add_column("SGR [95% CI]", justify="right")
-    table.add_column("p", justify="right")
+        table.add_column(lv, justify="right", no_wrap=True)
+    table.add_column("SGR", justify="right", no_wrap=True)
+    table.add_column("95% CI", justify="right", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
     for r in rows:
         acc, sgr = r["accuracy"], fmt_test(r["sgr"])
         sgr, _, p = sgr.partition(" p=")
-        cells = [fmt_acc(acc.get(lv)) for lv in ("zero_shot", *levels)]
-        table.add_row(r["measure"], *cells, sgr, p)
+        sgr, _, interval = sgr.partition(" ")
+        cells = [fmt_acc(acc.get(lv), error_bar=False) for lv in ("zero_shot", *levels)]
+        table.add_row(r["measure"], *cells, sgr, interval, p)
     console.print(table)

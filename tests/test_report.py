@@ -112,7 +112,7 @@ def same(summary_stat: dict, direct) -> bool:
 def full(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
     df = make_results(root / "res")
-    summary = build_report(root / "res", root / "rep", n_boot=N_BOOT, n_boot_sgr=N_BOOT_SGR, seed=SEED)
+    summary = build_report(root / "res", root / "rep", n_boot=N_BOOT, n_boot_sgr=N_BOOT_SGR, seed=SEED, layer="20")
     return df, summary, root / "rep"
 
 
@@ -198,7 +198,8 @@ def test_curves_and_all_to_all_equal_direct_calls(full):
 
 def test_report_is_reproducible(full, tmp_path):
     _, summary, rep = full
-    again = build_report(rep.parent / "res", tmp_path / "rep", n_boot=N_BOOT, n_boot_sgr=N_BOOT_SGR, seed=SEED)
+    again = build_report(rep.parent / "res", tmp_path / "rep", n_boot=N_BOOT, n_boot_sgr=N_BOOT_SGR, seed=SEED,
+                         layer="20")
     assert again["population"] == summary["population"]
 
 
@@ -214,6 +215,14 @@ def test_only_population(tmp_path):
     assert not {"all_to_all.csv", "learning_curves.png", "label_noise.png"} & names
     assert summary["all_to_all"] == [] and summary["learning_curve"] == []
     assert summary["settings"]["headline"]["layer"] == "10+20"
+
+
+def test_default_headline_is_middle_and_last_with_full_sgr_resamples(tmp_path):
+    make_results(tmp_path / "res", experiments=("population",), n_items=90, draws=2)
+    summary = build_report(tmp_path / "res", tmp_path / "rep", n_boot=50, n_boot_sgr=300)
+    assert summary["settings"]["headline"]["layer"] == "10+20"
+    resamples = {(r["measure"], r["layer"]): r["sgr"]["n_resamples"] for r in summary["population"] if r["sgr"]}
+    assert resamples and all(n == (300 if layer == "10+20" else 50) for (_, layer), n in resamples.items())
 
 
 def test_without_population(tmp_path):

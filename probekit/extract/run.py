@@ -127,7 +127,7 @@ def extract(
     out_dir: str | os.PathLike,
     model: str | ModelSpec | LoadedModel | None = None,
     *,
-    layers: str | Sequence[int] = "middle_and_last",
+    layers: str | Sequence[int] = "all",
     sites: str | Sequence[str] = ("answer_end", "question_end"),
     batch_size: int = 8,
     shard_size: int = 256,

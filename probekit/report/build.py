@@ -68,9 +68,10 @@ def build_report(
     """Build the report of a sweep's results directory and return the summary.
 
     ``n_boot`` resamples go into each accuracy interval and paired difference, ``n_boot_sgr``
-    into each SGR; every bootstrap uses ``seed``. ``site``, ``layer`` (e.g. "30" or "15+30") and
-    ``solver`` pick the headline head; by default the last single layer at ``answer_end`` with
-    the ``paper`` solver (see :func:`probekit.report.tables.choose_headline`). Every layer is
+    into the headline head's SGR (other heads' SGR get ``n_boot``); every bootstrap uses ``seed``.
+    ``site``, ``layer`` (e.g. "30" or "15+30") and ``solver`` pick the headline head; by default
+    the middle+last concatenation (else the last single layer) at ``answer_end`` with the
+    ``paper`` solver (see :func:`probekit.report.tables.choose_headline`). Every layer is
     reported in ``population.csv``. ``progress(done, total, what)`` is called after each unit of
     work. Bad or incomplete results raise :class:`ProbekitError` before anything is written.
     """
@@ -85,7 +86,7 @@ def build_report(
     experiments = sorted(table["experiment"].unique())
 
     tick = _Ticker(progress, _count_tasks(table))
-    population = population_table(table, n_boot, n_boot_sgr, seed, tick)
+    population = population_table(table, n_boot, n_boot_sgr, seed, tick, headline)
     all_to_all = all_to_all_table(table, n_boot, seed, tick)
     curves = {exp: curve_table(table, exp, spec[0], n_boot, seed, tick) for exp, spec in CURVES.items()}
     transfer = transfer_table(table, headline) if headline else pd.DataFrame()

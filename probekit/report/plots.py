@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from probekit.report.tables import ZERO_SHOT, Headline, layer_key, level_order
+from probekit.report.tables import ZERO_SHOT, Headline, fmt_p, layer_key, level_order
 
 COLORS = {"zero_shot": "#555555", "easy": "#009E73", "medium": "#0072B2", "hard": "#D55E00", "all": "#CC79A7"}
 EXTRA_COLORS = ["#E69F00", "#56B4E9", "#3E3938", "#999999"]
@@ -58,24 +58,38 @@ def plot_layer_curves(records: list[dict], headline: Headline, path: Path) -> Pa
     fig, axes = _figure(len(measures))
     for ax, measure in zip(axes, measures):
         rm = sorted((r for r in recs if r["measure"] == measure), key=lambda r: layer_key(r["layer"]))
-        layers = [r["layer"] for r in rm]
-        x = np.arange(len(layers))
+        # single layers form the curve at their own index; layer sets ("16+30") stand to its right
+        singles = [r for r in rm if "+" not in r["layer"]]
+        sets = [r for r in rm if "+" in r["layer"]]
+        x_single = np.array([int(r["layer"]) for r in singles], dtype=float)
+        right = (x_single.max() if len(x_single) else -1) + 2
+        x_sets = right + np.arange(len(sets), dtype=float)
         levels = level_order({lv for r in rm for lv in r["accuracy"]} - {ZERO_SHOT})
         for i, level in enumerate(levels):
-            stats = [r["accuracy"].get(level) for r in rm]
-            y = np.array([_percent(s, "point") for s in stats])
-            lo = np.array([_percent(s, "lo") for s in stats])
-            hi = np.array([_percent(s, "hi") for s in stats])
             c = _color(level, i)
-            ax.plot(x, y, marker="o", ms=3, color=c, label=f"{LABELS.get(level, level)} → hard")
-            ax.fill_between(x, lo, hi, color=c, alpha=0.18, linewidth=0)
+            label = f"{LABELS.get(level, level)} → hard"
+            for group, x, curve in ((singles, x_single, True), (sets, x_sets, False)):
+                if not group:
+                    continue
+                stats = [r["accuracy"].get(level) for r in group]
+                y = np.array([_percent(s, "point") for s in stats])
+                lo = np.array([_percent(s, "lo") for s in stats])
+                hi = np.array([_percent(s, "hi") for s in stats])
+                if curve:
+                    ax.plot(x, y, marker="o", ms=3, color=c, label=label)
+                    ax.fill_between(x, lo, hi, color=c, alpha=0.18, linewidth=0)
+                else:
+                    ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="D", ms=4, color=c, capsize=3,
+                                label=None if singles else label)
         zero = next((r["accuracy"][ZERO_SHOT] for r in rm if ZERO_SHOT in r["accuracy"]), None)
         if zero:
             ax.axhline(100 * zero["point"], color=COLORS[ZERO_SHOT], ls="--", lw=1.2, label="zero-shot")
-        step = max(1, len(layers) // 12)
-        ax.set_xticks(x[::step], layers[::step], rotation=45 if any("+" in lv for lv in layers) else 0)
+        step = max(1, len(singles) // 12)
+        ticks = list(x_single[::step]) + list(x_sets)
+        names = [r["layer"] for r in singles][::step] + [r["layer"] for r in sets]
+        ax.set_xticks(ticks, names, rotation=45 if sets else 0)
         ax.set_title(f"{measure}")
-        ax.set_xlabel("layer")
+        ax.set_xlabel("layer (hidden_states index)")
         ax.set_ylabel("hard-test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
@@ -100,10 +114,13 @@ def plot_sgr(records: list[dict], headline: Headline, path: Path) -> Path | None
     ax.axhline(1.0, color=COLORS["hard"], ls="--", lw=1.2, label="1 = as good as hard training")
     ax.axhline(0.0, color=COLORS[ZERO_SHOT], ls=":", lw=1.2, label="0 = zero-shot")
     for xi, p, r in zip(x, point, recs):
-        ax.annotate(f"{p:.2f}\np={r['sgr']['p_value']:.3f}", (xi, p), textcoords="offset points",
+        ax.annotate(f"{p:.2f} [{r['sgr']['lo']:.2f}, {r['sgr']['hi']:.2f}]\np={fmt_p(r['sgr']['p_value'])}",
+                    (xi, p), textcoords="offset points",
                     xytext=(8, -4), fontsize=7)
     ax.set_xticks(x, [r["measure"] for r in recs], rotation=15, ha="right")
     ax.set_xlim(-0.6, len(recs) - 0.4)
+    # keep the axis readable when one measure's interval is huge (its numbers are printed)
+    ax.set_ylim(max(-1.5, min(-0.2, lo.min() - 0.1)), min(3.0, max(1.5, hi.max() + 0.1)))
     ax.set_xlabel("difficulty measure")
     ax.set_ylabel("SGR")
     ax.set_title(f"Supervision gap recovered = (easy − zero-shot) / (hard − zero-shot)\n"

@@ -157,9 +157,10 @@ def choose_headline(table: pd.DataFrame, site: str | None = None, layer: str | N
                     solver: str | None = None) -> Headline | None:
     """Pick the headline site, layer and solver among the trained heads.
 
-    Defaults: site ``answer_end`` when present (else the first), the last single layer (the
-    highest index; a layer set only when there are no single layers), solver ``paper`` when
-    present (else the first). A requested value that the results lack is an error.
+    Defaults: site ``answer_end`` when present (else the first); the protocol's middle+last
+    concatenation (a two-layer set such as "16+30") when present, else the last single layer;
+    solver ``paper`` when present (else the first). A requested value that the results lack is
+    an error.
     """
     trained = table[table["train_level"] != ZERO_SHOT]
     if trained.empty:
@@ -168,8 +169,9 @@ def choose_headline(table: pd.DataFrame, site: str | None = None, layer: str | N
     trained = trained[trained["site"] == site]
     layers = sorted(trained["layer"].unique(), key=layer_key)
     if layer is None:
+        pairs = [lv for lv in layers if lv.count("+") == 1]
         singles = [lv for lv in layers if layer_key(lv)[0] == 0]
-        layer = (singles or layers)[-1]
+        layer = (pairs or singles or layers)[-1]
     layer = _pick(trained["layer"], layer, None, "layer")
     solver = _pick(trained[trained["layer"] == layer]["solver"], solver, "paper", "solver")
     return Headline(site, layer, solver)
@@ -237,10 +239,14 @@ def population_table(
     n_boot_sgr: int = 100_000,
     seed: int = 0,
     progress: Progress | None = None,
+    headline: "Headline | None" = None,
 ) -> list[dict]:
     """Hard-test accuracies, SGR and paired differences per measure, site, layer and solver.
 
     Uses the ``population`` experiment's trained heads and the zero-shot rows of each measure.
+    The SGR of the ``headline`` head gets ``n_boot_sgr`` resamples; when a headline is given,
+    every other head's SGR gets ``n_boot`` (the per-layer curves need intervals, not 1e-5
+    p-value resolution), which keeps a 30-layer report to about a minute.
     When a training level holds several ``n_train`` values, the largest is used. A measure
     without hard-test rows is an error. Entries that cannot be computed (a level that was not
     run, no zero-shot rows) are None.
@@ -255,7 +261,8 @@ def population_table(
         zero = zero[zero["test_level"] == HARD]
         zero_frame = item_draw_frame(zero, f"{measure}/zero_shot") if len(zero) else None
         for key, group in _groups(pm, ["site", "layer", "solver"]):
-            records.append(_population_record(measure, key, group, zero_frame, n_boot, n_boot_sgr, seed))
+            n_sgr = n_boot_sgr if headline is None or key == (headline.site, headline.layer, headline.solver) else n_boot
+            records.append(_population_record(measure, key, group, zero_frame, n_boot, n_sgr, seed))
             if progress:
                 progress(f"population {measure} {key[0]} layer {key[1] or '-'}")
     return records
@@ -421,11 +428,12 @@ def _finite(v) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def fmt_acc(stat: dict | None) -> str:
-    """``78.3 ± 1.2`` (percent, bootstrap mean ± error bar), or ``–`` when missing."""
+def fmt_acc(stat: dict | None, error_bar: bool = True) -> str:
+    """``78.3 ± 1.2`` (percent, bootstrap mean ± error bar; ``78.3`` without), or ``–`` when missing."""
     if not stat or not _finite(stat["mean"]):
         return "–"
-    return f"{100 * stat['mean']:.1f} ± {100 * stat['error_bar']:.1f}"
+    mean = f"{100 * stat['mean']:.1f}"
+    return f"{mean} ± {100 * stat['error_bar']:.1f}" if error_bar else mean
 
 
 def fmt_test(stat: dict | None, percent: bool = False) -> str:
@@ -433,7 +441,12 @@ def fmt_test(stat: dict | None, percent: bool = False) -> str:
     if not stat or not _finite(stat["point"]) or not _finite(stat["lo"]):
         return "–"
     k, d = (100, 1) if percent else (1, 2)
-    return f"{k * stat['point']:.{d}f} [{k * stat['lo']:.{d}f}, {k * stat['hi']:.{d}f}] p={stat['p_value']:.3f}"
+    return f"{k * stat['point']:.{d}f} [{k * stat['lo']:.{d}f}, {k * stat['hi']:.{d}f}] p={fmt_p(stat['p_value'])}"
+
+
+def fmt_p(p: float) -> str:
+    """A p-value to three decimals, ``<0.001`` below that."""
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def headline_frame(records: list[dict], headline: Headline | None) -> pd.DataFrame:
