@@ -16,7 +16,7 @@ from rich.text import Text
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
 from probekit.report import build_report
-from probekit.report.tables import fmt_acc, fmt_test, level_order
+from probekit.report.tables import fmt_acc, fmt_p, fmt_test, level_order
 
 
 class _RateColumn(ProgressColumn):
@@ -80,11 +80,13 @@ def _print_headline(summary: dict) -> None:
         table.add_column(lv, justify="right", no_wrap=True)
     table.add_column("SGR", justify="right", no_wrap=True)
     table.add_column("95% CI", justify="right", no_wrap=True)
-    table.add_column("p", justify="right", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True, min_width=6)
     for r in rows:
-        acc, sgr = r["accuracy"], fmt_test(r["sgr"])
-        sgr, _, p = sgr.partition(" p=")
-        sgr, _, interval = sgr.partition(" ")
-        cells = [fmt_acc(acc.get(lv), error_bar=False) for lv in ("zero_shot", *levels)]
-        table.add_row(r["measure"], *cells, sgr, interval, p)
+        cells = [fmt_acc(r["accuracy"].get(lv), error_bar=False) for lv in ("zero_shot", *levels)]
+        sgr = r["sgr"]
+        if fmt_test(sgr) == "–":
+            table.add_row(r["measure"], *cells, "–", "", "")
+        else:
+            table.add_row(r["measure"], *cells, f"{sgr['point']:.2f}", f"[{sgr['lo']:.2f}, {sgr['hi']:.2f}]",
+                          fmt_p(sgr["p_value"]))
     console.print(table)

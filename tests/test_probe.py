@@ -16,7 +16,7 @@ from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 
 from probekit.errors import ProbekitError
-from probekit.probe.engine import ProbeConfig, fit_and_score, head_key, head_seed
+from probekit.probe.engine import ProbeConfig, fit_and_score, fit_and_score_many, head_key, head_seed
 from probekit.probe.kernel import init_weights
 
 C = 5
@@ -165,6 +165,35 @@ def test_converged_mc_matches_scipy(pad):
         opt = minimize(loss, np.zeros(X.shape[-1]), jac=True, method="L-BFGS-B",
                        options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 20000})
         assert abs(res.loss[h] - opt.fun) / opt.fun <= 1e-4
+
+
+@pytest.mark.parametrize("head", ["mc", "multinomial"])
+def test_host_and_device_paths_agree(head):
+    """The host path (numpy BLAS rows and Gram, one jitted solve per head, both solvers sharing the
+    Gram) gives the fits of the vmapped, jitted path used on accelerators."""
+    if head == "mc":
+        Xs, n_choices, gold, rng = make_problem(seed=13, N=160, D=40, layers=2)
+    else:
+        rng = np.random.default_rng(13)
+        n_choices = rng.choice([4, 5], size=160)
+        gold = rng.integers(0, n_choices)
+        Xs = [(rng.normal(size=(160, 36)) + 0.8 * np.eye(36)[gold * 3] + 2.0).astype(np.float32)]
+    rows = np.stack([rng.choice(len(gold), 50, replace=False) for _ in range(3)])
+    seeds = np.array([head_seed(2, f"h{h}") for h in range(3)])
+    for pad in (["mask", "zero"] if head == "mc" else ["mask"]):
+        cfgs = [ProbeConfig(head=head, solver=s, pad=pad, tol=1e-6) for s in ("paper", "converged")]
+        shared = fit_and_score_many(Xs, n_choices, gold, rows, gold[rows], seeds, cfgs, host=True)
+        for cfg, both in zip(cfgs, shared):
+            dev = fit_and_score(Xs, n_choices, gold, rows, gold[rows], seeds, cfg, host=False)
+            one = fit_and_score(Xs, n_choices, gold, rows, gold[rows], seeds, cfg, host=True)
+            np.testing.assert_array_equal(both.p_gold, one.p_gold)
+            np.testing.assert_allclose(one.p_gold, dev.p_gold, atol=1e-5)
+            np.testing.assert_allclose(one.loss, dev.loss, rtol=1e-4)
+            assert one.converged.all() and dev.converged.all()
+            assert one.correct[one.p_gold > 0.5].all()  # a choice with most of the mass is the argmax
+    with pytest.raises(ProbekitError, match="share head and pad"):
+        fit_and_score_many(Xs, n_choices, gold, rows, gold[rows], seeds,
+                           [ProbeConfig(head=head, pad="mask"), ProbeConfig(head=head, pad="zero")])
 
 
 def test_config_validation():

@@ -7,12 +7,12 @@
   (:class:`ProbeConfig` picks the head, solver and padding).
 """
 
-from probekit.probe.engine import HeadResults, ProbeConfig, fit_and_score, head_seed
+from probekit.probe.engine import HeadResults, ProbeConfig, fit_and_score, fit_and_score_many, head_seed
 from probekit.probe.hardness import MDL_SIZES, hardness
 from probekit.probe.plan import EXPERIMENTS, Head, item_frame, parse_layers, plan
 from probekit.probe.sweep import RESULTS, SCHEMA, SWEEP_JSON, sweep
 
 __all__ = [
     "EXPERIMENTS", "MDL_SIZES", "RESULTS", "SCHEMA", "SWEEP_JSON", "Head", "HeadResults", "ProbeConfig",
-    "fit_and_score", "hardness", "head_seed", "item_frame", "parse_layers", "plan", "sweep",
+    "fit_and_score", "fit_and_score_many", "hardness", "head_seed", "item_frame", "parse_layers", "plan", "sweep",
 ]

@@ -1,17 +1,25 @@
-"""Fit many linear heads on one feature set in one jitted, head-sharded computation, and score them.
+"""Fit many linear heads on one feature set and score them.
 
 :func:`fit_and_score` takes the layer matrices of one feature set (one layer, or several to
 concatenate) and a batch of heads, each given by its training item rows and (possibly noisy)
-labels, and returns every head's probability of the gold answer and correctness on every item.
-Heads are processed in fixed-size chunks (so the gathered training rows stay a fraction of a
-layer); each chunk is sharded over ``jax.devices()`` along the head axis, the layer matrices are
-replicated. Per head the work is one Gram GEMM, a solver in coefficient space and one GEMM
-that scores all items, see :mod:`probekit.probe.kernel`.
+labels, and returns every head's probability of the gold answer and correctness on every item
+(:func:`fit_and_score_many`: several configurations of the same heads, e.g. both solvers, sharing
+each head's Gram matrix). Per head the work is one Gram GEMM over its normalised training rows, a
+solver in coefficient space and one GEMM that scores all items, see :mod:`probekit.probe.kernel`.
+
+Two execution paths give the same numbers. On CPU devices (the host path) the D-wide work (rows,
+Gram, weight recovery, scoring) runs in numpy BLAS, single-threaded, in one thread per core, a
+head at a time per thread, and only the m x m solver is jitted; the layer is held once, as
+float32 numpy. On accelerators heads are processed in fixed-size chunks, each one jitted, vmapped
+computation sharded over ``jax.devices()`` along the head axis, the layer matrices replicated.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -19,13 +27,19 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.linalg  # noqa: F401 - loads the LAPACK that jax's CPU kernels call, so BLAS thread limits reach it
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from threadpoolctl import threadpool_limits
 
 from probekit.errors import ProbekitError
 from probekit.probe import solvers
 from probekit.probe.kernel import (
     PAD_MODES,
     Kernel,
+    LayerRows,
+    Scratch,
+    host_item_rows,
+    host_mc_rows,
     init_weights,
     item_rows,
     log_softmax,
@@ -88,6 +102,20 @@ def head_key(seed: int) -> jax.Array:
 
 
 # ----- one head, pure ------------------------------------------------------------------------------
+def _solve(kern: Kernel, cfg: ProbeConfig) -> solvers.Fit:
+    """The configured solver on one head's kernel."""
+    if cfg.solver == "paper":
+        return solvers.paper(kern, l2=cfg.l2, lr=cfg.lr, steps=cfg.steps, max_grad_norm=cfg.max_grad_norm)
+    kern = kern._replace(b0=None if kern.b0 is None else jnp.zeros_like(kern.b0))
+    return solvers.converged(kern, l2=1.0 / (cfg.C * kern.y.shape[0]), tol=cfg.tol, max_newton=cfg.max_newton)
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _solve_kernel(K, u, w0w0, grid, mask, y, b0, *, cfg: ProbeConfig) -> solvers.Fit:
+    """:func:`_solve` on a kernel computed on the host (one head)."""
+    return _solve(Kernel(K, u, w0w0, grid if cfg.head == "mc" else None, mask, y, b0), cfg)
+
+
 def _fit_one(Xs, rows, labels, hseed, flat, ref, valid, grid, mask, *, cfg: ProbeConfig):
     """Fit one head on the feature set ``Xs``; returns per-layer folded weights, offset, fit stats.
 
@@ -106,11 +134,7 @@ def _fit_one(Xs, rows, labels, hseed, flat, ref, valid, grid, mask, *, cfg: Prob
     K = sum(p.Z @ p.Z.T for p in parts)
     u = sum(p.Z @ w for p, w in zip(parts, w0s))
     kern = Kernel(K, u, jnp.vdot(w0, w0), grid if cfg.head == "mc" else None, mask, labels, b0)
-    if cfg.solver == "paper":
-        fit = solvers.paper(kern, l2=cfg.l2, lr=cfg.lr, steps=cfg.steps, max_grad_norm=cfg.max_grad_norm)
-    else:
-        kern = kern._replace(b0=None if b0 is None else jnp.zeros_like(b0))
-        fit = solvers.converged(kern, l2=1.0 / (cfg.C * n), tol=cfg.tol, max_newton=cfg.max_newton)
+    fit = _solve(kern, cfg)
     folded = []
     offset = jnp.zeros(() if cfg.head == "mc" else (C,), jnp.float32)
     for p, w0l in zip(parts, w0s):
@@ -167,11 +191,19 @@ def _mesh(devices: Sequence[jax.Device] | None) -> Mesh:
     return Mesh(np.asarray(list(devices or jax.devices())), ("heads",))
 
 
-def put_layer(X: np.ndarray | jax.Array, devices: Sequence[jax.Device] | None = None) -> jax.Array:
-    """A layer matrix replicated on every device (a no-op for one already placed so).
+def on_host(devices: Sequence[jax.Device] | None = None) -> bool:
+    """Whether heads are fitted with host BLAS (every device is a CPU) rather than on accelerators."""
+    return all(d.platform == "cpu" for d in (devices or jax.devices()))
 
-    Hand the result to :func:`fit_and_score` and drop the numpy original, so that one copy of the
+
+def put_layer(X: np.ndarray | jax.Array, devices: Sequence[jax.Device] | None = None) -> np.ndarray | jax.Array:
+    """A layer matrix where :func:`fit_and_score` reads it: float32 numpy when fitting on the host
+    (CPU devices), otherwise replicated on every device (a no-op for one already placed so).
+
+    Hand the result to :func:`fit_and_score` and drop the original, so that one copy of the
     layer is held while heads are fitted."""
+    if on_host(devices):
+        return np.asarray(X, np.float32)
     return jax.device_put(X, NamedSharding(_mesh(devices), PartitionSpec()))
 
 
@@ -181,6 +213,14 @@ def default_chunk(n_rows: int, dim: int, n_devices: int, budget_bytes: int = 128
     per_head = 3 * 4 * n_rows * dim
     h = max(1, budget_bytes // per_head) // n_devices * n_devices
     return int(min(max(h, n_devices), 64))
+
+
+def default_workers() -> int:
+    """Host threads fitting heads concurrently: the CPU cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def fit_and_score(
@@ -194,6 +234,8 @@ def fit_and_score(
     *,
     devices: Sequence[jax.Device] | None = None,
     chunk: int | None = None,
+    workers: int | None = None,
+    host: bool | None = None,
     on_chunk: Callable[[int], None] | None = None,
 ) -> HeadResults:
     """Fit heads on the feature set ``Xs`` and score every item with each.
@@ -202,33 +244,197 @@ def fit_and_score(
     (N, d) for ``"multinomial"``; ``n_choices`` (N,) real choices per item; ``gold`` (N,) the
     labels used for scoring; ``rows`` (H, n) training item rows per head; ``labels`` (H, n)
     training labels (noisy ones for label-noise heads); ``seeds`` (H,) per-head initialisation
-    seeds (:func:`head_seed`). ``on_chunk(h)`` is called after each chunk with its head count.
+    seeds (:func:`head_seed`). ``on_chunk(k)`` is called as fits complete with their count.
+
+    With ``host`` (the default on CPU devices) each head's rows, Gram matrix, weight recovery and
+    scoring use numpy BLAS in ``workers`` threads (default: one per core; BLAS itself runs
+    single-threaded meanwhile), and the solver runs jitted on the head's kernel, heads spread over
+    ``devices`` in turn. Otherwise (the default on accelerators) heads are fitted in chunks of
+    ``chunk`` heads, each one jitted, vmapped computation sharded over ``devices`` along the head
+    axis.
 
     Example:
         >>> res = fit_and_score([X], n_choices, gold, rows, labels, seeds, ProbeConfig(pad="zero"))
         >>> res.p_gold.shape  # (heads, items)
     """
+    return fit_and_score_many(Xs, n_choices, gold, rows, labels, seeds, [cfg], devices=devices, chunk=chunk,
+                              workers=workers, host=host, on_chunk=on_chunk)[0]
+
+
+def fit_and_score_many(
+    Xs: Sequence[np.ndarray],
+    n_choices: np.ndarray,
+    gold: np.ndarray,
+    rows: np.ndarray,
+    labels: np.ndarray,
+    seeds: np.ndarray,
+    cfgs: Sequence[ProbeConfig],
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    chunk: int | None = None,
+    workers: int | None = None,
+    host: bool | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> list[HeadResults]:
+    """:func:`fit_and_score` for several configurations of the same heads (e.g. both solvers), one
+    result per configuration. They must agree on ``head`` and ``pad``; on the host each head's
+    rows and Gram matrix are computed once and shared by every configuration.
+
+    Example:
+        >>> paper, conv = fit_and_score_many([X], n_choices, gold, rows, labels, seeds,
+        ...                                  [ProbeConfig(solver="paper"), ProbeConfig(solver="converged")])
+    """
+    cfgs = list(cfgs)
+    if not cfgs or len({(c.head, c.pad) for c in cfgs}) != 1:
+        raise ProbekitError(f"configurations fitted together must share head and pad, got {cfgs}")
+    cfg = cfgs[0]
     rows = np.asarray(rows, np.int32)
     labels = np.asarray(labels, np.int32)
     seeds = np.asarray(seeds, np.int64)
     H, n = rows.shape
-    N = Xs[0].shape[0]
     C = Xs[0].shape[1] if cfg.head == "mc" else int(np.max(n_choices))
     if labels.shape != rows.shape or seeds.shape != (H,):
         raise ProbekitError(f"rows {rows.shape}, labels {labels.shape} and seeds {seeds.shape} disagree")
     if n < 2:
         raise ProbekitError(f"heads need at least 2 training items, got {n}")
     n_choices = np.asarray(n_choices, np.int32)
-    # host-side per-head layout
+    gold = np.asarray(gold, np.int32)
+    layout = _layout(n_choices, rows, cfg, C)
+    seeds31 = (seeds & 0x7FFFFFFF).astype(np.int32)
+    if on_host(devices) if host is None else host:
+        return _fit_and_score_host(Xs, n_choices, gold, rows, labels, seeds31, layout, cfgs,
+                                   devices=list(devices or jax.devices()), workers=workers or default_workers(),
+                                   on_chunk=on_chunk)
+    return [_fit_and_score_device(Xs, n_choices, gold, rows, labels, seeds31, layout, c,
+                                  devices=devices, chunk=chunk, on_chunk=on_chunk) for c in cfgs]
+
+
+def _layout(n_choices: np.ndarray, rows: np.ndarray, cfg: ProbeConfig, C: int) -> list[np.ndarray]:
+    """Host-side per-head layout: the :class:`Slots` fields stacked over heads."""
     if cfg.head == "mc":
         m = max(mc_rows_needed(n_choices[r], cfg.pad) for r in rows)
         m = -(-m // 8) * 8
         slots = [mc_slots(r, n_choices, C, m, cfg.pad) for r in rows]
-        layout = [np.stack([getattr(s, f) for s in slots]) for f in Slots._fields]
-    else:  # no slots: classes are the item's choice positions, padded classes masked
-        real = np.arange(C)[None, None, :] < n_choices[rows][:, :, None]
-        none = np.zeros((H, 1), np.int32)
-        layout = [none, none, none.astype(np.float32), none[:, :, None], real]
+        return [np.stack([getattr(s, f) for s in slots]) for f in Slots._fields]
+    # no slots: classes are the item's choice positions, padded classes masked
+    real = np.arange(C)[None, None, :] < n_choices[rows][:, :, None]
+    none = np.zeros((len(rows), 1), np.int32)
+    return [none, none, none.astype(np.float32), none[:, :, None], real]
+
+
+# ----- on the host: numpy BLAS for the D-wide work, the solver jitted per head ---------------------
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A long-lived pool of ``workers`` threads (reused across calls, so are their allocator arenas)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="probekit")
+    return _POOLS[workers]
+
+
+_init_jit = jax.jit(lambda seed, dim, n_out: init_weights(head_key(seed), dim, n_out), static_argnums=(1, 2))
+
+
+def _fit_and_score_host(Xs, n_choices, gold, rows, labels, seeds31, layout, cfgs, *, devices, workers, on_chunk):
+    H = rows.shape[0]
+    mc = cfgs[0].head == "mc"
+    Xs = [np.asarray(X, np.float32) for X in Xs]
+    Xrows = [X.reshape(-1, X.shape[-1]) for X in Xs] if mc else Xs  # (N*C, d) slots or (N, d) items
+    dims = [X.shape[-1] for X in Xs]
+    C = layout[4].shape[-1]
+    m = layout[0].shape[1] if mc else rows.shape[1]
+    local = threading.local()  # each worker thread's scratch buffers
+
+    def head(i: int):
+        """Head ``i`` under every configuration: [(folded weights, offset, fit stats)]."""
+        scratch = local.__dict__.setdefault("scratch", Scratch())
+        w0, b0 = jax.device_get(_init_jit(seeds31[i], sum(dims), None if mc else C))
+        w0s = np.split(w0, np.cumsum(dims)[:-1], axis=0)
+        if mc:
+            sl = Slots(*(a[i] for a in layout))
+            parts = [host_mc_rows(Xf, rows[i], sl, cfgs[0].pad, scratch, f"Z{j}") for j, Xf in enumerate(Xrows)]
+            grid, mask = sl.grid, sl.mask
+        else:
+            parts = [host_item_rows(X, rows[i], scratch, f"Z{j}") for j, X in enumerate(Xrows)]
+            grid, mask = layout[3][i], layout[4][i]
+        k = len(parts[0].Z)  # the head's own rows; the kernel's others are zero
+        K = np.zeros((m, m), np.float32)
+        u = np.zeros((m,) + w0.shape[1:], np.float32)
+        for p, w in zip(parts, w0s):
+            K[:k, :k] += p.Z @ p.Z.T
+            u[:k] += p.Z @ w
+        args = jax.device_put((K, u, np.vdot(w0, w0), grid, mask, labels[i], b0), devices[i % len(devices)])
+        out = []
+        for cfg in cfgs:
+            fit = jax.device_get(_solve_kernel(*args, cfg=cfg))
+            folded, offset = _fold(parts, w0s, fit._replace(a=fit.a[:k]), mc)
+            out.append((folded, offset, (fit.loss, fit.converged, fit.grad_norm, fit.steps)))
+        return out
+
+    pool = _pool(workers)
+    with threadpool_limits(limits=1, user_api="blas"):
+        heads = []
+        for r in pool.map(head, range(H)):
+            heads.append(r)
+            if on_chunk is not None:
+                on_chunk(len(cfgs))
+        results = []
+        for j, cfg in enumerate(cfgs):
+            out = [h[j] for h in heads]
+            folded = [np.stack([o[0][l] for o in out]) for l in range(len(Xs))]
+            offsets = np.stack([o[1] for o in out])
+            p_gold, correct = _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool)
+            loss, conv, gnorm, steps = (np.array([o[2][k] for o in out]) for k in range(4))
+            results.append(HeadResults(p_gold, correct, loss, conv, gnorm, steps))
+    return results
+
+
+def _fold(parts: Sequence[LayerRows], w0s: Sequence[np.ndarray], fit: solvers.Fit, mc: bool):
+    """Weights that score raw features, ``score = x . v + offset``: ``v_l = w_l / sigma_l`` with
+    ``w = beta * w0 + Z.T a``, ``offset = -sum_l mu_l . v_l (+ bias)``."""
+    folded = []
+    offset = np.zeros(() if mc else fit.b.shape, np.float32)
+    for p, w0 in zip(parts, w0s):
+        v = fit.beta * w0 + p.Z.T @ fit.a
+        v /= p.sigma if mc else p.sigma[:, None]
+        folded.append(v.astype(np.float32))
+        offset = offset - p.mu @ v
+    if fit.b is not None:
+        offset = offset + fit.b
+    return folded, offset.astype(np.float32)
+
+
+def _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool, block: int = 256):
+    """Every head's p(gold) and correctness on every item, (H, N) each, a block of items per task."""
+    N, H = Xs[0].shape[0], offsets.shape[0]
+    mc = cfg.head == "mc"
+
+    def items(lo: int):
+        hi = min(N, lo + block)
+        if mc:  # (b*C, d) x (d, H) per layer
+            S = sum(X[lo:hi].reshape(-1, X.shape[-1]) @ v.T for X, v in zip(Xs, folded))
+            S = S.T.reshape(H, hi - lo, -1) + offsets[:, None, None]
+        else:  # (b, d) x (d, H*C)
+            S = sum(X[lo:hi] @ np.moveaxis(v, 0, 1).reshape(X.shape[1], -1) for X, v in zip(Xs, folded))
+            S = np.moveaxis(S.reshape(hi - lo, H, -1), 1, 0) + offsets[:, None, :]
+        Cs = S.shape[-1]
+        real = np.arange(Cs)[None, :] < n_choices[lo:hi, None]
+        mask = np.ones_like(real) if (mc and cfg.pad == "zero") else real
+        S = np.where(mask[None], S, -np.inf)
+        top = S.max(-1, keepdims=True)
+        lse = top[..., 0] + np.log(np.exp(S - top).sum(-1))
+        g = gold[lo:hi]
+        s_gold = np.take_along_axis(S, np.broadcast_to(g[None, :, None], (H, hi - lo, 1)), axis=-1)[..., 0]
+        return np.exp(s_gold - lse).astype(np.float32), (S.argmax(-1) == g[None, :]).astype(np.int8)
+
+    parts = list(pool.map(items, range(0, N, block)))
+    return np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1)
+
+
+# ----- on accelerators: one jitted, vmapped computation per chunk of heads --------------------------
+def _fit_and_score_device(Xs, n_choices, gold, rows, labels, seeds31, layout, cfg, *, devices, chunk, on_chunk):
+    H, n = rows.shape
     mesh = _mesh(devices)
     n_dev = mesh.devices.size
     dim = sum(X.shape[-1] for X in Xs)
@@ -238,8 +444,8 @@ def fit_and_score(
     by_head = NamedSharding(mesh, PartitionSpec("heads"))
     Xd = [put_layer(X, devices) for X in Xs]
     nc_d = jax.device_put(n_choices, replicated)
-    gold_d = jax.device_put(np.asarray(gold, np.int32), replicated)
-    per_head = [rows, labels, (seeds & 0x7FFFFFFF).astype(np.int32), *layout]
+    gold_d = jax.device_put(gold, replicated)
+    per_head = [rows, labels, seeds31, *layout]
     score_chunk = max(n_dev, min(-(-H // n_dev) * n_dev, 128 // n_dev * n_dev))
     folded, offsets, stats = [], [], []
     for lo in range(0, H, h_chunk):

@@ -19,7 +19,9 @@ zero row. ``grid`` maps each (item, choice) to its row; ``expand``/``reduce`` mo
 coefficient space and the (items, choices) score grid. The iterates are exactly those of the
 D-dimensional recipe; only per-item constants of the scores, which the softmax ignores, differ.
 
-Everything here is a pure function of arrays for ONE head; the engine vmaps it.
+Everything here is a pure function of arrays for ONE head; the engine vmaps it (accelerators)
+or, on the host, computes the rows with the numpy twins ``host_mc_rows``/``host_item_rows`` and
+the Gram with BLAS.
 """
 
 from __future__ import annotations
@@ -149,6 +151,97 @@ def item_rows(X: jax.Array, rows: jax.Array) -> LayerRows:
     dev = Xg - mu
     sigma = _safe_std((dev * dev).sum(0) / (n - 1))
     return LayerRows(dev / sigma, mu, sigma)
+
+
+class Scratch:
+    """Reusable float32 buffers for the host functions below (one per thread), so that fitting head
+    after head does not churn the allocator. A returned array is valid until the next request of
+    the same name."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, rows: int, d: int) -> np.ndarray:
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != d:
+            buf = self._bufs[name] = np.empty((rows, d), np.float32)
+        return buf[:rows]
+
+
+_BLOCK = 64  # rows per step: a block of gathered rows stays in cache between operations
+
+
+def _take(X: np.ndarray, idx: np.ndarray, scratch: Scratch, name: str) -> np.ndarray:
+    """``X[idx]`` into a scratch buffer (indices are valid: no bounds-check copy)."""
+    return np.take(X, idx, axis=0, out=scratch.get(name, len(idx), X.shape[1]), mode="clip")
+
+
+def host_mc_rows(Xf: np.ndarray, rows: np.ndarray, slots: Slots, pad: str, scratch: Scratch,
+                 name: str = "Z") -> LayerRows:
+    """:func:`mc_rows` on the host in numpy: ``Xf`` is the layer as (items*C, d) float32.
+
+    Returns the head's own rows ``Z`` (k, d) float32 (rows ``k..m-1`` of the kernel are zero;
+    ``Z`` lives in ``scratch`` under ``name``), and ``mu``, ``sigma``. Two passes over the
+    gathered slots, a cache-sized block at a time: statistics, then differences scaled by
+    ``1/sigma``.
+    """
+    C = slots.mask.shape[1]
+    k = int(slots.valid.sum())
+    n = len(rows)
+    flat, ref = slots.flat[:k], slots.ref[:k]
+    if pad == "mask":  # statistics over every real slot: the rows' own plus each item's first choice
+        stat_slots, count = np.concatenate([flat, np.asarray(rows) * C]), k + n
+    else:  # over all n*C slots, padded ones being zero vectors
+        stat_slots, count = flat, n * C
+    mu, ss = _moments(Xf, stat_slots, count, scratch)
+    sigma = _safe_std_np(ss / (count - 1))
+    inv = (1.0 / sigma).astype(np.float32)
+    Z = scratch.get(name, k, Xf.shape[1])
+    for lo in range(0, k, _BLOCK):
+        hi = min(k, lo + _BLOCK)
+        if pad == "mask":
+            np.subtract(_take(Xf, flat[lo:hi], scratch, "a"), _take(Xf, ref[lo:hi], scratch, "b"), out=Z[lo:hi])
+            Z[lo:hi] *= inv
+        else:
+            np.multiply(_take(Xf, flat[lo:hi], scratch, "a"), inv, out=Z[lo:hi])
+    return LayerRows(Z, mu, sigma)
+
+
+def host_item_rows(X: np.ndarray, rows: np.ndarray, scratch: Scratch, name: str = "Z") -> LayerRows:
+    """:func:`item_rows` on the host in numpy: ``X`` (items, d) float32; ``Z`` lives in ``scratch``."""
+    rows = np.asarray(rows)
+    mu, ss = _moments(X, rows, len(rows), scratch)
+    sigma = _safe_std_np(ss / (len(rows) - 1))
+    Z = _take(X, rows, scratch, name)
+    Z -= mu
+    Z *= (1.0 / sigma).astype(np.float32)
+    return LayerRows(Z, mu, sigma)
+
+
+def _moments(X: np.ndarray, idx: np.ndarray, count: int, scratch: Scratch) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sum of squared deviations of the rows ``X[idx]`` (with ``count - len(idx)`` extra
+    zero rows), per column, in one pass: sums are taken about the first row (so no cancellation
+    for features far from zero), in float32 within a block and float64 across blocks."""
+    c = X[idx[0]].astype(np.float64)
+    c32 = c.astype(np.float32)
+    s1 = np.zeros(X.shape[1], np.float64)
+    s2 = np.zeros(X.shape[1], np.float64)
+    for lo in range(0, len(idx), _BLOCK):
+        B = _take(X, idx[lo:lo + _BLOCK], scratch, "a")
+        B -= c32
+        s1 += B.sum(0)
+        s2 += np.einsum("kd,kd->d", B, B)
+    zeros = count - len(idx)  # zero rows sit at -c
+    s1 -= zeros * c
+    s2 += zeros * c * c
+    mean_dev = s1 / count  # mean minus c
+    return (c + mean_dev).astype(np.float32), np.maximum(s2 - count * mean_dev * mean_dev, 0.0)
+
+
+def _safe_std_np(var: np.ndarray) -> np.ndarray:
+    sigma = np.sqrt(var).astype(np.float32)
+    sigma[sigma == 0] = 1.0  # constant features: leave unscaled instead of dividing by 0
+    return sigma
 
 
 class Kernel(NamedTuple):

@@ -1,10 +1,10 @@
 """``sweep``: fit every head of an experiment on every feature set of a cache, write the results table.
 
-Reads one layer at a time (two for a concatenated pair), fits all heads of that feature set in
-batched, head-sharded computations (:mod:`probekit.probe.engine`), and appends one row per
-(head, test item) to ``RES/results.parquet``; ``RES/sweep.json`` records the configuration, the
-cache's manifest hash, counts and timings. Both files are written under temporary names and
-renamed when complete.
+Reads one layer at a time (two for a concatenated pair), fits all heads of that feature set with
+every requested solver (:mod:`probekit.probe.engine`; the solvers share each head's Gram matrix),
+and appends one row per (head, test item) to ``RES/results.parquet``; ``RES/sweep.json`` records
+the configuration, the cache's manifest hash, counts and timings. Both files are written under
+temporary names and renamed when complete.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
-from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, put_layer
+from probekit.probe.engine import ProbeConfig, fit_and_score_many, head_seed, put_layer
 from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, parse_layers, plan
 from probekit.store import Cache
 
@@ -126,7 +126,7 @@ def sweep(
     *,
     experiment: str = "population",
     measures: Sequence[str] | None = None,
-    layers: str | Sequence[int] = "middle_and_last",
+    layers: str | Sequence[int] = "all,middle_and_last",
     site: str = "answer_end",
     solver: str | Sequence[str] = "paper",
     n_train: Sequence[int] = (160,),
@@ -211,17 +211,17 @@ def sweep(
             for fs in sets:
                 label = layer_label(fs)
                 Xs = [put_layer(read_features(cache, site, layer, frame.ids), devices) for layer in fs]
-                for s, cfg in configs.items():
-                    for n, group in groups.items():
-                        t1 = time.perf_counter()
-                        res = fit_and_score(
-                            Xs, frame.n_choices, frame.gold,
-                            np.stack([h.rows for h in group]), np.stack([h.labels for h in group]),
-                            np.array([head_seed(seed, f"{h.name}/{label}") for h in group]), cfg,
-                            devices=devices,
-                            on_chunk=tick(label),
-                        )
-                        fit_seconds += time.perf_counter() - t1
+                for n, group in groups.items():  # every solver on the same heads: rows and Gram shared
+                    t1 = time.perf_counter()
+                    results = fit_and_score_many(
+                        Xs, frame.n_choices, frame.gold,
+                        np.stack([h.rows for h in group]), np.stack([h.labels for h in group]),
+                        np.array([head_seed(seed, f"{h.name}/{label}") for h in group]), list(configs.values()),
+                        devices=devices,
+                        on_chunk=tick(label),
+                    )
+                    fit_seconds += time.perf_counter() - t1
+                    for s, res in zip(configs, results):
                         not_converged += int((~res.converged).sum())
                         for i, h in enumerate(group):
                             test = _test_rows(frame, h)

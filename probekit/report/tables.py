@@ -437,11 +437,12 @@ def fmt_acc(stat: dict | None, error_bar: bool = True) -> str:
 
 
 def fmt_test(stat: dict | None, percent: bool = False) -> str:
-    """``0.92 [0.81, 1.04] p=0.001`` (point, interval, p-value), or ``–`` when undefined."""
+    """``0.92 [0.81, 1.04] p=0.012`` (point, interval, p-value; ``p<0.001``), or ``–`` when undefined."""
     if not stat or not _finite(stat["point"]) or not _finite(stat["lo"]):
         return "–"
     k, d = (100, 1) if percent else (1, 2)
-    return f"{k * stat['point']:.{d}f} [{k * stat['lo']:.{d}f}, {k * stat['hi']:.{d}f}] p={fmt_p(stat['p_value'])}"
+    p = fmt_p(stat["p_value"])
+    return f"{k * stat['point']:.{d}f} [{k * stat['lo']:.{d}f}, {k * stat['hi']:.{d}f}] p{'' if p[0] == '<' else '='}{p}"
 
 
 def fmt_p(p: float) -> str:
