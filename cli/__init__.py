@@ -29,11 +29,11 @@ def main() -> None:  # console entry point
         fail(str(exc))
 
 
-# Command modules (each adds its commands to `app`).
+# Command modules (each adds its commands to `app`), in the order of the workflow.
 from probekit.cli import datasets_cmd  # noqa: E402,F401
-from probekit.cli import info_cmd  # noqa: E402,F401
-from probekit.cli import report_cmd  # noqa: E402,F401
-from probekit.cli import sweep_cmd  # noqa: E402,F401
 from probekit.cli import extract_cmd  # noqa: E402,F401
+from probekit.cli import info_cmd  # noqa: E402,F401
+from probekit.cli import sweep_cmd  # noqa: E402,F401
+from probekit.cli import report_cmd  # noqa: E402,F401
 
 __all__ = ["app", "main"]

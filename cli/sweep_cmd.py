@@ -65,7 +65,7 @@ def sweep_cmd(
     measures: Optional[str] = typer.Option(None, "--measures", "-m",
                                            help="Comma-separated difficulty measures (default: all in the cache; "
                                                 "'mdl' after `probekit hardness`)."),
-    layers: str = typer.Option("middle_and_last", "--layers", "-l",
+    layers: str = typer.Option("all,middle_and_last", "--layers", "-l",
                                help="all | middle_and_last | middle | last | 15,30 (15+30 concatenates)."),
     site: str = typer.Option("answer_end", "--site", help="answer_end (multiple-choice head) | question_end "
                                                           "(multinomial head)."),

@@ -361,7 +361,7 @@ def _write_rank(out: str, rank: int) -> None:
 
 def test_two_ranks_share_one_directory(tmp_path, data):
     out = tmp_path / "c"
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # fork is unsafe once JAX threads exist in this process
     procs = [ctx.Process(target=_write_rank, args=(str(out), r)) for r in (0, 1)]
     for p in procs:
         p.start()

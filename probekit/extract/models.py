@@ -11,7 +11,6 @@ path), its revision or the sha256 of its weight files, the dtype and the quantiz
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -24,6 +23,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from probekit.errors import ProbekitError
+from probekit.store.layout import sha256_file
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
@@ -126,14 +126,6 @@ def _torch_dtype(name: str):
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_sha256(path: Path, cache_file: Path | None = None) -> dict[str, str]:
     """sha256 of each weight file under ``path`` (a folder or one file), hashed once.
 
@@ -158,7 +150,7 @@ def weights_sha256(path: Path, cache_file: Path | None = None) -> dict[str, str]
         if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
             out[f.name] = entry["sha256"]
             continue
-        digest = _sha256_file(f)
+        digest = sha256_file(f)
         cached[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
         out[f.name] = digest
         changed = True
@@ -212,7 +204,7 @@ def convert_gguf(gguf_file: Path | str, out_dir: Path | str) -> Path:
             model.generation_config.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "SOURCE.json").write_text(
-            json.dumps({"converted_from": gguf_file.name, "gguf_sha256": _sha256_file(gguf_file)}, indent=1)
+            json.dumps({"converted_from": gguf_file.name, "gguf_sha256": sha256_file(gguf_file)}, indent=1)
         )
         weights_sha256(tmp)  # hash the new weights once; the hash is cached in the folder
         try:

@@ -11,7 +11,6 @@ in last, so a ``summary.json`` in ``REP`` always belongs to a complete report.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import pandas as pd
 
 import probekit
 from probekit.errors import ProbekitError
+from probekit.store.layout import sha256_file
 from probekit.report import plots
 from probekit.report.tables import (
     HARD,
@@ -96,7 +96,7 @@ def build_report(
         "probekit_version": probekit.__version__,
         "results": {
             "dir": str(res.path.resolve()),
-            "sha256": _sha256(res.path / "results.parquet"),
+            "sha256": sha256_file(res.path / "results.parquet"),
             "n_rows": int(len(table)),
             "experiments": experiments,
         },
@@ -264,14 +264,6 @@ def _curve_display(records: list[dict], x: str) -> pd.DataFrame:
     wide = long.pivot_table(index=["measure", "site", "layer", "train"], columns=x, values="acc", aggfunc="first")
     wide.columns = [f"{x}={v:g}" for v in wide.columns]
     return wide.reset_index().fillna("")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _jsonable(obj):
