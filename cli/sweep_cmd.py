@@ -80,6 +80,8 @@ def sweep_cmd(
     cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule: grade=5,8 or mdl=q30,q70 "
                                                           "(repeatable)."),
     zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Add zero-shot rows from log-probs."),
+    icl: Optional[list[Path]] = typer.Option(None, "--icl", help="k-shot scores of `probekit extract --icl` "
+                                             "(repeat for easy and hard demonstrations): added as 'icl' heads."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard hashes before fitting."),
 ) -> None:
     """Fit linear probes for every measure x train level x draw x layer; write per-item results.
@@ -109,7 +111,8 @@ def sweep_cmd(
             record = sweep(
                 cache_dir, out, experiment=experiment, measures=chosen, layers=layers, site=site, solver=solver,
                 n_train=sizes, label_noise=noise, draws=draws, seed=seed, pad=pad, C=C,
-                cutoffs=_cutoffs(cutoff), zero_shot=zero_shot, verify=verify, progress=progress,
+                cutoffs=_cutoffs(cutoff), zero_shot=zero_shot, icl=icl or (), verify=verify,
+                progress=progress,
             )
     counts = record["counts"]
     console.print(

@@ -13,6 +13,10 @@ from probekit.cli import app
 from probekit.data import cut_levels, cutoff_for, level_names
 from probekit.store import Cache
 
+from conftest import REPO
+
+REPO_CACHE = REPO / "cache"
+
 pytestmark = pytest.mark.slow
 
 
@@ -91,3 +95,41 @@ def test_report_from_a_real_sweep(swept, tmp_path):
     assert sgr["n_resamples"] == 2000 and 0 <= sgr["p_value"] <= 1 and sgr["lo"] <= sgr["hi"]
     assert (rep / "report.md").exists() and {"sgr.png", "layer_curves.png"} <= {p.name for p in rep.glob("*.png")}
     assert "grade" in out.output and "16+30" in out.output
+
+
+def test_icl_scores_join_the_sweep_and_the_report(real_cache, demo_items, tmp_path):
+    from probekit.extract.icl import extract_icl, load_icl
+
+    dirs = []
+    for level in ("easy", "hard"):
+        out = tmp_path / f"icl-{level}"
+        extract_icl(demo_items, out, k=1, demos_from=level, measure="grade", draws=2, limit=24, min_test=4,
+                    batch_size=8, cache_root=REPO_CACHE, progress=False)
+        dirs.append(out)
+    res = tmp_path / "res"
+    runner = CliRunner()
+    args = ["sweep", str(real_cache), "--out", str(res), "--measures", "grade", "--n-train", "10", "--draws", "2",
+            "--layers", "last"] + [a for d in dirs for a in ("--icl", str(d))]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    results = pd.read_parquet(res / "results.parquet")
+    icl = results[results["solver"] == "icl"]
+    assert set(icl["site"]) == {"icl"} and set(icl["train_level"]) == {"easy", "hard"} and set(icl["n_train"]) == {1}
+    manifest, ids, choice_sum, _ = load_icl(dirs[1])
+    gold = demo_items.table.set_index("id").loc[ids, "label"].to_numpy()
+    for b in range(2):
+        rows = icl[(icl["train_level"] == "hard") & (icl["draw"] == b)].set_index("item_id")
+        demo = set(manifest["draw_info"][str(b)]["demo_ids"])
+        assert len(rows) == len(ids) - len(demo) and not demo & set(rows.index)
+        s = choice_sum[b]
+        keep = np.isfinite(s).any(1)
+        logits = s[keep] - s[keep].max(1, keepdims=True)
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        expected = p[np.arange(keep.sum()), gold[keep]]
+        np.testing.assert_allclose(rows.loc[ids[keep], "p_gold"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+    rep = tmp_path / "rep"
+    out = runner.invoke(app, ["report", str(res), "--out", str(rep), "--boot", "200", "--boot-sgr", "500"])
+    assert out.exit_code == 0, out.output
+    summary = json.loads((rep / "summary.json").read_text())
+    rec = next(r for r in summary["population"] if r["site"] == "icl")
+    assert set(rec["accuracy"]) == {"zero_shot", "easy", "hard"} and rec["n_train"]["easy"] == 1

@@ -116,6 +116,48 @@ class _Rows:
         return pa.Table.from_arrays(cols, schema=SCHEMA)
 
 
+ICL_SITE = "icl"
+
+
+def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | os.PathLike) -> list[pa.Table]:
+    """Result rows of a k-shot score directory (``probekit extract --icl``), one table per draw.
+
+    Each draw's prompts share demonstrations from one level; its rows have ``site`` and ``solver``
+    "icl", ``train_level`` the demonstrations' level, ``n_train`` k, and cover the probe items
+    scored in that draw (the demonstrations themselves are not scored), so the report treats
+    them like a trained head of that level.
+    """
+    from probekit.extract.icl import load_icl
+
+    manifest, ids, choice_sum, _ = load_icl(icl_dir)
+    if manifest["dataset"].get("name") != cache.manifest["dataset"].get("name"):
+        raise ProbekitError(f"ICL scores {icl_dir} are for dataset {manifest['dataset'].get('name')!r}, "
+                            f"the cache for {cache.manifest['dataset'].get('name')!r}")
+    if manifest["model"] != cache.manifest["model"]:
+        raise ProbekitError(f"ICL scores {icl_dir} come from another model than the cache "
+                            f"({manifest['model'].get('id')!r} vs {cache.manifest['model'].get('id')!r})")
+    icl = manifest["icl"]
+    if icl["measure"] not in frame.levels:
+        raise ProbekitError(f"ICL scores {icl_dir} use measure {icl['measure']!r}, which this sweep does not cut "
+                            f"(add it to --measures)")
+    position = {item: i for i, item in enumerate(frame.ids)}
+    missing = [item for item in ids if item not in position]
+    if missing:
+        raise ProbekitError(f"ICL scores {icl_dir}: item {missing[0]!r} is not in the cache")
+    rows_of = np.array([position[item] for item in ids])
+    probe = np.isin(rows_of, frame.probe)
+    builder = _Rows(frame, experiment, ICL_SITE)
+    tables = []
+    for b in range(choice_sum.shape[0]):
+        scored = probe & np.isfinite(choice_sum[b]).any(1)
+        rows = rows_of[scored]
+        p, c = zero_shot_p(choice_sum[b][scored], frame.n_choices[rows], frame.gold[rows])
+        tables.append(builder.table(layer="", measure=icl["measure"], train_level=icl["demos_from"], draw=b,
+                                    n_train=int(icl["k"]), noise=0.0, solver="icl", rows=rows, correct=c,
+                                    p_gold=p))
+    return tables
+
+
 def _test_rows(frame: ItemFrame, head: Head) -> np.ndarray:
     return frame.probe[~np.isin(frame.probe, head.exclude)]
 
@@ -138,11 +180,15 @@ def sweep(
     C: float = 1.0,
     cutoffs: Mapping[str, Cutoff] | None = None,
     zero_shot: bool = True,
+    icl: Sequence[str | os.PathLike] = (),
     verify: bool = True,
     devices: Sequence[jax.Device] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Run one experiment over a cache; write ``out/results.parquet`` and ``out/sweep.json``.
+
+    ``icl``: k-shot score directories of ``probekit extract --icl`` for the same model and
+    dataset; their rows join the table as heads with site and solver "icl" (see :func:`icl_tables`).
 
     ``experiment``: population | all_to_all | learning_curve | label_noise (see
     :func:`probekit.probe.plan.plan`). ``layers``: all | last | middle | middle_and_last | "15,30" |
@@ -208,6 +254,9 @@ def sweep(
                     writer.write_table(rows.table(
                         layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
                         solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe]))
+            for icl_dir in icl:
+                for t in icl_tables(cache, frame, experiment, icl_dir):
+                    writer.write_table(t)
             for fs in sets:
                 label = layer_label(fs)
                 Xs = [put_layer(read_features(cache, site, layer, frame.ids), devices) for layer in fs]
@@ -251,6 +300,7 @@ def sweep(
             "objectives": {"paper": "mean NLL + l2 * |w| (unsquared), SGD as PROTOCOL §4",
                            "converged": "mean NLL + |w|^2 / (2 C n_train), bias unregularised"},
             "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "zero_shot": zero_shot,
+            "icl": [str(Path(d).resolve()) for d in icl],
             "normalisation": "z-score with training statistics (unbiased std)",
         },
         "seed": seed,
