@@ -10,11 +10,7 @@ from rich.table import Table
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
 
-datasets_app = typer.Typer(
-    help="List the question sets and where each can be loaded from; show items per level.",
-    no_args_is_help=False,
-    invoke_without_command=True,
-)
+datasets_app = typer.Typer(no_args_is_help=False, invoke_without_command=True)
 app.add_typer(datasets_app, name="datasets")
 
 DATA_DIR = typer.Option(None, "--data-dir", help="Folder with the original files (arc/, mmlu/, ...). "
@@ -23,7 +19,7 @@ DATA_DIR = typer.Option(None, "--data-dir", help="Folder with the original files
 
 @datasets_app.callback()
 def datasets(ctx: typer.Context) -> None:
-    """List the question sets and where each can be loaded from.
+    """List the question sets and where each can be loaded from; show items per level.
 
     \b
     Example:
