@@ -110,6 +110,15 @@ def cut_levels(values: np.ndarray, rule: Cutoff) -> np.ndarray:
     return codes
 
 
+def probe_levels(values: np.ndarray, probe: np.ndarray, rule: Cutoff) -> np.ndarray:
+    """Level codes cut over the probe rows only (quantiles over the probing set, PROTOCOL §1.6);
+    every other row (the hardness hold-out) gets -1."""
+    values = np.asarray(values, dtype=np.float64)
+    codes = np.full(values.shape, UNKNOWN, dtype=np.int8)
+    codes[probe] = cut_levels(values[probe], rule)
+    return codes
+
+
 def level_names(codes: np.ndarray) -> np.ndarray:
     """Level codes as strings ("easy", "medium", "hard", "" for unknown)."""
     names = np.array(LEVELS + ("",), dtype=object)

@@ -58,7 +58,7 @@ class DrawPlan:
 
 def level_pool(items, measure: str, level: str) -> np.ndarray:
     """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of PROTOCOL §1.6)."""
-    from probekit.data.levels import LEVELS, cut_levels, cutoff_for
+    from probekit.data.levels import LEVELS, cutoff_for, probe_levels
 
     if measure not in items.measures:
         raise ProbekitError(f"measure {measure!r} is not a difficulty measure of {items.name} ({', '.join(items.measures)})")
@@ -66,8 +66,8 @@ def level_pool(items, measure: str, level: str) -> np.ndarray:
         raise ProbekitError(f"level {level!r} is not one of {', '.join(LEVELS)}")
     table = items.table.reset_index(drop=True)
     probe = np.flatnonzero((table["pool"] == "probe").to_numpy())
-    codes = cut_levels(table[measure].to_numpy(np.float64)[probe], cutoff_for(items.name, measure))
-    return probe[codes == LEVELS.index(level)]
+    codes = probe_levels(table[measure].to_numpy(), probe, cutoff_for(items.name, measure))
+    return np.flatnonzero(codes == LEVELS.index(level))
 
 
 def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from probekit.data.draws import noisy_labels, random_split, train_draw
-from probekit.data.levels import LEVELS, UNKNOWN, Cutoff, cut_levels, cutoff_for
+from probekit.data.levels import LEVELS, Cutoff, cutoff_for, probe_levels
 from probekit.errors import ProbekitError
 
 EXPERIMENTS = ("population", "all_to_all", "learning_curve", "label_noise")
@@ -72,11 +72,7 @@ def item_frame(
     probe = np.flatnonzero(pool == "probe")
     if len(probe) == 0:
         raise ProbekitError("the cache has no items with pool == 'probe'")
-    levels = {}
-    for m in measures:
-        codes = np.full(len(items), UNKNOWN, np.int8)
-        codes[probe] = cut_levels(items[m].to_numpy(np.float64)[probe], cutoff_for(dataset, m, cutoffs))
-        levels[m] = codes
+    levels = {m: probe_levels(items[m].to_numpy(), probe, cutoff_for(dataset, m, cutoffs)) for m in measures}
     return ItemFrame(
         ids=items["id"].astype(str).to_numpy(),
         gold=items["label"].to_numpy(np.int64),
