@@ -22,7 +22,7 @@ from probekit.data.draws import train_draw
 from probekit.errors import ProbekitError
 from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, put_layer
 from probekit.probe.plan import item_frame, layer_label, parse_layers
-from probekit.probe.sweep import HARDNESS_FILE, SITE_HEAD, Progress, read_features
+from probekit.probe.sweep import HARDNESS_FILE, SITE_HEAD, Progress, open_cache, read_features
 from probekit.store import Cache
 
 MDL_SIZES = (5, 20, 80, 340, 900)
@@ -52,11 +52,7 @@ def hardness(
         >>> hardness("cache/llama-2-7b__arc", layers="middle_and_last", draws=5)
     """
     t0 = time.perf_counter()
-    cache = cache if isinstance(cache, Cache) else Cache(cache)
-    if verify:
-        problems = cache.verify()
-        if problems:
-            raise ProbekitError(f"cache {cache.path} fails verification: {problems[0]}")
+    cache = open_cache(cache, verify)
     if site not in SITE_HEAD or site not in cache.sites:
         raise ProbekitError(f"site {site!r} is not in cache {cache.path}; it holds {cache.sites}")
     dataset = str(cache.manifest.get("dataset", {}).get("name", ""))

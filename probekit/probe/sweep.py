@@ -44,6 +44,17 @@ _LEVEL_NAMES = np.array(list(LEVELS) + [""], dtype=object)
 Progress = Callable[[int, int, str], None]  # (fits done, fits in all, feature set being fitted)
 
 
+def open_cache(cache: str | os.PathLike | Cache, verify: bool = True) -> Cache:
+    """The cache, with every shard's hash and shapes checked first when ``verify``."""
+    cache = cache if isinstance(cache, Cache) else Cache(cache)
+    if verify:
+        problems = cache.verify()
+        if problems:
+            raise ProbekitError(f"cache {cache.path} fails verification: {problems[0]}"
+                                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return cache
+
+
 def load_items(cache: Cache, measures: Sequence[str] | None) -> tuple[Any, list[str]]:
     """The cache's item table plus the ``mdl`` column when asked for; the measures to use."""
     items = cache.items.copy()
@@ -204,12 +215,7 @@ def sweep(
         ...       layers="middle_and_last", solver="both")
     """
     t0 = time.perf_counter()
-    cache = cache if isinstance(cache, Cache) else Cache(cache)
-    if verify:
-        problems = cache.verify()
-        if problems:
-            raise ProbekitError(f"cache {cache.path} fails verification: {problems[0]}"
-                                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    cache = open_cache(cache, verify)
     if experiment not in EXPERIMENTS:
         raise ProbekitError(f"unknown experiment {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
     if site not in SITE_HEAD:
