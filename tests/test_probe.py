@@ -10,13 +10,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import numpy as np
 import pytest
 from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 
 from probekit.errors import ProbekitError
-from probekit.probe.engine import ProbeConfig, fit_and_score, fit_and_score_many, head_key, head_seed
+from probekit.probe.engine import ProbeConfig, compile_host, fit_and_score, fit_and_score_many, head_key, head_seed
 from probekit.probe.kernel import init_weights
 
 C = 5
@@ -194,6 +195,45 @@ def test_host_and_device_paths_agree(head):
     with pytest.raises(ProbekitError, match="share head and pad"):
         fit_and_score_many(Xs, n_choices, gold, rows, gold[rows], seeds,
                            [ProbeConfig(head=head, pad="mask"), ProbeConfig(head=head, pad="zero")])
+
+
+@pytest.mark.parametrize("head", ["mc", "multinomial"])
+def test_compile_host_compiles_what_the_host_path_runs(head):
+    """After compile_host (which a sweep runs before reading any layer) fitting the same heads on the
+    host compiles nothing more: its shapes are those of the real calls. Sizes unique to this test."""
+    Xs, n_choices, gold, rng = make_problem(seed=17, N=70, D=27, layers=2)
+    if head == "multinomial":
+        Xs = [X[:, 0] for X in Xs]
+    rows = np.stack([rng.choice(70, 23, replace=False) for _ in range(3)])
+    cfgs = [ProbeConfig(head=head, solver=s) for s in ("paper", "converged")]
+    compiles = []
+
+    def on_event(event, seconds, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(seconds)
+
+    jax.monitoring.register_event_duration_secs_listener(on_event)
+    try:
+        compile_host(n_choices, rows, cfgs, 2 * 27, C)
+        assert len(compiles) == 3  # both solvers and the initial weights
+        fit_and_score_many(Xs, n_choices, gold, rows, gold[rows], np.arange(3), cfgs, host=True)
+        assert len(compiles) == 3
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_event)
+
+
+def test_paper_refits_non_finite_weights():
+    """safe_fit (PROTOCOL §4): weights that come out non-finite are fitted again (clipping / 4, l2 x 4), up
+    to three times; a head that never gives finite weights is flagged and earns no correct answers."""
+    Xs, n_choices, gold, rng = make_problem(seed=19, N=60, D=12)
+    rows = np.stack([rng.choice(60, 20, replace=False) for _ in range(2)])
+    for host in (True, False):
+        ok = fit_and_score(Xs, n_choices, gold, rows, gold[rows], np.arange(2), ProbeConfig(), host=host)
+        assert ok.converged.all() and (ok.steps == 100).all() and ok.correct.any()
+        bad = fit_and_score(Xs, n_choices, gold, rows, gold[rows], np.arange(2), ProbeConfig(lr=float("nan")),
+                            host=host)
+        assert not bad.converged.any() and (bad.steps == 400).all()
+        assert np.isnan(bad.p_gold).all() and not bad.correct.any()
 
 
 def test_config_validation():

@@ -16,6 +16,8 @@ computation sharded over ``jax.devices()`` along the head axis, the layer matric
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import hashlib
 import os
 import threading
@@ -111,12 +113,13 @@ def _solve(kern: Kernel, cfg: ProbeConfig) -> solvers.Fit:
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def _solve_kernel(K, u, w0w0, grid, mask, y, b0, *, cfg: ProbeConfig) -> solvers.Fit:
+def _solve_kernel(K, u, w0w0, grid, slot, mask, y, b0, *, cfg: ProbeConfig) -> solvers.Fit:
     """:func:`_solve` on a kernel computed on the host (one head)."""
-    return _solve(Kernel(K, u, w0w0, grid if cfg.head == "mc" else None, mask, y, b0), cfg)
+    mc = cfg.head == "mc"
+    return _solve(Kernel(K, u, w0w0, grid if mc else None, slot if mc else None, mask, y, b0), cfg)
 
 
-def _fit_one(Xs, rows, labels, hseed, flat, ref, valid, grid, mask, *, cfg: ProbeConfig):
+def _fit_one(Xs, rows, labels, hseed, flat, ref, valid, grid, mask, slot, *, cfg: ProbeConfig):
     """Fit one head on the feature set ``Xs``; returns per-layer folded weights, offset, fit stats.
 
     The folded weights ``v_l = w_l / sigma_l`` and ``offset = -sum_l mu_l . v_l (+ bias)`` score raw
@@ -133,7 +136,8 @@ def _fit_one(Xs, rows, labels, hseed, flat, ref, valid, grid, mask, *, cfg: Prob
     w0s = jnp.split(w0, np.cumsum(dims)[:-1], axis=0)
     K = sum(p.Z @ p.Z.T for p in parts)
     u = sum(p.Z @ w for p, w in zip(parts, w0s))
-    kern = Kernel(K, u, jnp.vdot(w0, w0), grid if cfg.head == "mc" else None, mask, labels, b0)
+    mc = cfg.head == "mc"
+    kern = Kernel(K, u, jnp.vdot(w0, w0), grid if mc else None, slot if mc else None, mask, labels, b0)
     fit = _solve(kern, cfg)
     folded = []
     offset = jnp.zeros(() if cfg.head == "mc" else (C,), jnp.float32)
@@ -163,7 +167,7 @@ def _score(Xs, folded, offset, n_choices, gold, *, cfg: ProbeConfig):
     logp = log_softmax(S, mask[None])
     p_gold = jnp.exp(jnp.take_along_axis(logp, gold[None, :, None], axis=-1)[..., 0])
     pred = jnp.argmax(jnp.where(mask[None], S, -jnp.inf), axis=-1)
-    return p_gold, (pred == gold[None, :]).astype(jnp.int8)
+    return p_gold, ((pred == gold[None, :]) & jnp.isfinite(p_gold)).astype(jnp.int8)  # no credit for NaN weights
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -309,20 +313,61 @@ def fit_and_score_many(
                                   devices=devices, chunk=chunk, on_chunk=on_chunk) for c in cfgs]
 
 
+def _kernel_size(n_choices: np.ndarray, rows: np.ndarray, cfg: ProbeConfig) -> int:
+    """Rows of every head's kernel: the most any head needs, rounded up to a multiple of 8."""
+    if cfg.head != "mc":
+        return rows.shape[1]
+    m = max(mc_rows_needed(n_choices[r], cfg.pad) for r in rows)
+    return -(-m // 8) * 8
+
+
 def _layout(n_choices: np.ndarray, rows: np.ndarray, cfg: ProbeConfig, C: int) -> list[np.ndarray]:
     """Host-side per-head layout: the :class:`Slots` fields stacked over heads."""
     if cfg.head == "mc":
-        m = max(mc_rows_needed(n_choices[r], cfg.pad) for r in rows)
-        m = -(-m // 8) * 8
+        m = _kernel_size(n_choices, rows, cfg)
         slots = [mc_slots(r, n_choices, C, m, cfg.pad) for r in rows]
         return [np.stack([getattr(s, f) for s in slots]) for f in Slots._fields]
     # no slots: classes are the item's choice positions, padded classes masked
     real = np.arange(C)[None, None, :] < n_choices[rows][:, :, None]
     none = np.zeros((len(rows), 1), np.int32)
-    return [none, none, none.astype(np.float32), none[:, :, None], real]
+    return [none, none, none.astype(np.float32), none[:, :, None], real, none]
 
 
 # ----- on the host: numpy BLAS for the D-wide work, the solver jitted per head ---------------------
+def compile_host(n_choices: np.ndarray, rows: np.ndarray, cfgs: Sequence[ProbeConfig], dim: int,
+                 max_choices: int) -> None:
+    """Compile what fitting these heads on the host runs (each configuration's solver, the initial
+    weights of width ``dim``) before any layer is read, then hand the compiler's freed scratch
+    memory back to the operating system: compiling never adds to the footprint of a layer.
+
+    ``rows`` (H, n) as for :func:`fit_and_score_many`; ``max_choices``: the answer slots of a
+    multiple-choice layer (its second axis).
+    """
+    cfg = cfgs[0]
+    mc = cfg.head == "mc"
+    rows = np.asarray(rows)
+    n = rows.shape[1]
+    C = max_choices if mc else int(np.max(n_choices))
+    m = _kernel_size(np.asarray(n_choices), rows, cfg)
+    spec = jax.ShapeDtypeStruct
+    f32, i32 = np.float32, np.int32
+    kernel = (spec((m, m), f32), spec((m,) if mc else (m, C), f32), spec((), f32),
+              spec((n, C) if mc else (1, 1), i32), spec((m,) if mc else (1,), i32), spec((n, C), np.bool_),
+              spec((n,), i32), None if mc else spec((C,), f32))
+    for c in cfgs:
+        _solve_kernel.lower(*kernel, cfg=c).compile()
+    _init_block.lower(spec((_INIT_BLOCK,), i32), dim, None if mc else C).compile()
+    _release_freed_memory()
+
+
+def _release_freed_memory() -> None:
+    """Return the heap's free pages to the operating system (glibc's ``malloc_trim``; elsewhere a no-op)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -333,7 +378,13 @@ def _pool(workers: int) -> ThreadPoolExecutor:
     return _POOLS[workers]
 
 
-_init_jit = jax.jit(lambda seed, dim, n_out: init_weights(head_key(seed), dim, n_out), static_argnums=(1, 2))
+_INIT_BLOCK = 64  # heads whose initial weights are drawn in one call (and in flight per step)
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _init_block(seeds, dim: int, n_out: int | None):
+    """:func:`init_weights` of every head in a block (the same numbers as one head at a time)."""
+    return jax.vmap(lambda s: init_weights(head_key(s), dim, n_out))(seeds)
 
 
 def _fit_and_score_host(Xs, n_choices, gold, rows, labels, seeds31, layout, cfgs, *, devices, workers, on_chunk):
@@ -346,39 +397,51 @@ def _fit_and_score_host(Xs, n_choices, gold, rows, labels, seeds31, layout, cfgs
     m = layout[0].shape[1] if mc else rows.shape[1]
     local = threading.local()  # each worker thread's scratch buffers
 
-    def head(i: int):
+    def head(i: int, w0: np.ndarray, b0: np.ndarray | None):
         """Head ``i`` under every configuration: [(folded weights, offset, fit stats)]."""
         scratch = local.__dict__.setdefault("scratch", Scratch())
-        w0, b0 = jax.device_get(_init_jit(seeds31[i], sum(dims), None if mc else C))
         w0s = np.split(w0, np.cumsum(dims)[:-1], axis=0)
         if mc:
             sl = Slots(*(a[i] for a in layout))
             parts = [host_mc_rows(Xf, rows[i], sl, cfgs[0].pad, scratch, f"Z{j}") for j, Xf in enumerate(Xrows)]
-            grid, mask = sl.grid, sl.mask
+            grid, mask, slot = sl.grid, sl.mask, sl.slot
         else:
             parts = [host_item_rows(X, rows[i], scratch, f"Z{j}") for j, X in enumerate(Xrows)]
-            grid, mask = layout[3][i], layout[4][i]
+            grid, mask, slot = layout[3][i], layout[4][i], layout[5][i]
         k = len(parts[0].Z)  # the head's own rows; the kernel's others are zero
         K = np.zeros((m, m), np.float32)
         u = np.zeros((m,) + w0.shape[1:], np.float32)
         for p, w in zip(parts, w0s):
             K[:k, :k] += p.Z @ p.Z.T
             u[:k] += p.Z @ w
-        args = jax.device_put((K, u, np.vdot(w0, w0), grid, mask, labels[i], b0), devices[i % len(devices)])
+        args = (K, u, np.vdot(w0, w0), grid, slot, mask, labels[i], b0)  # numpy: jit's own transfer is the fastest
         out = []
-        for cfg in cfgs:
-            fit = jax.device_get(_solve_kernel(*args, cfg=cfg))
+        with jax.default_device(devices[i % len(devices)]) if len(devices) > 1 else contextlib.nullcontext():
+            fits = [jax.device_get(_solve_kernel(*args, cfg=cfg)) for cfg in cfgs]
+        for fit in fits:
             folded, offset = _fold(parts, w0s, fit._replace(a=fit.a[:k]), mc)
             out.append((folded, offset, (fit.loss, fit.converged, fit.grad_norm, fit.steps)))
         return out
 
+    def submit(lo: int) -> list:
+        """Draw the initial weights of heads ``lo ..`` (one block) and queue their fits."""
+        idx = np.minimum(np.arange(lo, lo + _INIT_BLOCK), H - 1)  # a fixed block shape: one compilation
+        W0, B0 = jax.device_get(_init_block(seeds31[idx], sum(dims), None if mc else C))
+        return [pool.submit(head, i, W0[i - lo], None if B0 is None else B0[i - lo])
+                for i in range(lo, min(H, lo + _INIT_BLOCK))]
+
     pool = _pool(workers)
+    heads = []
     with threadpool_limits(limits=1, user_api="blas"):
-        heads = []
-        for r in pool.map(head, range(H)):
-            heads.append(r)
-            if on_chunk is not None:
-                on_chunk(len(cfgs))
+        # at most two blocks in flight: the next block's weights are drawn while this one is fitted
+        queued = submit(0)
+        for lo in range(0, H, _INIT_BLOCK):
+            following = submit(lo + _INIT_BLOCK) if lo + _INIT_BLOCK < H else []
+            for f in queued:
+                heads.append(f.result())
+                if on_chunk is not None:
+                    on_chunk(len(cfgs))
+            queued = following
         results = []
         for j, cfg in enumerate(cfgs):
             out = [h[j] for h in heads]
@@ -426,7 +489,8 @@ def _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool, block: int = 25
         lse = top[..., 0] + np.log(np.exp(S - top).sum(-1))
         g = gold[lo:hi]
         s_gold = np.take_along_axis(S, np.broadcast_to(g[None, :, None], (H, hi - lo, 1)), axis=-1)[..., 0]
-        return np.exp(s_gold - lse).astype(np.float32), (S.argmax(-1) == g[None, :]).astype(np.int8)
+        p = np.exp(s_gold - lse).astype(np.float32)
+        return p, ((S.argmax(-1) == g[None, :]) & np.isfinite(p)).astype(np.int8)  # no credit for NaN weights
 
     parts = list(pool.map(items, range(0, N, block)))
     return np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1)

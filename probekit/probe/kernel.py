@@ -42,7 +42,8 @@ class Slots(NamedTuple):
     (items*choices, d) matrix (``ref == flat`` in zero-pad mode: the reference is the padding);
     ``valid``: (m,) 1.0 for used rows; ``grid``: (n, C) row of each (item, choice), ``m - 1`` (a
     zero row) for reference and padded slots; ``mask``: (n, C) slots in the softmax (real
-    choices; every slot in zero-pad mode).
+    choices; every slot in zero-pad mode); ``slot``: (m,) the inverse of ``grid``, each used row's
+    position in the flattened (n, C) grid, ``n * C`` for the unused rows.
     """
 
     flat: np.ndarray
@@ -50,6 +51,7 @@ class Slots(NamedTuple):
     valid: np.ndarray
     grid: np.ndarray
     mask: np.ndarray
+    slot: np.ndarray
 
 
 def mc_rows_needed(n_choices_of_rows: np.ndarray, pad: str) -> int:
@@ -83,7 +85,9 @@ def mc_slots(rows: np.ndarray, n_choices: np.ndarray, max_choices: int, m: int, 
     grid = np.full((n, max_choices), m - 1, np.int32)
     grid[used] = np.arange(k, dtype=np.int32)
     mask = np.ones((n, max_choices), bool) if pad == "zero" else real
-    return Slots(flat, ref, valid, grid, mask)
+    slot = np.full(m, n * max_choices, np.int32)
+    slot[:k] = np.flatnonzero(used)
+    return Slots(flat, ref, valid, grid, mask, slot)
 
 
 def init_weights(key: jax.Array, dim: int, n_out: int | None = None) -> tuple[jax.Array, jax.Array | None]:
@@ -171,71 +175,75 @@ class Scratch:
 _BLOCK = 64  # rows per step: a block of gathered rows stays in cache between operations
 
 
-def _take(X: np.ndarray, idx: np.ndarray, scratch: Scratch, name: str) -> np.ndarray:
-    """``X[idx]`` into a scratch buffer (indices are valid: no bounds-check copy)."""
-    return np.take(X, idx, axis=0, out=scratch.get(name, len(idx), X.shape[1]), mode="clip")
-
-
 def host_mc_rows(Xf: np.ndarray, rows: np.ndarray, slots: Slots, pad: str, scratch: Scratch,
                  name: str = "Z") -> LayerRows:
     """:func:`mc_rows` on the host in numpy: ``Xf`` is the layer as (items*C, d) float32.
 
     Returns the head's own rows ``Z`` (k, d) float32 (rows ``k..m-1`` of the kernel are zero;
-    ``Z`` lives in ``scratch`` under ``name``), and ``mu``, ``sigma``. Two passes over the
-    gathered slots, a cache-sized block at a time: statistics, then differences scaled by
-    ``1/sigma``.
+    ``Z`` lives in ``scratch`` under ``name``), and ``mu``, ``sigma``. The slots are gathered
+    once, their statistics taken in the same pass, then scaled (and differenced) in place.
     """
     C = slots.mask.shape[1]
     k = int(slots.valid.sum())
-    n = len(rows)
-    flat, ref = slots.flat[:k], slots.ref[:k]
-    if pad == "mask":  # statistics over every real slot: the rows' own plus each item's first choice
-        stat_slots, count = np.concatenate([flat, np.asarray(rows) * C]), k + n
+    flat = slots.flat[:k]
+    if pad == "mask":  # statistics over every real slot: the rows' own, then each item's first choice
+        G, mu, ss = _gather_moments(Xf, np.concatenate([flat, np.asarray(rows) * C]), k + len(rows), scratch, name,
+                                    raw=False)
     else:  # over all n*C slots, padded ones being zero vectors
-        stat_slots, count = flat, n * C
-    mu, ss = _moments(Xf, stat_slots, count, scratch)
+        G, mu, ss = _gather_moments(Xf, flat, len(rows) * C, scratch, name, raw=True)
+    count = len(G) if pad == "mask" else len(rows) * C
     sigma = _safe_std_np(ss / (count - 1))
     inv = (1.0 / sigma).astype(np.float32)
-    Z = scratch.get(name, k, Xf.shape[1])
-    for lo in range(0, k, _BLOCK):
-        hi = min(k, lo + _BLOCK)
-        if pad == "mask":
-            np.subtract(_take(Xf, flat[lo:hi], scratch, "a"), _take(Xf, ref[lo:hi], scratch, "b"), out=Z[lo:hi])
+    Z = G[:k]
+    if pad == "mask":  # row j of item i: (slot - first choice) / sigma; the shift of G cancels
+        ref = k + slots.slot[:k] // C
+        for lo in range(0, k, _BLOCK):
+            hi = min(k, lo + _BLOCK)
+            Z[lo:hi] -= np.take(G, ref[lo:hi], axis=0, out=scratch.get("b", hi - lo, G.shape[1]), mode="clip")
             Z[lo:hi] *= inv
-        else:
-            np.multiply(_take(Xf, flat[lo:hi], scratch, "a"), inv, out=Z[lo:hi])
+    else:
+        Z *= inv
     return LayerRows(Z, mu, sigma)
 
 
 def host_item_rows(X: np.ndarray, rows: np.ndarray, scratch: Scratch, name: str = "Z") -> LayerRows:
     """:func:`item_rows` on the host in numpy: ``X`` (items, d) float32; ``Z`` lives in ``scratch``."""
     rows = np.asarray(rows)
-    mu, ss = _moments(X, rows, len(rows), scratch)
+    G, mu, ss = _gather_moments(X, rows, len(rows), scratch, name, raw=False)
     sigma = _safe_std_np(ss / (len(rows) - 1))
-    Z = _take(X, rows, scratch, name)
-    Z -= mu
-    Z *= (1.0 / sigma).astype(np.float32)
-    return LayerRows(Z, mu, sigma)
+    G -= mu - X[rows[0]]  # G holds the rows minus the first one
+    G *= (1.0 / sigma).astype(np.float32)
+    return LayerRows(G, mu, sigma)
 
 
-def _moments(X: np.ndarray, idx: np.ndarray, count: int, scratch: Scratch) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sum of squared deviations of the rows ``X[idx]`` (with ``count - len(idx)`` extra
-    zero rows), per column, in one pass: sums are taken about the first row (so no cancellation
-    for features far from zero), in float32 within a block and float64 across blocks."""
+def _gather_moments(X: np.ndarray, idx: np.ndarray, count: int, scratch: Scratch, name: str,
+                    raw: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``X[idx]`` gathered into ``scratch`` (under ``name``), with the mean and the sum of squared
+    deviations per column of those rows plus ``count - len(idx)`` zero rows, in one pass.
+
+    Sums are taken about the first row (so no cancellation for features far from zero), in
+    float32 within a block and float64 across blocks. With ``raw`` False the gathered rows are
+    left shifted by that row (for callers that use differences of rows or subtract the mean).
+    """
+    d = X.shape[1]
     c = X[idx[0]].astype(np.float64)
     c32 = c.astype(np.float32)
-    s1 = np.zeros(X.shape[1], np.float64)
-    s2 = np.zeros(X.shape[1], np.float64)
+    s1 = np.zeros(d, np.float64)
+    s2 = np.zeros(d, np.float64)
+    G = scratch.get(name, len(idx), d)
     for lo in range(0, len(idx), _BLOCK):
-        B = _take(X, idx[lo:lo + _BLOCK], scratch, "a")
-        B -= c32
+        B = np.take(X, idx[lo:lo + _BLOCK], axis=0, out=G[lo:lo + _BLOCK], mode="clip")
+        if raw:
+            B = np.subtract(B, c32, out=scratch.get("b", len(B), d))
+        else:
+            B -= c32
         s1 += B.sum(0)
         s2 += np.einsum("kd,kd->d", B, B)
     zeros = count - len(idx)  # zero rows sit at -c
     s1 -= zeros * c
     s2 += zeros * c * c
     mean_dev = s1 / count  # mean minus c
-    return (c + mean_dev).astype(np.float32), np.maximum(s2 - count * mean_dev * mean_dev, 0.0)
+    return G, (c + mean_dev).astype(np.float32), np.maximum(s2 - count * mean_dev * mean_dev, 0.0)
 
 
 def _safe_std_np(var: np.ndarray) -> np.ndarray:
@@ -248,15 +256,17 @@ class Kernel(NamedTuple):
     """What a solver needs of one head: its training geometry in coefficient space.
 
     ``K`` (m, m) Gram matrix of the normalised rows; ``u`` scores of the initial weights
-    (``Z @ w0``, (m,) or (n, C)); ``w0w0`` = |w0|^2; ``grid`` (n, C) row of each choice, or
-    ``None`` for a multinomial head (coefficients are then (n, C), one per item and class);
-    ``mask`` (n, C) softmax mask; ``y`` (n,) labels; ``b0`` initial bias (multinomial) or ``None``.
+    (``Z @ w0``, (m,) or (n, C)); ``w0w0`` = |w0|^2; ``grid`` (n, C) row of each choice and
+    ``slot`` (m,) its inverse (:class:`Slots`), or both ``None`` for a multinomial head
+    (coefficients are then (n, C), one per item and class); ``mask`` (n, C) softmax mask; ``y``
+    (n,) labels; ``b0`` initial bias (multinomial) or ``None``.
     """
 
     K: jax.Array
     u: jax.Array
     w0w0: jax.Array
     grid: jax.Array | None
+    slot: jax.Array | None
     mask: jax.Array
     y: jax.Array
     b0: jax.Array | None
@@ -268,10 +278,13 @@ def expand(kern: Kernel, v: jax.Array) -> jax.Array:
 
 
 def reduce(kern: Kernel, R: jax.Array) -> jax.Array:
-    """(n, C) per-choice residuals -> coefficient space (adjoint of :func:`expand`)."""
+    """(n, C) per-choice residuals -> coefficient space: the adjoint of :func:`expand` on every
+    row with a kernel row of its own (a gather through ``slot``; cheaper than scattering through
+    ``grid``). The zero row gets 0 instead of the reference slots' sum: its coefficient multiplies
+    a zero row, so it never reaches a score, a norm or the weights."""
     if kern.grid is None:
         return R
-    return jnp.zeros(kern.K.shape[0], R.dtype).at[kern.grid].add(R)
+    return jnp.concatenate([R.reshape(-1), jnp.zeros(1, R.dtype)])[kern.slot]
 
 
 def log_softmax(logits: jax.Array, mask: jax.Array) -> jax.Array:

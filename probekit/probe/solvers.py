@@ -62,38 +62,62 @@ def paper(
     lr: float = 0.05,
     steps: int = 100,
     max_grad_norm: float = 1.0,
+    refits: int = 3,
 ) -> Fit:
     """Plain full-batch SGD on mean NLL + ``l2 * |w|`` (unsquared), clipped, linearly decayed lr.
 
     Step ``t`` (0-based) uses ``lr * (1 - 0.9 t / steps)``; the total gradient (regulariser
     included, bias included) is scaled by ``min(1, max_grad_norm / (|g| + 1e-6))`` as
     ``torch.nn.utils.clip_grad_norm_`` does. The bias, if any, is not regularised.
+
+    As the protocol's ``safe_fit``: when the weights come out non-finite the head is fitted again
+    from the same start with the clipping norm divided by 4 and ``l2`` multiplied by 4, up to
+    ``refits`` times; ``steps`` of the returned :class:`Fit` counts every step run, and
+    ``converged`` is False if no attempt gave finite weights.
     """
     has_bias = kern.b0 is not None
 
-    def step(state, t):
-        beta, a, s, b = state
-        wnorm = jnp.sqrt(beta * beta * kern.w0w0 + beta * jnp.vdot(a, kern.u) + jnp.vdot(a, s))
-        _, R = _residual(kern, s, b)
-        r = reduce(kern, R)
-        Kr = kern.K @ r
-        gb = R.sum(0) if has_bias else None
-        g2 = jnp.vdot(r, Kr) + 2.0 * l2 * jnp.vdot(r, s) / wnorm + l2 * l2
-        if has_bias:
-            g2 = g2 + jnp.vdot(gb, gb)
-        gnorm = jnp.sqrt(jnp.maximum(g2, 0.0))
-        clip = jnp.minimum(1.0, max_grad_norm / (gnorm + 1e-6))
-        eta = lr * (1.0 - 0.9 * t / steps) * clip
-        shrink = 1.0 - eta * l2 / wnorm
-        b = b - eta * gb if has_bias else b
-        return (shrink * beta, shrink * a - eta * r, shrink * s - eta * Kr, b), gnorm
+    def fit(l2, max_grad_norm):
+        def step(state, t):
+            beta, a, s, b = state
+            wnorm = jnp.sqrt(beta * beta * kern.w0w0 + beta * jnp.vdot(a, kern.u) + jnp.vdot(a, s))
+            _, R = _residual(kern, s, b)
+            r = reduce(kern, R)
+            Kr = kern.K @ r
+            gb = R.sum(0) if has_bias else None
+            g2 = jnp.vdot(r, Kr) + 2.0 * l2 * jnp.vdot(r, s) / wnorm + l2 * l2
+            if has_bias:
+                g2 = g2 + jnp.vdot(gb, gb)
+            gnorm = jnp.sqrt(jnp.maximum(g2, 0.0))
+            clip = jnp.minimum(1.0, max_grad_norm / (gnorm + 1e-6))
+            eta = lr * (1.0 - 0.9 * t / steps) * clip
+            shrink = 1.0 - eta * l2 / wnorm
+            b = b - eta * gb if has_bias else b
+            return (shrink * beta, shrink * a - eta * r, shrink * s - eta * Kr, b), gnorm
 
-    zero = jnp.zeros_like(kern.u)
-    state = (jnp.ones((), kern.u.dtype), zero, kern.u, kern.b0)
-    (beta, a, s, b), gnorms = jax.lax.scan(step, state, jnp.arange(steps, dtype=kern.u.dtype))
-    nll, _ = _residual(kern, s, b)
-    wnorm = jnp.sqrt(beta * beta * kern.w0w0 + beta * jnp.vdot(a, kern.u) + jnp.vdot(a, s))
-    return Fit(beta, a, b, nll + l2 * wnorm, gnorms[-1], jnp.array(True), jnp.array(steps))
+        state = (jnp.ones((), kern.u.dtype), jnp.zeros_like(kern.u), kern.u, kern.b0)
+        (beta, a, s, b), gnorms = jax.lax.scan(step, state, jnp.arange(steps, dtype=kern.u.dtype))
+        nll, _ = _residual(kern, s, b)
+        wnorm = jnp.sqrt(beta * beta * kern.w0w0 + beta * jnp.vdot(a, kern.u) + jnp.vdot(a, s))
+        loss = nll + l2 * wnorm
+        finite = jnp.isfinite(loss) & jnp.isfinite(beta) & jnp.all(jnp.isfinite(a))
+        if has_bias:
+            finite = finite & jnp.all(jnp.isfinite(b))
+        return Fit(beta, a, b, loss, gnorms[-1], finite, jnp.array(steps))
+
+    def again(c):
+        attempt, _ = c
+        scale = jnp.asarray(4.0, kern.u.dtype) ** attempt
+        return attempt + 1, fit(l2 * scale, max_grad_norm / scale)
+
+    def needed(c):
+        attempt, last = c
+        return (attempt == 0) | ((attempt <= refits) & ~last.converged)
+
+    zero = jnp.zeros((), kern.u.dtype)
+    blank = Fit(zero, jnp.zeros_like(kern.u), kern.b0, zero, zero, jnp.array(False), jnp.array(0))
+    attempts, out = jax.lax.while_loop(needed, again, (jnp.array(0), blank))
+    return out._replace(steps=attempts * steps)
 
 
 # ----- converged: Newton-CG on the squared-L2 objective --------------------------------------------

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
-from probekit.probe.engine import ProbeConfig, fit_and_score_many, head_seed, put_layer
+from probekit.probe.engine import ProbeConfig, compile_host, fit_and_score_many, head_seed, on_host, put_layer
 from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, parse_layers, plan
 from probekit.store import Cache
 
@@ -125,6 +125,27 @@ class _Rows:
             self._levels(measure, rows), pa.array(correct.astype(np.int8)), pa.array(p_gold.astype(np.float32)),
         ]
         return pa.Table.from_arrays(cols, schema=SCHEMA)
+
+
+class _RowGroups:
+    """Result tables gathered into row groups of about ``rows`` rows: few row groups for readers,
+    bounded memory for the writer."""
+
+    def __init__(self, writer: pq.ParquetWriter, rows: int = 1 << 16) -> None:
+        self.writer, self.rows = writer, rows
+        self.tables: list[pa.Table] = []
+        self.n = 0
+
+    def append(self, table: pa.Table) -> None:
+        self.tables.append(table)
+        self.n += table.num_rows
+        if self.n >= self.rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.tables:
+            self.writer.write_table(pa.concat_tables(self.tables))
+        self.tables, self.n = [], 0
 
 
 ICL_SITE = "icl"
@@ -250,19 +271,27 @@ def sweep(
         return on_chunk
 
     fit_seconds = 0.0
+    if on_host(devices):  # compile before any layer is read, so that compiling never adds to a layer's memory
+        t1 = time.perf_counter()
+        for group in groups.values():
+            for width in sorted({cache.hidden_size * len(fs) for fs in sets}):
+                compile_host(frame.n_choices, np.stack([h.rows for h in group]), list(configs.values()), width,
+                             cache.max_choices)
+        fit_seconds += time.perf_counter() - t1
     not_converged = 0
     try:
         with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
+            batch = _RowGroups(writer)
             if zero_shot:
                 choice_sum, _ = cache.logprobs()
                 p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
                 for m in (measures if experiment != "all_to_all" else [ALL]):
-                    writer.write_table(rows.table(
+                    batch.append(rows.table(
                         layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
                         solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe]))
             for icl_dir in icl:
                 for t in icl_tables(cache, frame, experiment, icl_dir):
-                    writer.write_table(t)
+                    batch.append(t)
             for fs in sets:
                 label = layer_label(fs)
                 Xs = [put_layer(read_features(cache, site, layer, frame.ids), devices) for layer in fs]
@@ -281,11 +310,12 @@ def sweep(
                         for i, h in enumerate(group):
                             test = _test_rows(frame, h)
                             for m in h.measures:
-                                writer.write_table(rows.table(
+                                batch.append(rows.table(
                                     layer=label, measure=m, train_level=h.train_level, draw=h.draw,
                                     n_train=h.n_train, noise=h.label_noise, solver=s, rows=test,
                                     correct=res.correct[i, test], p_gold=res.p_gold[i, test]))
                 del Xs
+            batch.flush()
         os.replace(tmp, out / RESULTS)
     finally:
         tmp.unlink(missing_ok=True)
