@@ -187,11 +187,10 @@ def host_mc_rows(Xf: np.ndarray, rows: np.ndarray, slots: Slots, pad: str, scrat
     k = int(slots.valid.sum())
     flat = slots.flat[:k]
     if pad == "mask":  # statistics over every real slot: the rows' own, then each item's first choice
-        G, mu, ss = _gather_moments(Xf, np.concatenate([flat, np.asarray(rows) * C]), k + len(rows), scratch, name,
-                                    raw=False)
+        idx, count = np.concatenate([flat, np.asarray(rows) * C]), k + len(rows)
     else:  # over all n*C slots, padded ones being zero vectors
-        G, mu, ss = _gather_moments(Xf, flat, len(rows) * C, scratch, name, raw=True)
-    count = len(G) if pad == "mask" else len(rows) * C
+        idx, count = flat, len(rows) * C
+    G, mu, ss = _gather_moments(Xf, idx, count, scratch, name, raw=pad != "mask")
     sigma = _safe_std_np(ss / (count - 1))
     inv = (1.0 / sigma).astype(np.float32)
     Z = G[:k]

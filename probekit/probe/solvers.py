@@ -27,8 +27,8 @@ class Fit(NamedTuple):
     """A fitted head in coefficient space: ``w = beta * w0 + Z.T @ a``, bias ``b`` (or None).
 
     ``loss`` is the solver's own objective at the end, ``grad_norm`` its gradient norm
-    (paper: before clipping), ``converged`` whether the converged solver met its tolerance
-    (always True for the fixed-step paper recipe), ``steps`` iterations taken.
+    (paper: before clipping), ``converged`` whether the converged solver met its tolerance (for
+    the fixed-step paper recipe: whether its weights are finite), ``steps`` iterations taken.
     """
 
     beta: jax.Array
