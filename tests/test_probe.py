@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from probekit.errors import ProbekitError
 from probekit.probe.engine import ProbeConfig, compile_host, fit_and_score, fit_and_score_many, head_key, head_seed
-from probekit.probe.kernel import init_weights
+from probekit.probe.kernel import Scratch, host_mc_rows, init_weights, mc_rows_needed, mc_slots
 
 C = 5
 
@@ -234,6 +234,28 @@ def test_paper_refits_non_finite_weights():
                             host=host)
         assert not bad.converged.any() and (bad.steps == 400).all()
         assert np.isnan(bad.p_gold).all() and not bad.correct.any()
+
+
+@pytest.mark.parametrize("pad", ["mask", "zero"])
+def test_host_rows_keep_small_differences_of_large_features(pad):
+    """Hidden states have massive activations: features of either sign in the thousands that vary
+    between items but barely between an item's choices. The host rows keep (x_ij - x_i0) / sigma
+    (mask) and x_ij / sigma (zero) as exact as float32 allows: equal to a float64 computation on the
+    same float32 features (rows shifted by another item's value before differencing would not be)."""
+    rng = np.random.default_rng(23)
+    N, D = 40, 8
+    X = rng.normal(size=(N, C, D))
+    X[..., 0] = 1000 * rng.normal(size=(N, 1)) + 0.01 * rng.normal(size=(N, C))
+    X = X.astype(np.float32)
+    n_choices, rows = np.full(N, C), np.arange(30)
+    m = mc_rows_needed(n_choices[rows], pad)
+    slots = mc_slots(rows, n_choices, C, m, pad)
+    got = host_mc_rows(X.reshape(-1, D), rows, slots, pad, Scratch())
+    X64 = X.astype(np.float64)
+    sd = X64[rows].reshape(-1, D).std(0, ddof=1)
+    want = ((X64[rows, 1:] - X64[rows, :1]) if pad == "mask" else X64[rows]).reshape(-1, D) / sd
+    np.testing.assert_allclose(got.sigma, sd, rtol=1e-5)
+    assert (np.abs(got.Z - want) / np.abs(want).max(0)).max() < 1e-5
 
 
 def test_config_validation():

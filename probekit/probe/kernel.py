@@ -190,11 +190,11 @@ def host_mc_rows(Xf: np.ndarray, rows: np.ndarray, slots: Slots, pad: str, scrat
         idx, count = np.concatenate([flat, np.asarray(rows) * C]), k + len(rows)
     else:  # over all n*C slots, padded ones being zero vectors
         idx, count = flat, len(rows) * C
-    G, mu, ss = _gather_moments(Xf, idx, count, scratch, name, raw=pad != "mask")
+    G, mu, ss = _gather_moments(Xf, idx, count, scratch, name)
     sigma = _safe_std_np(ss / (count - 1))
     inv = (1.0 / sigma).astype(np.float32)
     Z = G[:k]
-    if pad == "mask":  # row j of item i: (slot - first choice) / sigma; the shift of G cancels
+    if pad == "mask":  # row j of item i: (slot - first choice) / sigma
         ref = k + slots.slot[:k] // C
         for lo in range(0, k, _BLOCK):
             hi = min(k, lo + _BLOCK)
@@ -208,21 +208,21 @@ def host_mc_rows(Xf: np.ndarray, rows: np.ndarray, slots: Slots, pad: str, scrat
 def host_item_rows(X: np.ndarray, rows: np.ndarray, scratch: Scratch, name: str = "Z") -> LayerRows:
     """:func:`item_rows` on the host in numpy: ``X`` (items, d) float32; ``Z`` lives in ``scratch``."""
     rows = np.asarray(rows)
-    G, mu, ss = _gather_moments(X, rows, len(rows), scratch, name, raw=False)
+    G, mu, ss = _gather_moments(X, rows, len(rows), scratch, name)
     sigma = _safe_std_np(ss / (len(rows) - 1))
-    G -= mu - X[rows[0]]  # G holds the rows minus the first one
+    G -= mu
     G *= (1.0 / sigma).astype(np.float32)
     return LayerRows(G, mu, sigma)
 
 
-def _gather_moments(X: np.ndarray, idx: np.ndarray, count: int, scratch: Scratch, name: str,
-                    raw: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _gather_moments(X: np.ndarray, idx: np.ndarray, count: int, scratch: Scratch,
+                    name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``X[idx]`` gathered into ``scratch`` (under ``name``), with the mean and the sum of squared
     deviations per column of those rows plus ``count - len(idx)`` zero rows, in one pass.
 
-    Sums are taken about the first row (so no cancellation for features far from zero), in
-    float32 within a block and float64 across blocks. With ``raw`` False the gathered rows are
-    left shifted by that row (for callers that use differences of rows or subtract the mean).
+    Sums are taken about the first row (so no cancellation for features far from zero, such as a
+    model's massive activations), in float32 within a block and float64 across blocks; the rows
+    themselves are kept as they are, so that differences of nearby values stay exact.
     """
     d = X.shape[1]
     c = X[idx[0]].astype(np.float64)
@@ -232,10 +232,7 @@ def _gather_moments(X: np.ndarray, idx: np.ndarray, count: int, scratch: Scratch
     G = scratch.get(name, len(idx), d)
     for lo in range(0, len(idx), _BLOCK):
         B = np.take(X, idx[lo:lo + _BLOCK], axis=0, out=G[lo:lo + _BLOCK], mode="clip")
-        if raw:
-            B = np.subtract(B, c32, out=scratch.get("b", len(B), d))
-        else:
-            B -= c32
+        B = np.subtract(B, c32, out=scratch.get("b", len(B), d))
         s1 += B.sum(0)
         s2 += np.einsum("kd,kd->d", B, B)
     zeros = count - len(idx)  # zero rows sit at -c
