@@ -22,7 +22,7 @@ from probekit.data.draws import train_draw
 from probekit.errors import ProbekitError
 from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, put_layer
 from probekit.probe.plan import item_frame, layer_label, parse_layers
-from probekit.probe.sweep import HARDNESS_FILE, SITE_HEAD, Progress, open_cache, read_features
+from probekit.probe.sweep import HARDNESS_FILE, SITE_HEAD, Progress, compile_first, open_cache, read_features
 from probekit.store import Cache
 
 MDL_SIZES = (5, 20, 80, 340, 900)
@@ -65,6 +65,7 @@ def hardness(
     sets = parse_layers(layers, cache.layers, cache.manifest.get("model", {}).get("n_layers"))
     cfg = ProbeConfig(head=SITE_HEAD[site], solver=solver, pad=pad)
     pools = [train_draw(frame.holdout, sizes[-1], seed=seed, draw=b, key="mdl/holdout") for b in range(draws)]
+    compile_first(cache, frame.n_choices, [np.stack([pool[:n] for pool in pools]) for n in sizes], [cfg], sets, devices)
     total = len(sets) * len(sizes) * draws
     done = 0
     p_sum = np.zeros(len(frame.ids))

@@ -85,6 +85,20 @@ def read_features(cache: Cache, site: str, layer: int, ids: np.ndarray) -> np.nd
     return X
 
 
+def compile_first(cache: Cache, n_choices: np.ndarray, row_sets: Sequence[np.ndarray], cfgs: Sequence[ProbeConfig],
+                  sets: Sequence[tuple[int, ...]], devices: Sequence[jax.Device] | None) -> float:
+    """On the host path, compile what fitting heads with these training rows (one (H, n) array per
+    training size) on these feature sets runs, before any layer is read (see
+    :func:`~probekit.probe.engine.compile_host`). Returns the seconds it took."""
+    if not on_host(devices):
+        return 0.0
+    t = time.perf_counter()
+    for rows in row_sets:
+        for width in sorted({cache.hidden_size * len(fs) for fs in sets}):
+            compile_host(n_choices, rows, cfgs, width, cache.max_choices)
+    return time.perf_counter() - t
+
+
 def zero_shot_p(choice_sum: np.ndarray, n_choices: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """p(gold) and correctness from summed choice log-probs, softmaxed over the real choices (§5)."""
     real = np.arange(choice_sum.shape[1])[None, :] < n_choices[:, None]
@@ -270,14 +284,8 @@ def sweep(
                 progress(done, n_fits, label)
         return on_chunk
 
-    fit_seconds = 0.0
-    if on_host(devices):  # compile before any layer is read, so that compiling never adds to a layer's memory
-        t1 = time.perf_counter()
-        for group in groups.values():
-            for width in sorted({cache.hidden_size * len(fs) for fs in sets}):
-                compile_host(frame.n_choices, np.stack([h.rows for h in group]), list(configs.values()), width,
-                             cache.max_choices)
-        fit_seconds += time.perf_counter() - t1
+    fit_seconds = compile_first(cache, frame.n_choices, [np.stack([h.rows for h in g]) for g in groups.values()],
+                                list(configs.values()), sets, devices)
     not_converged = 0
     try:
         with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
