@@ -172,6 +172,14 @@ def copy_gbps(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / best / 1e9  # read + write
 
 
+def gram_seconds(k: int, d: int) -> float:
+    """One head's Gram matrix ``Z @ Z.T`` ((k, d) float32, numpy's symmetric rank-k update) on one core."""
+    z = np.random.default_rng(0).standard_normal((k, d), dtype=np.float32)
+    with threadpool_limits(limits=1):
+        z @ z.T
+        return min(_timed(lambda: z @ z.T) for _ in range(5))
+
+
 def _timed(f) -> float:
     t = time.perf_counter()
     f()
@@ -305,7 +313,7 @@ def main() -> None:
 
     from probekit.probe import ProbeConfig, fit_and_score, head_seed, item_frame, plan
     from probekit.probe.kernel import init_weights, mc_rows_needed
-    from probekit.probe.engine import head_key
+    from probekit.probe.engine import default_workers, head_key
     from probekit.store import Cache
 
     cache_dir = write_bench_cache(args.cache, args.items, args.layers, args.width, args.features)
@@ -323,6 +331,9 @@ def main() -> None:
     print(f"population sweep: {len(heads)} heads x {args.layers} layers = {n_fits} fits per solver "
           f"(n_train 160, pad={args.pad}: ~{m} kernel rows per head, {slots_np} answer slots in the "
           f"per-fit loop, {N} items scored per head)")
+    gram, cores = gram_seconds(m - 1, D), default_workers()
+    print(f"one head's Gram matrix alone: {gram * 1e3:.1f} ms on one core, so at most "
+          f"{cores / gram:.0f} multiple-choice fits/s on {cores} cores if nothing else cost time")
 
     # per-fit references on a sample of the same heads, last layer
     layer = cache.layers[-1]
