@@ -12,7 +12,9 @@
    fresh child process so its peak RSS is its own.
 3. Times, on a sample of the same heads and the same layer, per-fit loops a careful user would write:
    the paper recipe in plain numpy (vectorised within the fit, folded z-normalisation for scoring),
-   and scipy L-BFGS on the converged solver's loss to the same optimum.
+   and scipy L-BFGS on the converged solver's loss to the same optimum. On a CUDA machine (or with
+   ``--torch-loop``) also the paper recipe one fit at a time in torch on the GPU, which kernel
+   launches bound, and the GPU's float32 GEMM rate.
 4. Measures the machine: numpy float32 GEMM GFLOP/s and memory bandwidth (large array copy).
 
 Prints fits/s, ratios, the engine's achieved GFLOP/s (flops executed: the Gram as the symmetric
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import resource
 import shutil
 import time
@@ -39,6 +42,9 @@ import numpy as np
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
+# jax would otherwise claim most of a GPU's memory in this process, leaving none to the sweep's own
+# process or to the torch per-fit loop
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 REPO = Path(__file__).resolve().parents[1]
 MEASURES = ["grade", "difficulty", "bloom", "question_num_words", "answer_num_words"]
 C = 5
@@ -232,6 +238,68 @@ def numpy_paper_fit(X, n_choices, gold, rows, w0, pad, steps=100):
     return _softmax(s, np.ones_like(real) if pad == "zero" else real)[np.arange(N), gold]
 
 
+def torch_paper_fit(Xt, n_choices, gold, rows, w0, pad, steps=100):
+    """:func:`numpy_paper_fit` in torch on the device of ``Xt`` (the layer, (N, C, D) float32), one fit
+    at a time: the loop a careful user writes for a GPU, where it is bound by kernel launches."""
+    import torch
+
+    dev = Xt.device
+    N, Cm, D = Xt.shape
+    rows_t = torch.tensor(rows, device=dev)
+    nc = torch.tensor(n_choices, device=dev)
+    real = torch.arange(Cm, device=dev)[None, :] < nc[:, None]
+    Xtr = Xt[rows_t]
+    mask = torch.ones_like(real[rows_t]) if pad == "zero" else real[rows_t]
+    stats = Xtr.reshape(-1, D) if pad == "zero" else Xtr[mask]
+    mu, sd = stats.mean(0), stats.std(0)
+    sd = torch.where(sd == 0, torch.ones_like(sd), sd)
+    Zk = ((Xtr - mu) / sd)[mask]  # only the slots in the softmax do any work
+    n = len(rows)
+    onehot = torch.nn.functional.one_hot(torch.tensor(gold[rows], device=dev), Cm).float()
+    w = torch.tensor(w0, device=dev)
+    s = torch.empty((n, Cm), device=dev)
+    for t in range(steps):
+        s.fill_(-torch.inf)
+        s[mask] = Zk @ w
+        r = ((torch.softmax(s, -1) - onehot) / n)[mask]
+        g = Zk.T @ r + w / torch.linalg.vector_norm(w)
+        g *= torch.clamp(1.0 / (torch.linalg.vector_norm(g) + 1e-6), max=1.0)
+        w -= 0.05 * (1 - 0.9 * t / steps) * g
+    v = w / sd
+    S = (Xt.reshape(-1, D) @ v).reshape(N, Cm) - mu @ v
+    score_mask = torch.ones_like(real) if pad == "zero" else real
+    p = torch.softmax(torch.where(score_mask, S, -torch.inf), -1)
+    return p[torch.arange(N, device=dev), torch.tensor(gold, device=dev)].cpu().numpy()
+
+
+def cuda_gemm_gflops(n: int = 8192) -> float:
+    """The CUDA GPU's float32 GEMM rate with float32 arithmetic (no TF32), as the engine asks for."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(n, n, device="cuda")
+    a @ a
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    torch.cuda.synchronize()
+    return 5 * 2 * n**3 / (time.perf_counter() - t) / 1e9
+
+
+def torch_loop_device(choice: str) -> str | None:
+    """The device of the torch per-fit loop: ``auto`` is a CUDA GPU when there is one."""
+    if choice == "off":
+        return None
+    if choice != "auto":
+        return choice
+    try:
+        import torch
+    except ImportError:
+        return None
+    return "cuda" if torch.cuda.is_available() else None
+
+
 def scipy_converged_fit(X, n_choices, gold, rows, pad, Cinv=1.0):
     """The converged solver's loss minimised by scipy L-BFGS to a tight gradient: (loss, iterations)."""
     from scipy.optimize import minimize
@@ -309,6 +377,9 @@ def main() -> None:
                     help="synthetic features: a real model's covariance spectrum (default) or white noise")
     ap.add_argument("--pad", default="mask", choices=["mask", "zero"],
                     help="padded answer slots: mask (probekit's default) or zero (the protocol's zero-padding)")
+    ap.add_argument("--torch-loop", default="auto", choices=["auto", "off", "cpu", "cuda"],
+                    help="also time the paper recipe one fit at a time in torch on this device "
+                         "(auto: on a CUDA GPU when there is one)")
     args = ap.parse_args()
 
     from probekit.probe import ProbeConfig, fit_and_score, head_seed, item_frame, plan
@@ -349,6 +420,22 @@ def main() -> None:
                 t_np.append(_timed(lambda: numpy_paper_fit(X, frame.n_choices, frame.gold, h.rows, w0, args.pad)))
         print(f"  numpy paper loop with {threads or 'all'} BLAS threads: {np.median(t_np) * 1e3:.1f} ms/fit")
         ref["paper"] = min(ref["paper"], float(np.median(t_np)))
+    torch_dev = torch_loop_device(args.torch_loop)
+    if torch_dev:
+        import torch
+
+        Xt = torch.as_tensor(X, device=torch_dev)
+        t_tl = []
+        for i, h in enumerate(sample):
+            w0 = np.asarray(init_weights(head_key(head_seed(0, h.name)), D)[0])
+            if i == 0:  # warm-up, and the same numbers as the numpy loop
+                diff = np.nanmax(np.abs(torch_paper_fit(Xt, frame.n_choices, frame.gold, h.rows, w0, args.pad)
+                                        - numpy_paper_fit(X, frame.n_choices, frame.gold, h.rows, w0, args.pad)))
+            t_tl.append(_timed(lambda: torch_paper_fit(Xt, frame.n_choices, frame.gold, h.rows, w0, args.pad)))
+        ref["paper_torch"] = float(np.median(t_tl))
+        print(f"per-fit torch paper loop on {torch_dev}: {ref['paper_torch'] * 1e3:.1f} ms/fit "
+              f"(p_gold vs the numpy loop: max abs diff {diff:.1e})")
+        del Xt
     sub = sample[: max(2, len(sample) // 2)]
     t_sp, sp = [], []
     for h in sub:
@@ -383,6 +470,12 @@ def main() -> None:
     print(f"per-fit scikit-learn LogisticRegression, multinomial on question_end: {ref['multinomial'] * 1e3:.0f} ms/fit; "
           f"engine loss vs sklearn: rel diff {rel_mn:.1e}")
 
+    import jax
+
+    if jax.default_backend() == "gpu" and torch_loop_device("auto") == "cuda":  # the engine runs on the GPU
+        gemm = cuda_gemm_gflops()
+        print(f"GPU: torch float32 GEMM (no TF32, as the engine asks for) {gemm:.0f} GFLOP/s; the engine's rates "
+              f"below are beside this one")
     out_root = args.cache.parent / "results"
     runs = [("answer_end", s) for s in args.solvers.split(",")] + [("question_end", "converged")]
     for site, solver in runs:
@@ -400,6 +493,9 @@ def main() -> None:
         # scores and weight recovery (4 k D), scoring every item, the paper's 100 kernel matvecs; beside
         # them the rate with the Gram counted as a full product (2 k^2 D), as a GEMM would compute it
         executed, full = (k * (k + 1) * D + rest) / per_fit / 1e9, (2 * k * k * D + rest) / per_fit / 1e9
+        if site == "answer_end" and solver == "paper" and "paper_torch" in ref:
+            print(f"engine answer_end/paper vs the torch per-fit loop on {torch_dev}: "
+                  f"{ref['paper_torch'] / per_fit:.1f}x")
         print(f"engine {site}/{solver}: {rec['counts']['fits']} fits, {secs:.1f} s fitting and compiling "
               f"({rec['wall_seconds']:.1f} s wall with layer reads and {rec['counts']['rows']:,} rows written): "
               f"{1 / per_fit:.1f} fits/s = {versus / per_fit:.1f}x the per-fit loop; "

@@ -222,6 +222,32 @@ def test_compile_host_compiles_what_the_host_path_runs(head):
         jax.monitoring.unregister_event_duration_listener(on_event)
 
 
+@pytest.mark.parametrize("head", ["mc", "multinomial"])
+def test_every_matrix_product_asks_for_float32(head, tmp_path):
+    """Accelerators compute float32 products with rounded operands unless told otherwise (TF32 on
+    recent NVIDIA GPUs: about 1e-3 relative), which would make Gram matrices, solver steps and scores
+    differ between a GPU and this CPU. Every dot_general the engine lowers (host and device paths,
+    both solvers) must carry HIGHEST precision. Sizes unique to this test, so all of it is lowered."""
+    Xs, n_choices, gold, rng = make_problem(seed=23, N=64, D=29)
+    if head == "multinomial":
+        Xs = [X[:, 0] for X in Xs]
+    rows = np.stack([rng.choice(64, 21, replace=False) for _ in range(2)])
+    cfgs = [ProbeConfig(head=head, solver=s) for s in ("paper", "converged")]
+    jax.config.update("jax_dump_ir_to", str(tmp_path))
+    try:
+        fit_and_score_many(Xs, n_choices, gold, rows, gold[rows], np.arange(2), cfgs, host=True)
+        for cfg in cfgs:
+            fit_and_score(Xs, n_choices, gold, rows, gold[rows], np.arange(2), cfg, host=False)
+    finally:
+        jax.config.update("jax_dump_ir_to", "")
+    dots = [line for f in tmp_path.glob("*.mlir") for line in f.read_text().splitlines()
+            if "stablehlo.dot_general" in line and "f32>" in line]
+    modules = {f.name.split(".")[0] for f in tmp_path.glob("*.mlir")}
+    assert any("_fit_chunk" in m for m in modules) and any("_solve_kernel" in m for m in modules), modules
+    assert len(dots) > 5 and all("precision = [HIGHEST, HIGHEST]" in d for d in dots), \
+        [d for d in dots if "HIGHEST" not in d][:3]
+
+
 def test_paper_refits_non_finite_weights():
     """safe_fit (PROTOCOL §4): weights that come out non-finite are fitted again (clipping / 4, l2 x 4), up
     to three times; a head that never gives finite weights is flagged and earns no correct answers."""

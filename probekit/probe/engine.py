@@ -23,7 +23,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
+from functools import partial, wraps
 from typing import Callable, Sequence
 
 import jax
@@ -112,7 +112,22 @@ def _solve(kern: Kernel, cfg: ProbeConfig) -> solvers.Fit:
     return solvers.converged(kern, l2=1.0 / (cfg.C * kern.y.shape[0]), tol=cfg.tol, max_newton=cfg.max_newton)
 
 
+def _float32_products(f: Callable) -> Callable:
+    """``f`` traced with every float32 matrix product computed in float32. By default accelerators
+    round the operands of float32 products (to TF32 on recent NVIDIA GPUs, to bfloat16 on TPUs),
+    which would change Gram matrices, scores and solver steps by about 1e-3 relative and make
+    results depend on the device; on CPUs this changes nothing."""
+
+    @wraps(f)
+    def traced(*args, **kwargs):
+        with jax.default_matmul_precision("highest"):
+            return f(*args, **kwargs)
+
+    return traced
+
+
 @partial(jax.jit, static_argnames=("cfg",))
+@_float32_products
 def _solve_kernel(K, u, w0w0, grid, slot, mask, y, b0, *, cfg: ProbeConfig) -> solvers.Fit:
     """:func:`_solve` on a kernel computed on the host (one head)."""
     mc = cfg.head == "mc"
@@ -171,11 +186,12 @@ def _score(Xs, folded, offset, n_choices, gold, *, cfg: ProbeConfig):
 
 
 @partial(jax.jit, static_argnames=("cfg",))
+@_float32_products
 def _fit_chunk(Xs, *per_head, cfg: ProbeConfig):
     return jax.vmap(partial(_fit_one, cfg=cfg), in_axes=(None,) + (0,) * len(per_head))(Xs, *per_head)
 
 
-_score_jit = jax.jit(_score, static_argnames=("cfg",))
+_score_jit = jax.jit(_float32_products(_score), static_argnames=("cfg",))
 
 
 # ----- batches of heads ----------------------------------------------------------------------------
@@ -413,7 +429,7 @@ def _fit_and_score_host(Xs, n_choices, gold, rows, labels, seeds31, layout, cfgs
         u = np.zeros((m,) + w0.shape[1:], np.float32)
         for p, w in zip(parts, w0s):
             K[:k, :k] += p.Z @ p.Z.T
-            u[:k] += p.Z @ w
+            u[:k] += np.dot(p.Z, w)  # np.dot releases the GIL for a matrix-vector product; @ does not
         args = (K, u, np.vdot(w0, w0), grid, slot, mask, labels[i], b0)  # numpy: jit's own transfer is the fastest
         out = []
         with jax.default_device(devices[i % len(devices)]) if len(devices) > 1 else contextlib.nullcontext():
