@@ -255,7 +255,7 @@ def torch_paper_fit(Xt, n_choices, gold, rows, w0, pad, steps=100):
     sd = torch.where(sd == 0, torch.ones_like(sd), sd)
     Zk = ((Xtr - mu) / sd)[mask]  # only the slots in the softmax do any work
     n = len(rows)
-    onehot = torch.nn.functional.one_hot(torch.tensor(gold[rows], device=dev), Cm).float()
+    onehot = torch.nn.functional.one_hot(torch.tensor(gold[rows], device=dev).long(), Cm).float()
     w = torch.tensor(w0, device=dev)
     s = torch.empty((n, Cm), device=dev)
     for t in range(steps):
