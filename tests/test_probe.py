@@ -17,7 +17,10 @@ from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 
 from probekit.errors import ProbekitError
-from probekit.probe.engine import ProbeConfig, compile_host, fit_and_score, fit_and_score_many, head_key, head_seed
+from probekit.probe import engine
+from probekit.probe.engine import (
+    ProbeConfig, compile_host, default_chunk, fit_and_score, fit_and_score_many, head_key, head_seed,
+)
 from probekit.probe.kernel import Scratch, host_mc_rows, init_weights, mc_rows_needed, mc_slots
 
 C = 5
@@ -195,6 +198,19 @@ def test_host_and_device_paths_agree(head):
     with pytest.raises(ProbekitError, match="share head and pad"):
         fit_and_score_many(Xs, n_choices, gold, rows, gold[rows], seeds,
                            [ProbeConfig(head=head, pad="mask"), ProbeConfig(head=head, pad="zero")])
+
+
+def test_device_chunks_fill_the_budget_evenly():
+    """Chunks of heads on accelerators: as many heads as the memory budget holds, evened out over
+    the chunks a layer needs, a multiple of the device count."""
+    per_head = 3 * 4 * 488 * 4096  # one head's gathered rows, a few copies
+    assert default_chunk(488, 4096, 1) == 5  # 128 MiB where a device does not report its memory
+    assert default_chunk(488, 4096, 1, 64 * per_head, heads=75) == 38  # 2 chunks of 38, not 64 + 11
+    assert default_chunk(488, 4096, 4, 64 * per_head, heads=75) == 40
+    assert default_chunk(488, 4096, 1, 1 << 40, heads=75) == 75  # one chunk, no padding
+    assert default_chunk(488, 4096, 1, 1 << 40, heads=5000) == 500  # at most 512: 10 chunks of 500
+    assert default_chunk(488, 4096, 8, 1) == 8  # never fewer heads than devices
+    assert engine._device_budget(jax.devices("cpu")) == 128 << 20  # CPUs report no memory
 
 
 @pytest.mark.parametrize("head", ["mc", "multinomial"])

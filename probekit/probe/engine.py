@@ -227,12 +227,34 @@ def put_layer(X: np.ndarray | jax.Array, devices: Sequence[jax.Device] | None = 
     return jax.device_put(X, NamedSharding(_mesh(devices), PartitionSpec()))
 
 
-def default_chunk(n_rows: int, dim: int, n_devices: int, budget_bytes: int = 128 << 20) -> int:
+_HOST_BUDGET = 128 << 20  # bytes of gathered rows per chunk where a device does not report its memory
+_MAX_CHUNK = 512
+
+
+def _device_budget(devices: Sequence[jax.Device] | None = None) -> int:
+    """Bytes a chunk of heads may use: a quarter of the memory still free on the fullest device (as
+    its allocator reports it, the replicated layer already counted), or 128 MiB where a device does
+    not report its memory (CPUs)."""
+    free = []
+    for d in devices or jax.devices():
+        stats = d.memory_stats() or {}
+        if "bytes_limit" not in stats:
+            return _HOST_BUDGET
+        free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    return max(_HOST_BUDGET, min(free) // 4)
+
+
+def default_chunk(n_rows: int, dim: int, n_devices: int, budget_bytes: int = _HOST_BUDGET,
+                  heads: int | None = None) -> int:
     """Heads per chunk: as many as keep ``budget_bytes`` of gathered rows (a few copies of each head's
-    (n_rows, dim) rows live at once), a multiple of the device count, at most 64."""
+    (n_rows, dim) rows live at once), a multiple of the device count, at most 512. Given the number
+    of ``heads``, the chunks are evened out (75 heads at most 64 a chunk: two chunks of 38, not 64
+    and 11 padded to 64)."""
     per_head = 3 * 4 * n_rows * dim
-    h = max(1, budget_bytes // per_head) // n_devices * n_devices
-    return int(min(max(h, n_devices), 64))
+    h = min(_MAX_CHUNK, max(1, budget_bytes // per_head))
+    if heads is not None:
+        h = -(-heads // -(-heads // h))  # the same number of chunks, as even as can be
+    return int(max(n_devices, -(-h // n_devices) * n_devices))
 
 
 def default_workers() -> int:
@@ -270,8 +292,9 @@ def fit_and_score(
     scoring use numpy BLAS in ``workers`` threads (default: one per core; BLAS itself runs
     single-threaded meanwhile), and the solver runs jitted on the head's kernel, heads spread over
     ``devices`` in turn. Otherwise (the default on accelerators) heads are fitted in chunks of
-    ``chunk`` heads, each one jitted, vmapped computation sharded over ``devices`` along the head
-    axis.
+    ``chunk`` heads (default: as many as a quarter of the devices' free memory holds, see
+    :func:`default_chunk`), each one jitted, vmapped computation sharded over ``devices`` along the
+    head axis.
 
     Example:
         >>> res = fit_and_score([X], n_choices, gold, rows, labels, seeds, ProbeConfig(pad="zero"))
@@ -518,11 +541,12 @@ def _fit_and_score_device(Xs, n_choices, gold, rows, labels, seeds31, layout, cf
     mesh = _mesh(devices)
     n_dev = mesh.devices.size
     dim = sum(X.shape[-1] for X in Xs)
-    h_chunk = chunk or default_chunk(layout[0].shape[1] if cfg.head == "mc" else n, dim, n_dev)
-    h_chunk = max(n_dev, -(-h_chunk // n_dev) * n_dev)
     replicated = NamedSharding(mesh, PartitionSpec())
     by_head = NamedSharding(mesh, PartitionSpec("heads"))
     Xd = [put_layer(X, devices) for X in Xs]
+    h_chunk = chunk or default_chunk(layout[0].shape[1] if cfg.head == "mc" else n, dim, n_dev,
+                                     _device_budget(mesh.devices.flat), H)
+    h_chunk = max(n_dev, -(-h_chunk // n_dev) * n_dev)
     nc_d = jax.device_put(n_choices, replicated)
     gold_d = jax.device_put(gold, replicated)
     per_head = [rows, labels, seeds31, *layout]
