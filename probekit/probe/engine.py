@@ -231,12 +231,12 @@ _HOST_BUDGET = 128 << 20  # bytes of gathered rows per chunk where a device does
 _MAX_CHUNK = 512
 
 
-def _device_budget(devices: Sequence[jax.Device] | None = None) -> int:
+def _device_budget(devices: Sequence[jax.Device]) -> int:
     """Bytes a chunk of heads may use: a quarter of the memory still free on the fullest device (as
     its allocator reports it, the replicated layer already counted), or 128 MiB where a device does
     not report its memory (CPUs)."""
     free = []
-    for d in devices or jax.devices():
+    for d in devices:
         stats = d.memory_stats() or {}
         if "bytes_limit" not in stats:
             return _HOST_BUDGET
