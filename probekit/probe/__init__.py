@@ -9,10 +9,10 @@
 
 from probekit.probe.engine import HeadResults, ProbeConfig, fit_and_score, fit_and_score_many, head_seed
 from probekit.probe.hardness import MDL_SIZES, hardness
-from probekit.probe.plan import EXPERIMENTS, Head, item_frame, parse_layers, plan
+from probekit.probe.plan import EXPERIMENTS, Head, item_frame, plan
 from probekit.probe.sweep import RESULTS, SCHEMA, SWEEP_JSON, sweep
 
 __all__ = [
     "EXPERIMENTS", "MDL_SIZES", "RESULTS", "SCHEMA", "SWEEP_JSON", "Head", "HeadResults", "ProbeConfig",
-    "fit_and_score", "fit_and_score_many", "hardness", "head_seed", "item_frame", "parse_layers", "plan", "sweep",
+    "fit_and_score", "fit_and_score_many", "hardness", "head_seed", "item_frame", "plan", "sweep",
 ]

@@ -20,8 +20,9 @@ import numpy as np
 
 from probekit.data.draws import train_draw
 from probekit.errors import ProbekitError
+from probekit.layers import feature_sets
 from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, put_layer
-from probekit.probe.plan import item_frame, layer_label, parse_layers
+from probekit.probe.plan import item_frame, layer_label
 from probekit.probe.sweep import HARDNESS_FILE, SITE_HEAD, Progress, compile_first, open_cache, read_features
 from probekit.store import Cache
 
@@ -62,7 +63,7 @@ def hardness(
         raise ProbekitError(f"hardness sizes must be at least 2, got {sizes}")
     if len(frame.holdout) == 0:
         raise ProbekitError(f"cache {cache.path} has no hold-out items (pool == 'holdout') to fit hardness probes on")
-    sets = parse_layers(layers, cache.layers, cache.manifest.get("model", {}).get("n_layers"))
+    sets = feature_sets(layers, cache.manifest.get("model", {}).get("n_layers"), cache.layers)
     cfg = ProbeConfig(head=SITE_HEAD[site], solver=solver, pad=pad)
     pools = [train_draw(frame.holdout, sizes[-1], seed=seed, draw=b, key="mdl/holdout") for b in range(draws)]
     compile_first(cache, frame.n_choices, [np.stack([pool[:n] for pool in pools]) for n in sizes], [cfg], sets, devices)

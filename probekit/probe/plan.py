@@ -7,7 +7,6 @@ measure, labelled by each measure's test levels).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -166,38 +165,6 @@ def plan(
                                                   key=f"{key}/{n}/{rate:g}")
                         heads.append(Head(experiment, level, b, n, rate, rows, labels, exclude, group))
     return heads
-
-
-def parse_layers(spec: str | Sequence[int], cache_layers: Sequence[int], n_model_layers: int | None) -> list[tuple[int, ...]]:
-    """Feature sets from a layer spec: a comma list of ``all``, ``last``, ``middle``,
-    ``middle_and_last`` (the two concatenated, middle first, PROTOCOL §3), layer indices, and
-    ``a+b`` concatenations.
-
-    Example:
-        >>> parse_layers("17,15+30", range(33), 32)
-        [(17,), (15, 30)]
-    """
-    have = list(cache_layers)
-    L = int(n_model_layers) if n_model_layers is not None else max(have)
-    middle = math.ceil((L + 1) / 2)
-    named = {"all": [(x,) for x in have], "last": [(L,)], "middle": [(middle,)], "middle_and_last": [(middle, L)]}
-    parts = [str(x) for x in spec] if not isinstance(spec, str) else [p.strip() for p in spec.split(",") if p.strip()]
-    sets: list[tuple[int, ...]] = []
-    for part in parts:
-        try:
-            found = named[part] if part in named else [tuple(int(x) for x in part.split("+"))]
-        except ValueError:
-            raise ProbekitError(
-                f"layers {spec!r}: expected all, last, middle, middle_and_last or a list like 15,30 or 15+30"
-            ) from None
-        sets.extend(s for s in found if s not in sets)
-    for s in sets:
-        for x in s:
-            if x not in have:
-                raise ProbekitError(f"layer {x} is not in the cache (it holds layers {have})")
-    if not sets:
-        raise ProbekitError(f"layers {spec!r} names no layer")
-    return sets
 
 
 def layer_label(layers: Sequence[int]) -> str:

@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
+from probekit.layers import feature_sets
 from probekit.probe.engine import ProbeConfig, compile_host, fit_and_score_many, head_seed, on_host, put_layer
-from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, parse_layers, plan
+from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan
 from probekit.store import Cache
 
 RESULTS = "results.parquet"
@@ -237,8 +238,9 @@ def sweep(
     dataset; their rows join the table as heads with site and solver "icl" (see :func:`icl_tables`).
 
     ``experiment``: population | all_to_all | learning_curve | label_noise (see
-    :func:`probekit.probe.plan.plan`). ``layers``: all | last | middle | middle_and_last | "15,30" |
-    "15+30". ``site``: answer_end (multiple-choice head) or question_end (multinomial head).
+    :func:`probekit.probe.plan.plan`). ``layers``: a layer spec (:mod:`probekit.layers`): all | last |
+    middle | middle_and_last | "15,30" | "15+30" | "-1". ``site``: answer_end (multiple-choice head)
+    or question_end (multinomial head).
     ``solver``: paper, converged or both. ``pad``: mask (default) or zero (the protocol's
     zero-padding). ``C``: converged solver's inverse regularisation (scikit-learn's C).
     ``levels``: restrict the training levels (e.g. ``["easy", "hard"]``).
@@ -262,7 +264,7 @@ def sweep(
     dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
     items, measures = load_items(cache, measures)
     frame = item_frame(items, dataset, measures, cutoffs)
-    sets = parse_layers(layers, cache.layers, cache.manifest.get("model", {}).get("n_layers"))
+    sets = feature_sets(layers, cache.manifest.get("model", {}).get("n_layers"), cache.layers)
     heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
                  levels=levels)
 
