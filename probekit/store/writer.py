@@ -501,6 +501,7 @@ def write_cache(
     rank: int = 0,
     world_size: int = 1,
     verify: bool = False,
+    on_start: Callable[[list[tuple[int, int]]], None] | None = None,
     on_shard: Callable[[int], None] | None = None,
 ) -> list[int]:
     """Write (or finish) a cache from item rows and arrays; returns the shard indices written.
@@ -510,8 +511,10 @@ def write_cache(
     ``(n_layers, n_items, d)``, anything sliceable along the item axis such as a memmap or an h5py
     dataset) and ``"choice_sum"``, ``"choice_tokens"`` to ``(n_items, C)`` arrays; or it is a
     callable ``(lo, hi) -> mapping`` returning those arrays for rows ``lo:hi`` only, so a cache
-    larger than memory is produced one shard at a time. ``on_shard(k)`` is called after each shard.
-    Uses :class:`CacheWriter`, so the result is resumable and takes the directory lock.
+    larger than memory is produced one shard at a time (a shard's arrays are released before the next
+    shard's are fetched). ``on_start(ranges)`` is called once, under the lock and before the first
+    fetch, with the item rows ``(lo, hi)`` of every shard still to write; ``on_shard(k)`` after each
+    shard. Uses :class:`CacheWriter`, so the result is resumable and takes the directory lock.
     """
     items = items.reset_index(drop=True)
     needed = [*ITEM_FIELDS, *measures]
@@ -526,7 +529,10 @@ def write_cache(
     )
     written = []
     with writer:
-        for k in writer.pending_shards(verify=verify):
+        pending = writer.pending_shards(verify=verify)
+        if on_start is not None:
+            on_start([writer.shard_range(k) for k in pending])
+        for k in pending:
             lo, hi = writer.shard_range(k)
             data, rows = fetch(lo, hi), items.iloc[lo:hi]
             absent = [key for key in (*sites, *LOGPROB_KEYS) if key not in data]
@@ -541,6 +547,7 @@ def write_cache(
                 for site in sites:
                     sw.write_hidden(0, site, data[site])
                 sw.write_logprobs(0, choice_sum=data["choice_sum"], choice_tokens=data["choice_tokens"])
+            del data  # before the next shard's arrays are fetched
             written.append(k)
             if on_shard is not None:
                 on_shard(k)
