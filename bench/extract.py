@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+sys.path.insert(0, str(REPO))  # for tests.reference: the per-choice and bare-forward references
 
 
 def load_items(n: int):
@@ -53,14 +54,9 @@ def load_items(n: int):
 
 
 def load_lm(threads: int | None):
-    import torch
+    from probekit.extract.models import ModelSpec, load_model
 
-    from probekit.extract.run import prepare_model
-
-    if threads:
-        torch.set_num_threads(threads)
-    return prepare_model(None, dtype="float32", quantize=None, device="cpu", device_map=None, bnb_4bit_type="nf4",
-                         compute_dtype=None, cache_root=REPO / "cache", local_rank=0, world_size=1)
+    return load_model(ModelSpec(dtype="float32", device="cpu", cache_root=REPO / "cache", threads=threads or None))
 
 
 def child(n: int, threads: int | None, shard_size: int, batch_size: int) -> None:
@@ -109,13 +105,15 @@ def main() -> None:
 
     import torch
 
-    from probekit.extract.capture import bare_forward, capture_batch, capture_naive, resolve_layers
+    from probekit.extract.capture import capture_batch
     from probekit.extract.run import encode_rows, extract, length_batches
+    from probekit.layers import resolve_layers
+    from tests.reference import bare_forward, capture_naive
 
     lm = load_lm(args.threads)
     items = load_items(args.items)
     table = items.table
-    enc = encode_rows(lm, table, items.prompt_template, lm.extras["rules"])
+    enc = encode_rows(lm, table, items.prompt_template, lm.rules)
     layers = resolve_layers("middle_and_last", lm.n_layers)
     sites = ["answer_end", "question_end"]
     C = items.max_choices

@@ -42,7 +42,8 @@ def extract_cmd(
     bnb_4bit_type: str = typer.Option("nf4", "--bnb-4bit-type", help="4-bit quantization type: nf4 | fp4."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto."),
     device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs."),
-    layers: str = typer.Option("all", "--layers", help="all | middle_and_last | comma-separated hidden_states indices (0 = embeddings, L = last)."),
+    layers: str = typer.Option("all", "--layers", help="all | middle_and_last | middle | last | comma-separated hidden_states "
+                               "indices (0 = embeddings, L = last, -1 = L); the grammar `probekit sweep --layers` reads."),
     sites: str = typer.Option("answer_end,question_end", "--sites", help="Token positions: answer_end, question_end."),
     batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (all choices of an item share one row)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Items per HDF5 shard (the unit of resuming)."),
@@ -73,34 +74,28 @@ def extract_cmd(
     with clean_errors():
         from probekit.data import load_dataset
         from probekit.errors import ProbekitError
+        from probekit.extract.models import ModelSpec
 
         if quantize is not None and quantize not in ("8bit", "4bit"):
             raise ProbekitError(f"--quantize {quantize!r}: choose 8bit or 4bit")
         if limit is not None and limit < 1:
             raise ProbekitError(f"--limit {limit}: must be a positive integer")
-        if threads is not None:
-            if threads < 1:
-                raise ProbekitError(f"--threads {threads}: must be a positive integer")
-            import torch
-
-            torch.set_num_threads(threads)
-        if dtype == "auto":
-            import torch
-
-            on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()) or device_map is not None
-            dtype = "float16" if on_gpu else "float32"
+        if threads is not None and threads < 1:
+            raise ProbekitError(f"--threads {threads}: must be a positive integer")
+        spec = ModelSpec(model=model, dtype=dtype, quantize=quantize, bnb_4bit_type=bnb_4bit_type, device=device,
+                         device_map=device_map, threads=threads)  # "auto" is settled when it loads
+        spec.validate()
         items = load_dataset(dataset, data_dir=data_dir)
         target = out or _default_out(model, quantize, bnb_4bit_type, items.name if Path(dataset).suffix == "" else Path(dataset).stem,
                                      limit, icl, demos_from, measure)
-        common = dict(dtype=dtype, quantize=quantize, bnb_4bit_type=bnb_4bit_type, device=device,
-                      device_map=device_map, limit=limit, progress=not no_progress, batch_size=batch_size)
+        common = dict(limit=limit, progress=not no_progress, batch_size=batch_size)
         if icl is not None:
             from probekit.extract.icl import extract_icl
 
-            summary = extract_icl(items, target, model, k=icl, demos_from=demos_from, measure=measure,
+            summary = extract_icl(items, target, spec, k=icl, demos_from=demos_from, measure=measure,
                                   draws=draws, seed=seed, **common)
         else:
             from probekit.extract.run import extract
 
-            summary = extract(items, target, model, layers=layers, sites=sites, shard_size=shard_size, **common)
+            summary = extract(items, target, spec, layers=layers, sites=sites, shard_size=shard_size, **common)
         console.print(summary.line(), highlight=False, soft_wrap=True)

@@ -44,10 +44,9 @@ def _one_torch_thread():
 @pytest.fixture(scope="session")
 def lm():
     """The real model, loaded once (converted from the GGUF into cache/models on first use)."""
-    from probekit.extract.run import prepare_model
+    from probekit.extract.models import ModelSpec, load_model
 
-    return prepare_model(None, dtype="float32", quantize=None, device="cpu", device_map=None, bnb_4bit_type="nf4",
-                         compute_dtype=None, cache_root=CACHE_ROOT, local_rank=0, world_size=1)
+    return load_model(ModelSpec(dtype="float32", device="cpu", cache_root=CACHE_ROOT))
 
 
 @pytest.fixture(scope="session")
@@ -66,7 +65,7 @@ def _encode(lm, raw_items):
     from probekit.data.prompts import render_prompt
     from probekit.extract.tokens import encode_item
 
-    rules = lm.extras["rules"]
+    rules = lm.rules
     return [encode_item(lm.tokenizer, render_prompt(r["question"], r["choices"]["text"]), r["choices"]["text"], rules, r["id"])
             for r in raw_items]
 
@@ -104,7 +103,8 @@ def _direct(lm, prompt, choices):
 
 # ----- layers and sites ----------------------------------------------------------------------------
 def test_resolve_layers_and_sites():
-    from probekit.extract.capture import resolve_layers, resolve_sites
+    from probekit.extract.capture import resolve_sites
+    from probekit.layers import resolve_layers
 
     assert resolve_layers("middle_and_last", 30) == [16, 30]
     assert resolve_layers("middle_and_last", 32) == [17, 32]  # Llama-2-7b (PROTOCOL §3)
@@ -124,7 +124,8 @@ def test_resolve_layers_and_sites():
 
 # ----- capture against references ------------------------------------------------------------------
 def test_prefix_shared_equals_per_choice_pass(lm, mixed_items):
-    from probekit.extract.capture import capture_batch, capture_naive
+    from probekit.extract.capture import capture_batch
+    from tests.reference import capture_naive
 
     enc = _encode(lm, mixed_items)
     layers = [0, 5, 17, 30]
@@ -177,12 +178,10 @@ def test_quantized_capture_equals_direct_forward(mixed_items, quantize, threshol
     """bitsandbytes on the CPU: 8-bit without outlier columns is row-wise, so it matches exactly; the
     4-bit CPU kernels round at bfloat16 level depending on the matrix shape, so 4-bit matches to ~1e-2."""
     from probekit.extract.capture import capture_batch
-    from probekit.extract.models import ModelSpec
-    from probekit.extract.run import prepare_model
+    from probekit.extract.models import ModelSpec, load_model
 
     spec = ModelSpec(quantize=quantize, int8_threshold=threshold, bnb_4bit_type="nf4", cache_root=CACHE_ROOT)
-    qlm = prepare_model(spec, dtype="float32", quantize=None, device="cpu", device_map=None, bnb_4bit_type="nf4",
-                        compute_dtype=None, cache_root=CACHE_ROOT, local_rank=0, world_size=1)
+    qlm = load_model(spec)
     layer_type = type(qlm.model.model.layers[3].mlp.down_proj).__name__
     assert layer_type == ("Linear8bitLt" if quantize == "8bit" else "Linear4bit")
     assert qlm.identity["quantization"]["bits"] == (8 if quantize == "8bit" else 4)
@@ -200,12 +199,9 @@ def test_quantized_capture_equals_direct_forward(mixed_items, quantize, threshol
 def test_int8_outlier_threshold_is_close_not_exact(mixed_items):
     """LLM.int8 picks outlier columns per forward pass, so a packed batch differs slightly from a lone sequence."""
     from probekit.extract.capture import capture_batch
-    from probekit.extract.models import ModelSpec
-    from probekit.extract.run import prepare_model
+    from probekit.extract.models import ModelSpec, load_model
 
-    qlm = prepare_model(ModelSpec(quantize="8bit", cache_root=CACHE_ROOT), dtype="float32", quantize=None,
-                        device="cpu", device_map=None, bnb_4bit_type="nf4", compute_dtype=None,
-                        cache_root=CACHE_ROOT, local_rank=0, world_size=1)
+    qlm = load_model(ModelSpec(quantize="8bit", cache_root=CACHE_ROOT))
     assert qlm.identity["quantization"]["int8_threshold"] == 6.0
     enc = _encode(qlm, mixed_items[:2])
     cap = capture_batch(qlm, enc, [30], ["answer_end"], max_choices=4)
@@ -302,7 +298,7 @@ def test_pipeline_writes_what_the_capture_computes(tmp_path, lm, arc):
     assert man["model"]["id"] == "SmolLM2-135M-Instruct" and man["dataset"]["fingerprint"]
     assert man["prompt"]["template"] == "0040" and man["layers"] == [5, 30]
     # reference: one capture of all ten items in a single batch (per-choice equality is tested above)
-    ref = capture_batch(lm, encode_rows(lm, table, "0040", lm.extras["rules"]), [5, 30],
+    ref = capture_batch(lm, encode_rows(lm, table, "0040", lm.rules), [5, 30],
                         ["answer_end", "question_end"], max_choices=arc.max_choices)
     for li, layer in enumerate([5, 30]):
         np.testing.assert_allclose(hidden[("answer_end", layer)], ref.answer_end[li], rtol=2e-3, atol=2e-3)
@@ -391,7 +387,7 @@ def test_icl_shared_prefix_equals_full_prompt(lm, arc):
 
     table = arc.table
     rows, demos = np.arange(3), np.array([10, 11])
-    plan = plan_draw(lm, arc, rows, demos, 0, lm.extras["rules"], max_seq_len=2048)
+    plan = plan_draw(lm, arc, rows, demos, 0, lm.rules, max_seq_len=2048)
     assert plan.k_used == 2 and len(plan.prefix_ids) > 80
     csum, ctok = score_plan(lm, plan, arc.max_choices, batch_size=3)
     examples = [(table.at[r, "question"], list(table.at[r, "choices"]), table.at[r, "choices"][table.at[r, "label"]])
@@ -404,7 +400,7 @@ def test_icl_shared_prefix_equals_full_prompt(lm, arc):
         for j, (_, _, total) in enumerate(_direct(lm, full, e.choices)):
             assert csum[i, j] == pytest.approx(total, abs=5e-4)
     # a prompt longer than max_seq_len drops demonstrations from the end
-    short = plan_draw(lm, arc, rows, demos, 0, lm.extras["rules"], max_seq_len=len(plan.encoded[0].prompt) - 20)
+    short = plan_draw(lm, arc, rows, demos, 0, lm.rules, max_seq_len=len(plan.encoded[0].prompt) - 20)
     assert short.k_used == 1
 
 

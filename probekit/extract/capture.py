@@ -5,8 +5,8 @@ becomes ONE packed row: ``prompt + choice_0 + choice_1 + ...`` with a 4-D attent
 the prompt is causal, each choice attends to the whole prompt and causally to itself (never to
 another choice), and the position ids of every choice continue from the end of the prompt. Rows
 are right-padded and several items run in one forward. This is the same computation as running
-``prompt + choice_j`` separately for every j (``capture_naive``, the reference), with the prompt's
-work done once instead of once per choice.
+``prompt + choice_j`` separately for every j (the tests' reference, ``tests/reference.py``), with
+the prompt's work done once instead of once per choice.
 
 An optional :class:`Prefix` (the k-shot demonstrations of an ICL draw) is run once; its key/value
 cache is reused by every batch that continues it.
@@ -22,7 +22,6 @@ after the final norm) the capture returns:
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,44 +31,6 @@ from probekit.errors import ProbekitError
 from probekit.extract.tokens import Encoded
 
 SITES = ("answer_end", "question_end")
-
-
-def resolve_layers(layers: str | int | Sequence[int], n_layers: int) -> list[int]:
-    """Indices into the ``hidden_states`` tuple (length ``n_layers + 1``).
-
-    ``"all"`` -> 0..L; ``"middle_and_last"`` -> [ceil((L+1)/2), L] (PROTOCOL §3); ``"last"``; a
-    list such as ``[0, 5, 17]`` or the string ``"0,5,17"``. Negative indices count from the end.
-    """
-    L = int(n_layers)
-    if isinstance(layers, str):
-        text = layers.strip()
-        if text == "all":
-            return list(range(L + 1))
-        if text == "middle_and_last":
-            return [math.ceil((L + 1) / 2), L]
-        if text == "middle":
-            return [math.ceil((L + 1) / 2)]
-        if text == "last":
-            return [L]
-        try:
-            layers = [int(p) for p in text.split(",") if p.strip()]
-        except ValueError:
-            raise ProbekitError(
-                f"layers={text!r}: expected all, middle_and_last, middle, last or comma-separated integers"
-            ) from None
-    elif isinstance(layers, (int, np.integer)):
-        layers = [int(layers)]
-    out: list[int] = []
-    for v in layers:
-        v = int(v)
-        idx = v + L + 1 if v < 0 else v
-        if not 0 <= idx <= L:
-            raise ProbekitError(f"layer {v} is out of range: this model has hidden_states indices 0..{L}")
-        if idx not in out:
-            out.append(idx)
-    if not out:
-        raise ProbekitError("layers: no layer requested")
-    return out
 
 
 def resolve_sites(sites: str | Sequence[str]) -> list[str]:
@@ -286,7 +247,7 @@ def capture_batch(
     base, head = _parts(lm)
     layers = list(layers) if sites else []
     plen = len(prefix) if prefix is not None else 0
-    ids, pos, seg, starts = pack_batch(batch, lm.extras.get("pad_id", 0), offset=plen)
+    ids, pos, seg, starts = pack_batch(batch, lm.pad_id, offset=plen)
     dev = lm.device
     mask = packed_mask(seg, plen, _compute_dtype(lm)).to(dev)
     kwargs: dict[str, Any] = {}
@@ -339,82 +300,3 @@ def _gather_hidden(out, layers, sites, batch, p_end, starts, max_choices, d):
             h = hs[layer]
             qe[li] = h[rows.to(h.device), cols.to(h.device)].float().cpu().numpy()
     return ae, qe
-
-
-@_no_grad
-def capture_naive(
-    lm, batch: Sequence[Encoded], layers: Sequence[int], sites: Sequence[str], max_choices: int
-) -> Captured:
-    """Reference path: every (item, choice) runs as its own left-padded sequence ``prompt + choice``."""
-    import torch
-
-    _check_fits(batch, max_choices)
-    base, head = _parts(lm)
-    layers = list(layers) if sites else []
-    seqs, owners = [], []
-    for i, e in enumerate(batch):
-        for j, c in enumerate(e.choices):
-            seqs.append(e.prompt + c)
-            owners.append((i, j))
-    width = max(len(s) for s in seqs)
-    n = len(seqs)
-    pad = lm.extras.get("pad_id", 0)
-    ids = np.full((n, width), pad, dtype=np.int64)
-    att = np.zeros((n, width), dtype=np.int64)
-    pos = np.zeros((n, width), dtype=np.int64)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = s
-        att[r, width - len(s):] = 1
-        pos[r, width - len(s):] = np.arange(len(s))
-    dev = lm.device
-    out = base(
-        input_ids=torch.as_tensor(ids, device=dev),
-        attention_mask=torch.as_tensor(att, device=dev),
-        position_ids=torch.as_tensor(pos, device=dev),
-        output_hidden_states=_hidden_request(layers),
-        use_cache=False,
-    )
-    b, d = len(batch), lm.hidden_size
-    ae = np.zeros((len(layers), b, max_choices, d), dtype=np.float32) if "answer_end" in sites and layers else None
-    qe = np.zeros((len(layers), b, d), dtype=np.float32) if "question_end" in sites and layers else None
-    for li, layer in enumerate(layers):
-        h = out.hidden_states[layer].float().cpu().numpy()
-        for r, (i, j) in enumerate(owners):
-            if ae is not None:
-                ae[li, i, j] = h[r, -1]
-            if qe is not None and j == 0:
-                qe[li, i] = h[r, width - 1 - len(batch[i].choices[j])]
-    rows, poss, tgts, oi, oj = [], [], [], [], []
-    for r, (i, j) in enumerate(owners):
-        t_len = len(batch[i].choices[j])
-        for t, tok in enumerate(batch[i].choices[j]):
-            rows.append(r)
-            poss.append(width - t_len - 1 + t)
-            tgts.append(tok)
-            oi.append(i)
-            oj.append(j)
-    choice_sum, choice_tokens = _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, b, max_choices, batch)
-    return Captured(ae, qe, choice_sum, choice_tokens, int(sum(e.n_tokens_naive for e in batch)))
-
-
-@_no_grad
-def bare_forward(lm, batch: Sequence[Encoded], scores: bool = True) -> int:
-    """The packed forward with no hidden states kept and nothing written: the floor capture is measured against.
-
-    With ``scores`` the choice log-probs are computed too (the logits a plain causal-LM forward
-    gives, at the positions that score choices); without, only the transformer body runs.
-    """
-    import torch
-
-    base, head = _parts(lm)
-    ids, pos, seg, starts = pack_batch(batch, lm.extras.get("pad_id", 0))
-    dev = lm.device
-    mask = packed_mask(seg, 0, _compute_dtype(lm)).to(dev)
-    out = base(input_ids=torch.as_tensor(ids, device=dev), attention_mask=mask,
-               position_ids=torch.as_tensor(pos, device=dev), use_cache=False)
-    if scores:
-        p_end = [len(e.prompt) - 1 for e in batch]
-        rows, poss, tgts, oi, oj = _targets(batch, p_end, starts)
-        _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, len(batch),
-                max(len(e.choices) for e in batch), batch)
-    return int(sum(e.n_tokens_shared for e in batch))

@@ -236,7 +236,7 @@ def extract_icl(
     lm = prepare_model(model, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
                        bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype, cache_root=cache_root,
                        local_rank=local, world_size=world)
-    rules: TokenRules = lm.extras["rules"]
+    rules = lm.rules
     max_choices = int(items.max_choices)
     out = Path(out_dir)
     header = {

@@ -17,17 +17,19 @@ import os
 import shutil
 import socket
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from probekit.errors import ProbekitError
+from probekit.extract.tokens import TokenRules, token_rules
 from probekit.store.layout import sha256_file
 
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DTYPES = ("float32", "float16", "bfloat16")
+AUTO = "auto"
 QUANTIZE = (None, "8bit", "4bit")
 BNB_4BIT_TYPES = ("nf4", "fp4")
 HASH_FILE = ".probekit-weights-sha256.json"
@@ -58,13 +60,17 @@ class ModelSpec:
 
     model: hub id, local folder, a ``.gguf`` file, or None for the offline SmolLM2 default.
     dtype: ``float32`` | ``float16`` | ``bfloat16`` (weights and activations; for 8/4-bit the dtype
-    of the layers bitsandbytes leaves unquantized).
+    of the layers bitsandbytes leaves unquantized) | ``auto`` (float16 on a GPU or with a device
+    map, float32 on the CPU).
     quantize: None | ``"8bit"`` | ``"4bit"`` (bitsandbytes); ``bnb_4bit_type`` ``nf4`` (default) or
     ``fp4``; ``compute_dtype`` of the 4-bit matmuls (default: ``dtype``); ``int8_threshold`` the
     LLM.int8 outlier threshold (bitsandbytes default 6.0; with outlier columns chosen per forward
     pass, 8-bit results depend slightly on what else is in the batch; 0 turns that off).
     device: ``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` (cuda when available); ``device_map``
     (e.g. ``"auto"``) spreads a large model over several GPUs and overrides ``device``.
+    threads: torch CPU threads, set when the model loads (None: torch's choice).
+
+    "auto" is settled in one place, :meth:`resolved`, which :func:`load_model` applies.
     """
 
     model: str | None = None
@@ -78,10 +84,11 @@ class ModelSpec:
     revision: str | None = None
     cache_root: Path | str | None = None
     trust_remote_code: bool = False
+    threads: int | None = None
 
     def validate(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ProbekitError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.dtype not in (*DTYPES, AUTO):
+            raise ProbekitError(f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}, {AUTO}")
         if self.quantize not in QUANTIZE:
             raise ProbekitError(f"quantize={self.quantize!r} is not one of 8bit, 4bit (or none)")
         if self.bnb_4bit_type not in BNB_4BIT_TYPES:
@@ -89,13 +96,40 @@ class ModelSpec:
         if self.compute_dtype is not None and self.compute_dtype not in DTYPES:
             raise ProbekitError(f"compute_dtype={self.compute_dtype!r} is not one of {', '.join(DTYPES)}")
         dev = str(self.device)
-        if not (dev in ("cpu", "cuda", "auto") or dev.startswith("cuda:")):
+        if not (dev in ("cpu", "cuda", AUTO) or dev.startswith("cuda:")):
             raise ProbekitError(f"device={self.device!r} is not one of cpu, cuda, cuda:N, auto")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            raise ProbekitError(f"threads={self.threads!r} must be a positive integer")
+
+    def resolved(self, local_rank: int = 0, world_size: int = 1) -> "ModelSpec":
+        """This spec with every "auto" settled (a spec without any comes back equal).
+
+        device: ``auto`` is cuda when a GPU is visible, else cpu; under several processes
+        (``world_size > 1``, no device map) ``cuda``/``auto`` become ``cuda:<local_rank mod GPUs>``.
+        dtype: ``auto`` is float16 on a GPU or with a device map, float32 on the CPU.
+        """
+        self.validate()
+        device = str(self.device)
+        if device in ("cuda", AUTO) and world_size > 1 and self.device_map is None and _cuda_count() > 0:
+            device = f"cuda:{local_rank % _cuda_count()}"
+        elif device == AUTO:
+            device = "cuda" if _cuda_count() > 0 else "cpu"
+        dtype = self.dtype
+        if dtype == AUTO:
+            dtype = "float16" if device.startswith("cuda") or self.device_map is not None else "float32"
+        return replace(self, device=device, dtype=dtype)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready for capture, with its tokenizer and manifest identity."""
+    """A causal LM ready for capture, with its tokenizer, how that tokenizer is used, and its manifest identity."""
 
     model: Any
     tokenizer: Any
@@ -104,12 +138,12 @@ class LoadedModel:
     n_layers: int
     hidden_size: int
     device: Any
-    extras: dict = field(default_factory=dict)
+    rules: TokenRules
 
     @property
-    def slug(self) -> str:
-        """A file-name-safe short name, e.g. ``SmolLM2-135M-Instruct``."""
-        return model_slug(self.name)
+    def pad_id(self) -> int:
+        """The token id padded positions hold (masked out; any id would do)."""
+        return self.rules.pad_id
 
 
 def model_slug(name: str) -> str:
@@ -338,11 +372,10 @@ def _quantization_config(spec: ModelSpec):
 
 
 def _device(spec: ModelSpec):
+    """The torch device of a resolved spec, after checking it exists."""
     import torch
 
     dev = str(spec.device)
-    if dev == "auto":
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev.startswith("cuda") and not torch.cuda.is_available():
         raise ProbekitError(f"device={spec.device!r} requested but no CUDA device is available")
     return torch.device(dev)
@@ -367,7 +400,10 @@ def _materialize_cpu_weights(model) -> None:
 
 
 def load_model(spec: ModelSpec | None = None, **kwargs) -> LoadedModel:
-    """Load a causal LM and its tokenizer as ``spec`` says (keyword arguments build a :class:`ModelSpec`)."""
+    """Load a causal LM and its tokenizer as ``spec`` says (keyword arguments build a :class:`ModelSpec`).
+
+    An "auto" device or dtype is settled by :meth:`ModelSpec.resolved` (single process).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -377,7 +413,9 @@ def load_model(spec: ModelSpec | None = None, **kwargs) -> LoadedModel:
         spec = ModelSpec(**kwargs)
     elif kwargs:
         raise TypeError("pass either a ModelSpec or keyword arguments, not both")
-    spec.validate()
+    spec = spec.resolved()
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
     qconfig, qident = _quantization_config(spec)
     name, folder, ident = resolve_model(spec)
     device = _device(spec)
@@ -430,4 +468,4 @@ def load_model(spec: ModelSpec | None = None, **kwargs) -> LoadedModel:
     if spec.device_map is not None:
         run_device = model.get_input_embeddings().weight.device
     return LoadedModel(model=model, tokenizer=tok, name=name, identity=ident, n_layers=n_layers,
-                       hidden_size=hidden, device=run_device)
+                       hidden_size=hidden, device=run_device, rules=token_rules(tok))

@@ -3,8 +3,8 @@
 ``extract`` tokenises every item with its set's prompt template (PROTOCOL §2), runs the model once
 per batch of items with the prompt shared by all choices (:mod:`probekit.extract.capture`), and
 writes hidden states (float16), choice log-probs and item metadata through
-:class:`probekit.store.CacheWriter` one shard at a time. A rerun skips the shards already written
-and verified, so an interrupted run is finished by running it again.
+:func:`probekit.store.write_cache`, computing one shard's arrays at a time. A rerun skips the
+shards already written and verified, so an interrupted run is finished by running it again.
 
 Under ``torchrun``/``accelerate`` (``RANK``/``WORLD_SIZE`` in the environment) rank r writes the
 shards k with ``k % world_size == r`` into the same cache directory; the manifest turns complete
@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,10 +25,12 @@ import numpy as np
 
 from probekit.data.prompts import TEMPLATE_TEXT, render_prompt
 from probekit.errors import ProbekitError
-from probekit.extract.capture import capture_batch, resolve_layers, resolve_sites
+from probekit.extract.capture import capture_batch, resolve_sites
 from probekit.extract.models import LoadedModel, ModelSpec, load_model
 from probekit.extract.progress import progress_bar
-from probekit.extract.tokens import Encoded, TokenRules, encode_item, token_rules
+from probekit.extract.tokens import Encoded, TokenRules, encode_item
+from probekit.layers import parse as parse_layers
+from probekit.layers import resolve_layers
 
 
 @dataclass
@@ -99,27 +102,14 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*") if p.is_file())
 
 
-def prepare_model(model: Any, *, dtype: str, quantize: str | None, device: str, device_map: Any,
-                  bnb_4bit_type: str, compute_dtype: str | None, cache_root: Any, local_rank: int,
-                  world_size: int) -> LoadedModel:
+def prepare_model(model: Any, *, local_rank: int = 0, world_size: int = 1, **settings: Any) -> LoadedModel:
+    """The model to run: a :class:`LoadedModel` as given; else a :class:`ModelSpec` (``model`` itself,
+    or one built from ``model`` and the ModelSpec fields in ``settings``), resolved for this process
+    (:meth:`ModelSpec.resolved`) and loaded."""
     if isinstance(model, LoadedModel):
-        lm = model
-    else:
-        if isinstance(model, ModelSpec):
-            spec = model
-        else:
-            if world_size > 1 and device in ("cuda", "auto") and device_map is None:
-                import torch
-
-                if torch.cuda.is_available():
-                    device = f"cuda:{local_rank % torch.cuda.device_count()}"
-            spec = ModelSpec(model=model, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
-                             bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype, cache_root=cache_root)
-        lm = load_model(spec)
-    if "pad_id" not in lm.extras:
-        lm.extras["rules"] = token_rules(lm.tokenizer)
-        lm.extras["pad_id"] = lm.extras["rules"].pad_id
-    return lm
+        return model
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model=model, **settings)
+    return load_model(spec.resolved(local_rank, world_size))
 
 
 def extract(
@@ -148,11 +138,14 @@ def extract(
     """Run ``items`` through a model and write (or finish) the hidden-state cache ``out_dir``.
 
     ``model``: hub id, folder, ``.gguf`` file, :class:`ModelSpec`, an already loaded
-    :class:`LoadedModel`, or None for the offline SmolLM2 default. ``layers``: ``"all"``,
-    ``"middle_and_last"`` or indices into ``hidden_states``. ``sites``: ``answer_end`` and/or
-    ``question_end``. Rank and world size default to the ``RANK``/``WORLD_SIZE`` environment.
+    :class:`LoadedModel`, or None for the offline SmolLM2 default; ``dtype``, ``quantize``,
+    ``bnb_4bit_type``, ``compute_dtype``, ``device``, ``device_map`` and ``cache_root`` build its
+    :class:`ModelSpec` when it is neither. ``layers``: a layer spec (:mod:`probekit.layers`), e.g.
+    ``"all"``, ``"middle_and_last"`` or indices into ``hidden_states``. ``sites``: ``answer_end``
+    and/or ``question_end``. Rank and world size default to the ``RANK``/``WORLD_SIZE`` environment.
     """
-    from probekit.store import CacheWriter
+    from probekit.store import write_cache
+    from probekit.store.manifest import read_manifest
 
     sites = resolve_sites(sites)
     if not sites:
@@ -169,8 +162,7 @@ def extract(
     world_size = env_world if world_size is None else int(world_size)
     if not 0 <= rank < world_size:
         raise ProbekitError(f"rank {rank} is not in 0..{world_size - 1}")
-    if isinstance(layers, str) and layers not in ("all", "middle_and_last", "middle", "last"):
-        resolve_layers(layers, 10**6)  # syntax check before the model loads
+    layer_spec = parse_layers(layers)  # a bad spec fails before the model loads
     out_dir = Path(out_dir)
     template = items.prompt_template
     render_prompt("q", ["a", "b"], template)  # unknown template -> error before loading
@@ -178,8 +170,7 @@ def extract(
     lm = prepare_model(model, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
                        bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype, cache_root=cache_root,
                        local_rank=local_rank, world_size=world_size)
-    layer_idx = resolve_layers(layers, lm.n_layers)
-    rules: TokenRules = lm.extras["rules"]
+    layer_idx = resolve_layers(layer_spec, lm.n_layers)
     table = items.table.reset_index(drop=True)
     measures = list(items.measures)
     max_choices = int(items.max_choices)
@@ -188,61 +179,56 @@ def extract(
         "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(table),
                     "origin": getattr(items, "origin", "")},
         "prompt": {"template": template, "text": TEMPLATE_TEXT.get(template, template), "k_shot": 0,
-                   "tokenization": rules.describe()},
+                   "tokenization": lm.rules.describe()},
         "capture": {"prefix_shared": True},
     }
-    writer = CacheWriter(out_dir, header, n_items=len(table), shard_size=shard_size, layers=layer_idx,
-                         sites=sites, hidden_size=lm.hidden_size, max_choices=max_choices, measures=measures,
-                         dtype=store_dtype, rank=rank, world_size=world_size)
+    meta = table[["id", "label", "pool", "source", *measures]].assign(n_choices=table["choices"].map(len))
+    desc = "extract" if world_size == 1 else f"extract rank {rank}/{world_size}"
+    counts = {"items": 0, "tokens": 0}
     t0 = time.perf_counter()
-    written: list[int] = []
-    items_run = tokens_run = 0
-    with writer:
-        pending = writer.pending_shards()
-        total = sum(writer.shard_range(k)[1] - writer.shard_range(k)[0] for k in pending)
-        desc = "extract" if world_size == 1 else f"extract rank {rank}/{world_size}"
-        with progress_bar(total, desc, enabled=progress and total > 0) as bar:
-            for k in pending:
-                lo, hi = writer.shard_range(k)
-                rows = table.iloc[lo:hi]
-                encoded = encode_rows(lm, rows, template, rules)
-                n = hi - lo
-                buf = {
-                    s: np.zeros((len(layer_idx), n, max_choices, lm.hidden_size) if s == "answer_end"
-                                else (len(layer_idx), n, lm.hidden_size), dtype=store_dtype)
-                    for s in sites
-                }
-                csum = np.full((n, max_choices), -np.inf, dtype=np.float32)
-                ctok = np.zeros((n, max_choices), dtype=np.int32)
-                for idx in length_batches(encoded, batch_size):
-                    cap = capture_batch(lm, [encoded[i] for i in idx], layer_idx, sites, max_choices)
-                    if cap.answer_end is not None:
-                        buf["answer_end"][:, idx] = cap.answer_end
-                    if cap.question_end is not None:
-                        buf["question_end"][:, idx] = cap.question_end
-                    csum[idx] = cap.choice_sum
-                    ctok[idx] = cap.choice_tokens
-                    bar.advance(len(idx), cap.n_tokens)
-                    tokens_run += cap.n_tokens
-                with writer.open_shard(k) as sw:
-                    sw.write_items(
-                        0, ids=rows["id"].astype(str).tolist(), labels=rows["label"].to_numpy(np.int64),
-                        n_choices=rows["choices"].map(len).to_numpy(np.int64),
-                        pool=rows["pool"].astype(str).tolist(), source=rows["source"].astype(str).tolist(),
-                        difficulty={m: rows[m].to_numpy(np.float64) for m in measures},
-                    )
-                    for s in sites:
-                        sw.write_hidden(0, s, buf[s])
-                    sw.write_logprobs(0, choice_sum=csum, choice_tokens=ctok)
-                written.append(k)
-                items_run += n
-                del buf
+    with ExitStack() as stack:
+        bar = None
+
+        def start(ranges: list[tuple[int, int]]) -> None:
+            nonlocal bar
+            total = sum(hi - lo for lo, hi in ranges)
+            bar = stack.enter_context(progress_bar(total, desc, enabled=progress and total > 0))
+
+        def compute(lo: int, hi: int) -> dict[str, np.ndarray]:
+            """Rows lo:hi through the model: hidden states (store dtype), choice log-probs and token counts."""
+            encoded = encode_rows(lm, table.iloc[lo:hi], template, lm.rules)
+            n = hi - lo
+            out: dict[str, np.ndarray] = {
+                s: np.zeros((len(layer_idx), n, max_choices, lm.hidden_size) if s == "answer_end"
+                            else (len(layer_idx), n, lm.hidden_size), dtype=store_dtype)
+                for s in sites
+            }
+            out["choice_sum"] = np.full((n, max_choices), -np.inf, dtype=np.float32)
+            out["choice_tokens"] = np.zeros((n, max_choices), dtype=np.int32)
+            for idx in length_batches(encoded, batch_size):
+                cap = capture_batch(lm, [encoded[i] for i in idx], layer_idx, sites, max_choices)
+                if cap.answer_end is not None:
+                    out["answer_end"][:, idx] = cap.answer_end
+                if cap.question_end is not None:
+                    out["question_end"][:, idx] = cap.question_end
+                out["choice_sum"][idx] = cap.choice_sum
+                out["choice_tokens"][idx] = cap.choice_tokens
+                bar.advance(len(idx), cap.n_tokens)
+                counts["tokens"] += cap.n_tokens
+            counts["items"] += n
+            return out
+
+        written = write_cache(out_dir, header, meta, compute, layers=layer_idx, sites=sites,
+                              hidden_size=lm.hidden_size, max_choices=max_choices, measures=measures,
+                              shard_size=shard_size, dtype=store_dtype, rank=rank, world_size=world_size,
+                              on_start=start)
     if world_size > 1 and barrier:
         _barrier(rank, world_size)
     seconds = time.perf_counter() - t0
-    return ExtractSummary(out_dir=out_dir, n_items=len(table), items_run=items_run, tokens=tokens_run,
+    complete = bool((read_manifest(out_dir) or {}).get("complete"))
+    return ExtractSummary(out_dir=out_dir, n_items=len(table), items_run=counts["items"], tokens=counts["tokens"],
                           seconds=seconds, shards_written=written, bytes_on_disk=_dir_bytes(out_dir),
-                          complete=writer.complete, rank=rank, world_size=world_size)
+                          complete=complete, rank=rank, world_size=world_size)
 
 
 def _barrier(rank: int, world_size: int) -> None:

@@ -1,0 +1,110 @@
+"""Plain references the tests and benches compare the library's fast paths with (not part of the package).
+
+* :func:`capture_naive`: every (item, choice) runs as its own left-padded sequence
+  ``prompt + choice``, the computation :func:`probekit.extract.capture.capture_batch` does with
+  the prompt shared by all choices;
+* :func:`bare_forward`: the packed forward with no hidden states kept and nothing written, the
+  floor the capture and the pipeline are measured against (``bench/extract.py``).
+
+Tests import it as ``tests.reference`` (the repository root is on pytest's path); the bench puts
+the repository root on ``sys.path`` first.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from probekit.extract.capture import (
+    Captured,
+    _check_fits,
+    _compute_dtype,
+    _hidden_request,
+    _no_grad,
+    _parts,
+    _scores,
+    _targets,
+    pack_batch,
+    packed_mask,
+)
+from probekit.extract.tokens import Encoded
+
+
+@_no_grad
+def capture_naive(
+    lm, batch: Sequence[Encoded], layers: Sequence[int], sites: Sequence[str], max_choices: int
+) -> Captured:
+    """Reference path: every (item, choice) runs as its own left-padded sequence ``prompt + choice``."""
+    import torch
+
+    _check_fits(batch, max_choices)
+    base, head = _parts(lm)
+    layers = list(layers) if sites else []
+    seqs, owners = [], []
+    for i, e in enumerate(batch):
+        for j, c in enumerate(e.choices):
+            seqs.append(e.prompt + c)
+            owners.append((i, j))
+    width = max(len(s) for s in seqs)
+    n = len(seqs)
+    pad = lm.pad_id
+    ids = np.full((n, width), pad, dtype=np.int64)
+    att = np.zeros((n, width), dtype=np.int64)
+    pos = np.zeros((n, width), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        ids[r, width - len(s):] = s
+        att[r, width - len(s):] = 1
+        pos[r, width - len(s):] = np.arange(len(s))
+    dev = lm.device
+    out = base(
+        input_ids=torch.as_tensor(ids, device=dev),
+        attention_mask=torch.as_tensor(att, device=dev),
+        position_ids=torch.as_tensor(pos, device=dev),
+        output_hidden_states=_hidden_request(layers),
+        use_cache=False,
+    )
+    b, d = len(batch), lm.hidden_size
+    ae = np.zeros((len(layers), b, max_choices, d), dtype=np.float32) if "answer_end" in sites and layers else None
+    qe = np.zeros((len(layers), b, d), dtype=np.float32) if "question_end" in sites and layers else None
+    for li, layer in enumerate(layers):
+        h = out.hidden_states[layer].float().cpu().numpy()
+        for r, (i, j) in enumerate(owners):
+            if ae is not None:
+                ae[li, i, j] = h[r, -1]
+            if qe is not None and j == 0:
+                qe[li, i] = h[r, width - 1 - len(batch[i].choices[j])]
+    rows, poss, tgts, oi, oj = [], [], [], [], []
+    for r, (i, j) in enumerate(owners):
+        t_len = len(batch[i].choices[j])
+        for t, tok in enumerate(batch[i].choices[j]):
+            rows.append(r)
+            poss.append(width - t_len - 1 + t)
+            tgts.append(tok)
+            oi.append(i)
+            oj.append(j)
+    choice_sum, choice_tokens = _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, b, max_choices, batch)
+    return Captured(ae, qe, choice_sum, choice_tokens, int(sum(e.n_tokens_naive for e in batch)))
+
+
+@_no_grad
+def bare_forward(lm, batch: Sequence[Encoded], scores: bool = True) -> int:
+    """The packed forward with no hidden states kept and nothing written: the floor capture is measured against.
+
+    With ``scores`` the choice log-probs are computed too (the logits a plain causal-LM forward
+    gives, at the positions that score choices); without, only the transformer body runs.
+    """
+    import torch
+
+    base, head = _parts(lm)
+    ids, pos, seg, starts = pack_batch(batch, lm.pad_id)
+    dev = lm.device
+    mask = packed_mask(seg, 0, _compute_dtype(lm)).to(dev)
+    out = base(input_ids=torch.as_tensor(ids, device=dev), attention_mask=mask,
+               position_ids=torch.as_tensor(pos, device=dev), use_cache=False)
+    if scores:
+        p_end = [len(e.prompt) - 1 for e in batch]
+        rows, poss, tgts, oi, oj = _targets(batch, p_end, starts)
+        _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, len(batch),
+                max(len(e.choices) for e in batch), batch)
+    return int(sum(e.n_tokens_shared for e in batch))
