@@ -235,6 +235,40 @@ def test_model_errors(tmp_path, monkeypatch):
     assert (folder / ".probekit-weights-sha256.json").is_file()
 
 
+def test_auto_is_settled_in_the_model_spec():
+    """"auto" device and dtype are settled by ModelSpec.resolved alone; a settled spec comes back equal."""
+    import torch
+
+    from probekit.extract.models import ModelSpec
+
+    gpu = torch.cuda.is_available()
+    auto = ModelSpec(dtype="auto", device="auto").resolved()
+    assert (auto.device, auto.dtype) == (("cuda", "float16") if gpu else ("cpu", "float32"))
+    assert ModelSpec(dtype="auto", device="cpu").resolved().dtype == "float32"
+    assert ModelSpec(dtype="auto", device="cuda:1").resolved().dtype == "float16"
+    assert ModelSpec(dtype="auto", device="cpu", device_map="auto").resolved().dtype == "float16"
+    assert ModelSpec(dtype="bfloat16", device="auto").resolved().dtype == "bfloat16"
+    settled = ModelSpec(dtype="float32", device="cpu")
+    assert settled.resolved() == settled and settled.resolved(local_rank=1, world_size=2) == settled
+    ranked = ModelSpec(device="cuda").resolved(local_rank=3, world_size=4)
+    assert ranked.device == (f"cuda:{3 % torch.cuda.device_count()}" if gpu else "cuda")
+    with pytest.raises(ProbekitError, match="dtype='int4' is not one of float32, float16, bfloat16, auto"):
+        ModelSpec(dtype="int4").resolved()
+    with pytest.raises(ProbekitError, match="threads=0 must be a positive integer"):
+        ModelSpec(threads=0).resolved()
+
+
+def test_extract_command_leaves_torch_to_the_library():
+    """The command line settles nothing itself: a bad dataset is refused before torch is imported."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom probekit.cli import app\n"
+            "res = CliRunner().invoke(app, ['extract', '--dataset', 'nonesuch', '--dtype', 'auto', '--threads', '1'])\n"
+            "assert res.exit_code == 2 and 'unknown dataset' in res.output, res.output\n"
+            "print('torch' in sys.modules)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-1000:]
+    assert res.stdout.strip() == "False"
+
+
 def test_identity(lm):
     ident = lm.identity
     assert ident["id"] == "SmolLM2-135M-Instruct" and ident["converted_from"].endswith(".gguf")
