@@ -66,7 +66,7 @@ def sweep_cmd(
                                            help="Comma-separated difficulty measures (default: all in the cache; "
                                                 "'mdl' after `probekit hardness`)."),
     layers: str = typer.Option("all,middle_and_last", "--layers", "-l",
-                               help="all | middle_and_last | middle | last | 15,30 (15+30 concatenates)."),
+                               help="all | middle_and_last | middle | last | 15,30 (15+30 concatenates; -1 = the last layer)."),
     site: str = typer.Option("answer_end", "--site", help="answer_end (multiple-choice head) | question_end "
                                                           "(multinomial head)."),
     solver: str = typer.Option("paper", "--solver", help="paper | converged | both."),

@@ -11,7 +11,7 @@ encoded as ``" " + choice``. :func:`adds_dummy_prefix` tells the two apart by co
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from probekit.errors import ProbekitError
@@ -45,7 +45,6 @@ class TokenRules:
     bos_id: int | None
     dummy_prefix: bool
     pad_id: int
-    extras: dict = field(default_factory=dict)
 
     def describe(self) -> dict:
         return {"bos_id": self.bos_id, "dummy_prefix": self.dummy_prefix, "answer_prefix": "" if self.dummy_prefix else " "}
