@@ -6,7 +6,9 @@ SGR and differences, its p-value, plus the settings, ``sweep.json`` and the cach
 
 Everything is computed before anything is written. Files are written to a temporary directory
 beside ``REP`` and moved in; an old ``summary.json`` is removed first and the new one is moved
-in last, so a ``summary.json`` in ``REP`` always belongs to a complete report.
+in last, so a ``summary.json`` in ``REP`` always belongs to a complete report. While moving,
+the report holds ``REP``'s lock (:class:`probekit.store.outdir.OutputDir`): a second report into
+the same directory at that moment is refused, and a killed run's temporary directory is removed.
 """
 
 from __future__ import annotations
