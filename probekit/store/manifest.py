@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from probekit.errors import ProbekitError
 from probekit.store.layout import FORMAT, MANIFEST, MANIFEST_LOCK
-from probekit.store.outdir import write_json
+from probekit.store.outdir import remove_temporaries, write_json
 
 #: Manifest fields that must agree before a writer may add shards to an existing cache.
 IDENTITY_FIELDS = (
@@ -93,6 +93,7 @@ def update_manifest(
 ) -> dict[str, Any]:
     """Read-modify-write the manifest under the lock; ``change`` gets the current one (or None)."""
     with manifest_lock(cache_dir):
+        remove_temporaries(cache_dir, [MANIFEST])  # of a writer killed mid-write (all writes hold this lock)
         new = change(read_manifest(cache_dir))
         write_manifest(cache_dir, new)
         return new
