@@ -14,6 +14,7 @@ from rich.text import Text
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
 from probekit.errors import ProbekitError
+from probekit.store.hardness import HARDNESS_FILE
 
 
 class _HeadRate(ProgressColumn):
@@ -160,4 +161,4 @@ def hardness_cmd(
                               seed=seed, pad=pad, out=out, verify=verify, progress=progress)
     values = list(record["mdl"].values())
     console.print(f"MDL hardness of {len(values)} probe items (mean {sum(values) / max(len(values), 1):.3f}) -> "
-                  f"{out or Path(cache_dir) / 'hardness.json'}", highlight=False)
+                  f"{out or Path(cache_dir) / HARDNESS_FILE}", highlight=False)

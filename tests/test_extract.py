@@ -468,6 +468,25 @@ def test_icl_draws_end_to_end(tmp_path, lm, arc):
         extract_icl(items, out, lm, k=2, demos_from="easy", measure="grade", draws=2, min_test=4, progress=False)
 
 
+def test_second_icl_writer_into_one_folder_is_refused(tmp_path, lm, arc):
+    import fcntl
+
+    from probekit.extract.icl import extract_icl
+
+    out = tmp_path / "icl"
+    out.mkdir()
+    with open(out / ".lock-rank0", "w") as held:  # another extract --icl is writing this folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        with pytest.raises(ProbekitError, match=f"ICL score folder {out} is being written by another process "
+                                                r"\(pid 4242\)") as exc:
+            extract_icl(arc, out, lm, k=1, demos_from="easy", measure="grade", draws=1, limit=40, min_test=4,
+                        batch_size=8, progress=False)
+    assert "\n" not in str(exc.value)
+    assert sorted(p.name for p in out.iterdir()) == [".lock-rank0"]  # nothing written
+
+
 # ----- the command line -------------------------------------------------------------------------------
 def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, shared_data, monkeypatch):
     from typer.testing import CliRunner

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from probekit.errors import ProbekitError
 from probekit.report import build_report, load_results
+from probekit.store.results import CACHE_HASH_KEY
 from probekit.stats import crossed_bootstrap, paired_difference, sgr_bootstrap
 
 N_BOOT, N_BOOT_SGR, SEED = 300, 1000, 3
@@ -70,7 +71,7 @@ def make_results(out: Path, seed: int = 0, n_items: int = 150, draws: int = 3,
     df = pd.DataFrame(rows, columns=COLUMNS).astype({"p_gold": np.float32, "correct": np.int8})
     out.mkdir(parents=True, exist_ok=True)
     df.to_parquet(out / "results.parquet")
-    sweep = {"seed": seed, "dataset": "synthetic", "cache": {"path": "cache/x", "manifest_sha256": "ab" * 32}}
+    sweep = {"seed": seed, "dataset": "synthetic", "cache": "cache/x", CACHE_HASH_KEY: "ab" * 32}
     (out / "sweep.json").write_text(json.dumps(sweep))
     return df
 

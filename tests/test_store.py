@@ -377,3 +377,13 @@ def test_two_ranks_share_one_directory(tmp_path, data):
     pd.testing.assert_frame_equal(cache.items, items, check_dtype=False)
     np.testing.assert_array_equal(cache.read_layer("answer_end", 5),
                                   arrays["answer_end"][2].astype(np.float16).astype(np.float32))
+
+
+def test_rerun_removes_manifest_temporaries_of_a_killed_writer(tmp_path, data):
+    items, arrays = data
+    out = tmp_path / "c"
+    write_all(out, items, arrays)
+    for name in (".manifest.json.tmp-4242", ".manifest.json.4242-0badcafe.tmp"):
+        (out / name).write_text("{")  # a kill during a manifest write leaves one of these
+    write_all(out, items, arrays)
+    assert not [p.name for p in out.iterdir() if "tmp" in p.name]

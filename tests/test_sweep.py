@@ -198,3 +198,52 @@ def test_cli(cache_dir, tmp_path):
     assert res.exit_code == 2 and "error: unknown measure 'nope'" in res.output
     res = runner.invoke(app, ["hardness", "--help"])
     assert res.exit_code == 0 and "Example:" in res.output
+
+
+# ----- the results directory: one writer, whole commits, leftovers removed ---------------------
+SMALL = dict(measures=["grade"], layers="4", n_train=[40], draws=1, verify=False)
+
+
+def test_second_sweep_into_the_same_out_is_refused(cache_dir, tmp_path):
+    out = tmp_path / "r"
+    refused = []
+
+    def second(done, total, label):
+        if not refused:
+            with pytest.raises(ProbekitError) as exc:
+                sweep(cache_dir, out, solver="converged", **SMALL)
+            refused.append(str(exc.value))
+
+    first = sweep(cache_dir, out, progress=second, **SMALL)
+    assert len(refused) == 1 and "\n" not in refused[0]
+    assert f"results directory {out} is being written by another process" in refused[0]
+    df = pd.read_parquet(out / RESULTS)  # the first sweep's output is whole and its own
+    assert len(df) == first["counts"]["rows"] and set(df.solver) == {"paper", "zero_shot"}
+    assert json.loads((out / SWEEP_JSON).read_text())["config"]["solvers"] == ["paper"]
+    assert not list(out.glob(".*tmp"))
+
+
+def test_rerun_removes_leftover_temporaries(cache_dir, tmp_path):
+    out = tmp_path / "r"
+    out.mkdir()
+    for name in (".results.parquet.tmp", ".results.parquet.4242-0badcafe.tmp", ".sweep.json.tmp"):
+        (out / name).write_bytes(b"left by a killed run")
+    sweep(cache_dir, out, **SMALL)
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".lock")) == [RESULTS, SWEEP_JSON]
+
+
+def test_results_and_config_of_different_runs_are_refused(cache_dir, tmp_path):
+    from probekit.report import build_report
+
+    sweep(cache_dir, tmp_path / "a", seed=1, **SMALL)
+    sweep(cache_dir, tmp_path / "b", seed=2, **SMALL)
+    (tmp_path / "b" / RESULTS).replace(tmp_path / "a" / RESULTS)
+    with pytest.raises(ProbekitError, match=f"{RESULTS} does not belong to .*{SWEEP_JSON}") as exc:
+        build_report(tmp_path / "a", tmp_path / "rep", n_boot=10, n_boot_sgr=10)
+    assert "\n" not in str(exc.value) and not (tmp_path / "rep").exists()
+
+
+def test_failed_sweep_leaves_no_folder(cache_dir, tmp_path):
+    with pytest.raises(ProbekitError, match="is not an ICL score directory"):
+        sweep(cache_dir, tmp_path / "r", icl=[tmp_path / "no-icl"], **SMALL)
+    assert not (tmp_path / "r").exists()

@@ -6,21 +6,13 @@ scored under the k-shot prompt (demonstrations with their gold answer text, then
 All items of a draw share the demonstrations, so the longest token prefix common to every k-shot
 prompt of the draw runs once and its key/value cache is reused for every batch.
 
-Output directory::
-
-    DIR/icl.json        manifest: model, dataset, prompt, "icl" block (k, demos_from, measure,
-                        seed, draws, per draw: demo ids, rows, k used, shared prefix length),
-                        n_items, complete
-    DIR/draw-NNN.h5     per draw: items/id, logprob/choice_sum (n, C) float32 (-inf padded
-                        choices, NaN for the draw's demonstrations), logprob/choice_tokens (n, C)
-
-Each draw file is written to a temporary name and renamed, then recorded in the manifest; a rerun
-skips recorded draws. :func:`load_icl` returns ``choice_sum`` with a leading draw axis.
+The output folder (``icl.json`` and one ``draw-NNN.h5`` per draw) is defined, written and read by
+:mod:`probekit.store.icl_scores`; a rerun skips recorded draws. :func:`load_icl` returns
+``choice_sum`` with a leading draw axis.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -36,13 +28,8 @@ from probekit.extract.models import LoadedModel, ModelSpec
 from probekit.extract.progress import progress_bar
 from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model
 from probekit.extract.tokens import Encoded, TokenRules, answer_text, encode_prompt
-
-FORMAT = "probekit-icl/1"
-MANIFEST = "icl.json"
-
-
-def draw_name(b: int) -> str:
-    return f"draw-{b:03d}.h5"
+from probekit.store.icl_scores import FORMAT, IclScoresWriter
+from probekit.store.icl_scores import load_icl as load_icl  # the reader, re-exported
 
 
 @dataclass
@@ -132,47 +119,6 @@ def score_plan(lm: LoadedModel, plan: DrawPlan, max_choices: int, batch_size: in
     return csum, ctok
 
 
-def _read_manifest(out: Path) -> dict | None:
-    path = out / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise ProbekitError(f"{path} is not valid JSON") from None
-
-
-def _write_manifest(out: Path, manifest: dict) -> None:
-    tmp = out / f".{MANIFEST}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1, allow_nan=False))
-    os.replace(tmp, out / MANIFEST)
-
-
-def _update_manifest(out: Path, fn) -> dict:
-    import fcntl
-
-    with open(out / ".icl.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        manifest = fn(_read_manifest(out))
-        _write_manifest(out, manifest)
-        return manifest
-
-
-def _write_draw(out: Path, b: int, ids: Sequence[str], csum: np.ndarray, ctok: np.ndarray) -> None:
-    import h5py
-
-    final = out / draw_name(b)
-    tmp = out / f".{draw_name(b)}.tmp"
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("items/id", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-        f.create_dataset("logprob/choice_sum", data=csum.astype(np.float32))
-        f.create_dataset("logprob/choice_tokens", data=ctok.astype(np.int32))
-        f.attrs["draw"] = b
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-
-
 @dataclass
 class IclSummary:
     out_dir: Path
@@ -251,66 +197,26 @@ def extract_icl(
         "max_choices": max_choices,
     }
 
-    def merge(m):
-        if m is None:
-            return {**header, "draw_info": {}, "complete": False}
-        for key in ("format", "model", "dataset", "prompt", "icl", "n_items"):
-            if m.get(key) != header[key]:
-                raise ProbekitError(f"{out} holds ICL scores with another {key}; choose another --out")
-        return m
-
-    existing = _read_manifest(out) if out.is_dir() else None
-    manifest = merge(existing)  # refuses another configuration before anything is written
-    done = {int(b) for b, info in manifest["draw_info"].items() if (out / info["file"]).is_file()}
-    todo = [b for b in range(draws) if b % world == rank and b not in done]
     ids = table["id"].astype(str).to_numpy()[rows]
     t0 = time.perf_counter()
     tokens = items_run = 0
     written = []
-    with progress_bar(len(todo) * len(rows), f"icl k={k} {demos_from} {measure}", enabled=progress and bool(todo)) as bar:
-        for b in todo:
-            plan = plan_draw(lm, items, rows, demo_sets[b], b, rules, max_seq_len)
-            csum, ctok = score_plan(lm, plan, max_choices, batch_size, bar)
-            is_demo = np.isin(rows, plan.demo_rows[: plan.k_used])
-            csum[is_demo] = np.nan
-            try:
-                out.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ProbekitError(f"cannot create {out} ({exc.strerror})") from None
-            _write_draw(out, b, ids, csum, ctok)
-            info = {"file": draw_name(b), "demo_rows": [int(r) for r in plan.demo_rows[: plan.k_used]],
-                    "demo_ids": [str(table.at[int(r), "id"]) for r in plan.demo_rows[: plan.k_used]],
-                    "k_used": plan.k_used, "shared_prefix_tokens": len(plan.prefix_ids)}
-
-            def record(m, b=b, info=info):
-                m = merge(m)
-                draw_info = {**m["draw_info"], str(b): info}
-                return {**m, "draw_info": draw_info, "complete": len(draw_info) == draws}
-
-            _update_manifest(out, record)
-            written.append(b)
-            items_run += len(rows)
-            tokens += len(plan.prefix_ids) + sum(e.n_tokens_shared - len(plan.prefix_ids) for e in plan.encoded)
-    final = _read_manifest(out) or {}
+    with IclScoresWriter(out, header, rank=rank, world_size=world) as scores:  # refuses another configuration
+        todo = scores.pending()
+        with progress_bar(len(todo) * len(rows), f"icl k={k} {demos_from} {measure}",
+                          enabled=progress and bool(todo)) as bar:
+            for b in todo:
+                plan = plan_draw(lm, items, rows, demo_sets[b], b, rules, max_seq_len)
+                csum, ctok = score_plan(lm, plan, max_choices, batch_size, bar)
+                is_demo = np.isin(rows, plan.demo_rows[: plan.k_used])
+                csum[is_demo] = np.nan
+                info = {"demo_rows": [int(r) for r in plan.demo_rows[: plan.k_used]],
+                        "demo_ids": [str(table.at[int(r), "id"]) for r in plan.demo_rows[: plan.k_used]],
+                        "k_used": plan.k_used, "shared_prefix_tokens": len(plan.prefix_ids)}
+                scores.write_draw(b, ids, csum, ctok, info)
+                written.append(b)
+                items_run += len(rows)
+                tokens += len(plan.prefix_ids) + sum(e.n_tokens_shared - len(plan.prefix_ids) for e in plan.encoded)
+        complete = scores.complete
     return IclSummary(out_dir=out, draws_written=written, n_items=len(rows), items_run=items_run, tokens=tokens,
-                      seconds=time.perf_counter() - t0, complete=bool(final.get("complete")))
-
-
-def load_icl(path: str | os.PathLike) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
-    """(manifest, item ids, choice_sum (draws, n, C), choice_tokens (n, C)) of a complete ICL directory."""
-    import h5py
-
-    out = Path(path)
-    manifest = _read_manifest(out)
-    if manifest is None or manifest.get("format") != FORMAT:
-        raise ProbekitError(f"{out} is not an ICL score directory (no {MANIFEST})")
-    if not manifest.get("complete"):
-        raise ProbekitError(f"{out}: ICL scores are incomplete ({len(manifest['draw_info'])} of {manifest['icl']['draws']} draws); rerun the command")
-    sums, ids, toks = [], None, None
-    for b in range(manifest["icl"]["draws"]):
-        with h5py.File(out / manifest["draw_info"][str(b)]["file"], "r") as f:
-            sums.append(f["logprob/choice_sum"][...])
-            if ids is None:
-                ids = np.asarray([x.decode() if isinstance(x, bytes) else str(x) for x in f["items/id"][...]])
-                toks = f["logprob/choice_tokens"][...]
-    return manifest, ids, np.stack(sums), toks
+                      seconds=time.perf_counter() - t0, complete=complete)

@@ -9,7 +9,6 @@ that approximates a prequential code length. The result, ``DIR/hardness.json``, 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -23,8 +22,9 @@ from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
 from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, put_layer
 from probekit.probe.plan import item_frame, layer_label
-from probekit.probe.sweep import HARDNESS_FILE, SITE_HEAD, Progress, compile_first, open_cache, read_features
+from probekit.probe.sweep import SITE_HEAD, Progress, compile_first, open_cache, read_features
 from probekit.store import Cache
+from probekit.store.hardness import FORMAT, HARDNESS_FILE, write_hardness
 
 MDL_SIZES = (5, 20, 80, 340, 900)
 
@@ -84,15 +84,12 @@ def hardness(
         del Xs
     mdl = 1.0 - p_sum / total
     record = {
-        "format": "probekit-hardness/1",
+        "format": FORMAT,
         "cache_manifest_sha256": cache.manifest_sha256,
         "config": {"layers": [layer_label(s) for s in sets], "site": site, "sizes": sizes, "draws": draws,
                    "seed": seed, "solver": solver, "pad": pad, "holdout_items": int(len(frame.holdout))},
         "seconds": round(time.perf_counter() - t0, 3),
         "mdl": {str(frame.ids[i]): float(mdl[i]) for i in frame.probe},
     }
-    path = Path(out) if out is not None else cache.path / HARDNESS_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    write_hardness(Path(out) if out is not None else cache.path / HARDNESS_FILE, record)
     return record

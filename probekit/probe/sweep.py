@@ -3,14 +3,13 @@
 Reads one layer at a time (two for a concatenated pair), fits all heads of that feature set with
 every requested solver (:mod:`probekit.probe.engine`; the solvers share each head's Gram matrix),
 and appends one row per (head, test item) to ``RES/results.parquet``; ``RES/sweep.json`` records
-the configuration, the cache's manifest hash, counts and timings. Both files are written under
-temporary names and renamed when complete.
+the configuration, the cache's manifest hash, counts and timings. The directory's format, lock and
+commit belong to :mod:`probekit.store.results`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
@@ -27,20 +25,11 @@ from probekit.layers import feature_sets
 from probekit.probe.engine import ProbeConfig, compile_host, fit_and_score_many, head_seed, on_host, put_layer
 from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan
 from probekit.store import Cache
+from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
+from probekit.store.icl_scores import load_icl
+from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultRows, ResultsWriter
 
-RESULTS = "results.parquet"
-SWEEP_JSON = "sweep.json"
-HARDNESS_FILE = "hardness.json"
-MDL = "mdl"
 SITE_HEAD = {"answer_end": "mc", "question_end": "multinomial"}
-
-_STR = pa.dictionary(pa.int32(), pa.string())
-SCHEMA = pa.schema([
-    ("experiment", _STR), ("site", _STR), ("layer", _STR), ("measure", _STR), ("train_level", _STR),
-    ("draw", pa.int32()), ("n_train", pa.int32()), ("label_noise", pa.float64()), ("solver", _STR),
-    ("item_id", _STR), ("test_level", _STR), ("correct", pa.int8()), ("p_gold", pa.float32()),
-])
-_LEVEL_NAMES = np.array(list(LEVELS) + [""], dtype=object)
 
 Progress = Callable[[int, int, str], None]  # (fits done, fits in all, feature set being fitted)
 
@@ -68,7 +57,7 @@ def load_items(cache: Cache, measures: Sequence[str] | None) -> tuple[Any, list[
         path = cache.path / HARDNESS_FILE
         if not path.is_file():
             raise ProbekitError(f"measure 'mdl' needs {path}: run `probekit hardness {cache.path}` first")
-        scores = json.loads(path.read_text())["mdl"]
+        scores = read_mdl(path)
         items[MDL] = items["id"].astype(str).map(scores).astype(float)
     return items, chosen
 
@@ -110,57 +99,16 @@ def zero_shot_p(choice_sum: np.ndarray, n_choices: np.ndarray, gold: np.ndarray)
     return p[np.arange(len(gold)), gold].astype(np.float32), (s.argmax(1) == gold).astype(np.int8)
 
 
-class _Rows:
-    """Builds result-table batches with dictionary-encoded string columns."""
+class _Rows(ResultRows):
+    """Result rows of one experiment at one site; test levels are the item frame's levels."""
 
     def __init__(self, frame: ItemFrame, experiment: str, site: str) -> None:
-        self.frame, self.experiment, self.site = frame, experiment, site
-        self.item_dict = pa.array(frame.ids, pa.string())
-        self.n_rows = 0
+        super().__init__(experiment, site, frame.ids, LEVELS)
+        self.frame = frame
 
-    @staticmethod
-    def _const(value: str, n: int) -> pa.DictionaryArray:
-        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
-
-    def _levels(self, measure: str, rows: np.ndarray) -> pa.DictionaryArray:
+    def table(self, *, measure: str, rows: np.ndarray, **fields: Any) -> pa.Table:
         codes = self.frame.levels[measure][rows] if measure in self.frame.levels else np.full(len(rows), -1)
-        idx = np.where(codes < 0, 3, codes).astype(np.int32)
-        return pa.DictionaryArray.from_arrays(pa.array(idx), pa.array(list(_LEVEL_NAMES), pa.string()))
-
-    def table(self, *, layer: str, measure: str, train_level: str, draw: int, n_train: int, noise: float,
-              solver: str, rows: np.ndarray, correct: np.ndarray, p_gold: np.ndarray) -> pa.Table:
-        n = len(rows)
-        self.n_rows += n
-        cols = [
-            self._const(self.experiment, n), self._const(self.site, n), self._const(layer, n),
-            self._const(measure, n), self._const(train_level, n),
-            pa.array(np.full(n, draw, np.int32)), pa.array(np.full(n, n_train, np.int32)),
-            pa.array(np.full(n, noise, np.float64)), self._const(solver, n),
-            pa.DictionaryArray.from_arrays(pa.array(rows.astype(np.int32)), self.item_dict),
-            self._levels(measure, rows), pa.array(correct.astype(np.int8)), pa.array(p_gold.astype(np.float32)),
-        ]
-        return pa.Table.from_arrays(cols, schema=SCHEMA)
-
-
-class _RowGroups:
-    """Result tables gathered into row groups of about ``rows`` rows: few row groups for readers,
-    bounded memory for the writer."""
-
-    def __init__(self, writer: pq.ParquetWriter, rows: int = 1 << 16) -> None:
-        self.writer, self.rows = writer, rows
-        self.tables: list[pa.Table] = []
-        self.n = 0
-
-    def append(self, table: pa.Table) -> None:
-        self.tables.append(table)
-        self.n += table.num_rows
-        if self.n >= self.rows:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.tables:
-            self.writer.write_table(pa.concat_tables(self.tables))
-        self.tables, self.n = [], 0
+        return super().table(measure=measure, rows=rows, test_levels=codes, **fields)
 
 
 ICL_SITE = "icl"
@@ -174,8 +122,6 @@ def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | o
     scored in that draw (the demonstrations themselves are not scored), so the report treats
     them like a trained head of that level.
     """
-    from probekit.extract.icl import load_icl
-
     manifest, ids, choice_sum, _ = load_icl(icl_dir)
     if manifest["dataset"].get("name") != cache.manifest["dataset"].get("name"):
         raise ProbekitError(f"ICL scores {icl_dir} are for dataset {manifest['dataset'].get('name')!r}, "
@@ -268,9 +214,6 @@ def sweep(
     heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
                  levels=levels)
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{RESULTS}.tmp"
     rows = _Rows(frame, experiment, site)
     groups: dict[int, list[Head]] = {}
     for h in heads:
@@ -289,79 +232,71 @@ def sweep(
     fit_seconds = compile_first(cache, frame.n_choices, [np.stack([h.rows for h in g]) for g in groups.values()],
                                 list(configs.values()), sets, devices)
     not_converged = 0
-    try:
-        with pq.ParquetWriter(tmp, SCHEMA, compression="zstd") as writer:
-            batch = _RowGroups(writer)
-            if zero_shot:
-                choice_sum, _ = cache.logprobs()
-                p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
-                for m in (measures if experiment != "all_to_all" else [ALL]):
-                    batch.append(rows.table(
-                        layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
-                        solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe]))
-            for icl_dir in icl:
-                for t in icl_tables(cache, frame, experiment, icl_dir):
-                    batch.append(t)
-            for fs in sets:
-                label = layer_label(fs)
-                Xs = [put_layer(read_features(cache, site, layer, frame.ids), devices) for layer in fs]
-                for n, group in groups.items():  # every solver on the same heads: rows and Gram shared
-                    t1 = time.perf_counter()
-                    results = fit_and_score_many(
-                        Xs, frame.n_choices, frame.gold,
-                        np.stack([h.rows for h in group]), np.stack([h.labels for h in group]),
-                        np.array([head_seed(seed, f"{h.name}/{label}") for h in group]), list(configs.values()),
-                        devices=devices,
-                        on_chunk=tick(label),
-                    )
-                    fit_seconds += time.perf_counter() - t1
-                    for s, res in zip(configs, results):
-                        not_converged += int((~res.converged).sum())
-                        for i, h in enumerate(group):
-                            test = _test_rows(frame, h)
-                            for m in h.measures:
-                                batch.append(rows.table(
-                                    layer=label, measure=m, train_level=h.train_level, draw=h.draw,
-                                    n_train=h.n_train, noise=h.label_noise, solver=s, rows=test,
-                                    correct=res.correct[i, test], p_gold=res.p_gold[i, test]))
-                del Xs
-            batch.flush()
-        os.replace(tmp, out / RESULTS)
-    finally:
-        tmp.unlink(missing_ok=True)
-    wall = time.perf_counter() - t0
-    record = {
-        "format": "probekit-sweep/1",
-        "cache": str(cache.path.resolve()),
-        "cache_manifest_sha256": cache.manifest_sha256,
-        "dataset": dataset,
-        "model": cache.manifest.get("model", {}),
-        "config": {
-            "experiment": experiment, "measures": measures, "layers": [layer_label(s) for s in sets],
-            "layers_spec": layers if isinstance(layers, str) else list(layers), "site": site,
-            "head": SITE_HEAD[site], "solvers": solvers, "n_train": sorted({int(x) for x in n_train}),
-            "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
-            "draws": draws, "train_levels": sorted({h.train_level for h in heads}), "pad": pad,
-            "probe": {s: dataclasses.asdict(c) for s, c in configs.items()},
-            "objectives": {"paper": "mean NLL + l2 * |w| (unsquared), SGD as PROTOCOL §4",
-                           "converged": "mean NLL + |w|^2 / (2 C n_train), bias unregularised"},
-            "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "zero_shot": zero_shot,
-            "icl": [str(Path(d).resolve()) for d in icl],
-            "normalisation": "z-score with training statistics (unbiased std)",
-        },
-        "seed": seed,
-        "counts": {
-            "heads": len(heads), "feature_sets": len(sets), "fits": n_fits, "rows": rows.n_rows,
-            "probe_items": int(len(frame.probe)), "not_converged": not_converged,
-            "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
-                       for m in measures},
-        },
-        "devices": [str(d) for d in (devices or jax.devices())],
-        "wall_seconds": round(wall, 3),
-        "fit_seconds": round(fit_seconds, 3),
-        "heads_per_second": round(n_fits / fit_seconds, 3) if fit_seconds > 0 else None,
-    }
-    tmp_json = out / f".{SWEEP_JSON}.tmp"
-    tmp_json.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp_json, out / SWEEP_JSON)
+    with ResultsWriter(out) as batch:  # refuses a directory another writer holds
+        if zero_shot:
+            choice_sum, _ = cache.logprobs()
+            p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
+            for m in (measures if experiment != "all_to_all" else [ALL]):
+                batch.append(rows.table(
+                    layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
+                    solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe]))
+        for icl_dir in icl:
+            for t in icl_tables(cache, frame, experiment, icl_dir):
+                batch.append(t)
+        for fs in sets:
+            label = layer_label(fs)
+            Xs = [put_layer(read_features(cache, site, layer, frame.ids), devices) for layer in fs]
+            for n, group in groups.items():  # every solver on the same heads: rows and Gram shared
+                t1 = time.perf_counter()
+                results = fit_and_score_many(
+                    Xs, frame.n_choices, frame.gold,
+                    np.stack([h.rows for h in group]), np.stack([h.labels for h in group]),
+                    np.array([head_seed(seed, f"{h.name}/{label}") for h in group]), list(configs.values()),
+                    devices=devices,
+                    on_chunk=tick(label),
+                )
+                fit_seconds += time.perf_counter() - t1
+                for s, res in zip(configs, results):
+                    not_converged += int((~res.converged).sum())
+                    for i, h in enumerate(group):
+                        test = _test_rows(frame, h)
+                        for m in h.measures:
+                            batch.append(rows.table(
+                                layer=label, measure=m, train_level=h.train_level, draw=h.draw,
+                                n_train=h.n_train, noise=h.label_noise, solver=s, rows=test,
+                                correct=res.correct[i, test], p_gold=res.p_gold[i, test]))
+            del Xs
+        wall = time.perf_counter() - t0
+        record = {
+            "format": FORMAT,
+            "cache": str(cache.path.resolve()),
+            CACHE_HASH_KEY: cache.manifest_sha256,
+            "dataset": dataset,
+            "model": cache.manifest.get("model", {}),
+            "config": {
+                "experiment": experiment, "measures": measures, "layers": [layer_label(s) for s in sets],
+                "layers_spec": layers if isinstance(layers, str) else list(layers), "site": site,
+                "head": SITE_HEAD[site], "solvers": solvers, "n_train": sorted({int(x) for x in n_train}),
+                "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
+                "draws": draws, "train_levels": sorted({h.train_level for h in heads}), "pad": pad,
+                "probe": {s: dataclasses.asdict(c) for s, c in configs.items()},
+                "objectives": {"paper": "mean NLL + l2 * |w| (unsquared), SGD as PROTOCOL §4",
+                               "converged": "mean NLL + |w|^2 / (2 C n_train), bias unregularised"},
+                "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "zero_shot": zero_shot,
+                "icl": [str(Path(d).resolve()) for d in icl],
+                "normalisation": "z-score with training statistics (unbiased std)",
+            },
+            "seed": seed,
+            "counts": {
+                "heads": len(heads), "feature_sets": len(sets), "fits": n_fits, "rows": rows.n_rows,
+                "probe_items": int(len(frame.probe)), "not_converged": not_converged,
+                "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
+                           for m in measures},
+            },
+            "devices": [str(d) for d in (devices or jax.devices())],
+            "wall_seconds": round(wall, 3),
+            "fit_seconds": round(fit_seconds, 3),
+            "heads_per_second": round(n_fits / fit_seconds, 3) if fit_seconds > 0 else None,
+        }
+        record = batch.commit(record)
     return record

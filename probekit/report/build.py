@@ -6,14 +6,15 @@ SGR and differences, its p-value, plus the settings, ``sweep.json`` and the cach
 
 Everything is computed before anything is written. Files are written to a temporary directory
 beside ``REP`` and moved in; an old ``summary.json`` is removed first and the new one is moved
-in last, so a ``summary.json`` in ``REP`` always belongs to a complete report.
+in last, so a ``summary.json`` in ``REP`` always belongs to a complete report. While moving,
+the report holds ``REP``'s lock (:class:`probekit.store.outdir.OutputDir`): a second report into
+the same directory at that moment is refused, and a killed run's temporary directory is removed.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,13 +25,11 @@ import pandas as pd
 
 import probekit
 from probekit.errors import ProbekitError
-from probekit.store.layout import sha256_file
 from probekit.report import plots
 from probekit.report.tables import (
     HARD,
     Headline,
     all_to_all_table,
-    cache_hash,
     choose_headline,
     curve_table,
     flatten,
@@ -42,6 +41,8 @@ from probekit.report.tables import (
     to_markdown,
     transfer_table,
 )
+from probekit.store.outdir import OutputDir, remove_temporaries
+from probekit.store.results import cache_hash
 
 FORMAT = "probekit-report/1"
 #: experiment -> (x column, CSV/PNG stem, plot title, x label)
@@ -96,7 +97,7 @@ def build_report(
         "probekit_version": probekit.__version__,
         "results": {
             "dir": str(res.path.resolve()),
-            "sha256": sha256_file(res.path / "results.parquet"),
+            "sha256": res.sha256,
             "n_rows": int(len(table)),
             "experiments": experiments,
         },
@@ -159,21 +160,19 @@ def _count_tasks(table: pd.DataFrame) -> int:
 
 
 def _write(out: Path, summary: dict, headline: Headline | None, population, all_to_all, curves, transfer) -> None:
-    if out.exists() and not out.is_dir():
-        raise ProbekitError(f"report output {out} exists and is not a directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        files = _write_files(tmp, summary, headline, population, all_to_all, curves, transfer)
-        summary["files"] = files + ["summary.json"]
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
-        out.mkdir(exist_ok=True)
-        (out / "summary.json").unlink(missing_ok=True)
-        for name in files:
-            os.replace(tmp / name, out / name)
-        os.replace(tmp / "summary.json", out / "summary.json")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with OutputDir(out, (), "report output") as d:  # refuses a report directory another writer holds
+        remove_temporaries(out.parent, [out.name])  # a killed run's temporary directory
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            files = _write_files(tmp, summary, headline, population, all_to_all, curves, transfer)
+            summary["files"] = files + ["summary.json"]
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+            (out / "summary.json").unlink(missing_ok=True)
+            for name in files:
+                d.commit(tmp / name, name)
+            d.commit(tmp / "summary.json", "summary.json")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_files(tmp: Path, summary, headline, population, all_to_all, curves, transfer) -> list[str]:

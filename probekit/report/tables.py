@@ -20,9 +20,8 @@ Every bootstrap call uses the same ``seed``, so each number is reproducible on i
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -31,13 +30,8 @@ import pandas as pd
 
 from probekit.errors import ProbekitError
 from probekit.stats import crossed_bootstrap, paired_difference, sgr_bootstrap
+from probekit.store.results import RESULTS, TEXT_COLUMNS, Results, read_results
 
-#: Columns that ``results.parquet`` must have.
-REQUIRED_COLUMNS = (
-    "experiment", "site", "layer", "measure", "train_level", "draw", "n_train",
-    "label_noise", "solver", "item_id", "test_level", "correct",
-)
-TEXT_COLUMNS = ("experiment", "site", "layer", "measure", "train_level", "solver", "item_id", "test_level")
 #: Training levels in display order; other levels found in the results follow, sorted.
 TRAIN_LEVELS = ("zero_shot", "easy", "medium", "hard", "all")
 TEST_LEVELS = ("easy", "medium", "hard", "all")
@@ -48,15 +42,6 @@ ZERO_SHOT = "zero_shot"
 DIFFERENCES = {"hard_minus_easy": ("easy", "hard"), "easy_minus_zero_shot": (ZERO_SHOT, "easy")}
 
 Progress = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class Results:
-    """A loaded results directory: the per-item table and the sweep configuration (or None)."""
-
-    path: Path
-    table: pd.DataFrame
-    sweep: dict | None
 
 
 @dataclass(frozen=True)
@@ -73,33 +58,13 @@ class Headline:
 
 
 def load_results(results_dir: str | Path) -> Results:
-    """Read ``results.parquet`` (and ``sweep.json`` when present) and check the columns."""
-    root = Path(results_dir)
-    path = root / "results.parquet"
-    if not root.is_dir():
-        raise ProbekitError(f"results directory not found: {root}")
-    if not path.is_file():
-        raise ProbekitError(f"no results.parquet in {root} (run `probekit sweep ... --out {root}` first)")
-    try:
-        table = pd.read_parquet(path)
-    except Exception as exc:  # pyarrow raises several types for a damaged file
-        raise ProbekitError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise ProbekitError(f"{path} lacks column(s) {', '.join(missing)}")
-    if table.empty:
+    """Read a results directory (:func:`probekit.store.results.read_results`: the table must belong
+    to its ``sweep.json`` and have every column) and normalise the column types."""
+    res = read_results(results_dir)
+    path = res.path / RESULTS
+    if res.table.empty:
         raise ProbekitError(f"{path} has no rows")
-    table = _normalise(table, path)
-    sweep = None
-    sweep_path = root / "sweep.json"
-    if sweep_path.exists():
-        try:
-            sweep = json.loads(sweep_path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ProbekitError(f"cannot read {sweep_path}: {exc}") from None
-        if not isinstance(sweep, dict):
-            raise ProbekitError(f"{sweep_path} must hold a JSON object")
-    return Results(root, table, sweep)
+    return replace(res, table=_normalise(res.table, path))
 
 
 def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -118,20 +83,6 @@ def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         row = out[bad].iloc[0]
         raise ProbekitError(f"{path}: correct must be 0 or 1, got {row['correct']!r} for item {row['item_id']!r}")
     return out
-
-
-def cache_hash(sweep: dict | None) -> str | None:
-    """The cache manifest hash recorded in ``sweep.json`` (first key naming a manifest sha256)."""
-    if not isinstance(sweep, dict):
-        return None
-    stack = [sweep]
-    while stack:
-        d = stack.pop(0)
-        for key, value in d.items():
-            if isinstance(value, str) and "sha256" in key and ("manifest" in key or "cache" in key):
-                return value
-        stack.extend(v for v in d.values() if isinstance(v, dict))
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,11 +327,6 @@ def curve_table(table: pd.DataFrame, experiment: str, x: str, n_boot: int = 10_0
                             "train_level": ZERO_SHOT, x: 0 if x == "n_train" else 0.0,
                             "accuracy": crossed_bootstrap(M, n_boot, seed).to_dict()})
     return records
-
-
-def count_population_tasks(table: pd.DataFrame) -> int:
-    pop = table[(table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT)]
-    return int(pop.groupby(["measure", "site", "layer", "solver"]).ngroups) if len(pop) else 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,6 +5,11 @@ ranks may share one directory); :class:`Cache` reads the item table, one layer o
 time, and the cached log-probs, and verifies shard hashes. :func:`write_cache` writes a whole
 cache from arrays (or a per-shard callable) through the same writer. The shard layout is
 documented in :mod:`probekit.store.layout`.
+
+The other outputs have their format, writer and reader here too: the results table
+(:mod:`probekit.store.results`), ICL score folders (:mod:`probekit.store.icl_scores`) and
+``hardness.json`` (:mod:`probekit.store.hardness`); every output directory is locked and
+committed as :mod:`probekit.store.outdir` describes.
 """
 
 from probekit.store.layout import FORMAT, SITES, Layout, shard_name

@@ -1,7 +1,7 @@
 """``manifest.json``: reading, atomic writing, the cross-process update lock, header comparison.
 
 The manifest is only ever replaced whole (temp file, fsync, ``os.replace``, fsync of the
-directory), and every read-modify-write happens under a blocking ``flock`` on
+directory: :func:`probekit.store.outdir.write_json`), and every read-modify-write happens under a blocking ``flock`` on
 ``DIR/.manifest.lock``, so several ranks can record their shards into one manifest.
 """
 
@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 from probekit.errors import ProbekitError
-from probekit.store.layout import FORMAT, MANIFEST, MANIFEST_LOCK, fsync_path
+from probekit.store.layout import FORMAT, MANIFEST, MANIFEST_LOCK
+from probekit.store.outdir import remove_temporaries, write_json
 
 #: Manifest fields that must agree before a writer may add shards to an existing cache.
 IDENTITY_FIELDS = (
@@ -43,17 +44,21 @@ def manifest_bytes(cache_dir: Path) -> bytes | None:
         return None
 
 
-def parse_manifest(raw: bytes, cache_dir: Path) -> dict[str, Any]:
-    """Decode manifest bytes and check the format tag."""
-    where = cache_dir / MANIFEST
+def parse_json(raw: bytes, where: Path, fmt: str) -> dict[str, Any]:
+    """Decode the bytes of a probekit JSON file (``where``) and check its ``format`` tag is ``fmt``."""
     try:
-        manifest = json.loads(raw)
+        obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProbekitError(f"{where} is not valid JSON ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise ProbekitError(f"{where} has format {found!r}, expected {FORMAT!r}")
-    return manifest
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise ProbekitError(f"{where} has format {found!r}, expected {fmt!r}")
+    return obj
+
+
+def parse_manifest(raw: bytes, cache_dir: Path) -> dict[str, Any]:
+    """Decode manifest bytes and check the format tag."""
+    return parse_json(raw, cache_dir / MANIFEST, FORMAT)
 
 
 def read_manifest(cache_dir: Path) -> dict[str, Any] | None:
@@ -69,23 +74,13 @@ def sha256_bytes(raw: bytes) -> str:
 
 def write_manifest(cache_dir: Path, manifest: Mapping[str, Any]) -> None:
     """Replace ``DIR/manifest.json`` atomically: temp file, fsync, rename, fsync the directory."""
-    tmp = cache_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, cache_dir / MANIFEST)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_path(cache_dir)
+    write_json(cache_dir / MANIFEST, manifest)
 
 
 @contextmanager
-def manifest_lock(cache_dir: Path) -> Iterator[None]:
-    """Hold the blocking manifest lock (``DIR/.manifest.lock``) for the ``with`` block."""
-    fd = os.open(cache_dir / MANIFEST_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+def manifest_lock(cache_dir: Path, lock_file: str = MANIFEST_LOCK) -> Iterator[None]:
+    """Hold the blocking manifest lock (``DIR/.manifest.lock``, or ``lock_file``) for the ``with`` block."""
+    fd = os.open(cache_dir / lock_file, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -98,6 +93,7 @@ def update_manifest(
 ) -> dict[str, Any]:
     """Read-modify-write the manifest under the lock; ``change`` gets the current one (or None)."""
     with manifest_lock(cache_dir):
+        remove_temporaries(cache_dir, [MANIFEST])  # of a writer killed mid-write (all writes hold this lock)
         new = change(read_manifest(cache_dir))
         write_manifest(cache_dir, new)
         return new

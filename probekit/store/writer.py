@@ -22,7 +22,6 @@ records nothing, so a rerun with the same arguments picks up exactly the missing
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
@@ -42,13 +41,13 @@ from probekit.store.layout import (
     SITES,
     Layout,
     check_shard,
-    fsync_path,
     lock_name,
     sha256_file,
     shard_name,
     temp_name,
 )
 from probekit.store.manifest import check_same_cache, read_manifest, update_manifest
+from probekit.store.outdir import replace_file, take_dir_lock
 
 #: Manifest keys the writer fills in itself; a header may not set them.
 _RESERVED = frozenset(
@@ -162,7 +161,7 @@ class CacheWriter:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ProbekitError(f"cannot create cache directory {self.out_dir} ({exc.strerror})") from None
-        self._lock_fd = _take_dir_lock(self.out_dir, self.rank)
+        self._lock_fd = take_dir_lock(self.out_dir, lock_name(self.rank), "cache")
         try:
             update_manifest(self.out_dir, self._merged)
             for k in self.my_shards:
@@ -271,24 +270,6 @@ def _make_layout(
         measures=tuple(measures),
         dtype=dtype,
     )
-
-
-def _take_dir_lock(cache_dir: Path, rank: int) -> int:
-    """Take the non-blocking per-rank lock ``DIR/.lock-rank{rank}`` and note our pid in it."""
-    path = cache_dir / lock_name(rank)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        pid = path.read_text().strip() or "unknown"
-        raise ProbekitError(
-            f"cache {cache_dir} is being written by another process (pid {pid}); "
-            "wait for it or choose another --out"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
-    return fd
 
 
 class ShardWriter:
@@ -439,9 +420,7 @@ class ShardWriter:
         self._file.flush()
         self._file.close()
         self._file = None
-        fsync_path(self.tmp)
-        os.replace(self.tmp, self.path)
-        fsync_path(self.writer.out_dir)
+        replace_file(self.tmp, self.path)
         self.writer._record({
             "file": self.name,
             "index": self.k,

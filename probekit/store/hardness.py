@@ -1,0 +1,45 @@
+"""Model-based hardness scores: ``hardness.json`` (by default in the cache directory).
+
+``{"format": "probekit-hardness/1", "cache_manifest_sha256": ..., "config": {...}, "seconds": ...,
+"mdl": {item_id: hardness}}``, written by ``probekit hardness`` (:func:`write_hardness`) and read
+by ``sweep --measures mdl`` (:func:`read_mdl`). The file is written under a unique temporary
+name and renamed, while holding a lock on ``.hardness.json.lock`` beside it (a second writer of
+the same file is refused with one line).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from probekit.errors import ProbekitError
+from probekit.store.outdir import OutputDir
+
+FORMAT = "probekit-hardness/1"
+HARDNESS_FILE = "hardness.json"
+MDL = "mdl"
+
+
+def write_hardness(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Write ``record`` to ``path`` atomically under the file's lock; returns the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise ProbekitError(f"hardness output {path} is a directory; give a file path such as {path / HARDNESS_FILE}")
+    with OutputDir(path.parent, (path.name,), f"hardness scores {path.name} in", lock_file=f".{path.name}.lock") as d:
+        d.write_json(path.name, dict(record), indent=1, allow_nan=True)
+    return path
+
+
+def read_mdl(path: str | os.PathLike) -> dict[str, float]:
+    """The ``mdl`` scores (item id -> hardness) of a hardness file, or one line saying what is wrong."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ProbekitError(f"cannot read {path} ({exc}); rerun `probekit hardness`") from None
+    scores = record.get(MDL) if isinstance(record, dict) else None
+    if not isinstance(scores, dict):
+        raise ProbekitError(f"{path} holds no '{MDL}' scores; rerun `probekit hardness`")
+    return scores

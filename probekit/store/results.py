@@ -1,0 +1,224 @@
+"""The results table of a run: ``RES/results.parquet`` plus ``RES/sweep.json``.
+
+Every method that scores items (the probe sweep, and any later method) writes through
+:class:`ResultsWriter`; the report reads through :func:`read_results`.
+
+``results.parquet`` has one row per (head, test item), in :data:`SCHEMA` (text columns
+dictionary-encoded). Build row batches with :class:`ResultRows`. ``sweep.json`` holds the run's
+configuration: ``format`` (:data:`FORMAT`), the cache's manifest hash under
+:data:`CACHE_HASH_KEY`, and whatever else the writer records; the writer adds
+:data:`RESULTS_FILE_KEY` = ``{"name", "bytes", "sha256"}`` of the results file it belongs to.
+
+Writing is safe against a second writer and against crashes:
+
+- The writer holds the directory's lock (:class:`probekit.store.outdir.OutputDir`, the mechanism
+  the cache uses); a second writer into the same directory is refused with one line. Leftover
+  temporaries of a killed writer are removed by the next one.
+- Rows stream into a temporary file under a unique name. The commit then (1) deletes the old
+  ``sweep.json``, (2) renames the finished table to ``results.parquet``, (3) writes the new
+  ``sweep.json`` with the table's sha256 and size, each step fsynced. A crash at any point leaves
+  either the old pair, a table without ``sweep.json``, or the new pair: never new results beside
+  an old configuration.
+- :func:`read_results` hashes the bytes it parses and refuses a table whose size or sha256
+  differs from the record in ``sweep.json`` (a swapped or rewritten file). A ``sweep.json``
+  without the record (written by hand or by an older version) is read unchecked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from probekit.errors import ProbekitError
+from probekit.store.layout import sha256_file
+from probekit.store.outdir import OutputDir
+
+FORMAT = "probekit-sweep/1"
+RESULTS = "results.parquet"
+CONFIG = "sweep.json"
+#: The one key of ``sweep.json`` that holds the sha256 of the cache manifest the run read.
+CACHE_HASH_KEY = "cache_manifest_sha256"
+#: The key of ``sweep.json`` that records the results file it belongs to.
+RESULTS_FILE_KEY = "results_file"
+
+_STR = pa.dictionary(pa.int32(), pa.string())
+SCHEMA = pa.schema([
+    ("experiment", _STR), ("site", _STR), ("layer", _STR), ("measure", _STR), ("train_level", _STR),
+    ("draw", pa.int32()), ("n_train", pa.int32()), ("label_noise", pa.float64()), ("solver", _STR),
+    ("item_id", _STR), ("test_level", _STR), ("correct", pa.int8()), ("p_gold", pa.float32()),
+])
+COLUMNS = tuple(SCHEMA.names)
+#: Columns a results table must have to be read (``p_gold`` is optional).
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold")
+#: The text (dictionary-encoded) columns.
+TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_dictionary(f.type))
+
+
+class ResultRows:
+    """Builds :data:`SCHEMA` batches of one experiment at one site; counts the rows built.
+
+    ``item_ids`` are the items rows point into; ``level_names`` the names of test-level codes
+    0, 1, ... (a negative code is an unknown level, written as "").
+    """
+
+    def __init__(self, experiment: str, site: str, item_ids: Sequence[str], level_names: Sequence[str]) -> None:
+        self.experiment, self.site = experiment, site
+        self.item_dict = pa.array(item_ids, pa.string())
+        self.level_names = list(level_names) + [""]
+        self.n_rows = 0
+
+    @staticmethod
+    def _const(value: str, n: int) -> pa.DictionaryArray:
+        return pa.DictionaryArray.from_arrays(pa.array(np.zeros(n, np.int32)), pa.array([value], pa.string()))
+
+    def _levels(self, codes: np.ndarray) -> pa.DictionaryArray:
+        idx = np.where(codes < 0, len(self.level_names) - 1, codes).astype(np.int32)
+        return pa.DictionaryArray.from_arrays(pa.array(idx), pa.array(self.level_names, pa.string()))
+
+    def table(self, *, layer: str, measure: str, train_level: str, draw: int, n_train: int, noise: float,
+              solver: str, rows: np.ndarray, test_levels: np.ndarray, correct: np.ndarray,
+              p_gold: np.ndarray) -> pa.Table:
+        """Rows for test items ``rows`` (indices into ``item_ids``) of one head."""
+        n = len(rows)
+        self.n_rows += n
+        cols = [
+            self._const(self.experiment, n), self._const(self.site, n), self._const(layer, n),
+            self._const(measure, n), self._const(train_level, n),
+            pa.array(np.full(n, draw, np.int32)), pa.array(np.full(n, n_train, np.int32)),
+            pa.array(np.full(n, noise, np.float64)), self._const(solver, n),
+            pa.DictionaryArray.from_arrays(pa.array(rows.astype(np.int32)), self.item_dict),
+            self._levels(test_levels), pa.array(correct.astype(np.int8)), pa.array(p_gold.astype(np.float32)),
+        ]
+        return pa.Table.from_arrays(cols, schema=SCHEMA)
+
+
+class ResultsWriter:
+    """Writes a results directory: ``with ResultsWriter(out) as w: w.append(t); ...; w.commit(cfg)``.
+
+    Tables are gathered into row groups of about ``row_group`` rows (few row groups for readers,
+    bounded memory for the writer). Nothing is committed unless :meth:`commit` is called; an
+    exception in the block leaves the directory as it was (and removes it if this writer
+    created it). See the module docstring for the lock and the commit order.
+    """
+
+    def __init__(self, out: str | os.PathLike, row_group: int = 1 << 16) -> None:
+        self.out = Path(out)
+        self.row_group = row_group
+        self._dir = OutputDir(self.out, (RESULTS, CONFIG), "results directory")
+        self._writer: pq.ParquetWriter | None = None
+        self._tables: list[pa.Table] = []
+        self._n = 0
+
+    def __enter__(self) -> "ResultsWriter":
+        self._dir.__enter__()
+        try:
+            self._tmp = self._dir.temp(RESULTS)
+            self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
+        except BaseException as exc:
+            self._dir.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None
+        finally:
+            self._dir.__exit__(exc_type, exc, tb)
+
+    def append(self, table: pa.Table) -> None:
+        """Add rows (a :data:`SCHEMA` table)."""
+        self._tables.append(table)
+        self._n += table.num_rows
+        if self._n >= self.row_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._tables:
+            self._writer.write_table(pa.concat_tables(self._tables))
+        self._tables, self._n = [], 0
+
+    def commit(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """Finish the table and commit it with ``config`` as ``sweep.json``; returns what was written."""
+        self._flush()
+        self._writer.close()
+        self._writer = None
+        size, digest = self._tmp.stat().st_size, sha256_file(self._tmp)
+        record = {**config, RESULTS_FILE_KEY: {"name": RESULTS, "bytes": size, "sha256": digest}}
+        (self.out / CONFIG).unlink(missing_ok=True)  # never leave an old configuration beside new results
+        self._dir.commit(self._tmp, RESULTS)
+        self._dir.write_json(CONFIG, record, default=str, allow_nan=True)
+        return record
+
+
+@dataclass(frozen=True)
+class Results:
+    """A results directory as read: the per-item table, the configuration (``sweep.json``
+    without its results-file record, or None when absent) and the table file's sha256."""
+
+    path: Path
+    table: pd.DataFrame
+    sweep: dict | None
+    sha256: str | None = None
+
+
+def read_results(results_dir: str | os.PathLike) -> Results:
+    """Read ``results.parquet`` and ``sweep.json``; refuse a table that does not belong to its
+    ``sweep.json`` and one that lacks a :data:`REQUIRED_COLUMNS` column."""
+    root = Path(results_dir)
+    path = root / RESULTS
+    if not root.is_dir():
+        raise ProbekitError(f"results directory not found: {root}")
+    if not path.is_file():
+        raise ProbekitError(f"no {RESULTS} in {root} (run `probekit sweep ... --out {root}` first)")
+    sweep = read_config(root)
+    try:
+        raw = path.read_bytes()
+        table = pd.read_parquet(io.BytesIO(raw))
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ProbekitError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    found = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    recorded = (sweep or {}).pop(RESULTS_FILE_KEY, None)
+    if isinstance(recorded, dict):
+        for field in ("bytes", "sha256"):
+            if recorded.get(field) != found[field]:
+                raise ProbekitError(
+                    f"{path} does not belong to {root / CONFIG}: its {field} is {str(found[field])[:16]}, "
+                    f"{CONFIG} records {str(recorded.get(field))[:16]} (changed after the run, or the run did "
+                    "not finish); rerun the sweep into this directory"
+                )
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise ProbekitError(f"{path} lacks column(s) {', '.join(missing)}")
+    return Results(root, table, sweep, found["sha256"])
+
+
+def read_config(results_dir: str | os.PathLike) -> dict | None:
+    """``sweep.json`` of a results directory as a dict (with its results-file record), or None."""
+    path = Path(results_dir) / CONFIG
+    if not path.exists():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ProbekitError(f"cannot read {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ProbekitError(f"{path} must hold a JSON object")
+    return config
+
+
+def cache_hash(config: Mapping[str, Any] | None) -> str | None:
+    """The cache manifest hash a run's configuration records (:data:`CACHE_HASH_KEY`), or None."""
+    value = config.get(CACHE_HASH_KEY) if isinstance(config, Mapping) else None
+    return value if isinstance(value, str) else None
