@@ -190,9 +190,9 @@ def safe_std(var):
 
 
 def gather_moments(X, idx, count, weights=None, scratch: Scratch | None = None, name: str = "Z"):
-    """``X[idx]`` gathered, with the mean and the sum of squared deviations per column of those rows
-    (each weighted by ``weights``, 0 or 1, when given) plus ``count`` minus their number of zero
-    rows, in one pass.
+    """``X[idx]`` gathered, with the mean and the sum of squared deviations per column, in one pass,
+    over those rows (each weighted by ``weights``, 0 or 1, when given) and as many zero rows as
+    make ``count`` rows in all.
 
     Sums are taken about the first row (so no cancellation for features far from zero, such as a
     model's massive activations); the rows themselves are kept as they are, so that differences of
@@ -290,18 +290,27 @@ def head_rows(Xs: Sequence, rows, slots: Slots, mc: bool, pad: str,
 
 def head_kernel(parts: Sequence[LayerRows], w0, b0, slots: Slots, y) -> tuple["Kernel", list]:
     """The head's :class:`Kernel` over the concatenated layers (Gram matrices summed), and ``w0``
-    split by layer. ``w0`` (sum of widths,) or (sum of widths, C); ``y`` (n,) training labels."""
+    split by layer. ``w0`` (sum of widths,) or (sum of widths, C); ``y`` (n,) training labels.
+    Rows past the head's own (on the host, see :func:`mc_rows`) are zero."""
     xp = _xp(parts[0].Z)
     dims = [p.Z.shape[1] for p in parts]
     w0s = xp.split(w0, np.cumsum(dims)[:-1], axis=0)
-    K = sum(p.Z @ p.Z.T for p in parts)
-    u = sum(xp.dot(p.Z, w) for p, w in zip(parts, w0s))  # np.dot releases the GIL for a matrix-vector product; @ does not
     m = y.shape[0] if slots.slot is None else slots.slot.shape[0]
-    k = parts[0].Z.shape[0]
-    if k < m:  # the host's own rows only: the kernel's others are zero
-        K = np.pad(K, ((0, m - k), (0, m - k)))
-        u = np.pad(u, ((0, m - k),) + ((0, 0),) * (u.ndim - 1))
+    K = xp.zeros((m, m), np.float32)
+    u = xp.zeros((m,) + w0.shape[1:], np.float32)
+    for p, w in zip(parts, w0s):
+        K = _add_corner(K, p.Z @ p.Z.T)
+        u = _add_corner(u, xp.dot(p.Z, w))  # np.dot releases the GIL for a matrix-vector product; @ does not
     return Kernel(K, u, xp.vdot(w0, w0), slots.grid, slots.slot, slots.mask, y, b0), w0s
+
+
+def _add_corner(a, b):
+    """``b`` added to the leading corner of ``a`` (``a[:k] += b`` for ``b`` of k rows), in place on the host."""
+    corner = tuple(slice(0, s) for s in b.shape)
+    if isinstance(a, np.ndarray):
+        a[corner] += b
+        return a
+    return a.at[corner].add(b)
 
 
 def fold(parts: Sequence[LayerRows], w0s: Sequence, fit) -> tuple[list, jax.Array]:
