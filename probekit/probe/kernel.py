@@ -1,4 +1,5 @@
-"""Per-head geometry: gather a head's training rows, z-normalise them, and reduce them to a kernel.
+"""The probe recipe for one head: gather its training rows, z-normalise them, reduce them to a
+kernel for the solver, fold the fitted weights back onto raw features and score every item.
 
 Both solvers work in the span of the training rows. For a head with normalised training rows
 ``Z`` (one row per answer slot for a multiple-choice head, one per item for a multinomial head),

@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
 from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, head_seed, prepare
-from probekit.probe.solvers import SOLVERS, solver_names
 from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, parse_layers, plan
+from probekit.probe.solvers import SOLVERS, solver_names
 from probekit.store import Cache
 
 RESULTS = "results.parquet"
