@@ -384,7 +384,8 @@ def main() -> None:
 
     from probekit.probe import ProbeConfig, fit_and_score, head_seed, item_frame, plan
     from probekit.probe.kernel import init_weights, mc_rows_needed
-    from probekit.probe.engine import default_workers, head_key
+    from probekit.probe.engine import head_key
+    from probekit.probe.runtime import default_workers
     from probekit.store import Cache
 
     cache_dir = write_bench_cache(args.cache, args.items, args.layers, args.width, args.features)

@@ -57,6 +57,12 @@ def _cutoffs(items: list[str]) -> dict:
     return out
 
 
+# the registry's names and objectives (probekit.probe.solvers.SOLVERS), written out so that the
+# command line does not import jax to print its help
+_SOLVER_HELP = ("paper: mean NLL + l2 * |w| (unsquared), SGD as the protocol | converged: mean NLL + "
+                "|w|^2 / (2 C n_train), bias unregularised, to tolerance | both (every solver).")
+
+
 @app.command("sweep")
 def sweep_cmd(
     cache_dir: Path = typer.Argument(..., help="Cache directory written by `probekit extract`."),
@@ -70,7 +76,7 @@ def sweep_cmd(
                                help="all | middle_and_last | middle | last | 15,30 (15+30 concatenates; -1 = the last layer)."),
     site: str = typer.Option("answer_end", "--site", help="answer_end (multiple-choice head) | question_end "
                                                           "(multinomial head)."),
-    solver: str = typer.Option("paper", "--solver", help="paper | converged | both."),
+    solver: str = typer.Option("paper", "--solver", help=_SOLVER_HELP),
     n_train: str = typer.Option("160", "--n-train", help="Training size, or sizes for learning curves (10,20,40)."),
     label_noise: str = typer.Option("0,0.05,0.1,0.2,0.3", "--label-noise",
                                     help="Noise rates p for label_noise (hard items get 2p)."),

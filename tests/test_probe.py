@@ -19,9 +19,9 @@ from sklearn.linear_model import LogisticRegression
 from probekit.errors import ProbekitError
 from probekit.probe import engine
 from probekit.probe.engine import (
-    ProbeConfig, compile_host, default_chunk, fit_and_score, fit_and_score_many, head_key, head_seed,
+    ProbeConfig, compile_heads, default_chunk, fit_and_score, fit_and_score_many, head_key, head_seed,
 )
-from probekit.probe.kernel import Scratch, host_mc_rows, init_weights, mc_rows_needed, mc_slots
+from probekit.probe.kernel import Scratch, init_weights, mc_rows, mc_rows_needed, mc_slots
 
 C = 5
 
@@ -214,8 +214,8 @@ def test_device_chunks_fill_the_budget_evenly():
 
 
 @pytest.mark.parametrize("head", ["mc", "multinomial"])
-def test_compile_host_compiles_what_the_host_path_runs(head):
-    """After compile_host (which a sweep runs before reading any layer) fitting the same heads on the
+def test_compile_heads_compiles_what_the_host_path_runs(head):
+    """After compile_heads (which a sweep runs before reading any layer) fitting the same heads on the
     host compiles nothing more: its shapes are those of the real calls. Sizes unique to this test."""
     Xs, n_choices, gold, rng = make_problem(seed=17, N=70, D=27, layers=2)
     if head == "multinomial":
@@ -230,7 +230,7 @@ def test_compile_host_compiles_what_the_host_path_runs(head):
 
     jax.monitoring.register_event_duration_secs_listener(on_event)
     try:
-        compile_host(n_choices, rows, cfgs, 2 * 27, C)
+        compile_heads(n_choices, rows, cfgs, 2 * 27, C, host=True)
         assert len(compiles) == 3  # both solvers and the initial weights
         fit_and_score_many(Xs, n_choices, gold, rows, gold[rows], np.arange(3), cfgs, host=True)
         assert len(compiles) == 3
@@ -292,7 +292,7 @@ def test_host_rows_keep_small_differences_of_large_features(pad):
     n_choices, rows = np.full(N, C), np.arange(30)
     m = mc_rows_needed(n_choices[rows], pad)
     slots = mc_slots(rows, n_choices, C, m, pad)
-    got = host_mc_rows(X.reshape(-1, D), rows, slots, pad, Scratch())
+    got = mc_rows(X.reshape(-1, D), rows, slots, pad, Scratch())
     X64 = X.astype(np.float64)
     sd = X64[rows].reshape(-1, D).std(0, ddof=1)
     want = ((X64[rows, 1:] - X64[rows, :1]) if pad == "mask" else X64[rows]).reshape(-1, D) / sd
@@ -339,3 +339,13 @@ def test_same_numbers_on_four_devices(tmp_path):
     for solver in ("paper", "converged"):
         # float32 rounding may differ in the last bits (a batch of 4 heads vs 1 head per device)
         np.testing.assert_allclose(results[4][solver], results[1][solver], rtol=1e-5, atol=1e-5)
+
+
+def test_solver_registry():
+    """"both" means every registered solver, and the command line's help names each one."""
+    from probekit.cli.sweep_cmd import _SOLVER_HELP
+    from probekit.probe.solvers import SOLVERS, solver_names
+
+    assert solver_names("both") == list(SOLVERS) and solver_names("paper") == ["paper"]
+    for name, spec in SOLVERS.items():
+        assert spec.name == name and spec.objective and f"{name}:" in _SOLVER_HELP

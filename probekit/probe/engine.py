@@ -7,49 +7,36 @@ labels, and returns every head's probability of the gold answer and correctness 
 each head's Gram matrix). Per head the work is one Gram GEMM over its normalised training rows, a
 solver in coefficient space and one GEMM that scores all items, see :mod:`probekit.probe.kernel`.
 
-Two execution paths give the same numbers. On CPU devices (the host path) the D-wide work (rows,
-Gram, weight recovery, scoring) runs in numpy BLAS, single-threaded, in one thread per core, a
-head at a time per thread, and only the m x m solver is jitted; the layer is held once, as
-float32 numpy. On accelerators heads are processed in fixed-size chunks, each one jitted, vmapped
-computation sharded over ``jax.devices()`` along the head axis, the layer matrices replicated.
+Both execution paths run the one recipe of :mod:`probekit.probe.kernel` with a solver of
+:mod:`probekit.probe.solvers`. On CPU devices (the host path) the D-wide work (rows, Gram, weight
+recovery, scoring) runs in numpy BLAS, single-threaded, in one thread per core, a head at a time
+per thread, and only the m x m solver is jitted; the layer is held once, as float32 numpy. On
+accelerators heads are processed in fixed-size chunks, each one jitted, vmapped computation
+sharded over ``jax.devices()`` along the head axis, the layer matrices replicated. Callers need
+not know which: :func:`prepare` places a feature set where its heads will be fitted, and
+:func:`compile_heads` compiles ahead what the path needs compiled ahead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
-import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial, wraps
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg  # noqa: F401 - loads the LAPACK that jax's CPU kernels call, so BLAS thread limits reach it
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from threadpoolctl import threadpool_limits
 
 from probekit.errors import ProbekitError
-from probekit.probe import solvers
+from probekit.probe import runtime, solvers
 from probekit.probe.kernel import (
-    PAD_MODES,
-    Kernel,
-    LayerRows,
-    Scratch,
-    host_item_rows,
-    host_mc_rows,
-    init_weights,
-    item_rows,
-    log_softmax,
-    Slots,
-    mc_rows,
-    mc_rows_needed,
-    mc_slots,
+    PAD_MODES, Kernel, Scratch, Slots, fold, head_kernel, head_rows, init_weights, mc_rows_needed, mc_slots, score,
 )
+from probekit.probe.runtime import default_workers
 
 HEADS = ("mc", "multinomial")
 
@@ -60,10 +47,11 @@ class ProbeConfig:
 
     ``head``: ``"mc"`` (one weight vector scores each answer slot, softmax over the item's choices;
     answer_end features) or ``"multinomial"`` (a (d, C) matrix plus bias maps the item's feature
-    to class scores; question_end features). ``solver``: ``"paper"`` (PROTOCOL §4) or
-    ``"converged"``. ``pad``: ``"mask"`` excludes padded choices everywhere, ``"zero"`` keeps
-    them as zero vectors in the normalisation statistics and the softmax, as the protocol does
-    (multinomial heads always mask padded classes). ``l2``: the paper's unsquared penalty
+    to class scores; question_end features). ``solver``: a name in
+    :data:`probekit.probe.solvers.SOLVERS` (``"paper"``, PROTOCOL §4, or ``"converged"``), which
+    reads its options from the fields below. ``pad``: ``"mask"`` excludes padded choices
+    everywhere, ``"zero"`` keeps them as zero vectors in the normalisation statistics and the
+    softmax, as the protocol does (multinomial heads always mask padded classes). ``l2``: the paper's unsquared penalty
     weight. ``C``: the converged solver's inverse regularisation strength, as in scikit-learn
     (loss = mean NLL + |w|^2 / (2 C n_train)). ``tol``: converged solver's relative optimality
     (stop once the gradient bounds the loss's excess over its minimum by ``tol`` times the loss).
@@ -103,15 +91,7 @@ def head_key(seed: int) -> jax.Array:
     return jax.random.key(seed)
 
 
-# ----- one head, pure ------------------------------------------------------------------------------
-def _solve(kern: Kernel, cfg: ProbeConfig) -> solvers.Fit:
-    """The configured solver on one head's kernel."""
-    if cfg.solver == "paper":
-        return solvers.paper(kern, l2=cfg.l2, lr=cfg.lr, steps=cfg.steps, max_grad_norm=cfg.max_grad_norm)
-    kern = kern._replace(b0=None if kern.b0 is None else jnp.zeros_like(kern.b0))
-    return solvers.converged(kern, l2=1.0 / (cfg.C * kern.y.shape[0]), tol=cfg.tol, max_newton=cfg.max_newton)
-
-
+# ----- one head: the recipe with the configured solver -----------------------------------------------
 def _float32_products(f: Callable) -> Callable:
     """``f`` traced with every float32 matrix product computed in float32. By default accelerators
     round the operands of float32 products (to TF32 on recent NVIDIA GPUs, to bfloat16 on TPUs),
@@ -126,75 +106,55 @@ def _float32_products(f: Callable) -> Callable:
     return traced
 
 
-@partial(jax.jit, static_argnames=("cfg",))
-@_float32_products
-def _solve_kernel(K, u, w0w0, grid, slot, mask, y, b0, *, cfg: ProbeConfig) -> solvers.Fit:
-    """:func:`_solve` on a kernel computed on the host (one head)."""
-    mc = cfg.head == "mc"
-    return _solve(Kernel(K, u, w0w0, grid if mc else None, slot if mc else None, mask, y, b0), cfg)
-
-
-def _fit_one(Xs, rows, labels, hseed, flat, ref, valid, grid, mask, slot, *, cfg: ProbeConfig):
-    """Fit one head on the feature set ``Xs``; returns per-layer folded weights, offset, fit stats.
+def _fit_head(Xs, rows, labels, w0, b0, slots: Slots, cfgs: Sequence[ProbeConfig], solve: Callable,
+              scratch: Scratch | None = None) -> list:
+    """One head fitted on the feature set ``Xs`` under each configuration (they share its rows and
+    kernel): ``[(folded weights per layer, offset, Fit)]``. ``solve(kern, cfg)`` runs the solver.
 
     The folded weights ``v_l = w_l / sigma_l`` and ``offset = -sum_l mu_l . v_l (+ bias)`` score raw
-    features directly: ``score = x . v + offset``.
+    features directly: ``score = x . v + offset`` (:func:`~probekit.probe.kernel.fold`).
     """
-    n = rows.shape[0]
-    C = mask.shape[-1]
-    if cfg.head == "mc":
-        parts = [mc_rows(X, rows, flat, ref, valid, cfg.pad) for X in Xs]
-    else:
-        parts = [item_rows(X, rows) for X in Xs]
-    dims = [p.Z.shape[1] for p in parts]
-    w0, b0 = init_weights(head_key(hseed), sum(dims), None if cfg.head == "mc" else C)
-    w0s = jnp.split(w0, np.cumsum(dims)[:-1], axis=0)
-    K = sum(p.Z @ p.Z.T for p in parts)
-    u = sum(p.Z @ w for p, w in zip(parts, w0s))
-    mc = cfg.head == "mc"
-    kern = Kernel(K, u, jnp.vdot(w0, w0), grid if mc else None, slot if mc else None, mask, labels, b0)
-    fit = _solve(kern, cfg)
-    folded = []
-    offset = jnp.zeros(() if cfg.head == "mc" else (C,), jnp.float32)
-    for p, w0l in zip(parts, w0s):
-        v = (fit.beta * w0l + p.Z.T @ fit.a)
-        v = v / (p.sigma if cfg.head == "mc" else p.sigma[:, None])
-        folded.append(v)
-        offset = offset - p.mu @ v
-    if fit.b is not None:
-        offset = offset + fit.b
-    return folded, offset, fit
+    cfg = cfgs[0]
+    parts = head_rows(Xs, rows, slots, cfg.head == "mc", cfg.pad, scratch)
+    kern, w0s = head_kernel(parts, w0, b0, slots, labels)
+    out = []
+    for c in cfgs:
+        fit = solve(kern, c)
+        out.append((*fold(parts, w0s, fit), fit))
+    return out
 
 
-def _score(Xs, folded, offset, n_choices, gold, *, cfg: ProbeConfig):
-    """Every head's p(gold) and correctness on every item: (H, N) each."""
-    N, H = Xs[0].shape[0], offset.shape[0]
-    if cfg.head == "mc":  # one (N*C, d) x (d, H) GEMM per layer
-        C = Xs[0].shape[1]
-        S = sum(X.reshape(N * C, -1) @ v.T for X, v in zip(Xs, folded))
-        S = S.T.reshape(H, N, C) + offset[:, None, None]
-    else:  # (N, d) x (d, H*C)
-        C = folded[0].shape[-1]
-        S = sum(X @ jnp.moveaxis(v, 0, 1).reshape(X.shape[1], H * C) for X, v in zip(Xs, folded))
-        S = jnp.moveaxis(S.reshape(N, H, C), 1, 0) + offset[:, None, :]
-    real = jnp.arange(C)[None, :] < n_choices[:, None]
-    mask = jnp.ones_like(real) if (cfg.head == "mc" and cfg.pad == "zero") else real
-    logp = log_softmax(S, mask[None])
-    p_gold = jnp.exp(jnp.take_along_axis(logp, gold[None, :, None], axis=-1)[..., 0])
-    pred = jnp.argmax(jnp.where(mask[None], S, -jnp.inf), axis=-1)
-    return p_gold, ((pred == gold[None, :]) & jnp.isfinite(p_gold)).astype(jnp.int8)  # no credit for NaN weights
+def _solve(kern: Kernel, cfg: ProbeConfig) -> solvers.Fit:
+    """The configured solver (:data:`~probekit.probe.solvers.SOLVERS`) on one head's kernel."""
+    return solvers.SOLVERS[cfg.solver](kern, cfg)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
 @_float32_products
-def _fit_chunk(Xs, *per_head, cfg: ProbeConfig):
-    return jax.vmap(partial(_fit_one, cfg=cfg), in_axes=(None,) + (0,) * len(per_head))(Xs, *per_head)
+def _solve_kernel(kern: Kernel, *, cfg: ProbeConfig) -> solvers.Fit:
+    """:func:`_solve` on a kernel computed on the host (one head)."""
+    return _solve(kern, cfg)
 
 
-_score_jit = jax.jit(_float32_products(_score), static_argnames=("cfg",))
+def _fit_one(Xs, rows, labels, hseed, slots: Slots, *, cfg: ProbeConfig):
+    """One head traced on an accelerator: its initial weights drawn, then :func:`_fit_head`."""
+    mc = cfg.head == "mc"
+    w0, b0 = init_weights(head_key(hseed), sum(X.shape[-1] for X in Xs), None if mc else slots.mask.shape[-1])
+    return _fit_head(Xs, rows, labels, w0, b0, slots, [cfg], _solve)[0]
 
 
-# ----- batches of heads ----------------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("cfg",))
+@_float32_products
+def _fit_chunk(Xs, rows, labels, seeds, slots: Slots, *, cfg: ProbeConfig):
+    return jax.vmap(partial(_fit_one, cfg=cfg), in_axes=(None, 0, 0, 0, 0))(Xs, rows, labels, seeds, slots)
+
+
+@partial(jax.jit, static_argnames=("mc", "every_slot"))
+@_float32_products
+def _score_jit(Xs, folded, offsets, n_choices, gold, *, mc: bool, every_slot: bool):
+    return score(Xs, folded, offsets, n_choices, gold, mc, every_slot)
+
+
 @dataclass
 class HeadResults:
     """Per-head outputs of :func:`fit_and_score` (numpy): ``p_gold``/``correct`` are (H, N)."""
@@ -216,15 +176,38 @@ def on_host(devices: Sequence[jax.Device] | None = None) -> bool:
     return all(d.platform == "cpu" for d in (devices or jax.devices()))
 
 
-def put_layer(X: np.ndarray | jax.Array, devices: Sequence[jax.Device] | None = None) -> np.ndarray | jax.Array:
-    """A layer matrix where :func:`fit_and_score` reads it: float32 numpy when fitting on the host
-    (CPU devices), otherwise replicated on every device (a no-op for one already placed so).
+@dataclass(frozen=True, eq=False)
+class PreparedLayer:
+    """A feature set placed where its heads are fitted (:func:`prepare`): ``Xs`` the layer matrices
+    to concatenate (middle first), float32 numpy on the host path, replicated over ``devices``
+    otherwise; ``host`` which path fits its heads."""
 
-    Hand the result to :func:`fit_and_score` and drop the original, so that one copy of the
-    layer is held while heads are fitted."""
-    if on_host(devices):
-        return np.asarray(X, np.float32)
-    return jax.device_put(X, NamedSharding(_mesh(devices), PartitionSpec()))
+    Xs: tuple
+    devices: tuple
+    host: bool
+
+
+def prepare(Xs: Iterable[np.ndarray | jax.Array], devices: Sequence[jax.Device] | None = None, *,
+            host: bool | None = None) -> PreparedLayer:
+    """The feature set ``Xs`` where :func:`fit_and_score` reads it: float32 numpy when fitting on the
+    host (by default when every device is a CPU), otherwise replicated on every device (a no-op for
+    a matrix already placed so).
+
+    ``Xs`` may be an iterator: each matrix is placed, and the caller's one dropped, before the next
+    is read, so that one copy of each layer is held while heads are fitted.
+
+    Example:
+        >>> layer = prepare(cache.read_layer("answer_end", l) for l in (16, 30))
+        >>> fit_and_score(layer, n_choices, gold, rows, labels, seeds, cfg)
+    """
+    devices = tuple(devices or jax.devices())
+    host = on_host(devices) if host is None else host
+    sharding = None if host else NamedSharding(_mesh(devices), PartitionSpec())
+    placed = []
+    for X in Xs:
+        placed.append(np.asarray(X, np.float32) if host else jax.device_put(X, sharding))
+        del X
+    return PreparedLayer(tuple(placed), devices, host)
 
 
 _HOST_BUDGET = 128 << 20  # bytes of gathered rows per chunk where a device does not report its memory
@@ -257,16 +240,8 @@ def default_chunk(n_rows: int, dim: int, n_devices: int, budget_bytes: int = _HO
     return int(max(n_devices, -(-h // n_devices) * n_devices))
 
 
-def default_workers() -> int:
-    """Host threads fitting heads concurrently: the CPU cores this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
-
-
 def fit_and_score(
-    Xs: Sequence[np.ndarray],
+    Xs: PreparedLayer | Sequence[np.ndarray],
     n_choices: np.ndarray,
     gold: np.ndarray,
     rows: np.ndarray,
@@ -282,11 +257,12 @@ def fit_and_score(
 ) -> HeadResults:
     """Fit heads on the feature set ``Xs`` and score every item with each.
 
-    ``Xs``: the layers to concatenate (middle first), each (N, C, d) for ``cfg.head == "mc"`` or
-    (N, d) for ``"multinomial"``; ``n_choices`` (N,) real choices per item; ``gold`` (N,) the
-    labels used for scoring; ``rows`` (H, n) training item rows per head; ``labels`` (H, n)
-    training labels (noisy ones for label-noise heads); ``seeds`` (H,) per-head initialisation
-    seeds (:func:`head_seed`). ``on_chunk(k)`` is called as fits complete with their count.
+    ``Xs``: a :class:`PreparedLayer` (:func:`prepare`), or the layers to concatenate (middle first),
+    each (N, C, d) for ``cfg.head == "mc"`` or (N, d) for ``"multinomial"``; ``n_choices`` (N,)
+    real choices per item; ``gold`` (N,) the labels used for scoring; ``rows`` (H, n) training
+    item rows per head; ``labels`` (H, n) training labels (noisy ones for label-noise heads);
+    ``seeds`` (H,) per-head initialisation seeds (:func:`head_seed`). ``on_chunk(k)`` is called as
+    fits complete with their count.
 
     With ``host`` (the default on CPU devices) each head's rows, Gram matrix, weight recovery and
     scoring use numpy BLAS in ``workers`` threads (default: one per core; BLAS itself runs
@@ -294,7 +270,7 @@ def fit_and_score(
     ``devices`` in turn. Otherwise (the default on accelerators) heads are fitted in chunks of
     ``chunk`` heads (default: as many as a quarter of the devices' free memory holds, see
     :func:`default_chunk`), each one jitted, vmapped computation sharded over ``devices`` along the
-    head axis.
+    head axis. A prepared ``Xs`` brings its own devices and path; ``host`` overrides the path.
 
     Example:
         >>> res = fit_and_score([X], n_choices, gold, rows, labels, seeds, ProbeConfig(pad="zero"))
@@ -305,7 +281,7 @@ def fit_and_score(
 
 
 def fit_and_score_many(
-    Xs: Sequence[np.ndarray],
+    Xs: PreparedLayer | Sequence[np.ndarray],
     n_choices: np.ndarray,
     gold: np.ndarray,
     rows: np.ndarray,
@@ -330,12 +306,15 @@ def fit_and_score_many(
     cfgs = list(cfgs)
     if not cfgs or len({(c.head, c.pad) for c in cfgs}) != 1:
         raise ProbekitError(f"configurations fitted together must share head and pad, got {cfgs}")
+    layer = Xs if isinstance(Xs, PreparedLayer) else prepare(Xs, devices, host=host)
+    if host is not None and layer.host != host:
+        layer = prepare(layer.Xs, layer.devices, host=host)
     cfg = cfgs[0]
     rows = np.asarray(rows, np.int32)
     labels = np.asarray(labels, np.int32)
     seeds = np.asarray(seeds, np.int64)
     H, n = rows.shape
-    C = Xs[0].shape[1] if cfg.head == "mc" else int(np.max(n_choices))
+    C = layer.Xs[0].shape[1] if cfg.head == "mc" else int(np.max(n_choices))
     if labels.shape != rows.shape or seeds.shape != (H,):
         raise ProbekitError(f"rows {rows.shape}, labels {labels.shape} and seeds {seeds.shape} disagree")
     if n < 2:
@@ -344,12 +323,11 @@ def fit_and_score_many(
     gold = np.asarray(gold, np.int32)
     layout = _layout(n_choices, rows, cfg, C)
     seeds31 = (seeds & 0x7FFFFFFF).astype(np.int32)
-    if on_host(devices) if host is None else host:
-        return _fit_and_score_host(Xs, n_choices, gold, rows, labels, seeds31, layout, cfgs,
-                                   devices=list(devices or jax.devices()), workers=workers or default_workers(),
-                                   on_chunk=on_chunk)
-    return [_fit_and_score_device(Xs, n_choices, gold, rows, labels, seeds31, layout, c,
-                                  devices=devices, chunk=chunk, on_chunk=on_chunk) for c in cfgs]
+    if layer.host:
+        return _fit_and_score_host(layer, n_choices, gold, rows, labels, seeds31, layout, cfgs,
+                                   workers=workers or default_workers(), on_chunk=on_chunk)
+    return [_fit_and_score_device(layer, n_choices, gold, rows, labels, seeds31, layout, c, chunk=chunk,
+                                  on_chunk=on_chunk) for c in cfgs]
 
 
 def _kernel_size(n_choices: np.ndarray, rows: np.ndarray, cfg: ProbeConfig) -> int:
@@ -360,28 +338,30 @@ def _kernel_size(n_choices: np.ndarray, rows: np.ndarray, cfg: ProbeConfig) -> i
     return -(-m // 8) * 8
 
 
-def _layout(n_choices: np.ndarray, rows: np.ndarray, cfg: ProbeConfig, C: int) -> list[np.ndarray]:
-    """Host-side per-head layout: the :class:`Slots` fields stacked over heads."""
+def _layout(n_choices: np.ndarray, rows: np.ndarray, cfg: ProbeConfig, C: int) -> Slots:
+    """Every head's :class:`Slots`, stacked over heads (numpy)."""
     if cfg.head == "mc":
         m = _kernel_size(n_choices, rows, cfg)
         slots = [mc_slots(r, n_choices, C, m, cfg.pad) for r in rows]
-        return [np.stack([getattr(s, f) for s in slots]) for f in Slots._fields]
+        return Slots(*(np.stack(f) for f in zip(*slots)))
     # no slots: classes are the item's choice positions, padded classes masked
-    real = np.arange(C)[None, None, :] < n_choices[rows][:, :, None]
-    none = np.zeros((len(rows), 1), np.int32)
-    return [none, none, none.astype(np.float32), none[:, :, None], real, none]
+    return Slots(None, None, None, np.arange(C)[None, None, :] < n_choices[rows][:, :, None], None)
 
 
-# ----- on the host: numpy BLAS for the D-wide work, the solver jitted per head ---------------------
-def compile_host(n_choices: np.ndarray, rows: np.ndarray, cfgs: Sequence[ProbeConfig], dim: int,
-                 max_choices: int) -> None:
-    """Compile what fitting these heads on the host runs (each configuration's solver, the initial
-    weights of width ``dim``) before any layer is read, then hand the compiler's freed scratch
-    memory back to the operating system: compiling never adds to the footprint of a layer.
+def compile_heads(n_choices: np.ndarray, rows: np.ndarray, cfgs: Sequence[ProbeConfig], dim: int,
+                  max_choices: int, *, devices: Sequence[jax.Device] | None = None,
+                  host: bool | None = None) -> None:
+    """Compile ahead what fitting these heads on feature sets of width ``dim`` runs, where the path
+    needs it: on the host (the default on CPU devices) each configuration's solver and the initial
+    weights are compiled before any layer is read, and the compiler's freed scratch memory handed
+    back to the operating system, so compiling never adds to the footprint of a layer; on
+    accelerators (compiled per chunk shape as heads are fitted) nothing is done.
 
     ``rows`` (H, n) as for :func:`fit_and_score_many`; ``max_choices``: the answer slots of a
     multiple-choice layer (its second axis).
     """
+    if not (on_host(devices) if host is None else host):
+        return
     cfg = cfgs[0]
     mc = cfg.head == "mc"
     rows = np.asarray(rows)
@@ -390,33 +370,16 @@ def compile_host(n_choices: np.ndarray, rows: np.ndarray, cfgs: Sequence[ProbeCo
     m = _kernel_size(np.asarray(n_choices), rows, cfg)
     spec = jax.ShapeDtypeStruct
     f32, i32 = np.float32, np.int32
-    kernel = (spec((m, m), f32), spec((m,) if mc else (m, C), f32), spec((), f32),
-              spec((n, C) if mc else (1, 1), i32), spec((m,) if mc else (1,), i32), spec((n, C), np.bool_),
-              spec((n,), i32), None if mc else spec((C,), f32))
+    kern = Kernel(spec((m, m), f32), spec((m,) if mc else (m, C), f32), spec((), f32),
+                  spec((n, C), i32) if mc else None, spec((m,), i32) if mc else None, spec((n, C), np.bool_),
+                  spec((n,), i32), None if mc else spec((C,), f32))
     for c in cfgs:
-        _solve_kernel.lower(*kernel, cfg=c).compile()
+        _solve_kernel.lower(kern, cfg=c).compile()
     _init_block.lower(spec((_INIT_BLOCK,), i32), dim, None if mc else C).compile()
-    _release_freed_memory()
+    runtime.release_freed_memory()
 
 
-def _release_freed_memory() -> None:
-    """Return the heap's free pages to the operating system (glibc's ``malloc_trim``; elsewhere a no-op)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-
-
-def _pool(workers: int) -> ThreadPoolExecutor:
-    """A long-lived pool of ``workers`` threads (reused across calls, so are their allocator arenas)."""
-    if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="probekit")
-    return _POOLS[workers]
-
-
+# ----- on the host: the recipe in numpy BLAS, the solver jitted per head ------------------------------
 _INIT_BLOCK = 64  # heads whose initial weights are drawn in one call (and in flight per step)
 
 
@@ -426,52 +389,39 @@ def _init_block(seeds, dim: int, n_out: int | None):
     return jax.vmap(lambda s: init_weights(head_key(s), dim, n_out))(seeds)
 
 
-def _fit_and_score_host(Xs, n_choices, gold, rows, labels, seeds31, layout, cfgs, *, devices, workers, on_chunk):
+def _fit_and_score_host(layer: PreparedLayer, n_choices, gold, rows, labels, seeds31, layout: Slots, cfgs, *,
+                        workers, on_chunk):
     H = rows.shape[0]
+    Xs, devices = layer.Xs, layer.devices
     mc = cfgs[0].head == "mc"
-    Xs = [np.asarray(X, np.float32) for X in Xs]
-    Xrows = [X.reshape(-1, X.shape[-1]) for X in Xs] if mc else Xs  # (N*C, d) slots or (N, d) items
-    dims = [X.shape[-1] for X in Xs]
-    C = layout[4].shape[-1]
-    m = layout[0].shape[1] if mc else rows.shape[1]
+    dim = sum(X.shape[-1] for X in Xs)
+    C = layout.mask.shape[-1]
     local = threading.local()  # each worker thread's scratch buffers
+
+    def solve(i: int):
+        """The solver on head ``i``'s kernel, on one of the devices in turn (numpy in and out: jit's
+        own transfer is the fastest)."""
+        def run(kern, cfg):
+            with jax.default_device(devices[i % len(devices)]) if len(devices) > 1 else contextlib.nullcontext():
+                return jax.device_get(_solve_kernel(kern, cfg=cfg))
+        return run
 
     def head(i: int, w0: np.ndarray, b0: np.ndarray | None):
         """Head ``i`` under every configuration: [(folded weights, offset, fit stats)]."""
         scratch = local.__dict__.setdefault("scratch", Scratch())
-        w0s = np.split(w0, np.cumsum(dims)[:-1], axis=0)
-        if mc:
-            sl = Slots(*(a[i] for a in layout))
-            parts = [host_mc_rows(Xf, rows[i], sl, cfgs[0].pad, scratch, f"Z{j}") for j, Xf in enumerate(Xrows)]
-            grid, mask, slot = sl.grid, sl.mask, sl.slot
-        else:
-            parts = [host_item_rows(X, rows[i], scratch, f"Z{j}") for j, X in enumerate(Xrows)]
-            grid, mask, slot = layout[3][i], layout[4][i], layout[5][i]
-        k = len(parts[0].Z)  # the head's own rows; the kernel's others are zero
-        K = np.zeros((m, m), np.float32)
-        u = np.zeros((m,) + w0.shape[1:], np.float32)
-        for p, w in zip(parts, w0s):
-            K[:k, :k] += p.Z @ p.Z.T
-            u[:k] += np.dot(p.Z, w)  # np.dot releases the GIL for a matrix-vector product; @ does not
-        args = (K, u, np.vdot(w0, w0), grid, slot, mask, labels[i], b0)  # numpy: jit's own transfer is the fastest
-        out = []
-        with jax.default_device(devices[i % len(devices)]) if len(devices) > 1 else contextlib.nullcontext():
-            fits = [jax.device_get(_solve_kernel(*args, cfg=cfg)) for cfg in cfgs]
-        for fit in fits:
-            folded, offset = _fold(parts, w0s, fit._replace(a=fit.a[:k]), mc)
-            out.append((folded, offset, (fit.loss, fit.converged, fit.grad_norm, fit.steps)))
-        return out
+        out = _fit_head(Xs, rows[i], labels[i], w0, b0, layout.take(i), cfgs, solve(i), scratch)
+        return [(folded, offset, (fit.loss, fit.converged, fit.grad_norm, fit.steps)) for folded, offset, fit in out]
 
     def submit(lo: int) -> list:
         """Draw the initial weights of heads ``lo ..`` (one block) and queue their fits."""
         idx = np.minimum(np.arange(lo, lo + _INIT_BLOCK), H - 1)  # a fixed block shape: one compilation
-        W0, B0 = jax.device_get(_init_block(seeds31[idx], sum(dims), None if mc else C))
+        W0, B0 = jax.device_get(_init_block(seeds31[idx], dim, None if mc else C))
         return [pool.submit(head, i, W0[i - lo], None if B0 is None else B0[i - lo])
                 for i in range(lo, min(H, lo + _INIT_BLOCK))]
 
-    pool = _pool(workers)
+    pool = runtime.pool(workers)
     heads = []
-    with threadpool_limits(limits=1, user_api="blas"):
+    with runtime.single_threaded_blas():
         # at most two blocks in flight: the next block's weights are drawn while this one is fitted
         queued = submit(0)
         for lo in range(0, H, _INIT_BLOCK):
@@ -492,69 +442,38 @@ def _fit_and_score_host(Xs, n_choices, gold, rows, labels, seeds31, layout, cfgs
     return results
 
 
-def _fold(parts: Sequence[LayerRows], w0s: Sequence[np.ndarray], fit: solvers.Fit, mc: bool):
-    """Weights that score raw features, ``score = x . v + offset``: ``v_l = w_l / sigma_l`` with
-    ``w = beta * w0 + Z.T a``, ``offset = -sum_l mu_l . v_l (+ bias)``."""
-    folded = []
-    offset = np.zeros(() if mc else fit.b.shape, np.float32)
-    for p, w0 in zip(parts, w0s):
-        v = fit.beta * w0 + p.Z.T @ fit.a
-        v /= p.sigma if mc else p.sigma[:, None]
-        folded.append(v.astype(np.float32))
-        offset = offset - p.mu @ v
-    if fit.b is not None:
-        offset = offset + fit.b
-    return folded, offset.astype(np.float32)
-
-
 def _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool, block: int = 256):
-    """Every head's p(gold) and correctness on every item, (H, N) each, a block of items per task."""
-    N, H = Xs[0].shape[0], offsets.shape[0]
-    mc = cfg.head == "mc"
+    """:func:`~probekit.probe.kernel.score` a block of items per task."""
+    mc, every_slot = cfg.head == "mc", cfg.head == "mc" and cfg.pad == "zero"
 
     def items(lo: int):
-        hi = min(N, lo + block)
-        if mc:  # (b*C, d) x (d, H) per layer
-            S = sum(X[lo:hi].reshape(-1, X.shape[-1]) @ v.T for X, v in zip(Xs, folded))
-            S = S.T.reshape(H, hi - lo, -1) + offsets[:, None, None]
-        else:  # (b, d) x (d, H*C)
-            S = sum(X[lo:hi] @ np.moveaxis(v, 0, 1).reshape(X.shape[1], -1) for X, v in zip(Xs, folded))
-            S = np.moveaxis(S.reshape(hi - lo, H, -1), 1, 0) + offsets[:, None, :]
-        Cs = S.shape[-1]
-        real = np.arange(Cs)[None, :] < n_choices[lo:hi, None]
-        mask = np.ones_like(real) if (mc and cfg.pad == "zero") else real
-        S = np.where(mask[None], S, -np.inf)
-        top = S.max(-1, keepdims=True)
-        lse = top[..., 0] + np.log(np.exp(S - top).sum(-1))
-        g = gold[lo:hi]
-        s_gold = np.take_along_axis(S, np.broadcast_to(g[None, :, None], (H, hi - lo, 1)), axis=-1)[..., 0]
-        p = np.exp(s_gold - lse).astype(np.float32)
-        return p, ((S.argmax(-1) == g[None, :]) & np.isfinite(p)).astype(np.int8)  # no credit for NaN weights
+        hi = lo + block
+        return score([X[lo:hi] for X in Xs], folded, offsets, n_choices[lo:hi], gold[lo:hi], mc, every_slot)
 
-    parts = list(pool.map(items, range(0, N, block)))
+    parts = list(pool.map(items, range(0, Xs[0].shape[0], block)))
     return np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1)
 
 
 # ----- on accelerators: one jitted, vmapped computation per chunk of heads --------------------------
-def _fit_and_score_device(Xs, n_choices, gold, rows, labels, seeds31, layout, cfg, *, devices, chunk, on_chunk):
+def _fit_and_score_device(layer: PreparedLayer, n_choices, gold, rows, labels, seeds31, layout: Slots, cfg, *,
+                          chunk, on_chunk):
     H, n = rows.shape
-    mesh = _mesh(devices)
+    Xd = layer.Xs
+    mesh = _mesh(layer.devices)
     n_dev = mesh.devices.size
-    dim = sum(X.shape[-1] for X in Xs)
+    dim = sum(X.shape[-1] for X in Xd)
     replicated = NamedSharding(mesh, PartitionSpec())
     by_head = NamedSharding(mesh, PartitionSpec("heads"))
-    Xd = [put_layer(X, devices) for X in Xs]
-    h_chunk = chunk or default_chunk(layout[0].shape[1] if cfg.head == "mc" else n, dim, n_dev,
+    h_chunk = chunk or default_chunk(layout.flat.shape[1] if cfg.head == "mc" else n, dim, n_dev,
                                      _device_budget(mesh.devices.flat), H)
     h_chunk = max(n_dev, -(-h_chunk // n_dev) * n_dev)
     nc_d = jax.device_put(n_choices, replicated)
     gold_d = jax.device_put(gold, replicated)
-    per_head = [rows, labels, seeds31, *layout]
     score_chunk = max(n_dev, min(-(-H // n_dev) * n_dev, 128 // n_dev * n_dev))
     folded, offsets, stats = [], [], []
     for lo in range(0, H, h_chunk):
         idx = np.minimum(np.arange(lo, lo + h_chunk), H - 1)  # pad the last chunk with its last head
-        args = [jax.device_put(a[idx], by_head) for a in per_head]
+        args = jax.device_put((rows[idx], labels[idx], seeds31[idx], layout.take(idx)), by_head)
         f, off, fit = _fit_chunk(Xd, *args, cfg=cfg)
         keep = min(h_chunk, H - lo)
         folded.append([v[:keep] for v in f])
@@ -562,13 +481,14 @@ def _fit_and_score_device(Xs, n_choices, gold, rows, labels, seeds31, layout, cf
         stats.append([np.asarray(x)[:keep] for x in (fit.loss, fit.converged, fit.grad_norm, fit.steps)])
         if on_chunk is not None:
             on_chunk(keep)
-    folded = [jnp.concatenate([f[i] for f in folded]) for i in range(len(Xs))]
+    folded = [jnp.concatenate([f[i] for f in folded]) for i in range(len(Xd))]
     offsets = jnp.concatenate(offsets)
     p_gold, correct = [], []
     for lo in range(0, H, score_chunk):  # one GEMM over the items per block of heads
         idx = np.minimum(np.arange(lo, lo + score_chunk), H - 1)
         sl = [jax.device_put(v[idx], by_head) for v in folded]
-        p, c = _score_jit(Xd, sl, jax.device_put(offsets[idx], by_head), nc_d, gold_d, cfg=cfg)
+        p, c = _score_jit(Xd, sl, jax.device_put(offsets[idx], by_head), nc_d, gold_d,
+                          mc=cfg.head == "mc", every_slot=cfg.head == "mc" and cfg.pad == "zero")
         keep = min(score_chunk, H - lo)
         p_gold.append(np.asarray(p)[:keep])
         correct.append(np.asarray(c)[:keep])

@@ -20,7 +20,7 @@ import numpy as np
 from probekit.data.draws import train_draw
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
-from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, put_layer
+from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, prepare
 from probekit.probe.plan import item_frame, layer_label
 from probekit.probe.sweep import SITE_HEAD, Progress, compile_first, open_cache, read_features
 from probekit.store import Cache
@@ -72,7 +72,7 @@ def hardness(
     p_sum = np.zeros(len(frame.ids))
     for fs in sets:
         label = layer_label(fs)
-        Xs = [put_layer(read_features(cache, site, layer, frame.ids), devices) for layer in fs]
+        Xs = prepare((read_features(cache, site, layer, frame.ids) for layer in fs), devices)
         for n in sizes:
             rows = np.stack([pool[:n] for pool in pools])
             seeds = np.array([head_seed(seed, f"mdl/{b}/{n}/{label}") for b in range(draws)])

@@ -1,4 +1,5 @@
-"""Per-head geometry: gather a head's training rows, z-normalise them, and reduce them to a kernel.
+"""The probe recipe for one head: gather its training rows, z-normalise them, reduce them to a
+kernel for the solver, fold the fitted weights back onto raw features and score every item.
 
 Both solvers work in the span of the training rows. For a head with normalised training rows
 ``Z`` (one row per answer slot for a multiple-choice head, one per item for a multinomial head),
@@ -19,14 +20,15 @@ zero row. ``grid`` maps each (item, choice) to its row; ``expand``/``reduce`` mo
 coefficient space and the (items, choices) score grid. The iterates are exactly those of the
 D-dimensional recipe; only per-item constants of the scores, which the softmax ignores, differ.
 
-Everything here is a pure function of arrays for ONE head; the engine vmaps it (accelerators)
-or, on the host, computes the rows with the numpy twins ``host_mc_rows``/``host_item_rows`` and
-the Gram with BLAS.
+The recipe for one head (rows and their statistics, kernel, folding, scoring) is written once,
+over the array namespace of its inputs: the engine runs it traced and vmapped over heads with
+jax (accelerators) and eagerly in numpy on the host, where the same steps work in place in
+reusable buffers (:class:`Scratch`) a block of rows at a time, and gather only a head's own rows.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,22 +38,27 @@ PAD_MODES = ("mask", "zero")
 
 
 class Slots(NamedTuple):
-    """Host-side row layout of one multiple-choice head (numpy, built by :func:`mc_slots`).
+    """Row layout of one head (numpy, built by :func:`mc_slots`; the engine stacks it over heads).
 
-    ``flat``/``ref``: (m,) slot of each row and of its reference slot in the layer's
-    (items*choices, d) matrix (``ref == flat`` in zero-pad mode: the reference is the padding);
-    ``valid``: (m,) 1.0 for used rows; ``grid``: (n, C) row of each (item, choice), ``m - 1`` (a
+    ``flat``: (m,) slot of each row in the layer's (items*choices, d) matrix (the reference of a
+    row is its item's first choice in mask mode, the padding in zero-pad mode); ``valid``: (m,) 1.0
+    for used rows; ``grid``: (n, C) row of each (item, choice), ``m - 1`` (a
     zero row) for reference and padded slots; ``mask``: (n, C) slots in the softmax (real
     choices; every slot in zero-pad mode); ``slot``: (m,) the inverse of ``grid``, each used row's
     position in the flattened (n, C) grid, ``n * C`` for the unused rows.
+
+    A multinomial head has no slots: only ``mask`` (n, C), its real classes, is set.
     """
 
-    flat: np.ndarray
-    ref: np.ndarray
-    valid: np.ndarray
-    grid: np.ndarray
+    flat: np.ndarray | None
+    valid: np.ndarray | None
+    grid: np.ndarray | None
     mask: np.ndarray
-    slot: np.ndarray
+    slot: np.ndarray | None
+
+    def take(self, idx: np.ndarray) -> "Slots":
+        """The layouts of heads ``idx`` (on a layout stacked over heads)."""
+        return Slots(*(None if a is None else a[idx] for a in self))
 
 
 def mc_rows_needed(n_choices_of_rows: np.ndarray, pad: str) -> int:
@@ -77,17 +84,15 @@ def mc_slots(rows: np.ndarray, n_choices: np.ndarray, max_choices: int, m: int, 
         raise ValueError(f"head needs {k + 1} rows, more than the {m} given")
     slot = rows[:, None] * max_choices + choice
     flat = np.zeros(m, np.int32)
-    ref = np.zeros(m, np.int32)
     valid = np.zeros(m, np.float32)
     flat[:k] = slot[used]
-    ref[:k] = (slot - choice)[used] if pad == "mask" else slot[used]
     valid[:k] = 1.0
     grid = np.full((n, max_choices), m - 1, np.int32)
     grid[used] = np.arange(k, dtype=np.int32)
     mask = np.ones((n, max_choices), bool) if pad == "zero" else real
     slot = np.full(m, n * max_choices, np.int32)
     slot[:k] = np.flatnonzero(used)
-    return Slots(flat, ref, valid, grid, mask, slot)
+    return Slots(flat, valid, grid, mask, slot)
 
 
 def init_weights(key: jax.Array, dim: int, n_out: int | None = None) -> tuple[jax.Array, jax.Array | None]:
@@ -115,50 +120,8 @@ class LayerRows(NamedTuple):
     sigma: jax.Array
 
 
-def _safe_std(var: jax.Array) -> jax.Array:
-    sigma = jnp.sqrt(var)
-    return jnp.where(sigma > 0, sigma, 1.0)  # constant features: leave unscaled instead of dividing by 0
-
-
-def mc_rows(X: jax.Array, rows: jax.Array, flat: jax.Array, ref: jax.Array, valid: jax.Array, pad: str) -> LayerRows:
-    """Normalised difference rows of a multiple-choice head in one layer (see the module docstring).
-
-    ``X`` is the layer (items, C, d). Statistics are over the training items' answer slots: the
-    real ones in mask mode (the rows' slots plus each item's first choice); all ``n * C`` in
-    zero-pad mode, padded slots counting as zero vectors (PROTOCOL §4). Only the head's own
-    slots are gathered.
-    """
-    n, C, d = rows.shape[0], X.shape[1], X.shape[2]
-    Xf = X.reshape(-1, d)
-    Xs = Xf[flat]  # (m, d): the rows' own slots
-    vw = valid[:, None]
-    k = valid.sum()
-    if pad == "mask":
-        X0 = Xf[rows * C]  # (n, d): each item's first choice, the reference
-        count = k + n
-        mu = ((Xs * vw).sum(0) + X0.sum(0)) / count
-        ss = jnp.square((Xs - mu) * vw).sum(0) + jnp.square(X0 - mu).sum(0)
-    else:
-        count = n * C
-        mu = (Xs * vw).sum(0) / count
-        ss = jnp.square((Xs - mu) * vw).sum(0) + (count - k) * mu * mu  # padded slots are zero vectors
-    sigma = _safe_std(ss / (count - 1))
-    diff = Xs - Xf[ref] if pad == "mask" else Xs
-    return LayerRows(diff * (vw / sigma), mu, sigma)
-
-
-def item_rows(X: jax.Array, rows: jax.Array) -> LayerRows:
-    """Normalised rows of a multinomial head in one layer: ``X`` (items, d), statistics over ``rows``."""
-    Xg = X[rows]
-    n = rows.shape[0]
-    mu = Xg.mean(0)
-    dev = Xg - mu
-    sigma = _safe_std((dev * dev).sum(0) / (n - 1))
-    return LayerRows(dev / sigma, mu, sigma)
-
-
 class Scratch:
-    """Reusable float32 buffers for the host functions below (one per thread), so that fitting head
+    """Reusable float32 buffers for the recipe on the host (one per thread), so that fitting head
     after head does not churn the allocator. A returned array is valid until the next request of
     the same name."""
 
@@ -172,80 +135,226 @@ class Scratch:
         return buf[:rows]
 
 
-_BLOCK = 64  # rows per step: a block of gathered rows stays in cache between operations
+# ----- array steps that run in place on numpy, functionally on jax ------------------------------------
+_BLOCK = 64  # rows per step on the host: a block of gathered rows stays in cache between operations
 
 
-def host_mc_rows(Xf: np.ndarray, rows: np.ndarray, slots: Slots, pad: str, scratch: Scratch,
-                 name: str = "Z") -> LayerRows:
-    """:func:`mc_rows` on the host in numpy: ``Xf`` is the layer as (items*C, d) float32.
+def _xp(a):
+    """The array namespace of ``a``: numpy for host arrays, jax.numpy for jax arrays and tracers."""
+    return np if isinstance(a, (np.ndarray, np.generic)) else jnp
 
-    Returns the head's own rows ``Z`` (k, d) float32 (rows ``k..m-1`` of the kernel are zero;
-    ``Z`` lives in ``scratch`` under ``name``), and ``mu``, ``sigma``. The slots are gathered
-    once, their statistics taken in the same pass, then scaled (and differenced) in place.
+
+def _buf(scratch: Scratch | None, name: str, rows: int, d: int) -> np.ndarray | None:
+    return None if scratch is None else scratch.get(name, rows, d)
+
+
+def _take(X, idx, out=None):
+    """Rows ``X[idx]``, indices clipped into range; into ``out`` when given (numpy)."""
+    if out is None:
+        return _xp(X).take(X, idx, axis=0, mode="clip")
+    return np.take(X, idx, axis=0, out=out, mode="clip")
+
+
+def _sub(a, b, out=None):
+    """``a - b``; written into ``out`` when given (numpy), or into ``a`` when ``out`` is ``a``."""
+    return a - b if out is None else np.subtract(a, b, out=out)
+
+
+def _inplace(a) -> np.ndarray | None:
+    """``a`` itself as the output of an elementwise step when it is a numpy buffer, else None."""
+    return a if isinstance(a, np.ndarray) else None
+
+
+def _scale(a, s):
+    """``a * s``, in ``a``'s own buffer on the host."""
+    out = _inplace(a)
+    return a * s if out is None else np.multiply(a, s, out=out)
+
+
+def _by_block(Z, step: Callable, host: bool):
+    """``step(Z[lo:hi], lo, hi)`` over blocks of rows, in place on the host (each block stays in
+    cache), over all rows at once when traced. Returns the rows."""
+    if not host:
+        return step(Z, 0, Z.shape[0])
+    for lo in range(0, len(Z), _BLOCK):
+        step(Z[lo:lo + _BLOCK], lo, min(len(Z), lo + _BLOCK))
+    return Z
+
+
+# ----- the recipe for one head: rows, their statistics, kernel, folding, scoring ----------------------
+def safe_std(var):
+    """Standard deviations from variances as float32, 1 where a feature is constant (left unscaled
+    instead of dividing by 0)."""
+    xp = _xp(var)
+    sigma = xp.sqrt(var).astype(np.float32)
+    return xp.where(sigma > 0, sigma, np.float32(1.0))
+
+
+def gather_moments(X, idx, count, weights=None, scratch: Scratch | None = None, name: str = "Z"):
+    """``X[idx]`` gathered, with the mean and the sum of squared deviations per column, in one pass,
+    over those rows (each weighted by ``weights``, 0 or 1, when given) and as many zero rows as
+    make ``count`` rows in all.
+
+    Sums are taken about the first row (so no cancellation for features far from zero, such as a
+    model's massive activations); the rows themselves are kept as they are, so that differences of
+    nearby values stay exact. On the host (``scratch`` given) the rows land in ``scratch`` under
+    ``name``, a block at a time, with float32 sums within a block and float64 across blocks;
+    traced, the rows are one block and the sums float32.
     """
-    C = slots.mask.shape[1]
-    k = int(slots.valid.sum())
-    flat = slots.flat[:k]
-    if pad == "mask":  # statistics over every real slot: the rows' own, then each item's first choice
-        idx, count = np.concatenate([flat, np.asarray(rows) * C]), k + len(rows)
-    else:  # over all n*C slots, padded ones being zero vectors
-        idx, count = flat, len(rows) * C
-    G, mu, ss = _gather_moments(Xf, idx, count, scratch, name)
-    sigma = _safe_std_np(ss / (count - 1))
-    inv = (1.0 / sigma).astype(np.float32)
-    Z = G[:k]
-    if pad == "mask":  # row j of item i: (slot - first choice) / sigma
-        ref = k + slots.slot[:k] // C
-        for lo in range(0, k, _BLOCK):
-            hi = min(k, lo + _BLOCK)
-            Z[lo:hi] -= np.take(G, ref[lo:hi], axis=0, out=scratch.get("b", hi - lo, G.shape[1]), mode="clip")
-            Z[lo:hi] *= inv
+    host = scratch is not None
+    xp, acc = (np, np.float64) if host else (jnp, jnp.float32)
+    n_idx, d = idx.shape[0], X.shape[1]
+    c = X[idx[0]].astype(acc)
+    c32 = c.astype(np.float32)
+    s1 = xp.zeros(d, acc)
+    s2 = xp.zeros(d, acc)
+    G = _buf(scratch, name, n_idx, d)
+    step = _BLOCK if host else n_idx
+    for lo in range(0, n_idx, step):
+        hi = min(n_idx, lo + step)
+        B = _take(X, idx[lo:hi], None if G is None else G[lo:hi])
+        G = B if G is None else G  # traced: the one block is the gather
+        B = _sub(B, c32, _buf(scratch, "b", hi - lo, d))
+        if weights is not None:
+            B = B * weights[lo:hi, None]
+        s1 = s1 + B.sum(0).astype(acc)
+        s2 = s2 + xp.einsum("kd,kd->d", B, B).astype(acc)
+    zeros = count - (n_idx if weights is None else weights.sum())  # zero rows sit at -c
+    s1 = s1 - zeros * c
+    s2 = s2 + zeros * c * c
+    mean_dev = s1 / count  # mean minus c
+    return G, (c + mean_dev).astype(np.float32), xp.maximum(s2 - count * mean_dev * mean_dev, 0.0)
+
+
+def mc_rows(Xf, rows, slots: Slots, pad: str, scratch: Scratch | None = None, name: str = "Z") -> LayerRows:
+    """Normalised difference rows of a multiple-choice head in one layer (see the module docstring).
+
+    ``Xf`` is the layer as (items*C, d). Statistics are over the training items' answer slots: the
+    real ones in mask mode (the rows' slots plus each item's first choice); all ``n * C`` in
+    zero-pad mode, padded slots counting as zero vectors (PROTOCOL §4). Only the head's own
+    slots are gathered, once; their statistics are taken in the same pass, then they are scaled
+    (and differenced).
+
+    On the host (numpy, ``scratch`` given) ``Z`` holds the head's own ``k`` rows only (the
+    kernel's rows ``k..m-1`` are zero) and lives in ``scratch`` under ``name``; traced, ``Z`` has
+    all ``m`` rows of ``slots``, the unused ones zero.
+    """
+    n, C = rows.shape[0], slots.mask.shape[1]
+    if scratch is not None:  # the host knows the head's row count: gather only its own rows
+        k = int(slots.valid.sum())
+        flat, slot, valid = slots.flat[:k], slots.slot[:k], None
     else:
-        Z *= inv
+        flat, slot, valid = slots.flat, slots.slot, slots.valid
+        k = valid.sum()
+    xp = _xp(flat)
+    if pad == "mask":  # statistics over every real slot: the rows' own, then each item's first choice
+        idx, count = xp.concatenate([flat, rows * C]), k + n
+        weights = None if valid is None else xp.concatenate([valid, xp.ones(n, valid.dtype)])
+    else:  # over all n*C slots, padded ones being zero vectors
+        idx, count, weights = flat, n * C, valid
+    G, mu, ss = gather_moments(Xf, idx, count, weights, scratch, name)
+    sigma = safe_std(ss / (count - 1))
+    inv = (1.0 / sigma).astype(np.float32)
+    Z = G[:flat.shape[0]]
+    if pad == "mask":  # row j of item i: (slot - first choice) / sigma; item i's first choice is G[len(flat) + i]
+        ref = flat.shape[0] + xp.minimum(slot // C, n - 1)
+
+        def step(Zb, lo, hi):
+            first = _take(G, ref[lo:hi], _buf(scratch, "b", hi - lo, G.shape[1]))
+            return _scale(_sub(Zb, first, _inplace(Zb)), inv)
+
+        Z = _by_block(Z, step, scratch is not None)
+    else:
+        Z = _scale(Z, inv)
+    if valid is not None:
+        Z = Z * valid[:, None]
     return LayerRows(Z, mu, sigma)
 
 
-def host_item_rows(X: np.ndarray, rows: np.ndarray, scratch: Scratch, name: str = "Z") -> LayerRows:
-    """:func:`item_rows` on the host in numpy: ``X`` (items, d) float32; ``Z`` lives in ``scratch``."""
-    rows = np.asarray(rows)
-    G, mu, ss = _gather_moments(X, rows, len(rows), scratch, name)
-    sigma = _safe_std_np(ss / (len(rows) - 1))
-    G -= mu
-    G *= (1.0 / sigma).astype(np.float32)
-    return LayerRows(G, mu, sigma)
+def item_rows(X, rows, scratch: Scratch | None = None, name: str = "Z") -> LayerRows:
+    """Normalised rows of a multinomial head in one layer: ``X`` (items, d), statistics over ``rows``
+    (on the host ``Z`` lives in ``scratch`` under ``name``)."""
+    n = rows.shape[0]
+    G, mu, ss = gather_moments(X, rows, n, None, scratch, name)
+    sigma = safe_std(ss / (n - 1))
+    G = _sub(G, mu, _inplace(G))
+    return LayerRows(_scale(G, (1.0 / sigma).astype(np.float32)), mu, sigma)
 
 
-def _gather_moments(X: np.ndarray, idx: np.ndarray, count: int, scratch: Scratch,
-                    name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``X[idx]`` gathered into ``scratch`` (under ``name``), with the mean and the sum of squared
-    deviations per column of those rows plus ``count - len(idx)`` zero rows, in one pass.
-
-    Sums are taken about the first row (so no cancellation for features far from zero, such as a
-    model's massive activations), in float32 within a block and float64 across blocks; the rows
-    themselves are kept as they are, so that differences of nearby values stay exact.
-    """
-    d = X.shape[1]
-    c = X[idx[0]].astype(np.float64)
-    c32 = c.astype(np.float32)
-    s1 = np.zeros(d, np.float64)
-    s2 = np.zeros(d, np.float64)
-    G = scratch.get(name, len(idx), d)
-    for lo in range(0, len(idx), _BLOCK):
-        B = np.take(X, idx[lo:lo + _BLOCK], axis=0, out=G[lo:lo + _BLOCK], mode="clip")
-        B = np.subtract(B, c32, out=scratch.get("b", len(B), d))
-        s1 += B.sum(0)
-        s2 += np.einsum("kd,kd->d", B, B)
-    zeros = count - len(idx)  # zero rows sit at -c
-    s1 -= zeros * c
-    s2 += zeros * c * c
-    mean_dev = s1 / count  # mean minus c
-    return G, (c + mean_dev).astype(np.float32), np.maximum(s2 - count * mean_dev * mean_dev, 0.0)
+def head_rows(Xs: Sequence, rows, slots: Slots, mc: bool, pad: str,
+              scratch: Scratch | None = None) -> list[LayerRows]:
+    """A head's normalised rows in every layer of the feature set ``Xs`` ((N, C, d) or (N, d) each)."""
+    if mc:
+        return [mc_rows(X.reshape(-1, X.shape[-1]), rows, slots, pad, scratch, f"Z{j}") for j, X in enumerate(Xs)]
+    return [item_rows(X, rows, scratch, f"Z{j}") for j, X in enumerate(Xs)]
 
 
-def _safe_std_np(var: np.ndarray) -> np.ndarray:
-    sigma = np.sqrt(var).astype(np.float32)
-    sigma[sigma == 0] = 1.0  # constant features: leave unscaled instead of dividing by 0
-    return sigma
+def head_kernel(parts: Sequence[LayerRows], w0, b0, slots: Slots, y) -> tuple["Kernel", list]:
+    """The head's :class:`Kernel` over the concatenated layers (Gram matrices summed), and ``w0``
+    split by layer. ``w0`` (sum of widths,) or (sum of widths, C); ``y`` (n,) training labels.
+    Rows past the head's own (on the host, see :func:`mc_rows`) are zero."""
+    xp = _xp(parts[0].Z)
+    dims = [p.Z.shape[1] for p in parts]
+    w0s = xp.split(w0, np.cumsum(dims)[:-1], axis=0)
+    m = y.shape[0] if slots.slot is None else slots.slot.shape[0]
+    K = xp.zeros((m, m), np.float32)
+    u = xp.zeros((m,) + w0.shape[1:], np.float32)
+    for p, w in zip(parts, w0s):
+        K = _add_corner(K, p.Z @ p.Z.T)
+        u = _add_corner(u, xp.dot(p.Z, w))  # np.dot releases the GIL for a matrix-vector product; @ does not
+    return Kernel(K, u, xp.vdot(w0, w0), slots.grid, slots.slot, slots.mask, y, b0), w0s
+
+
+def _add_corner(a, b):
+    """``b`` added to the leading corner of ``a`` (``a[:k] += b`` for ``b`` of k rows), in place on the host."""
+    corner = tuple(slice(0, s) for s in b.shape)
+    if isinstance(a, np.ndarray):
+        a[corner] += b
+        return a
+    return a.at[corner].add(b)
+
+
+def fold(parts: Sequence[LayerRows], w0s: Sequence, fit) -> tuple[list, jax.Array]:
+    """Weights that score raw features, ``score = x . v + offset``: ``v_l = w_l / sigma_l`` with
+    ``w = beta * w0 + Z.T a`` (a :class:`~probekit.probe.solvers.Fit`), ``offset = -sum_l mu_l . v_l
+    (+ bias)``; the coefficients of the kernel's zero rows are dropped."""
+    mc = w0s[0].ndim == 1
+    xp = _xp(parts[0].Z)
+    a = fit.a[:parts[0].Z.shape[0]]
+    folded = []
+    offset = xp.zeros(() if mc else w0s[0].shape[1:], np.float32)
+    for p, w0 in zip(parts, w0s):
+        v = fit.beta * w0 + p.Z.T @ a
+        v = v / (p.sigma if mc else p.sigma[:, None])
+        folded.append(v.astype(np.float32))
+        offset = offset - p.mu @ v
+    if fit.b is not None:
+        offset = offset + fit.b
+    return folded, offset.astype(np.float32)
+
+
+def score(Xs: Sequence, folded: Sequence, offsets, n_choices, gold, mc: bool, every_slot: bool):
+    """Every head's p(gold) and correctness on the items of ``Xs``: (H, N) each.
+
+    ``folded`` per layer (H, d) or (H, d, C) and ``offsets`` (H,) or (H, C) from :func:`fold`,
+    stacked over heads; ``n_choices``/``gold`` (N,). Padded choices are masked unless
+    ``every_slot`` (a multiple-choice head with zero-padding)."""
+    xp = _xp(offsets)
+    N, H = Xs[0].shape[0], offsets.shape[0]
+    if mc:  # one (N*C, d) x (d, H) GEMM per layer
+        S = sum(X.reshape(-1, X.shape[-1]) @ v.T for X, v in zip(Xs, folded))
+        S = S.T.reshape(H, N, -1) + offsets[:, None, None]
+    else:  # (N, d) x (d, H*C)
+        S = sum(X @ xp.moveaxis(v, 0, 1).reshape(X.shape[1], -1) for X, v in zip(Xs, folded))
+        S = xp.moveaxis(S.reshape(N, H, -1), 1, 0) + offsets[:, None, :]
+    real = xp.arange(S.shape[-1])[None, :] < n_choices[:, None]
+    mask = xp.ones_like(real) if every_slot else real
+    S = xp.where(mask[None], S, -np.inf)
+    top = S.max(-1, keepdims=True)
+    lse = top[..., 0] + xp.log(xp.exp(S - top).sum(-1))
+    s_gold = xp.take_along_axis(S, xp.broadcast_to(gold[None, :, None], (H, N, 1)), axis=-1)[..., 0]
+    p = xp.exp(s_gold - lse).astype(np.float32)
+    return p, ((S.argmax(-1) == gold[None, :]) & xp.isfinite(p)).astype(np.int8)  # no credit for NaN weights
 
 
 class Kernel(NamedTuple):

@@ -11,11 +11,18 @@ available without touching the ``D``-wide rows again:
 D-dimensional weights, up to float rounding); ``converged`` minimises the squared-L2 regularised
 likelihood with Newton-CG in the same space. Both are pure functions; the engine vmaps and jits
 them over heads.
+
+:data:`SOLVERS` is the registry the engine, the sweep and the command line read: each
+:class:`Solver` names its function, the options it takes and its objective in one line. A new
+solver is a pure function of a :class:`~probekit.probe.kernel.Kernel` returning a :class:`Fit`,
+registered there; options it shares with :class:`~probekit.probe.engine.ProbeConfig` are passed
+from the configuration, the others keep the function's defaults.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -239,4 +246,45 @@ def converged(
     return Fit(jnp.zeros((), a.dtype), a, b, f, jnp.sqrt(jnp.maximum(g2, 0.0)), done(f, g2), it)
 
 
-SOLVERS = ("paper", "converged")
+def converged_at_C(kern: Kernel, *, C: float = 1.0, tol: float = 1e-4, max_newton: int = 50) -> Fit:
+    """:func:`converged` with scikit-learn's parametrisation: mean NLL + ``|w|^2 / (2 C n)``, i.e.
+    ``l2 = 1 / (C n)`` for ``n`` training items, from zero weights and a zero bias."""
+    kern = kern._replace(b0=None if kern.b0 is None else jnp.zeros_like(kern.b0))
+    return converged(kern, l2=1.0 / (C * kern.y.shape[0]), tol=tol, max_newton=max_newton)
+
+
+# ----- the registry ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Solver:
+    """A registered solver: ``fit(kern, **options) -> Fit``, a pure function of one head's kernel;
+    ``options``, the keyword options it takes (their defaults are the function's); ``objective``,
+    what it minimises, in one line (recorded in ``sweep.json`` and shown by ``probekit sweep --help``)."""
+
+    name: str
+    fit: Callable[..., Fit]
+    options: tuple[str, ...]
+    objective: str
+
+    def __call__(self, kern: Kernel, settings: Any = None) -> Fit:
+        """Fit one head, taking each option found on ``settings`` (an object with those attributes,
+        such as a ``ProbeConfig``, or a mapping) and the function's default for the others."""
+        get = settings.get if isinstance(settings, Mapping) else (lambda k, d: getattr(settings, k, d))
+        missing = object()
+        options = {k: v for k in self.options if (v := get(k, missing)) is not missing}
+        return self.fit(kern, **options)
+
+
+SOLVERS: dict[str, Solver] = {s.name: s for s in (
+    Solver("paper", paper, ("l2", "lr", "steps", "max_grad_norm"),
+           "mean NLL + l2 * |w| (unsquared), SGD as PROTOCOL §4"),
+    Solver("converged", converged_at_C, ("C", "tol", "max_newton"),
+           "mean NLL + |w|^2 / (2 C n_train), bias unregularised"),
+)}
+
+
+def solver_names(spec: str | Sequence[str]) -> list[str]:
+    """The solvers a sweep fits: one name, a sequence of names, or ``"both"`` for every registered
+    solver (names are checked by :class:`~probekit.probe.engine.ProbeConfig`)."""
+    if isinstance(spec, str):
+        return list(SOLVERS) if spec == "both" else [spec]
+    return list(spec)

@@ -22,8 +22,9 @@ import pyarrow as pa
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
-from probekit.probe.engine import ProbeConfig, compile_host, fit_and_score_many, head_seed, on_host, put_layer
+from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, head_seed, prepare
 from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan
+from probekit.probe.solvers import SOLVERS, solver_names
 from probekit.store import Cache
 from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
 from probekit.store.icl_scores import load_icl
@@ -77,15 +78,13 @@ def read_features(cache: Cache, site: str, layer: int, ids: np.ndarray) -> np.nd
 
 def compile_first(cache: Cache, n_choices: np.ndarray, row_sets: Sequence[np.ndarray], cfgs: Sequence[ProbeConfig],
                   sets: Sequence[tuple[int, ...]], devices: Sequence[jax.Device] | None) -> float:
-    """On the host path, compile what fitting heads with these training rows (one (H, n) array per
-    training size) on these feature sets runs, before any layer is read (see
-    :func:`~probekit.probe.engine.compile_host`). Returns the seconds it took."""
-    if not on_host(devices):
-        return 0.0
+    """Compile ahead what fitting heads with these training rows (one (H, n) array per training
+    size) on these feature sets runs, before any layer is read (see
+    :func:`~probekit.probe.engine.compile_heads`). Returns the seconds it took."""
     t = time.perf_counter()
     for rows in row_sets:
         for width in sorted({cache.hidden_size * len(fs) for fs in sets}):
-            compile_host(n_choices, rows, cfgs, width, cache.max_choices)
+            compile_heads(n_choices, rows, cfgs, width, cache.max_choices, devices=devices)
     return time.perf_counter() - t
 
 
@@ -187,8 +186,9 @@ def sweep(
     :func:`probekit.probe.plan.plan`). ``layers``: a layer spec (:mod:`probekit.layers`): all | last |
     middle | middle_and_last | "15,30" | "15+30" | "-1". ``site``: answer_end (multiple-choice head)
     or question_end (multinomial head).
-    ``solver``: paper, converged or both. ``pad``: mask (default) or zero (the protocol's
-    zero-padding). ``C``: converged solver's inverse regularisation (scikit-learn's C).
+    ``solver``: a name in :data:`probekit.probe.solvers.SOLVERS` (paper, converged), several, or
+    both. ``pad``: mask (default) or zero (the protocol's zero-padding). ``C``: converged
+    solver's inverse regularisation (scikit-learn's C).
     ``levels``: restrict the training levels (e.g. ``["easy", "hard"]``).
     ``cutoffs``: per-measure level rules overriding the defaults. ``progress(done, total, layer)``
     is called as heads complete. Returns the contents of ``sweep.json``.
@@ -205,7 +205,7 @@ def sweep(
         raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
     if site not in cache.sites:
         raise ProbekitError(f"site {site!r} is not in cache {cache.path}; it holds {cache.sites}")
-    solvers = ["paper", "converged"] if solver == "both" else ([solver] if isinstance(solver, str) else list(solver))
+    solvers = solver_names(solver)
     configs = {s: ProbeConfig(head=SITE_HEAD[site], solver=s, pad=pad, C=C) for s in solvers}
     dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
     items, measures = load_items(cache, measures)
@@ -245,7 +245,7 @@ def sweep(
                 batch.append(t)
         for fs in sets:
             label = layer_label(fs)
-            Xs = [put_layer(read_features(cache, site, layer, frame.ids), devices) for layer in fs]
+            Xs = prepare((read_features(cache, site, layer, frame.ids) for layer in fs), devices)
             for n, group in groups.items():  # every solver on the same heads: rows and Gram shared
                 t1 = time.perf_counter()
                 results = fit_and_score_many(
@@ -280,8 +280,7 @@ def sweep(
                 "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
                 "draws": draws, "train_levels": sorted({h.train_level for h in heads}), "pad": pad,
                 "probe": {s: dataclasses.asdict(c) for s, c in configs.items()},
-                "objectives": {"paper": "mean NLL + l2 * |w| (unsquared), SGD as PROTOCOL §4",
-                               "converged": "mean NLL + |w|^2 / (2 C n_train), bias unregularised"},
+                "objectives": {name: spec.objective for name, spec in SOLVERS.items()},
                 "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "zero_shot": zero_shot,
                 "icl": [str(Path(d).resolve()) for d in icl],
                 "normalisation": "z-score with training statistics (unbiased std)",
