@@ -9,14 +9,14 @@ with the Python that has the CUDA build of torch), a few minutes, nothing to typ
    the sweep benchmark;
 2. extraction through ``probekit extract`` on the first ``--items`` bundled ARC questions, every layer,
    both sites: the CPU in float32 is the reference; on CUDA float32, float16, bfloat16, bitsandbytes
-   8-bit, 4-bit nf4 and fp4, and ``--device-map auto``; each compared with the reference (choice
-   log-probs: max abs diff; hidden states: largest relative error over layers and sites; zero-shot
-   predictions: agreement and both accuracies); in-context (k-shot) scoring with the shared key/value
-   prefix on CUDA against the CPU;
+   8-bit, 4-bit nf4 and fp4, each compared with the reference (choice log-probs: mean and max abs
+   diff; hidden states: largest relative error over layers and sites; zero-shot predictions:
+   agreement and both accuracies), ``--device-map auto`` with float16 on CUDA; in-context (k-shot)
+   scoring with the shared key/value prefix on CUDA against the CPU;
 3. the sweep (``probekit sweep``, both solvers, the multiple-choice and the multinomial head) on one
    cache, once with jax on the CPU (host path) and once on the GPU (device path, float32 products):
    p(gold) max abs diff and agreement of every prediction; then ``probekit report`` on both;
-4. speed: extraction items/s and tokens/s on the whole bundled sample per dtype and quantization,
+4. speed: extraction items/s and tokens/s on the whole bundled sample in float16, 8-bit and 4-bit,
    sweep fits/s on both paths, and ``bench/sweep.py`` in a reduced shape (GPU GEMM rate, engine
    fits/s, a torch per-fit loop on the GPU).
 
@@ -537,7 +537,7 @@ def main() -> int:
     for label, opts, needs in (("float16", ("--dtype", "float16"), ()), ("float32", ("--dtype", "float32"), ()),
                                ("8-bit", ("--quantize", "8bit"), ("install bitsandbytes",)),
                                ("4-bit nf4", ("--quantize", "4bit"), ("install bitsandbytes",))):
-        if not on_gpu and label != "float32":
+        if (label == "float32") == on_gpu:  # on the GPU float16 and the quantized ones; the CPU (self-test) float32
             continue
         out = work / f"speed-{label.replace(' ', '-')}"
 
