@@ -1,0 +1,310 @@
+"""Faults and bad inputs: nothing lost, nothing half-written, one clear line.
+
+Damaged shards are rewritten by a rerun, locks are taken before a model loads, a failed command
+leaves nothing it created, a full disk or an unwritable target gives one line naming the path,
+and bad options or input files are refused (or explained) in one line.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from probekit.cli import app
+from probekit.errors import ProbekitError
+from probekit.store import Cache, write_cache
+from probekit.store.layout import lock_name, shard_name
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_store import HEADER, make_data, write_all  # noqa: E402
+from test_sweep import build_cache  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--measures", "grade", "--layers", "4", "--n-train", "40", "--draws", "1", "--no-verify"]
+ENOSPC = OSError(errno.ENOSPC, "No space left on device")
+
+
+def one_line(exc: pytest.ExceptionInfo) -> str:
+    text = str(exc.value)
+    assert "\n" not in text
+    return text
+
+
+def error_line(res) -> str:
+    """The CLI's single error line (exit code 2, no traceback)."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+def temporaries(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if ".tmp" in p.name)
+
+
+@pytest.fixture(scope="module")
+def swept_cache(tmp_path_factory):
+    return build_cache(tmp_path_factory.mktemp("faults") / "c", n_holdout=150)
+
+
+# ----- a rerun repairs damaged shards ----------------------------------------------------------------
+def _flip_byte(path: Path, offset: int | None = None) -> None:
+    raw = bytearray(path.read_bytes())
+    at = len(raw) // 2 if offset is None else offset
+    raw[at] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_rerun_rewrites_damaged_shards_of_the_right_size_and_names_them(tmp_path):
+    items, arrays = make_data()
+    out = tmp_path / "c"
+    write_all(out, items, arrays)
+    n_shards = len(list(out.glob("shard-*.h5")))
+    assert n_shards >= 3
+    _flip_byte(out / shard_name(0))  # a flipped byte, same size
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["shards"][1]["sha256"] = "0" * 64  # a wrong recorded hash
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    other = tmp_path / "other"
+    items2, arrays2 = make_data(seed=1)
+    write_all(other, items2, arrays2)
+    shutil.copy(other / shard_name(2), out / shard_name(2))  # a swapped-in shard of another cache
+    assert Cache(out).verify()  # all three are damaged
+
+    damaged = {}
+    written = write_cache(out, HEADER, items, arrays, verify=True, on_damaged=damaged.__setitem__,
+                          **_layout_of(out))
+    assert written == [0, 1, 2]
+    assert sorted(damaged) == [shard_name(0), shard_name(1), shard_name(2)]
+    assert all("sha256" in why for why in damaged.values())
+    assert Cache(out).verify() == []
+
+
+def _layout_of(out: Path) -> dict:
+    m = json.loads((out / "manifest.json").read_text())
+    return dict(layers=m["layers"], sites=m["sites"], hidden_size=m["hidden_size"], max_choices=m["max_choices"],
+                measures=m["measures"], shard_size=m["shard_size"])
+
+
+def test_unchanged_manifest_of_a_complete_cache_is_not_rewritten(tmp_path, monkeypatch):
+    items, arrays = make_data()
+    out = tmp_path / "c"
+    write_all(out, items, arrays)
+    before = (out / "manifest.json").stat()
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(out / "manifest.json"))
+
+    monkeypatch.setattr("probekit.store.manifest.write_manifest", refuse)  # a read-only finished cache
+    assert write_cache(out, HEADER, items, arrays, verify=True, **_layout_of(out)) == []
+    after = (out / "manifest.json").stat()
+    assert (before.st_ino, before.st_mtime_ns) == (after.st_ino, after.st_mtime_ns)
+
+
+def test_extract_rerun_repairs_a_damaged_shard(tmp_path, demo_items):
+    """The real pipeline: a byte flipped in a finished shard is found and rewritten by the rerun."""
+    from probekit.extract.run import extract
+
+    out = tmp_path / "c"
+    kw = dict(layers="last", sites="answer_end", batch_size=8, shard_size=4, limit=8, cache_root=REPO / "cache",
+              progress=False)
+    extract(demo_items, out, **kw)
+    reference = (out / shard_name(1)).read_bytes()
+    _flip_byte(out / shard_name(1))
+    summary = extract(demo_items, out, **kw)
+    assert summary.shards_written == [1] and summary.complete
+    assert f"rewrote damaged {shard_name(1)} (sha256 differs" in summary.line()
+    assert Cache(out).verify() == []
+    assert (out / shard_name(1)).read_bytes() == reference
+
+
+# ----- locks before the model loads; a failed command leaves nothing it created -------------------------
+class _Stop(Exception):
+    pass
+
+
+def _lock_is_held(path: Path) -> bool:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_extract_locks_the_cache_before_loading_the_model(tmp_path, demo_items, monkeypatch):
+    from probekit.extract import run
+
+    out = tmp_path / "new" / "c"
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(_lock_is_held(out / lock_name(0)))
+        raise _Stop
+
+    monkeypatch.setattr(run, "prepare_model", load)
+    with pytest.raises(_Stop):
+        run.extract(demo_items, out, progress=False)
+    assert seen == [True]
+    assert not out.exists()  # the failed run leaves nothing it created
+
+
+def test_icl_locks_the_folder_before_loading_the_model(tmp_path, demo_items, monkeypatch):
+    from probekit.extract import icl
+
+    out = tmp_path / "icl"
+    seen = []
+
+    def load(*args, **kwargs):
+        seen.append(_lock_is_held(out / lock_name(0)))
+        raise _Stop
+
+    monkeypatch.setattr(icl, "prepare_model", load)
+    with pytest.raises(_Stop):
+        icl.extract_icl(demo_items, out, k=2, draws=1, progress=False)
+    assert seen == [True]
+    assert not out.exists()
+
+
+def test_a_directory_of_unrelated_files_is_refused(tmp_path, demo_items, monkeypatch):
+    from probekit.extract import icl, run
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(run, "prepare_model", load)
+    monkeypatch.setattr(icl, "prepare_model", load)
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"\xff\xd8")
+    with pytest.raises(ProbekitError, match=r"cache directory .*photos already holds files that are not part of "
+                                            r"one \(holiday.jpg\); choose an empty or new --out") as exc:
+        run.extract(demo_items, out, progress=False)
+    one_line(exc)
+    with pytest.raises(ProbekitError, match="ICL score folder .* already holds files"):
+        icl.extract_icl(demo_items, out, k=2, draws=1, progress=False)
+    items, arrays = make_data()
+    with pytest.raises(ProbekitError, match="already holds files"):
+        write_all(out, items, arrays)
+    assert sorted(p.name for p in out.iterdir()) == ["holiday.jpg"]
+    # an empty directory, and a cache's own leftovers, are fine
+    fine = tmp_path / "fine"
+    fine.mkdir()
+    (fine / ".shard-00000.h5.tmp").write_bytes(b"left by a killed run")
+    write_all(fine, items, arrays)
+    assert Cache(fine).verify() == [] and temporaries(fine) == []
+
+
+# ----- a full disk -----------------------------------------------------------------------------------
+def test_too_little_space_is_refused_before_writing_and_the_cache_resumes(tmp_path, monkeypatch):
+    items, arrays = make_data()
+    out = tmp_path / "c"
+    calls = {"n": 0}
+    from probekit.store import writer
+
+    def free(directory):
+        calls["n"] += 1
+        return 10_000 if calls["n"] > 2 else 1 << 40  # the disk fills after the first shard
+
+    monkeypatch.setattr(writer, "free_bytes", free)
+    with pytest.raises(ProbekitError, match=r"not enough disk space for cache .*c: \d+ shard\(s\) still to write "
+                                            r"need about [\d.]+ MiB|no space left on the device writing cache shard") as exc:
+        write_all(out, items, arrays)
+    one_line(exc)
+    assert temporaries(out) == []
+    done = [e["index"] for e in json.loads((out / "manifest.json").read_text())["shards"]]
+    assert done == [0]
+    monkeypatch.setattr(writer, "free_bytes", lambda directory: 1 << 40)
+    assert write_all(out, items, arrays)[0] == 1  # resumes where it stopped
+    assert Cache(out).verify() == []
+
+
+def test_disk_full_during_a_shard_write_names_the_shard_and_leaves_no_temporary(tmp_path, monkeypatch):
+    items, arrays = make_data()
+    out = tmp_path / "c"
+    from probekit.store.writer import ShardWriter
+
+    real = ShardWriter.write_hidden
+
+    def write_hidden(self, offset, site, hidden):
+        if self.k == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, offset, site, hidden)
+
+    monkeypatch.setattr(ShardWriter, "write_hidden", write_hidden)
+    with pytest.raises(ProbekitError, match=r"no space left on the device writing cache shard .*\.shard-00001\.h5\.tmp: "
+                                            r"the shard needs about [\d.]+ MiB, .* free; free some space and rerun") as exc:
+        write_all(out, items, arrays)
+    one_line(exc)
+    assert temporaries(out) == []
+    monkeypatch.setattr(ShardWriter, "write_hidden", real)
+    write_all(out, items, arrays)
+    assert Cache(out).verify() == []
+
+
+def _tmpfs(path: Path, size: str):
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+
+
+@pytest.mark.parametrize("precheck", [True, False], ids=["refused-up-front", "fills-during-a-write"])
+def test_a_real_full_disk_gives_one_line_and_no_traceback(tmp_path, precheck):
+    disk = tmp_path / "disk"
+    _tmpfs(disk, "400k")
+    try:
+        code = "\n".join([
+            "import sys",
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})",
+            "from probekit.errors import ProbekitError",
+            "from probekit.store import writer",
+            "from test_sweep import build_cache",
+            "" if precheck else "writer.free_bytes = lambda directory: 1 << 40  # the disk fills during a write",
+            "try:",
+            f"    build_cache({str(disk / 'c')!r})",
+            "except ProbekitError as exc:",
+            "    print(f'error: {exc}', file=sys.stderr)",
+            "    sys.exit(2)",
+        ])
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr and "Slist" not in res.stderr, res.stderr
+        lines = [line for line in res.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and "need" in lines[0] and str(disk / "c") in lines[0], res.stderr
+        assert temporaries(disk / "c") == []
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+# ----- one clear line for bad options ------------------------------------------------------------------
+def test_negative_seeds_are_refused(swept_cache, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(app, ["sweep", str(swept_cache), "--out", str(tmp_path / "r"), *SMALL, "--seed", "-1"])
+    assert "seed must be a non-negative integer, got -1" in error_line(res)
+    assert not (tmp_path / "r").exists()
+    res = runner.invoke(app, ["extract", "--icl", "2", "--seed", "-1", "--out", str(tmp_path / "icl"), "--no-progress"])
+    assert "seed must be a non-negative integer, got -1" in error_line(res)
+    assert not (tmp_path / "icl").exists()
+
+
+def test_icl_limit_names_k(tmp_path):
+    res = CliRunner().invoke(app, ["extract", "--icl", "100000", "--out", str(tmp_path / "icl"), "--no-progress"])
+    assert "fewer than k + 50 = 100050 (k = 100000)" in error_line(res)
+
+
