@@ -292,6 +292,81 @@ def test_a_real_full_disk_gives_one_line_and_no_traceback(tmp_path, precheck):
         subprocess.run(["umount", str(disk)], capture_output=True)
 
 
+def test_sweep_on_a_full_disk_gives_one_line_and_leaves_no_folder(swept_cache, tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    def full(self, table, *args, **kwargs):
+        raise ENOSPC
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    out = tmp_path / "r"
+    res = CliRunner().invoke(app, ["sweep", str(swept_cache), "--out", str(out), *SMALL])
+    assert "no space left on the device writing " in error_line(res) and ".results.parquet." in res.output
+    assert not out.exists()
+
+
+def test_report_on_a_full_disk_keeps_the_old_report_whole(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_report import make_results
+
+    from probekit.report import build
+
+    make_results(tmp_path / "res", n_items=150, draws=2)
+    rep = tmp_path / "rep"
+    args = ["report", str(tmp_path / "res"), "--out", str(rep), "--boot", "10", "--boot-sgr", "10"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    before = (rep / "summary.json").read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(rep / "population.csv"))
+
+    monkeypatch.setattr(build, "_write_files", full)
+    res = CliRunner().invoke(app, args)
+    assert "no space left on the device writing" in error_line(res) and "population.csv" in res.output
+    assert (rep / "summary.json").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".rep.")]
+
+
+# ----- unwritable targets ----------------------------------------------------------------------------
+def _deny(monkeypatch, where: str):
+    real = os.replace
+
+    def replace(src, dst, *a, **k):
+        if where in str(dst):
+            raise PermissionError(errno.EACCES, "Permission denied", str(dst))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_unwritable_targets_give_one_line(swept_cache, tmp_path, monkeypatch):
+    runner = CliRunner()
+    _deny(monkeypatch, "results.parquet")
+    res = runner.invoke(app, ["sweep", str(swept_cache), "--out", str(tmp_path / "r"), *SMALL])
+    assert "results.parquet (Permission denied)" in error_line(res)
+    assert not (tmp_path / "r").exists()
+    monkeypatch.undo()
+    cache = tmp_path / "c"
+    shutil.copytree(swept_cache, cache)
+    _deny(monkeypatch, "hardness.json")
+    res = runner.invoke(app, ["hardness", str(cache), "--layers", "4", "--sizes", "5,20", "--draws", "1",
+                              "--no-verify"])
+    assert "hardness.json (Permission denied)" in error_line(res)
+    assert not (cache / "hardness.json").exists() and temporaries(cache) == []
+
+
+def test_cli_turns_a_stray_os_error_into_one_line(tmp_path, monkeypatch):
+    from probekit.report import build
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/locked")
+
+    monkeypatch.setattr(build, "build_report", denied)
+    monkeypatch.setattr("probekit.cli.report_cmd.build_report", denied)
+    res = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "rep")])
+    assert error_line(res) == "error: Permission denied: /somewhere/locked"
+
+
 # ----- one clear line for bad options ------------------------------------------------------------------
 def test_negative_seeds_are_refused(swept_cache, tmp_path):
     runner = CliRunner()
@@ -306,5 +381,31 @@ def test_negative_seeds_are_refused(swept_cache, tmp_path):
 def test_icl_limit_names_k(tmp_path):
     res = CliRunner().invoke(app, ["extract", "--icl", "100000", "--out", str(tmp_path / "icl"), "--no-progress"])
     assert "fewer than k + 50 = 100050 (k = 100000)" in error_line(res)
+
+
+def test_hardness_refuses_zero_draws_and_a_directory_before_fitting(swept_cache, tmp_path):
+    runner = CliRunner()
+    base = ["hardness", str(swept_cache), "--layers", "4", "--sizes", "5,20", "--no-verify"]
+    res = runner.invoke(app, [*base, "--draws", "0"])
+    assert "hardness draws must be a positive integer, got 0" in error_line(res)
+    (tmp_path / "d").mkdir()
+    res = runner.invoke(app, [*base, "--draws", "1", "--out", str(tmp_path / "d")])
+    assert "is a directory; give a file path" in error_line(res)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary beside it
+    res = runner.invoke(app, [*base, "--draws", "1", "--out", str(tmp_path / "new" / "h.json")])
+    assert res.exit_code == 0, res.output
+    assert "mdl" in json.loads((tmp_path / "new" / "h.json").read_text())
+
+
+def test_mdl_with_a_damaged_hardness_file(swept_cache, tmp_path):
+    cache = tmp_path / "c"
+    shutil.copytree(swept_cache, cache)
+    runner = CliRunner()
+    args = ["sweep", str(cache), "--out", str(tmp_path / "r"), "--measures", "mdl", "--layers", "4",
+            "--n-train", "40", "--draws", "1", "--no-verify"]
+    (cache / "hardness.json").write_text("{bad")
+    assert "cannot read" in error_line(runner.invoke(app, args))
+    (cache / "hardness.json").write_text('{"format": "probekit-hardness/1"}')
+    assert "holds no 'mdl' scores" in error_line(runner.invoke(app, args))
 
 
