@@ -383,6 +383,17 @@ def test_icl_limit_names_k(tmp_path):
     assert "fewer than k + 50 = 100050 (k = 100000)" in error_line(res)
 
 
+def test_repeated_measures_and_cutoffs_of_unknown_measures_are_refused(swept_cache, tmp_path):
+    runner = CliRunner()
+    base = ["sweep", str(swept_cache), "--out", str(tmp_path / "r"), "--layers", "4", "--n-train", "40",
+            "--draws", "1", "--no-verify"]
+    res = runner.invoke(app, [*base, "--measures", "grade,grade"])
+    assert "measures list 'grade' more than once" in error_line(res)
+    res = runner.invoke(app, [*base, "--measures", "grade", "--cutoff", "nosuch=1,2"])
+    assert "cut-off given for 'nosuch', which is not a measure of this sweep (grade)" in error_line(res)
+    assert not (tmp_path / "r").exists()
+
+
 def test_hardness_refuses_zero_draws_and_a_directory_before_fitting(swept_cache, tmp_path):
     runner = CliRunner()
     base = ["hardness", str(swept_cache), "--layers", "4", "--sizes", "5,20", "--no-verify"]
@@ -409,3 +420,46 @@ def test_mdl_with_a_damaged_hardness_file(swept_cache, tmp_path):
     assert "holds no 'mdl' scores" in error_line(runner.invoke(app, args))
 
 
+def test_a_file_where_a_folder_is_expected(swept_cache, tmp_path):
+    runner = CliRunner()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert "afile is a file, not a cache directory" in error_line(runner.invoke(app, ["info", str(afile)]))
+    res = runner.invoke(app, ["sweep", str(afile), "--out", str(tmp_path / "r"), *SMALL])
+    assert "afile is a file, not a cache directory" in error_line(res)
+    res = runner.invoke(app, ["datasets", "show", "arc", "--data-dir", str(afile)])
+    assert "--data-dir" in error_line(res) and "is a file, not a folder" in res.output
+    res = runner.invoke(app, ["report", str(afile), "--out", str(tmp_path / "rep")])
+    assert "afile is a file, not a results directory" in error_line(res)
+    res = runner.invoke(app, ["sweep", str(swept_cache), "--out", str(afile), *SMALL])
+    assert "exists and is not a directory" in error_line(res)
+
+
+# ----- the hub, offline ----------------------------------------------------------------------------------
+def test_a_hub_set_offline_fails_fast_with_one_line(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PROBEKIT_DATA_DIR": ""}
+    res = subprocess.run([sys.executable, "-m", "probekit.cli", "datasets", "show", "mmlu"], capture_output=True,
+                         text=True, env=env, timeout=120, cwd=tmp_path)
+    assert res.returncode == 2
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert "cannot load mmlu" in lines[0] and "--data-dir" in lines[0] and "mmlu/{val,test}" in lines[0]
+
+
+def test_hub_reachability_is_checked_once(monkeypatch):
+    import socket
+
+    from probekit.data import sets
+
+    calls = []
+
+    def connect(*a, **k):
+        calls.append(a)
+        raise OSError("unreachable")
+
+    monkeypatch.setattr(sets, "_HUB_ONLINE", None)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", connect)
+    assert sets.hub_reachable() is False and sets.hub_reachable() is False
+    assert len(calls) == 1
