@@ -435,6 +435,43 @@ def test_a_file_where_a_folder_is_expected(swept_cache, tmp_path):
     assert "exists and is not a directory" in error_line(res)
 
 
+# ----- a user's question file --------------------------------------------------------------------------
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_missing_markers_are_nan_and_dropped_columns_are_named(tmp_path, caplog):
+    from probekit.data import load_dataset
+
+    rows = [{"question": f"q{i}", "choices": ["a", "b"], "label": i % 2, "steps": s, "hard": h, "subject": "bio"}
+            for i, (s, h) in enumerate([(3, 1), ("n/a", 2), ("NA", "many"), ("", 4), (None, 5), (5, "-")])]
+    path = _jsonl(tmp_path / "mine.jsonl", rows)
+    with caplog.at_level(logging.WARNING, logger="probekit"):
+        items = load_dataset(str(path))
+    assert "steps" in items.measures
+    assert np.isnan(items.table["steps"].to_numpy()[1:5]).all() and items.table["steps"][5] == 5
+    assert "hard" not in items.measures and "subject" not in items.measures
+    assert any("column 'hard' of mine.jsonl is not a difficulty measure: row 3 holds 'many', not a number"
+               in r.getMessage() for r in caplog.records)
+    assert not any("subject" in r.getMessage() for r in caplog.records)  # a text field is not a measure, quietly
+    res = CliRunner().invoke(app, ["datasets", "show", str(path), "--measure", "hard"])
+    assert "unknown measure 'hard' for dataset mine: column 'hard' of mine.jsonl is not a difficulty measure: row 3" \
+        in error_line(res)
+
+
+def test_an_empty_file_says_so(tmp_path):
+    from probekit.data import load_dataset
+
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ProbekitError, match="empty.jsonl is empty: no items") as exc:
+        load_dataset(str(tmp_path / "empty.jsonl"))
+    one_line(exc)
+    (tmp_path / "header.csv").write_text("question,choices,label\n")
+    with pytest.raises(ProbekitError, match="header.csv has column names but no items"):
+        load_dataset(str(tmp_path / "header.csv"))
+
+
 # ----- the hub, offline ----------------------------------------------------------------------------------
 def test_a_hub_set_offline_fails_fast_with_one_line(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "PROBEKIT_DATA_DIR": ""}
