@@ -355,6 +355,31 @@ def test_unwritable_targets_give_one_line(swept_cache, tmp_path, monkeypatch):
     assert not (cache / "hardness.json").exists() and temporaries(cache) == []
 
 
+def test_unwritable_cache_and_report_folders_give_one_line(tmp_path, monkeypatch):
+    import tempfile
+
+    from probekit.store import writer
+
+    def denied(path, *a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    items, arrays = make_data()
+    monkeypatch.setattr(writer, "_create_shard_file", denied)
+    with pytest.raises(ProbekitError, match=r"cannot write .*\.shard-00000\.h5\.tmp \(Permission denied\)") as exc:
+        write_all(tmp_path / "c", items, arrays)
+    one_line(exc)
+    monkeypatch.undo()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_report import make_results
+
+    make_results(tmp_path / "res", n_items=150, draws=2)
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: denied(tmp_path))
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "res"), "--out", str(tmp_path / "rep"),
+                                   "--boot", "10", "--boot-sgr", "10"])
+    assert "(Permission denied)" in error_line(res)
+    assert not (tmp_path / "rep").exists()
+
+
 def test_cli_turns_a_stray_os_error_into_one_line(tmp_path, monkeypatch):
     from probekit.report import build
 
