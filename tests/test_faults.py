@@ -147,38 +147,26 @@ def _lock_is_held(path: Path) -> bool:
     return False
 
 
-def test_extract_locks_the_cache_before_loading_the_model(tmp_path, demo_items, monkeypatch):
-    from probekit.extract import run
+@pytest.mark.parametrize("kind", ["cache", "icl"])
+def test_the_lock_is_taken_before_the_model_loads(tmp_path, demo_items, monkeypatch, kind):
+    from probekit.extract import icl, run
 
-    out = tmp_path / "new" / "c"
+    module = run if kind == "cache" else icl
+    out = tmp_path / kind
     seen = []
 
     def load(*args, **kwargs):
         seen.append(_lock_is_held(out / lock_name(0)))
         raise _Stop
 
-    monkeypatch.setattr(run, "prepare_model", load)
+    monkeypatch.setattr(module, "prepare_model", load)
     with pytest.raises(_Stop):
-        run.extract(demo_items, out, progress=False)
+        if kind == "cache":
+            run.extract(demo_items, out, progress=False)
+        else:
+            icl.extract_icl(demo_items, out, k=2, draws=1, progress=False)
     assert seen == [True]
     assert not out.exists()  # the failed run leaves nothing it created
-
-
-def test_icl_locks_the_folder_before_loading_the_model(tmp_path, demo_items, monkeypatch):
-    from probekit.extract import icl
-
-    out = tmp_path / "icl"
-    seen = []
-
-    def load(*args, **kwargs):
-        seen.append(_lock_is_held(out / lock_name(0)))
-        raise _Stop
-
-    monkeypatch.setattr(icl, "prepare_model", load)
-    with pytest.raises(_Stop):
-        icl.extract_icl(demo_items, out, k=2, draws=1, progress=False)
-    assert seen == [True]
-    assert not out.exists()
 
 
 def test_a_directory_of_unrelated_files_is_refused(tmp_path, demo_items, monkeypatch):
