@@ -393,7 +393,8 @@ def test_negative_seeds_are_refused(swept_cache, tmp_path):
 
 def test_icl_limit_names_k(tmp_path):
     res = CliRunner().invoke(app, ["extract", "--icl", "100000", "--out", str(tmp_path / "icl"), "--no-progress"])
-    assert "fewer than k + 50 = 100050 (k = 100000)" in error_line(res)
+    assert "fewer than n_train + 50 = 100050 (here n_train is the number of demonstrations k = 100000)" \
+        in error_line(res)
 
 
 def test_repeated_measures_and_cutoffs_of_unknown_measures_are_refused(swept_cache, tmp_path):

@@ -37,17 +37,17 @@ def train_draw(
     """``n_train`` items drawn without replacement from ``pool`` (row indices).
 
     The first ``n`` items of a larger draw with the same seed, draw and key are the draw of size
-    ``n``. Raises if the pool has fewer than ``n_train + min_test`` items (``size_name`` names
-    ``n_train`` in that message, e.g. ``"k"`` for in-context demonstrations).
+    ``n``. Raises if the pool has fewer than ``n_train + min_test`` items (``size_name`` says
+    what ``n_train`` is in that message, e.g. the number of in-context demonstrations).
     """
     pool = np.asarray(pool)
     if n_train < 0:
         raise ProbekitError(f"n_train must be >= 0, got {n_train}")
     if len(pool) < n_train + min_test:
         where = f" {key!r}" if key else ""
-        named = f" ({size_name} = {n_train})" if size_name != "n_train" else ""
+        named = f" (here n_train is {size_name} = {n_train})" if size_name != "n_train" else ""
         raise ProbekitError(
-            f"level{where} has {len(pool)} items, fewer than {size_name} + {min_test} = {n_train + min_test}{named}"
+            f"level{where} has {len(pool)} items, fewer than n_train + {min_test} = {n_train + min_test}{named}"
         )
     order = rng_for(seed, draw, key).permutation(len(pool))
     return pool[order[:n_train]]

@@ -181,7 +181,7 @@ def extract_icl(
     from probekit.data.draws import train_draw
 
     demo_sets = [train_draw(pool, k, seed=seed, draw=b, key=f"icl/{measure}/{demos_from}", min_test=min_test,
-                            size_name="k") for b in range(draws)]
+                            size_name="the number of demonstrations k") for b in range(draws)]
     rank, world, local = dist_env()
     out = Path(out_dir)
     # The folder's lock is taken before the model loads; the writer below shares it.
