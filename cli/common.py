@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import typer
@@ -22,8 +23,17 @@ def fail(message: str, code: int = 2) -> None:
 
 @contextmanager
 def clean_errors() -> Iterator[None]:
-    """Turn a ProbekitError from the library into one error line and exit code 2."""
+    """Turn a ProbekitError from the library, or a failed file operation (full disk, no
+    permission), into one error line and exit code 2."""
     try:
         yield
     except ProbekitError as exc:
         fail(str(exc))
+    except OSError as exc:
+        from probekit.store.outdir import is_disk_full, no_space
+
+        where = Path(exc.filename) if exc.filename else None
+        if is_disk_full(exc):
+            fail(str(no_space(where or Path.cwd())))
+        reason = exc.strerror or str(exc).splitlines()[0]
+        fail(f"{reason}: {where}" if where else reason)

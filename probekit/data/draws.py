@@ -19,6 +19,8 @@ MIN_TEST = 50  # the protocol asserts |level| >= n_train + 50
 
 def rng_for(seed: int, draw: int, key: str) -> np.random.Generator:
     """The generator for one (seed, draw, key); ``key`` names what is drawn, e.g. "grade/easy"."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
     return np.random.default_rng(np.random.SeedSequence([int(seed), int(draw), zlib.crc32(key.encode())]))
 
 
@@ -30,19 +32,22 @@ def train_draw(
     draw: int = 0,
     key: str = "",
     min_test: int = MIN_TEST,
+    size_name: str = "n_train",
 ) -> np.ndarray:
     """``n_train`` items drawn without replacement from ``pool`` (row indices).
 
     The first ``n`` items of a larger draw with the same seed, draw and key are the draw of size
-    ``n``. Raises if the pool has fewer than ``n_train + min_test`` items.
+    ``n``. Raises if the pool has fewer than ``n_train + min_test`` items (``size_name`` says
+    what ``n_train`` is in that message, e.g. the number of in-context demonstrations).
     """
     pool = np.asarray(pool)
     if n_train < 0:
         raise ProbekitError(f"n_train must be >= 0, got {n_train}")
     if len(pool) < n_train + min_test:
         where = f" {key!r}" if key else ""
+        named = f" (here n_train is {size_name} = {n_train})" if size_name != "n_train" else ""
         raise ProbekitError(
-            f"level{where} has {len(pool)} items, fewer than n_train + {min_test} = {n_train + min_test}"
+            f"level{where} has {len(pool)} items, fewer than n_train + {min_test} = {n_train + min_test}{named}"
         )
     order = rng_for(seed, draw, key).permutation(len(pool))
     return pool[order[:n_train]]

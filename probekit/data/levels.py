@@ -152,7 +152,8 @@ def level_counts(items, measures=None, overrides: Mapping[str, Cutoff] | None = 
     rows = []
     for m in measures or items.measures:
         if m not in items.measures:
-            raise ProbekitError(f"unknown measure {m!r} for dataset {items.name}: choose from {', '.join(items.measures)}")
+            raise ProbekitError(items.unknown_measure(m) if hasattr(items, "unknown_measure") else
+                                f"unknown measure {m!r} for dataset {items.name}: choose from {', '.join(items.measures)}")
         rule = cutoff_for(items.name, m, overrides)
         codes = cut_levels(items.table[m].to_numpy(), rule)
         counts = {name: int((codes == k).sum()) for k, name in enumerate(LEVELS)}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -35,6 +36,15 @@ class ItemSet:
     prompt_template: str = "0040"
     generative: bool = False
     origin: str = ""
+    #: Columns of a user's file that are not measures, and why (text, or numbers mixed with text).
+    not_measures: Mapping[str, str] = field(default_factory=dict, compare=False)
+
+    def unknown_measure(self, measure: str) -> str:
+        """The one-line error for a measure the set does not have, saying why where known."""
+        why = self.not_measures.get(measure)
+        if why:
+            return f"unknown measure {measure!r} for dataset {self.name}: {why}"
+        return f"unknown measure {measure!r} for dataset {self.name}: choose from {', '.join(self.measures)}"
 
     def __len__(self) -> int:
         return len(self.table)

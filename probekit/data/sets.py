@@ -298,7 +298,52 @@ ALIASES = {"bundled": "arc-sample", "ai2_arc": "arc", "mmlu_stem-5": "mmlu", "st
            "gsm8k_main": "gsm8k"}
 
 
+class HubUnreachable(ProbekitError):
+    """The Hugging Face hub cannot be reached and the set is not in the local hub cache."""
+
+
+_HUB_ONLINE: bool | None = None
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (checked once per process).
+
+    ``HF_HUB_OFFLINE=1`` or ``HF_DATASETS_OFFLINE=1`` in the environment count as unreachable.
+    """
+    global _HUB_ONLINE
+    if _HUB_ONLINE is None:
+        if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("", "0"):
+            _HUB_ONLINE = False
+        else:
+            import socket
+            from urllib.parse import urlparse
+
+            url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+            try:
+                socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                         timeout=timeout).close()
+                _HUB_ONLINE = True
+            except OSError:
+                _HUB_ONLINE = False
+    return _HUB_ONLINE
+
+
+def _go_offline() -> None:
+    """Make ``datasets`` read its local cache only (no retries against an unreachable hub)."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    import sys
+
+    for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                         ("datasets.config", "HF_DATASETS_OFFLINE")):
+        if module in sys.modules and hasattr(sys.modules[module], name):
+            setattr(sys.modules[module], name, True)
+
+
 def _hub_rows(path: str, config: str | None, split: str):
+    online = hub_reachable()
+    if not online:
+        _go_offline()  # before `datasets` is imported: it reads the setting once
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is a dependency
@@ -307,6 +352,8 @@ def _hub_rows(path: str, config: str | None, split: str):
         return datasets.load_dataset(path, config, split=split)
     except Exception as exc:  # network, missing config, ...
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if not online:
+            raise HubUnreachable(f"the Hugging Face hub cannot be reached and {path} is not in its local cache") from None
         raise ProbekitError(
             f"could not load {path}{'/' + config if config else ''} split {split} from the Hugging Face hub "
             f"({first[:160]}); pass --data-dir with the original files instead"
@@ -349,12 +396,21 @@ def load_dataset(
             if data_dir is None:
                 raise ProbekitError(f"source 'local' needs a data folder for {key} (--data-dir)")
             data_dir = Path(data_dir).expanduser()
+            if data_dir.exists() and not data_dir.is_dir():
+                raise ProbekitError(f"--data-dir {data_dir} is a file, not a folder (give the folder holding "
+                                    f"{spec.local_files.split(',')[0].split('/')[0]}/)")
             if not data_dir.is_dir():
                 raise ProbekitError(f"data folder {data_dir} does not exist")
         raw = spec.read_local(Path(data_dir) if data_dir else Path("."))
         origin = "bundled" if key == "arc-sample" else f"local:{Path(data_dir).resolve()}"
     else:
-        raw = spec.read_hub()
+        try:
+            raw = spec.read_hub()
+        except HubUnreachable as exc:
+            raise ProbekitError(
+                f"cannot load {key}: {exc}; point at local files with --data-dir FOLDER "
+                f"(or $PROBEKIT_DATA_DIR) holding {spec.local_files}"
+            ) from None
         origin = f"hub:{spec.hub}"
     records = _apply(spec.normalise, raw)
     n_holdout = spec.holdout if holdout is None or holdout else 0

@@ -7,12 +7,15 @@ Columns:
   named ``choice_0``, ``choice_1``, ... or ``A``, ``B``, ... (empty cells end an item's choices);
 * ``label``: the gold choice as an index (0-based), a letter (A, B, ...) or the gold choice's text;
 * every other numeric column is a difficulty measure (cut at the 30th/70th percentiles unless a
-  cut-off is given).
+  cut-off is given). Empty cells and the markers in :data:`MISSING` (``NA``, ``n/a``, ``null``,
+  ``-``, ...) are unknown values (NaN). A column mixing numbers with other text is not a measure:
+  loading the file says which column and which row, and asking for it as a measure says why.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -24,6 +27,19 @@ from probekit.errors import ProbekitError
 
 _CHOICE_COLUMN = re.compile(r"^(choice_?\d+|[A-J])$")
 RESERVED = {"id", "question", "choices", "label", "answer", "source", "pool"}
+#: Cell texts read as an unknown value (compared lower-case, stripped).
+MISSING = frozenset({"", "na", "n/a", "nan", "none", "null", "-", "?", "#n/a", "missing", "unknown"})
+log = logging.getLogger("probekit")
+
+
+def _numeric(values: pd.Series) -> tuple[pd.Series, int | None]:
+    """A column as floats (missing markers -> NaN), and the first row holding other text (or None)."""
+    cleaned = values.map(lambda v: np.nan if v is None or (isinstance(v, str) and v.strip().lower() in MISSING) else v)
+    if pd.api.types.is_numeric_dtype(values):
+        return values.astype(float), None
+    numbers = pd.to_numeric(cleaned, errors="coerce").astype(float)
+    text = cleaned.notna() & numbers.isna()
+    return numbers, (int(np.flatnonzero(text.to_numpy())[0]) if text.any() else None)
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -76,6 +92,9 @@ def load_user_file(path: str | Path) -> ItemSet:
     """Read a user's JSONL/CSV question file into an :class:`ItemSet`."""
     path = Path(path)
     frame = _read(path)
+    if frame.empty:
+        raise ProbekitError(f"{path} is empty: no items" if len(frame.columns) == 0
+                            else f"{path} has column names but no items")
     if "label" not in frame and "answer" in frame:
         frame = frame.rename(columns={"answer": "label"})
     for col in ("question", "label"):
@@ -84,11 +103,21 @@ def load_user_file(path: str | Path) -> ItemSet:
     choice_cols = [] if "choices" in frame else [c for c in frame.columns if _CHOICE_COLUMN.match(str(c))]
     if "choices" not in frame and not choice_cols:
         raise ProbekitError(f"{path}: no 'choices' column and no choice_0.. / A, B.. columns")
-    measures = tuple(
-        c for c in frame.columns
-        if c not in RESERVED and c not in choice_cols and pd.api.types.is_numeric_dtype(frame[c])
-        and c not in COMMON_MEASURES
-    )
+    measures: tuple[str, ...] = ()
+    not_measures: dict[str, str] = {}
+    for c in frame.columns:
+        if c in RESERVED or c in choice_cols or c in COMMON_MEASURES:
+            continue
+        numbers, first_text = _numeric(frame[c])
+        if first_text is None:
+            frame[c] = numbers
+            measures += (c,)
+        elif numbers.notna().any():  # numbers mixed with text: meant as a measure, most likely
+            not_measures[c] = (f"column {c!r} of {path.name} is not a difficulty measure: row {first_text + 1} holds "
+                               f"{frame[c].iloc[first_text]!r}, not a number (write unknown values as empty, NA or null)")
+            log.warning(f"warning: {not_measures[c]}")
+        else:
+            not_measures[c] = f"column {c!r} of {path.name} holds text ({frame[c].iloc[first_text]!r}), not numbers"
     records = []
     for i, row in frame.iterrows():
         where = f"{path} row {i + 1}"
@@ -108,4 +137,5 @@ def load_user_file(path: str | Path) -> ItemSet:
                     if c not in RESERVED and c not in choice_cols and c not in measures})
         records.append(rec)
     table = build_table(records, measures + COMMON_MEASURES, str(path))
-    return ItemSet(path.stem, table, measures + COMMON_MEASURES, "0040", False, f"file:{path.resolve()}")
+    return ItemSet(path.stem, table, measures + COMMON_MEASURES, "0040", False, f"file:{path.resolve()}",
+                   not_measures=not_measures)

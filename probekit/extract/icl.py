@@ -28,7 +28,9 @@ from probekit.extract.models import LoadedModel, ModelSpec
 from probekit.extract.progress import progress_bar
 from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model
 from probekit.extract.tokens import Encoded, TokenRules, answer_text, encode_prompt
-from probekit.store.icl_scores import FORMAT, IclScoresWriter
+from probekit.store.icl_scores import FORMAT, IclScoresWriter, is_icl_entry
+from probekit.store.layout import lock_name
+from probekit.store.outdir import OutputDir
 from probekit.store.icl_scores import load_icl as load_icl  # the reader, re-exported
 
 
@@ -48,7 +50,9 @@ def level_pool(items, measure: str, level: str) -> np.ndarray:
     from probekit.data.levels import LEVELS, cutoff_for, probe_levels
 
     if measure not in items.measures:
-        raise ProbekitError(f"measure {measure!r} is not a difficulty measure of {items.name} ({', '.join(items.measures)})")
+        why = getattr(items, "not_measures", {}).get(measure)
+        raise ProbekitError(f"measure {measure!r} is not a difficulty measure of {items.name} "
+                            + (f"({why})" if why else f"({', '.join(items.measures)})"))
     if level not in LEVELS:
         raise ProbekitError(f"level {level!r} is not one of {', '.join(LEVELS)}")
     table = items.table.reset_index(drop=True)
@@ -176,15 +180,26 @@ def extract_icl(
     rows = np.flatnonzero((table["pool"] == "probe").to_numpy())
     from probekit.data.draws import train_draw
 
-    demo_sets = [train_draw(pool, k, seed=seed, draw=b, key=f"icl/{measure}/{demos_from}", min_test=min_test)
-                 for b in range(draws)]
+    demo_sets = [train_draw(pool, k, seed=seed, draw=b, key=f"icl/{measure}/{demos_from}", min_test=min_test,
+                            size_name="the number of demonstrations k") for b in range(draws)]
     rank, world, local = dist_env()
-    lm = prepare_model(model, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
-                       bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype, cache_root=cache_root,
-                       local_rank=local, world_size=world)
+    out = Path(out_dir)
+    # The folder's lock is taken before the model loads; the writer below shares it.
+    with OutputDir(out, (), "ICL score folder", lock_file=lock_name(rank), own=is_icl_entry, share=True):
+        return _extract_icl_locked(items, out, model, table, rows, demo_sets, k, demos_from, measure, draws, seed,
+                                   batch_size, max_seq_len, rank, world, local, progress,
+                                   dict(dtype=dtype, quantize=quantize, device=device, device_map=device_map,
+                                        bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype,
+                                        cache_root=cache_root))
+
+
+def _extract_icl_locked(items, out: Path, model: Any, table, rows: np.ndarray, demo_sets: list, k: int,
+                        demos_from: str, measure: str, draws: int, seed: int, batch_size: int, max_seq_len: int,
+                        rank: int, world: int, local: int, progress: bool, settings: dict) -> IclSummary:
+    """Load the model and score this rank's pending draws (the folder's lock is held)."""
+    lm = prepare_model(model, local_rank=local, world_size=world, **settings)
     rules = lm.rules
     max_choices = int(items.max_choices)
-    out = Path(out_dir)
     header = {
         "format": FORMAT,
         "model": lm.identity,

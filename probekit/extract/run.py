@@ -3,8 +3,10 @@
 ``extract`` tokenises every item with its set's prompt template (PROTOCOL §2), runs the model once
 per batch of items with the prompt shared by all choices (:mod:`probekit.extract.capture`), and
 writes hidden states (float16), choice log-probs and item metadata through
-:func:`probekit.store.write_cache`, computing one shard's arrays at a time. A rerun skips the
-shards already written and verified, so an interrupted run is finished by running it again.
+:func:`probekit.store.write_cache`, computing one shard's arrays at a time. The cache's lock is
+taken before the model loads, so a second writer of the same cache is refused at once. A rerun
+checks every recorded shard against its sha256, rewrites the damaged ones (naming them) and skips
+the rest, so an interrupted or damaged cache is finished by running the command again.
 
 Under ``torchrun``/``accelerate`` (``RANK``/``WORLD_SIZE`` in the environment) rank r writes the
 shards k with ``k % world_size == r`` into the same cache directory; the manifest turns complete
@@ -45,13 +47,15 @@ class ExtractSummary:
     complete: bool
     rank: int = 0
     world_size: int = 1
+    damaged: dict[str, str] = dataclasses.field(default_factory=dict)  # rewritten shard -> what was wrong
 
     def line(self) -> str:
         rate = self.items_run / self.seconds if self.seconds > 0 else 0.0
         done = "complete" if self.complete else "incomplete (other ranks still writing)"
+        repaired = "".join(f"; rewrote damaged {name} ({problem})" for name, problem in self.damaged.items())
         return (
             f"{self.items_run} items, {self.tokens:,} tokens in {self.seconds:.1f} s ({rate:.1f} items/s); "
-            f"{len(self.shards_written)} shards written; cache {self.out_dir} "
+            f"{len(self.shards_written)} shards written{repaired}; cache {self.out_dir} "
             f"{self.bytes_on_disk / 2**20:.1f} MiB, {self.n_items} items, {done}"
         )
 
@@ -144,8 +148,8 @@ def extract(
     ``"all"``, ``"middle_and_last"`` or indices into ``hidden_states``. ``sites``: ``answer_end``
     and/or ``question_end``. Rank and world size default to the ``RANK``/``WORLD_SIZE`` environment.
     """
-    from probekit.store import write_cache
     from probekit.store.manifest import read_manifest
+    from probekit.store.writer import holding_cache
 
     sites = resolve_sites(sites)
     if not sites:
@@ -167,9 +171,31 @@ def extract(
     template = items.prompt_template
     render_prompt("q", ["a", "b"], template)  # unknown template -> error before loading
 
-    lm = prepare_model(model, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
-                       bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype, cache_root=cache_root,
-                       local_rank=local_rank, world_size=world_size)
+    damaged: dict[str, str] = {}
+    counts = {"items": 0, "tokens": 0}
+    t0 = time.perf_counter()
+    with holding_cache(out_dir, rank):  # a second writer is refused before the model loads
+        written = _extract_locked(items, out_dir, model, layer_spec, sites, template, batch_size, shard_size,
+                                  store_dtype, rank, world_size, local_rank, progress, counts, damaged.__setitem__,
+                                  dict(dtype=dtype, quantize=quantize, device=device, device_map=device_map,
+                                       bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype,
+                                       cache_root=cache_root))
+    if world_size > 1 and barrier:
+        _barrier(rank, world_size)
+    seconds = time.perf_counter() - t0
+    complete = bool((read_manifest(out_dir) or {}).get("complete"))
+    return ExtractSummary(out_dir=out_dir, n_items=len(items), items_run=counts["items"], tokens=counts["tokens"],
+                          seconds=seconds, shards_written=written, bytes_on_disk=_dir_bytes(out_dir),
+                          complete=complete, rank=rank, world_size=world_size, damaged=damaged)
+
+
+def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: list[str], template: str,
+                    batch_size: int, shard_size: int, store_dtype: str, rank: int, world_size: int, local_rank: int,
+                    progress: bool, counts: dict[str, int], on_damaged: Any, settings: dict[str, Any]) -> list[int]:
+    """Load the model and write this rank's pending shards (the cache's lock is held)."""
+    from probekit.store import write_cache
+
+    lm = prepare_model(model, local_rank=local_rank, world_size=world_size, **settings)
     layer_idx = resolve_layers(layer_spec, lm.n_layers)
     table = items.table.reset_index(drop=True)
     measures = list(items.measures)
@@ -184,8 +210,6 @@ def extract(
     }
     meta = table[["id", "label", "pool", "source", *measures]].assign(n_choices=table["choices"].map(len))
     desc = "extract" if world_size == 1 else f"extract rank {rank}/{world_size}"
-    counts = {"items": 0, "tokens": 0}
-    t0 = time.perf_counter()
     with ExitStack() as stack:
         bar = None
 
@@ -221,14 +245,8 @@ def extract(
         written = write_cache(out_dir, header, meta, compute, layers=layer_idx, sites=sites,
                               hidden_size=lm.hidden_size, max_choices=max_choices, measures=measures,
                               shard_size=shard_size, dtype=store_dtype, rank=rank, world_size=world_size,
-                              on_start=start)
-    if world_size > 1 and barrier:
-        _barrier(rank, world_size)
-    seconds = time.perf_counter() - t0
-    complete = bool((read_manifest(out_dir) or {}).get("complete"))
-    return ExtractSummary(out_dir=out_dir, n_items=len(table), items_run=counts["items"], tokens=counts["tokens"],
-                          seconds=seconds, shards_written=written, bytes_on_disk=_dir_bytes(out_dir),
-                          complete=complete, rank=rank, world_size=world_size)
+                              verify=True, on_start=start, on_damaged=on_damaged)
+    return written
 
 
 def _barrier(rank: int, world_size: int) -> None:

@@ -24,7 +24,7 @@ from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, prepare
 from probekit.probe.plan import item_frame, layer_label
 from probekit.probe.sweep import SITE_HEAD, Progress, compile_first, open_cache, read_features
 from probekit.store import Cache
-from probekit.store.hardness import FORMAT, HARDNESS_FILE, write_hardness
+from probekit.store.hardness import FORMAT, HARDNESS_FILE, check_hardness_target, write_hardness
 
 MDL_SIZES = (5, 20, 80, 340, 900)
 
@@ -53,6 +53,10 @@ def hardness(
         >>> hardness("cache/llama-2-7b__arc", layers="middle_and_last", draws=5)
     """
     t0 = time.perf_counter()
+    if isinstance(draws, bool) or not isinstance(draws, (int, np.integer)) or draws < 1:
+        raise ProbekitError(f"hardness draws must be a positive integer, got {draws!r}")
+    if out is not None:
+        check_hardness_target(Path(out))  # before the fits, not after
     cache = open_cache(cache, verify)
     if site not in SITE_HEAD or site not in cache.sites:
         raise ProbekitError(f"site {site!r} is not in cache {cache.path}; it holds {cache.sites}")

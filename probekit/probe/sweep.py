@@ -51,6 +51,9 @@ def load_items(cache: Cache, measures: Sequence[str] | None) -> tuple[Any, list[
     items = cache.items.copy()
     known = list(cache.measures) + [MDL]
     chosen = list(measures) if measures else list(cache.measures)
+    twice = sorted({m for m in chosen if chosen.count(m) > 1})
+    if twice:
+        raise ProbekitError(f"measures list {', '.join(repr(m) for m in twice)} more than once: name each once")
     for m in chosen:
         if m not in known:
             raise ProbekitError(f"unknown measure {m!r}: the cache has {', '.join(known)}")
@@ -209,6 +212,10 @@ def sweep(
     configs = {s: ProbeConfig(head=SITE_HEAD[site], solver=s, pad=pad, C=C) for s in solvers}
     dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
     items, measures = load_items(cache, measures)
+    stray = [m for m in (cutoffs or {}) if m not in measures]
+    if stray:
+        raise ProbekitError(f"cut-off given for {stray[0]!r}, which is not a measure of this sweep "
+                            f"({', '.join(measures)}); check its name or add it to the measures")
     frame = item_frame(items, dataset, measures, cutoffs)
     sets = feature_sets(layers, cache.manifest.get("model", {}).get("n_layers"), cache.layers)
     heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,

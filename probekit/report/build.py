@@ -41,7 +41,7 @@ from probekit.report.tables import (
     to_markdown,
     transfer_table,
 )
-from probekit.store.outdir import OutputDir, remove_temporaries
+from probekit.store.outdir import OutputDir, remove_temporaries, write_error
 from probekit.store.results import cache_hash
 
 FORMAT = "probekit-report/1"
@@ -162,11 +162,17 @@ def _count_tasks(table: pd.DataFrame) -> int:
 def _write(out: Path, summary: dict, headline: Headline | None, population, all_to_all, curves, transfer) -> None:
     with OutputDir(out, (), "report output") as d:  # refuses a report directory another writer holds
         remove_temporaries(out.parent, [out.name])  # a killed run's temporary directory
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         try:
-            files = _write_files(tmp, summary, headline, population, all_to_all, curves, transfer)
-            summary["files"] = files + ["summary.json"]
-            (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        except OSError as exc:
+            raise write_error(exc, out.parent) from None
+        try:
+            try:
+                files = _write_files(tmp, summary, headline, population, all_to_all, curves, transfer)
+                summary["files"] = files + ["summary.json"]
+                (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+            except OSError as exc:  # a full disk or an unwritable folder: one line, nothing half-written
+                raise write_error(exc, getattr(exc, "filename", None) or tmp) from None
             (out / "summary.json").unlink(missing_ok=True)
             for name in files:
                 d.commit(tmp / name, name)

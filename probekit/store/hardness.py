@@ -22,11 +22,20 @@ HARDNESS_FILE = "hardness.json"
 MDL = "mdl"
 
 
-def write_hardness(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
-    """Write ``record`` to ``path`` atomically under the file's lock; returns the path."""
-    path = Path(path)
+def check_hardness_target(path: Path) -> None:
+    """Refuse a hardness output path that is a directory, or whose parent is a file."""
     if path.is_dir():
         raise ProbekitError(f"hardness output {path} is a directory; give a file path such as {path / HARDNESS_FILE}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ProbekitError(f"hardness output {path}: {parent} is a file, not a folder")
+
+
+def write_hardness(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
+    """Write ``record`` to ``path`` atomically under the file's lock (folders created as needed);
+    returns the path."""
+    path = Path(path)
+    check_hardness_target(path)
     with OutputDir(path.parent, (path.name,), f"hardness scores {path.name} in", lock_file=f".{path.name}.lock") as d:
         d.write_json(path.name, dict(record), indent=1, allow_nan=True)
     return path

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -31,13 +32,22 @@ import numpy as np
 from probekit.errors import ProbekitError
 from probekit.store.layout import lock_name
 from probekit.store.manifest import manifest_lock
-from probekit.store.outdir import OutputDir, remove_temporaries, write_json
+from probekit.store.outdir import OutputDir, is_temporary, remove_temporaries, write_error, write_json
 
 FORMAT = "probekit-icl/1"
 MANIFEST = "icl.json"
 MANIFEST_LOCK = ".icl.lock"
 #: Manifest fields that must agree before a writer may add draws to an existing folder.
 IDENTITY_FIELDS = ("format", "model", "dataset", "prompt", "icl", "n_items")
+
+
+_ICL_ENTRY = re.compile(r"^(icl\.json|\.icl\.lock|draw-\d{3,}\.h5|\.lock-rank\d+)$")
+
+
+def is_icl_entry(name: str) -> bool:
+    """Whether a directory entry can be part of an ICL score folder (files, locks, temporaries)."""
+    return bool(_ICL_ENTRY.match(name)) or is_temporary(name, MANIFEST) or (
+        name.startswith(".draw-") and name.endswith(".tmp"))
 
 
 def draw_name(b: int) -> str:
@@ -71,7 +81,7 @@ class IclScoresWriter:
         self.draws = int(self.header["icl"]["draws"])
         self.my_draws = [b for b in range(self.draws) if b % world_size == rank]
         self._dir = OutputDir(self.out, [draw_name(b) for b in self.my_draws], "ICL score folder",
-                              lock_file=lock_name(rank))
+                              lock_file=lock_name(rank), own=is_icl_entry)
 
     def __enter__(self) -> "IclScoresWriter":
         self._dir.__enter__()
@@ -106,11 +116,15 @@ class IclScoresWriter:
                    info: Mapping[str, Any]) -> None:
         """Write draw ``b``'s file durably, then record it (with ``info``) in the manifest."""
         tmp = self._dir.temp(draw_name(b))
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("items/id", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
-            f.create_dataset("logprob/choice_sum", data=np.asarray(choice_sum, np.float32))
-            f.create_dataset("logprob/choice_tokens", data=np.asarray(choice_tokens, np.int32))
-            f.attrs["draw"] = b
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.create_dataset("items/id", data=np.asarray(ids, dtype=object), dtype=h5py.string_dtype())
+                f.create_dataset("logprob/choice_sum", data=np.asarray(choice_sum, np.float32))
+                f.create_dataset("logprob/choice_tokens", data=np.asarray(choice_tokens, np.int32))
+                f.attrs["draw"] = b
+        except (OSError, RuntimeError) as exc:  # a full disk or an unwritable folder
+            tmp.unlink(missing_ok=True)
+            raise write_error(exc, tmp, np.asarray(choice_sum).nbytes * 2) from None
         self._dir.commit(tmp, draw_name(b))
         with manifest_lock(self.out, MANIFEST_LOCK):
             m = self._merged(read_manifest(self.out))

@@ -80,7 +80,10 @@ def write_manifest(cache_dir: Path, manifest: Mapping[str, Any]) -> None:
 @contextmanager
 def manifest_lock(cache_dir: Path, lock_file: str = MANIFEST_LOCK) -> Iterator[None]:
     """Hold the blocking manifest lock (``DIR/.manifest.lock``, or ``lock_file``) for the ``with`` block."""
-    fd = os.open(cache_dir / lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(cache_dir / lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise ProbekitError(f"cannot write to {cache_dir} ({exc.strerror})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -91,11 +94,15 @@ def manifest_lock(cache_dir: Path, lock_file: str = MANIFEST_LOCK) -> Iterator[N
 def update_manifest(
     cache_dir: Path, change: Callable[[dict[str, Any] | None], dict[str, Any]]
 ) -> dict[str, Any]:
-    """Read-modify-write the manifest under the lock; ``change`` gets the current one (or None)."""
+    """Read-modify-write the manifest under the lock; ``change`` gets the current one (or None).
+
+    The manifest is written only when ``change`` returns something different."""
     with manifest_lock(cache_dir):
         remove_temporaries(cache_dir, [MANIFEST])  # of a writer killed mid-write (all writes hold this lock)
-        new = change(read_manifest(cache_dir))
-        write_manifest(cache_dir, new)
+        old = read_manifest(cache_dir)
+        new = change(old)
+        if new != old:  # an unchanged manifest is not rewritten (a finished cache may be read-only)
+            write_manifest(cache_dir, new)
         return new
 
 

@@ -12,18 +12,26 @@ written the same way:
   after the rename). Leftovers of a killed run are removed by the next writer, which holds the
   lock, with :func:`remove_temporaries`.
 - :class:`OutputDir` bundles the three for a whole directory, and removes a directory it created
-  itself when the ``with`` block fails before anything was committed into it.
+  itself when the ``with`` block fails before anything was committed into it. Given ``own``, it
+  refuses an existing directory that holds files which are not part of this kind of output.
+- **Holding early.** While an :class:`OutputDir` entered with ``share=True`` is held, the same
+  process may take the same lock again (:func:`take_dir_lock` returns a duplicate descriptor of the held lock), so a command
+  can lock its output before slow set-up (loading a model) and write it later through a writer
+  that takes the lock itself.
+- **Errors.** A failed write (full disk, no permission) becomes one line naming the path, and for
+  a full disk the space needed where it is known (:func:`write_error`).
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from probekit.errors import ProbekitError
 from probekit.store.layout import fsync_path
@@ -31,12 +39,61 @@ from probekit.store.layout import fsync_path
 #: Lock file of an output directory with a single writer (a cache uses one per rank).
 LOCK = ".lock"
 
+#: Locks held by an entered :class:`OutputDir` of this process: (directory, lock file) -> descriptor.
+_HELD: dict[tuple[str, str], int] = {}
+
+
+def _lock_key(directory: Path, lock_file: str) -> tuple[str, str]:
+    return os.path.realpath(directory), lock_file
+
+
+def mib(n: float) -> str:
+    """A byte count in MiB for messages: ``12.3 MiB``."""
+    return f"{n / 2**20:.1f} MiB"
+
+
+def free_bytes(directory: Path) -> int | None:
+    """Bytes free to this user on the file system holding ``directory`` (or its nearest parent)."""
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether an exception (OSError, or h5py's/pyarrow's wrappers of one) reports a full disk."""
+    return getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+
+
+def no_space(path: Path, needed: int | None = None) -> ProbekitError:
+    """The one-line error for a full disk while writing ``path``."""
+    free = free_bytes(Path(path).parent)
+    need = f"it needs about {mib(needed)}" if needed else "it needs more space"
+    have = f", {mib(free)} free" if free is not None else ""
+    return ProbekitError(f"no space left on the device writing {path}: {need}{have}; free some space and rerun")
+
+
+def write_error(exc: BaseException, path: Path, needed: int | None = None) -> ProbekitError:
+    """One line for an exception raised while writing ``path``: full disk, permission, other."""
+    if is_disk_full(exc):
+        return no_space(path, needed)
+    reason = getattr(exc, "strerror", None) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return ProbekitError(f"cannot write {path} ({reason})")
+
 
 def take_dir_lock(directory: Path, lock_file: str = LOCK, what: str = "directory") -> int:
     """Take the non-blocking lock ``DIR/<lock_file>``, note our pid in it; return its descriptor.
 
-    Raises one line naming ``what`` and the directory when another process holds it.
+    Raises one line naming ``what`` and the directory when another process holds it. When an
+    entered :class:`OutputDir` of this process holds the lock with ``share=True``, returns a duplicate of its
+    descriptor (closing it keeps the lock held).
     """
+    held = _HELD.get(_lock_key(Path(directory), lock_file))
+    if held is not None:
+        return os.dup(held)
     path = Path(directory) / lock_file
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -51,8 +108,12 @@ def take_dir_lock(directory: Path, lock_file: str = LOCK, what: str = "directory
             f"{what} {directory} is being written by another process (pid {pid}); "
             "wait for it or choose another --out"
         ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        os.close(fd)
+        raise write_error(exc, path) from None
     return fd
 
 
@@ -104,16 +165,18 @@ def write_json(path: Path, obj: Any, indent: int = 2, **dump: Any) -> None:
     path = Path(path)
     tmp = temp_path(path.parent, path.name)
     dump.setdefault("allow_nan", False)
+    text = json.dumps(obj, indent=indent, **dump) + "\n"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, **dump)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_path(path.parent)
+    except OSError as exc:
+        raise write_error(exc, path, len(text.encode())) from None
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_path(path.parent)
 
 
 class OutputDir:
@@ -124,11 +187,17 @@ class OutputDir:
     each file to ``d.temp(name)`` and commit it with ``d.commit(tmp, name)``. Leaving releases the
     lock and deletes this writer's uncommitted temporaries; if the block failed and the directory
     did not exist before and nothing was committed, the directory is removed again.
+
+    ``own(entry)`` says whether a directory entry can belong to this kind of output; when given,
+    an existing directory holding anything else is refused before it is touched. ``share=True``
+    lets writers of this process inside the block take the same lock (see :func:`take_dir_lock`).
     """
 
     def __init__(self, path: str | os.PathLike, names: Iterable[str], what: str = "output directory",
-                 lock_file: str = LOCK) -> None:
+                 lock_file: str = LOCK, own: Callable[[str], bool] | None = None, share: bool = False) -> None:
         self.path = Path(path)
+        self.own = own
+        self.share = share
         self.names = tuple(names)
         self.what = what
         self.lock_file = lock_file
@@ -140,6 +209,8 @@ class OutputDir:
     def __enter__(self) -> "OutputDir":
         if self.path.exists() and not self.path.is_dir():
             raise ProbekitError(f"{self.what} {self.path} exists and is not a directory")
+        if self.own is not None:
+            refuse_foreign(self.path, self.own, self.what)
         try:
             self.path.mkdir(parents=True)
             self.created = True
@@ -152,6 +223,8 @@ class OutputDir:
         except BaseException:
             self._remove_if_created()
             raise
+        if self.share:
+            _HELD.setdefault(_lock_key(self.path, self.lock_file), self._fd)  # an outer holder stays the holder
         remove_temporaries(self.path, self.names)
         return self
 
@@ -165,14 +238,23 @@ class OutputDir:
         if exc_type is not None and not self.committed:
             self._remove_if_created()
         if self._fd is not None:
+            key = _lock_key(self.path, self.lock_file)
+            if _HELD.get(key) == self._fd:
+                del _HELD[key]
             os.close(self._fd)
             self._fd = None
 
     def _remove_if_created(self) -> None:
-        """Remove the directory we created, if it holds nothing but our lock file."""
+        """Remove the directory we created, if it holds nothing but lock files."""
         if not self.created:
             return
-        (self.path / self.lock_file).unlink(missing_ok=True)
+        try:
+            entries = os.listdir(self.path)
+        except OSError:
+            return
+        if all(e == self.lock_file or e.endswith(".lock") or e.startswith(".lock") for e in entries):
+            for entry in entries:  # only lock files: ours, and those of writers sharing our lock
+                (self.path / entry).unlink(missing_ok=True)
         try:
             self.path.rmdir()
         except OSError:
@@ -189,7 +271,10 @@ class OutputDir:
     def commit(self, tmp: Path, name: str) -> Path:
         """Rename the finished temporary ``tmp`` to ``DIR/name`` durably; returns the final path."""
         final = self.path / name
-        replace_file(tmp, final)
+        try:
+            replace_file(tmp, final)
+        except OSError as exc:
+            raise write_error(exc, final) from None
         self.committed = True
         if tmp in self._temps:
             self._temps.remove(tmp)
@@ -202,3 +287,18 @@ class OutputDir:
         write_json(self.path / name, obj, indent, **dump)
         self.committed = True
         return self.path / name
+
+
+def refuse_foreign(directory: Path, own: Callable[[str], bool], what: str) -> None:
+    """Refuse an existing, non-empty ``directory`` holding entries ``own`` does not claim."""
+    try:
+        entries = sorted(os.listdir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    foreign = [e for e in entries if not own(e)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise ProbekitError(
+            f"{what} {directory} already holds files that are not part of one ({shown}); "
+            "choose an empty or new --out"
+        )

@@ -29,6 +29,8 @@ class Cache:
 
     def __init__(self, path: str | os.PathLike, *, require_complete: bool = True) -> None:
         self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise ProbekitError(f"{self.path} is a file, not a cache directory (give the folder `probekit extract` wrote)")
         if not self.path.is_dir():
             raise ProbekitError(f"cache directory {self.path} does not exist")
         raw = manifest_bytes(self.path)

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from probekit.errors import ProbekitError
 from probekit.store.layout import sha256_file
-from probekit.store.outdir import OutputDir
+from probekit.store.outdir import OutputDir, write_error
 
 FORMAT = "probekit-sweep/1"
 RESULTS = "results.parquet"
@@ -123,7 +123,10 @@ class ResultsWriter:
         self._dir.__enter__()
         try:
             self._tmp = self._dir.temp(RESULTS)
-            self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
+            try:
+                self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
+            except OSError as err:
+                raise write_error(err, self._tmp) from None
         except BaseException as exc:
             self._dir.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -132,8 +135,13 @@ class ResultsWriter:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             if self._writer is not None:
-                self._writer.close()
-                self._writer = None
+                writer, self._writer = self._writer, None
+                try:
+                    writer.close()
+                except OSError:
+                    if exc_type is None:
+                        raise
+                    # already failing (a full disk, say): the temporary is deleted below
         finally:
             self._dir.__exit__(exc_type, exc, tb)
 
@@ -146,14 +154,20 @@ class ResultsWriter:
 
     def _flush(self) -> None:
         if self._tables:
-            self._writer.write_table(pa.concat_tables(self._tables))
+            try:
+                self._writer.write_table(pa.concat_tables(self._tables))
+            except OSError as exc:  # a full disk: one line; the block's exit removes the temporary
+                raise write_error(exc, self._tmp) from None
         self._tables, self._n = [], 0
 
     def commit(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """Finish the table and commit it with ``config`` as ``sweep.json``; returns what was written."""
         self._flush()
-        self._writer.close()
-        self._writer = None
+        writer, self._writer = self._writer, None
+        try:
+            writer.close()
+        except OSError as exc:
+            raise write_error(exc, self._tmp) from None
         size, digest = self._tmp.stat().st_size, sha256_file(self._tmp)
         record = {**config, RESULTS_FILE_KEY: {"name": RESULTS, "bytes": size, "sha256": digest}}
         (self.out / CONFIG).unlink(missing_ok=True)  # never leave an old configuration beside new results
@@ -178,6 +192,8 @@ def read_results(results_dir: str | os.PathLike) -> Results:
     ``sweep.json`` and one that lacks a :data:`REQUIRED_COLUMNS` column."""
     root = Path(results_dir)
     path = root / RESULTS
+    if root.exists() and not root.is_dir():
+        raise ProbekitError(f"{root} is a file, not a results directory (give the --out folder of `probekit sweep`)")
     if not root.is_dir():
         raise ProbekitError(f"results directory not found: {root}")
     if not path.is_file():

@@ -25,6 +25,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -37,6 +40,8 @@ from probekit.store.layout import (
     DTYPES,
     FORMAT,
     ITEM_FIELDS,
+    MANIFEST,
+    MANIFEST_LOCK,
     MAX_CHUNK_BYTES,
     SITES,
     Layout,
@@ -47,7 +52,59 @@ from probekit.store.layout import (
     temp_name,
 )
 from probekit.store.manifest import check_same_cache, read_manifest, update_manifest
-from probekit.store.outdir import replace_file, take_dir_lock
+from probekit.store.outdir import (
+    OutputDir,
+    free_bytes,
+    is_disk_full,
+    is_temporary,
+    mib,
+    refuse_foreign,
+    replace_file,
+    take_dir_lock,
+    write_error,
+)
+
+#: Names a cache directory may hold besides the manifest (before its first manifest, too).
+_CACHE_ENTRY = re.compile(r"^(shard-\d{5}\.h5|\.shard-\d{5}\.h5\.tmp|\.lock-rank\d+|hardness\.json|\.hardness\.json\.lock)$")
+#: Headroom kept free beyond a shard's estimated size.
+_SPACE_MARGIN = 1 << 20
+
+
+def is_cache_entry(name: str) -> bool:
+    """Whether a directory entry can be part of a cache (its files, locks and temporaries)."""
+    return (name in (MANIFEST, MANIFEST_LOCK) or bool(_CACHE_ENTRY.match(name))
+            or is_temporary(name, MANIFEST) or is_temporary(name, "hardness.json"))
+
+
+def refuse_non_cache(out_dir: Path) -> None:
+    """Refuse an existing directory with files that are not a cache's, unless it is a cache
+    (has a manifest; whether it is the same run is checked against the manifest)."""
+    if not (Path(out_dir) / MANIFEST).is_file():
+        refuse_foreign(Path(out_dir), is_cache_entry, "cache directory")
+
+
+@contextmanager
+def holding_cache(out_dir: str | os.PathLike, rank: int = 0):
+    """Hold rank ``rank``'s lock of cache ``out_dir`` for the block (before a slow model load, say).
+
+    Refuses a directory of unrelated files and a cache another process is writing; a
+    :class:`CacheWriter` entered inside the block shares the lock. A directory created here is
+    removed again if the block fails before anything was written into it.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.is_dir():
+        refuse_non_cache(out_dir)
+    with OutputDir(out_dir, (), "cache", lock_file=lock_name(rank), share=True) as held:
+        yield held
+
+
+def shard_bytes(layout: Layout, n: int) -> int:
+    """About how many bytes a shard of ``n`` items takes on disk (strings at 64 bytes an item)."""
+    total = 0
+    for shape, dtype in layout.datasets(n).values():
+        size = np.dtype(dtype).itemsize if np.dtype(dtype).kind != "O" else 64
+        total += math.prod(shape) * size
+    return total + 64 * 1024
 
 #: Manifest keys the writer fills in itself; a header may not set them.
 _RESERVED = frozenset(
@@ -111,6 +168,8 @@ class CacheWriter:
         self._check_chunk_size()
         self.header = self._make_header(header)
         self._lock_fd: int | None = None
+        #: Recorded shards found damaged by :meth:`pending_shards` (file name -> what is wrong).
+        self.damaged: dict[str, str] = {}
 
     # ----- set-up -------------------------------------------------------------------------
     def _check_chunk_size(self) -> None:
@@ -157,6 +216,10 @@ class CacheWriter:
 
     # ----- the directory lock ----------------------------------------------------------------
     def __enter__(self) -> "CacheWriter":
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ProbekitError(f"cache directory {self.out_dir} exists and is not a directory")
+        if self.out_dir.is_dir():
+            refuse_non_cache(self.out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -200,13 +263,30 @@ class CacheWriter:
         """
         self._require_lock()
         recorded = {e["index"]: e for e in (read_manifest(self.out_dir) or {}).get("shards", [])}
-        bad = {
-            k for k in self.my_shards if k in recorded
-            and check_shard(self.out_dir / shard_name(k), recorded[k], self.layout, full=verify)
+        problems = {
+            k: check_shard(self.out_dir / shard_name(k), recorded[k], self.layout, full=verify)
+            for k in self.my_shards if k in recorded
         }
+        bad = {k for k, problem in problems.items() if problem}
+        self.damaged = {shard_name(k): problems[k] for k in sorted(bad)}
         if bad:
             update_manifest(self.out_dir, lambda m: self._with_shards(m, drop=bad))
         return [k for k in self.my_shards if k not in recorded or k in bad]
+
+    def bytes_needed(self, shards: Iterable[int]) -> int:
+        """About how many bytes the given shards take on disk."""
+        return sum(shard_bytes(self.layout, hi - lo) for lo, hi in map(self.shard_range, shards))
+
+    def check_space(self, shards: Sequence[int]) -> None:
+        """Refuse to start when the disk cannot hold the given shards (one line: path, need, free)."""
+        if not shards:
+            return
+        need, free = self.bytes_needed(shards), free_bytes(self.out_dir)
+        if free is not None and free < need + _SPACE_MARGIN:
+            raise ProbekitError(
+                f"not enough disk space for cache {self.out_dir}: {len(shards)} shard(s) still to write need "
+                f"about {mib(need)}, {mib(free)} free; free some space and rerun the same command to resume"
+            )
 
     def open_shard(self, k: int) -> "ShardWriter":
         """A context manager writing shard ``k`` (one of :attr:`my_shards`); see :class:`ShardWriter`."""
@@ -289,21 +369,53 @@ class ShardWriter:
         self._written = {part: np.zeros(self.n, bool) for part in writer.layout.parts()}
 
     def __enter__(self) -> "ShardWriter":
-        self._file = _create_shard_file(self.tmp, self.writer.layout, self.n)
-        self._file.attrs.update(
-            {"format": FORMAT, "index": self.k, "item_start": self.lo, "item_stop": self.hi}
-        )
+        self.writer.check_space([self.k])
+        try:
+            self._file = _create_shard_file(self.tmp, self.writer.layout, self.n)
+            self._file.attrs.update(
+                {"format": FORMAT, "index": self.k, "item_start": self.lo, "item_stop": self.hi}
+            )
+            self._file.flush()
+            _reserve(self.tmp)
+        except (OSError, RuntimeError) as exc:
+            self._discard()
+            raise self._error(exc) from None
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
             if exc_type is None:
                 self._commit()
+        except (OSError, RuntimeError) as err:  # a full disk or an unwritable directory
+            self._discard()
+            raise self._error(err) from None
         finally:
-            if self._file is not None:  # an exception before or during the commit
+            self._discard()
+        if exc is not None and isinstance(exc, (OSError, RuntimeError)) and is_disk_full(exc):
+            raise self._error(exc) from None  # a write inside the block hit a full disk
+
+    def _error(self, exc: BaseException) -> ProbekitError:
+        """One line for a failed write: the file, and for a full disk the space the shard needs."""
+        if is_disk_full(exc):
+            return ProbekitError(
+                f"no space left on the device writing cache shard {self.tmp}: the shard needs about "
+                f"{mib(shard_bytes(self.writer.layout, self.n))}, {mib(free_bytes(self.writer.out_dir) or 0)} free; "
+                "free some space and rerun the same command to resume (finished shards are kept)"
+            )
+        return write_error(exc, self.tmp)
+
+    def _discard(self) -> None:
+        """Close and delete the temporary file, whatever state the write left it in."""
+        if self._file is not None:
+            hook, sys.unraisablehook = sys.unraisablehook, lambda unraisable: None  # h5py's noise on a failed close
+            try:
                 self._file.close()
+            except Exception:
+                pass
+            finally:
                 self._file = None
-            self.tmp.unlink(missing_ok=True)
+                sys.unraisablehook = hook
+        self.tmp.unlink(missing_ok=True)
 
     # ----- writing rows ------------------------------------------------------------------------
     def write_items(
@@ -433,6 +545,19 @@ class ShardWriter:
         })
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the disk blocks of a preallocated shard file now, so a full disk fails here, before
+    HDF5 writes into it (HDF5 cannot recover from a failed write). Skipped where unsupported."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise
+    finally:
+        os.close(fd)
+
+
 def _create_shard_file(path: Path, layout: Layout, n: int) -> h5py.File:
     """A new HDF5 file at ``path`` with every dataset of an ``n``-item shard allocated.
 
@@ -482,6 +607,7 @@ def write_cache(
     verify: bool = False,
     on_start: Callable[[list[tuple[int, int]]], None] | None = None,
     on_shard: Callable[[int], None] | None = None,
+    on_damaged: Callable[[str, str], None] | None = None,
 ) -> list[int]:
     """Write (or finish) a cache from item rows and arrays; returns the shard indices written.
 
@@ -493,7 +619,10 @@ def write_cache(
     larger than memory is produced one shard at a time (a shard's arrays are released before the next
     shard's are fetched). ``on_start(ranges)`` is called once, under the lock and before the first
     fetch, with the item rows ``(lo, hi)`` of every shard still to write; ``on_shard(k)`` after each
-    shard. Uses :class:`CacheWriter`, so the result is resumable and takes the directory lock.
+    shard; ``on_damaged(file, problem)`` for each recorded shard found damaged (it is rewritten;
+    ``verify=True`` compares every recorded shard's sha256). Refuses to start when the disk cannot
+    hold the shards still to write. Uses :class:`CacheWriter`, so the result is resumable and takes
+    the directory lock.
     """
     items = items.reset_index(drop=True)
     needed = [*ITEM_FIELDS, *measures]
@@ -509,6 +638,10 @@ def write_cache(
     written = []
     with writer:
         pending = writer.pending_shards(verify=verify)
+        if on_damaged is not None:
+            for name, problem in writer.damaged.items():
+                on_damaged(name, problem)
+        writer.check_space(pending)
         if on_start is not None:
             on_start([writer.shard_range(k) for k in pending])
         for k in pending:
