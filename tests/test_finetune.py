@@ -140,7 +140,7 @@ def test_packed_and_per_choice_losses_and_lora_gradients_agree(lm, questions):
             with torch.enable_grad():
                 loss = scores_of().sum()
                 loss.backward()
-            grads.append((float(loss), [p.grad.detach().clone() for p in params]))
+            grads.append((float(loss.detach()), [p.grad.detach().clone() for p in params]))
     finally:
         detach_lora(lm, model)
     (packed, g1), (naive, g2) = grads
