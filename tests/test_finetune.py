@@ -283,3 +283,25 @@ def test_cli_errors_are_one_line(real_cache, demo_items, tmp_path, lm, fake_trai
         finetune(real_cache, demo_items, tmp_path / "y", lm, measures=["grade"], n_train=[4], draws=1,
                  levels=["easy"], test_levels=["hard"], seed=1)
 
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["8bit", "4bit"])
+def test_quantized_bases_run_a_tiny_step_or_fail_in_one_line(questions, quantize):
+    """On the CPU, 8-bit trains (8-bit Adam); 4-bit layers pass no gradient back, which is refused."""
+    from probekit.extract.models import ModelSpec, load_model
+    from probekit.finetune.train import attach_lora, detach_lora, train_adapters
+
+    qlm = load_model(ModelSpec(dtype="float32", device="cpu", quantize=quantize, cache_root=CACHE_ROOT))
+    rows, enc = _short(qlm, questions, 2)
+    labels = questions.table["label"].to_numpy()[rows]
+    model = attach_lora(qlm, Recipe(max_batch=2), seed=0)
+    try:
+        if quantize == "8bit":
+            log = train_adapters(qlm, model, enc, labels, Recipe(max_batch=2), seed=0, quantize=quantize, max_updates=1)
+            assert log.optimizer == "adam8bit" and np.isfinite(log.losses).all()
+        else:
+            with pytest.raises(ProbekitError, match="no gradient reaches the adapters with quantize=4bit"):
+                train_adapters(qlm, model, enc, labels, Recipe(max_batch=2), seed=0, quantize=quantize, max_updates=1)
+    finally:
+        detach_lora(qlm, model)

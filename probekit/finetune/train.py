@@ -198,6 +198,8 @@ def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe
                         loss = item_nll(lm, [encoded[i] for i in idx], labels[idx], max_choices).sum() / len(chunk)
                         loss.backward()
                         total += float(loss.detach())
+                    if log.updates == 0:
+                        _check_gradients(params, quantize, lm.device)
                     torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
                     opt.step()
                     sched.step()
@@ -210,6 +212,15 @@ def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe
         opt.zero_grad(set_to_none=True)
     log.seconds = time.perf_counter() - t0
     return log
+
+
+def _check_gradients(params, quantize: str | None, device) -> None:
+    """After the first backward pass some adapter gradient must be non-zero (LoRA's B always gets
+    one); bitsandbytes' 4-bit layers on the CPU silently pass none back."""
+    if not any(p.grad is not None and bool(p.grad.ne(0).any()) for p in params):
+        how = f"with quantize={quantize} on {device}" if quantize else f"on {device}"
+        raise ProbekitError(f"no gradient reaches the adapters {how} (the quantized layers do not backpropagate "
+                            "there); use --quantize none or 8bit on the CPU, or a GPU")
 
 
 def score_items(lm, encoded: Sequence[Encoded], batch_size: int = 16, max_choices: int | None = None) -> np.ndarray:
