@@ -183,8 +183,9 @@ def finetune(
     if not _same_weights(cache.manifest.get("model", {}), lm.identity):
         raise ProbekitError(f"model {lm.identity.get('id')!r} is not the model cache {cache.path} was extracted with "
                             f"({cache.manifest.get('model', {}).get('id')!r})")
-    from probekit.finetune.train import check_targets
+    from probekit.finetune.train import check_targets, check_trainable
 
+    check_trainable(q, lm.device)
     check_targets(lm.model, recipe.target_modules)  # one line naming the model's modules, before any work
     run = {
         CACHE_HASH_KEY: cache.manifest_sha256, "dataset_fingerprint": questions.fingerprint,

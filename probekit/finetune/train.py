@@ -171,6 +171,7 @@ def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe
     """
     import torch
 
+    check_trainable(quantize, lm.device)
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) != len(encoded):
         raise ProbekitError(f"{len(encoded)} items but {len(labels)} labels")
@@ -212,6 +213,14 @@ def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe
         opt.zero_grad(set_to_none=True)
     log.seconds = time.perf_counter() - t0
     return log
+
+
+def check_trainable(quantize: str | None, device) -> None:
+    """Refuse a base that cannot be trained through: bitsandbytes' 4-bit layers have no autograd
+    kernel on the CPU (their backward is silently wrong)."""
+    if quantize == "4bit" and getattr(device, "type", str(device).split(":")[0]) == "cpu":
+        raise ProbekitError("a 4-bit base cannot be fine-tuned on the CPU (bitsandbytes' 4-bit kernels there pass "
+                            "no correct gradient back); use --quantize none or 8bit, or a GPU")
 
 
 def _check_gradients(params, quantize: str | None, device) -> None:
