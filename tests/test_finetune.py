@@ -265,6 +265,10 @@ def test_a_rerun_skips_finished_heads_and_equals_an_uninterrupted_run(lm, real_c
     assert set(a[a.method == "finetune"]["test_level"].astype(str)) == {"hard"}
     record = json.loads((tmp_path / "a" / "sweep.json").read_text())
     assert record["config"]["recipe"]["r"] == 16 and record["method"] == "finetune"
+    from probekit.report import build_report
+
+    summary = build_report(tmp_path / "a", tmp_path / "rep", n_boot=200, n_boot_sgr=200)  # a report of fine-tunes
+    assert "site `finetune`" in (tmp_path / "rep" / "report.md").read_text() and summary
 
 
 def test_cli_errors_are_one_line(real_cache, demo_items, tmp_path, lm, fake_training):
