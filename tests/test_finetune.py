@@ -21,22 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 CACHE_ROOT = REPO / "cache"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread (several run slower on a small shared machine)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def lm():
-    from probekit.extract.models import ModelSpec, load_model
-
-    return load_model(ModelSpec(dtype="float32", device="cpu", cache_root=CACHE_ROOT))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
