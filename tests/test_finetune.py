@@ -178,6 +178,15 @@ def test_unknown_target_modules_name_the_models_modules(lm):
         attach_lora(lm, Recipe(target_modules=("query_key_value",)), seed=0)
 
 
+def test_a_model_without_linear_layers_is_refused():
+    import torch
+
+    from probekit.finetune.train import check_targets
+
+    with pytest.raises(ProbekitError, match="no linear layers LoRA can adapt"):
+        check_targets(torch.nn.Sequential(torch.nn.ReLU()), ["q_proj"])
+
+
 # ----- the run: the sweep's training items, resumable parts ---------------------------------------
 @pytest.fixture()
 def fake_training(monkeypatch):
@@ -234,8 +243,9 @@ def test_a_rerun_skips_finished_heads_and_equals_an_uninterrupted_run(lm, real_c
     from probekit.store.results import read_results
 
     kw = dict(measures=["grade"], n_train=[4], draws=2, levels=["easy"], test_levels=["hard"])
-    full = finetune(real_cache, demo_items, tmp_path / "a", lm, **kw)
+    full = finetune(real_cache, demo_items, tmp_path / "a", lm, save_adapters=tmp_path / "adapters", **kw)
     assert full["counts"]["trained_now"] == 2 and len(fake_training) == 2
+    assert (tmp_path / "adapters" / "population__grade__easy__1__4__0" / "adapter_config.json").is_file()
     parts = sorted(p.name for p in (tmp_path / "a" / "parts").iterdir())
     assert parts == ["population__grade__easy__0__4__0.parquet", "population__grade__easy__1__4__0.parquet",
                      "run.json", "zero_shot.parquet"]

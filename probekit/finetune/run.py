@@ -99,6 +99,14 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
 def _test_levels(frame, head: Head, test_levels: Sequence[str] | None) -> dict[str, np.ndarray]:
     """Per measure of the head, the test rows to score: every probe item outside the head's pool,
     or only those at ``test_levels`` of that measure."""
@@ -276,6 +284,7 @@ def finetune(
                 "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
                 "draws": draws, "train_levels": sorted({h.train_level for h in heads}),
                 "test_levels": list(test_levels or []), "quantize": q or "none",
+                "optimizer": recipe.optimizer_for(q), "versions": _versions(),
                 "recipe": recipe.describe(), "zero_shot": zero_shot, "max_updates": max_updates,
                 "save_adapters": str(save_adapters) if save_adapters is not None else None,
                 "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()},
