@@ -34,6 +34,7 @@ from probekit.cli import datasets_cmd  # noqa: E402,F401
 from probekit.cli import extract_cmd  # noqa: E402,F401
 from probekit.cli import info_cmd  # noqa: E402,F401
 from probekit.cli import sweep_cmd  # noqa: E402,F401
+from probekit.cli import finetune_cmd  # noqa: E402,F401
 from probekit.cli import report_cmd  # noqa: E402,F401
 
 __all__ = ["app", "main"]

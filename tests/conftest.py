@@ -43,3 +43,23 @@ def real_cache(demo_items, tmp_path_factory):
     extract(demo_items, out, layers="middle_and_last", batch_size=16, shard_size=64,
             cache_root=REPO / "cache", progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread: on a small machine shared with other jobs, two OpenMP threads wait on each
+    other at every op and run several times slower than one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def lm():
+    """The real model, loaded once (converted from the GGUF into cache/models on first use)."""
+    from probekit.extract.models import ModelSpec, load_model
+
+    return load_model(ModelSpec(dtype="float32", device="cpu", cache_root=REPO / "cache"))

@@ -19,6 +19,7 @@ import numpy as np
 from probekit.extract.capture import (
     Captured,
     _check_fits,
+    _choice_sums,
     _compute_dtype,
     _hidden_request,
     _no_grad,
@@ -31,16 +32,11 @@ from probekit.extract.capture import (
 from probekit.extract.tokens import Encoded
 
 
-@_no_grad
-def capture_naive(
-    lm, batch: Sequence[Encoded], layers: Sequence[int], sites: Sequence[str], max_choices: int
-) -> Captured:
-    """Reference path: every (item, choice) runs as its own left-padded sequence ``prompt + choice``."""
+def _naive_forward(lm, batch: Sequence[Encoded], layers: Sequence[int]):
+    """Every (item, choice) as its own left-padded row ``prompt + choice``: (out, owners, width, targets)."""
     import torch
 
-    _check_fits(batch, max_choices)
-    base, head = _parts(lm)
-    layers = list(layers) if sites else []
+    base, _ = _parts(lm)
     seqs, owners = [], []
     for i, e in enumerate(batch):
         for j, c in enumerate(e.choices):
@@ -61,9 +57,38 @@ def capture_naive(
         input_ids=torch.as_tensor(ids, device=dev),
         attention_mask=torch.as_tensor(att, device=dev),
         position_ids=torch.as_tensor(pos, device=dev),
-        output_hidden_states=_hidden_request(layers),
+        output_hidden_states=_hidden_request(list(layers)),
         use_cache=False,
     )
+    rows, poss, tgts, oi, oj = [], [], [], [], []
+    for r, (i, j) in enumerate(owners):
+        t_len = len(batch[i].choices[j])
+        for t, tok in enumerate(batch[i].choices[j]):
+            rows.append(r)
+            poss.append(width - t_len - 1 + t)
+            tgts.append(tok)
+            oi.append(i)
+            oj.append(j)
+    return out, owners, width, (rows, poss, tgts, oi, oj)
+
+
+def score_choices_naive(lm, batch: Sequence[Encoded], max_choices: int | None = None):
+    """Per-choice reference of :func:`probekit.extract.capture.score_choices` (differentiable)."""
+    max_choices = max(len(e.choices) for e in batch) if max_choices is None else max_choices
+    _, head = _parts(lm)
+    out, _, _, targets = _naive_forward(lm, batch, [])
+    return _choice_sums(lm, head, out.last_hidden_state, *targets, len(batch), max_choices, batch)
+
+
+@_no_grad
+def capture_naive(
+    lm, batch: Sequence[Encoded], layers: Sequence[int], sites: Sequence[str], max_choices: int
+) -> Captured:
+    """Reference path: every (item, choice) runs as its own left-padded sequence ``prompt + choice``."""
+    _check_fits(batch, max_choices)
+    _, head = _parts(lm)
+    layers = list(layers) if sites else []
+    out, owners, width, targets = _naive_forward(lm, batch, layers)
     b, d = len(batch), lm.hidden_size
     ae = np.zeros((len(layers), b, max_choices, d), dtype=np.float32) if "answer_end" in sites and layers else None
     qe = np.zeros((len(layers), b, d), dtype=np.float32) if "question_end" in sites and layers else None
@@ -74,16 +99,7 @@ def capture_naive(
                 ae[li, i, j] = h[r, -1]
             if qe is not None and j == 0:
                 qe[li, i] = h[r, width - 1 - len(batch[i].choices[j])]
-    rows, poss, tgts, oi, oj = [], [], [], [], []
-    for r, (i, j) in enumerate(owners):
-        t_len = len(batch[i].choices[j])
-        for t, tok in enumerate(batch[i].choices[j]):
-            rows.append(r)
-            poss.append(width - t_len - 1 + t)
-            tgts.append(tok)
-            oi.append(i)
-            oj.append(j)
-    choice_sum, choice_tokens = _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, b, max_choices, batch)
+    choice_sum, choice_tokens = _scores(lm, head, out.last_hidden_state, *targets, b, max_choices, batch)
     return Captured(ae, qe, choice_sum, choice_tokens, int(sum(e.n_tokens_naive for e in batch)))
 
 

@@ -29,24 +29,7 @@ LAYERS = [0, 16, 30]
 
 
 # ----- fixtures ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One torch thread: on a small machine shared with other jobs, two OpenMP threads wait on each
-    other at every op and run several times slower than one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="session")
-def lm():
-    """The real model, loaded once (converted from the GGUF into cache/models on first use)."""
-    from probekit.extract.models import ModelSpec, load_model
-
-    return load_model(ModelSpec(dtype="float32", device="cpu", cache_root=CACHE_ROOT))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

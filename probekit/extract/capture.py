@@ -102,7 +102,7 @@ def _hidden_request(layers: list[int] | None):
 
 
 def _logprobs_at(lm, head, hidden, targets):
-    """log p(target) from final hidden states (N, d) -> (N,) float32 on the CPU."""
+    """log p(target) from final hidden states (N, d) -> (N,) float32 on their device (differentiable)."""
     import torch
 
     logits = head(hidden).float()
@@ -114,7 +114,7 @@ def _logprobs_at(lm, head, hidden, targets):
     if cap:
         logits = torch.tanh(logits / cap) * cap
     lp = torch.log_softmax(logits, dim=-1)
-    return lp.gather(1, targets.to(lp.device)[:, None])[:, 0].cpu()
+    return lp.gather(1, targets.to(lp.device)[:, None])[:, 0]
 
 
 def _no_grad(fn):
@@ -208,20 +208,31 @@ def _targets(batch: Sequence[Encoded], p_end: Sequence[int], starts):
     return rows, poss, tgts, owner_i, owner_j
 
 
-def _scores(lm, head, last, rows, poss, tgts, oi, oj, b, max_choices, batch):
+def _choice_sums(lm, head, last, rows, poss, tgts, oi, oj, b, max_choices, batch):
+    """(b, max_choices) float64 tensor on ``last``'s device: each choice's summed token log-probs,
+    -inf for padded choices. Differentiable: the training objective and the scores share it."""
     import torch
 
-    choice_sum = np.full((b, max_choices), -np.inf, dtype=np.float32)
-    choice_tokens = np.zeros((b, max_choices), dtype=np.int32)
+    dev = last.device
+    sums = torch.zeros(b * max_choices, dtype=torch.float64, device=dev)
     if rows:
-        h = last[torch.as_tensor(rows, device=last.device), torch.as_tensor(poss, device=last.device)]
-        lp = _logprobs_at(lm, head, h, torch.as_tensor(tgts)).numpy().astype(np.float64)
-        sums = np.zeros((b, max_choices), dtype=np.float64)
-        np.add.at(sums, (np.asarray(oi), np.asarray(oj)), lp)
-        for i, e in enumerate(batch):
-            n = len(e.choices)
-            choice_sum[i, :n] = sums[i, :n]
-            choice_tokens[i, :n] = [len(c) for c in e.choices]
+        h = last[torch.as_tensor(rows, device=dev), torch.as_tensor(poss, device=dev)]
+        lp = _logprobs_at(lm, head, h, torch.as_tensor(tgts)).double()
+        flat = torch.as_tensor(np.asarray(oi) * max_choices + np.asarray(oj), device=dev)
+        sums = sums.index_add(0, flat, lp)
+    real = np.zeros((b, max_choices), dtype=bool)
+    for i, e in enumerate(batch):
+        real[i, :len(e.choices)] = True
+    return torch.where(torch.as_tensor(real, device=dev), sums.view(b, max_choices), float("-inf"))
+
+
+def _scores(lm, head, last, rows, poss, tgts, oi, oj, b, max_choices, batch):
+    """Choice log-prob sums (float32, -inf padded) and token counts as numpy arrays."""
+    choice_sum = _choice_sums(lm, head, last, rows, poss, tgts, oi, oj, b, max_choices, batch)
+    choice_sum = choice_sum.detach().float().cpu().numpy()
+    choice_tokens = np.zeros((b, max_choices), dtype=np.int32)
+    for i, e in enumerate(batch):
+        choice_tokens[i, :len(e.choices)] = [len(c) for c in e.choices]
     return choice_sum, choice_tokens
 
 
@@ -231,21 +242,15 @@ def _check_fits(batch: Sequence[Encoded], max_choices: int) -> None:
             raise ProbekitError(f"item {e.item_id!r} has {len(e.choices)} choices, more than max_choices={max_choices}")
 
 
-@_no_grad
-def capture_batch(
-    lm,
-    batch: Sequence[Encoded],
-    layers: Sequence[int],
-    sites: Sequence[str],
-    max_choices: int,
-    prefix: Prefix | None = None,
-) -> Captured:
-    """Prefix-shared capture of a batch of items (one packed forward)."""
+def packed_forward(lm, batch: Sequence[Encoded], layers: Sequence[int] = (), prefix: Prefix | None = None):
+    """One packed forward of a batch of items (gradients follow the caller's grad mode).
+
+    Returns ``(out, p_end, starts)``: the decoder's output (``hidden_states`` when ``layers``),
+    each item's last prompt position and each choice's first position.
+    """
     import torch
 
-    _check_fits(batch, max_choices)
-    base, head = _parts(lm)
-    layers = list(layers) if sites else []
+    base, _ = _parts(lm)
     plen = len(prefix) if prefix is not None else 0
     ids, pos, seg, starts = pack_batch(batch, lm.pad_id, offset=plen)
     dev = lm.device
@@ -260,11 +265,39 @@ def capture_batch(
         input_ids=torch.as_tensor(ids, device=dev),
         attention_mask=mask,
         position_ids=torch.as_tensor(pos, device=dev),
-        output_hidden_states=_hidden_request(layers),
+        output_hidden_states=_hidden_request(list(layers)),
         **kwargs,
     )
+    return out, [len(e.prompt) - 1 for e in batch], starts
+
+
+def score_choices(lm, batch: Sequence[Encoded], max_choices: int | None = None):
+    """Each choice's summed answer-token log-prob given its prompt, from one packed forward:
+    a (b, max_choices) float64 tensor, -inf for padded choices. Not wrapped in ``no_grad``: the
+    fine-tuning objective backpropagates through it; wrap it in ``torch.inference_mode`` to score."""
+    max_choices = max(len(e.choices) for e in batch) if max_choices is None else max_choices
+    _check_fits(batch, max_choices)
+    _, head = _parts(lm)
+    out, p_end, starts = packed_forward(lm, batch)
+    rows, poss, tgts, oi, oj = _targets(batch, p_end, starts)
+    return _choice_sums(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, len(batch), max_choices, batch)
+
+
+@_no_grad
+def capture_batch(
+    lm,
+    batch: Sequence[Encoded],
+    layers: Sequence[int],
+    sites: Sequence[str],
+    max_choices: int,
+    prefix: Prefix | None = None,
+) -> Captured:
+    """Prefix-shared capture of a batch of items (one packed forward)."""
+    _check_fits(batch, max_choices)
+    _, head = _parts(lm)
+    layers = list(layers) if sites else []
+    out, p_end, starts = packed_forward(lm, batch, layers, prefix)
     b = len(batch)
-    p_end = [len(e.prompt) - 1 for e in batch]
     result = _gather_hidden(out, layers, sites, batch, p_end, starts, max_choices, lm.hidden_size)
     rows, poss, tgts, oi, oj = _targets(batch, p_end, starts)
     choice_sum, choice_tokens = _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, b, max_choices, batch)

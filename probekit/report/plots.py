@@ -51,7 +51,7 @@ def _percent(stat: dict | None, key: str) -> float:
 
 def plot_layer_curves(records: list[dict], headline: Headline, path: Path) -> Path | None:
     """Hard-test accuracy per layer and training level at the headline site and solver."""
-    recs = [r for r in records if r["site"] == headline.site and r["solver"] == headline.solver]
+    recs = [r for r in records if r["site"] == headline.site and r["solver"] == headline.solver and r["layer"]]
     measures = sorted({r["measure"] for r in recs})
     if not measures:
         return None

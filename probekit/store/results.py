@@ -56,10 +56,26 @@ SCHEMA = pa.schema([
     ("experiment", _STR), ("site", _STR), ("layer", _STR), ("measure", _STR), ("train_level", _STR),
     ("draw", pa.int32()), ("n_train", pa.int32()), ("label_noise", pa.float64()), ("solver", _STR),
     ("item_id", _STR), ("test_level", _STR), ("correct", pa.int8()), ("p_gold", pa.float32()),
+    ("method", _STR),
 ])
 COLUMNS = tuple(SCHEMA.names)
-#: Columns a results table must have to be read (``p_gold`` is optional).
-REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold")
+#: The supervision methods a row can come from (the ``method`` column).
+METHODS = ("probe", "icl", "finetune", "zero_shot")
+#: Columns a results table must have to be read (``p_gold`` is optional; ``method`` is filled in
+#: by :func:`read_results` for tables written before it existed).
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in ("p_gold", "method"))
+#: Finished pieces of a resumable run: ``RES/parts/<key>.parquet`` and the run's identity.
+PARTS = "parts"
+RUN_FILE = "run.json"
+_PART = "part.parquet"  # temporaries of part files: .part.parquet.<pid>-<random>.tmp
+
+
+def method_of(train_level: Any, site: Any) -> Any:
+    """The ``method`` of rows without one (older tables): ``zero_shot`` for zero-shot rows, ``icl``
+    for rows of site "icl", else ``probe``. Works on scalars and on arrays/Series."""
+    level, where = np.asarray(train_level, dtype=object), np.asarray(site, dtype=object)
+    out = np.where(level == "zero_shot", "zero_shot", np.where(where == "icl", "icl", "probe"))
+    return out.item() if out.ndim == 0 else out
 #: The text (dictionary-encoded) columns.
 TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_dictionary(f.type))
 
@@ -87,8 +103,12 @@ class ResultRows:
 
     def table(self, *, layer: str, measure: str, train_level: str, draw: int, n_train: int, noise: float,
               solver: str, rows: np.ndarray, test_levels: np.ndarray, correct: np.ndarray,
-              p_gold: np.ndarray) -> pa.Table:
-        """Rows for test items ``rows`` (indices into ``item_ids``) of one head."""
+              p_gold: np.ndarray, method: str | None = None) -> pa.Table:
+        """Rows for test items ``rows`` (indices into ``item_ids``) of one head. ``method`` defaults
+        to :func:`method_of` the train level and site (probe heads, zero-shot and ICL rows)."""
+        method = method_of(train_level, self.site) if method is None else method
+        if method not in METHODS:
+            raise ProbekitError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
         n = len(rows)
         self.n_rows += n
         cols = [
@@ -98,6 +118,7 @@ class ResultRows:
             pa.array(np.full(n, noise, np.float64)), self._const(solver, n),
             pa.DictionaryArray.from_arrays(pa.array(rows.astype(np.int32)), self.item_dict),
             self._levels(test_levels), pa.array(correct.astype(np.int8)), pa.array(p_gold.astype(np.float32)),
+            self._const(method, n),
         ]
         return pa.Table.from_arrays(cols, schema=SCHEMA)
 
@@ -111,10 +132,12 @@ class ResultsWriter:
     created it). See the module docstring for the lock and the commit order.
     """
 
-    def __init__(self, out: str | os.PathLike, row_group: int = 1 << 16) -> None:
+    def __init__(self, out: str | os.PathLike, row_group: int = 1 << 16,
+                 run: Mapping[str, Any] | None = None) -> None:
         self.out = Path(out)
         self.row_group = row_group
-        self._dir = OutputDir(self.out, (RESULTS, CONFIG), "results directory")
+        self.run = None if run is None else json.loads(json.dumps(run, default=str))
+        self._dir = OutputDir(self.out, (RESULTS, CONFIG, _PART), "results directory")
         self._writer: pq.ParquetWriter | None = None
         self._tables: list[pa.Table] = []
         self._n = 0
@@ -122,6 +145,8 @@ class ResultsWriter:
     def __enter__(self) -> "ResultsWriter":
         self._dir.__enter__()
         try:
+            if self.run is not None:
+                self._check_run()
             self._tmp = self._dir.temp(RESULTS)
             try:
                 self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
@@ -144,6 +169,47 @@ class ResultsWriter:
                     # already failing (a full disk, say): the temporary is deleted below
         finally:
             self._dir.__exit__(exc_type, exc, tb)
+
+    # ----- resumable runs: finished pieces as part files -------------------------------------------
+    def _check_run(self) -> None:
+        """Refuse a directory that holds another run; record this run's identity for resuming."""
+        path = self.out / PARTS / RUN_FILE
+        recorded = None
+        if path.is_file():
+            try:
+                recorded = json.loads(path.read_text())
+            except ValueError:
+                recorded = {"unreadable": str(path)}
+        elif (self.out / CONFIG).is_file():
+            recorded = (read_config(self.out) or {}).get("run", {"written_by": "another command"})
+        if recorded is not None and recorded != self.run:
+            keys = sorted(k for k in set(recorded) | set(self.run) if recorded.get(k) != self.run.get(k))
+            raise ProbekitError(
+                f"results directory {self.out} holds another run (it differs in {', '.join(keys[:6])}); "
+                "choose another --out or delete it"
+            )
+        if recorded is None:
+            (self.out / PARTS).mkdir(exist_ok=True)
+            self._dir.write_json(f"{PARTS}/{RUN_FILE}", self.run)
+
+    def has_part(self, key: str) -> bool:
+        """Whether the piece ``key`` of this run is finished (its part file exists)."""
+        return (self.out / PARTS / f"{key}.parquet").is_file()
+
+    def write_part(self, key: str, tables: Sequence[pa.Table]) -> None:
+        """Write the rows of one finished piece atomically (``RES/parts/<key>.parquet``)."""
+        tmp = self._dir.temp(_PART)
+        pq.write_table(pa.concat_tables(tables) if tables else SCHEMA.empty_table(), tmp, compression="zstd")
+        (self.out / PARTS).mkdir(exist_ok=True)
+        self._dir.commit(tmp, f"{PARTS}/{key}.parquet")
+
+    def read_part(self, key: str) -> pa.Table:
+        """The rows of a finished piece, in :data:`SCHEMA`."""
+        path = self.out / PARTS / f"{key}.parquet"
+        try:
+            return pq.read_table(path, schema=SCHEMA)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+            raise ProbekitError(f"cannot read {path} ({str(exc).splitlines()[0]}); delete it and rerun") from None
 
     def append(self, table: pa.Table) -> None:
         """Add rows (a :data:`SCHEMA` table)."""
@@ -169,7 +235,8 @@ class ResultsWriter:
         except OSError as exc:
             raise write_error(exc, self._tmp) from None
         size, digest = self._tmp.stat().st_size, sha256_file(self._tmp)
-        record = {**config, RESULTS_FILE_KEY: {"name": RESULTS, "bytes": size, "sha256": digest}}
+        run = {"run": self.run} if self.run is not None else {}
+        record = {**config, **run, RESULTS_FILE_KEY: {"name": RESULTS, "bytes": size, "sha256": digest}}
         (self.out / CONFIG).unlink(missing_ok=True)  # never leave an old configuration beside new results
         self._dir.commit(self._tmp, RESULTS)
         self._dir.write_json(CONFIG, record, default=str, allow_nan=True)
@@ -217,6 +284,8 @@ def read_results(results_dir: str | os.PathLike) -> Results:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise ProbekitError(f"{path} lacks column(s) {', '.join(missing)}")
+    if "method" not in table.columns:
+        table["method"] = method_of(table["train_level"].astype(str), table["site"].astype(str))
     return Results(root, table, sweep, found["sha256"])
 
 

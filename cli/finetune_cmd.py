@@ -1,0 +1,121 @@
+"""`probekit finetune`: LoRA fine-tuning on the sweep's training draws, scored like the probes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
+from rich.text import Text
+
+from probekit.cli import app
+from probekit.cli.common import clean_errors, console
+from probekit.cli.sweep_cmd import _cutoffs, _floats, _ints
+
+
+class _UpdateRate(ProgressColumn):
+    """Optimizer updates per second and the last update's loss."""
+
+    def render(self, task) -> Text:
+        rate = f"{task.speed:.2f} updates/s" if task.speed else ""
+        loss = task.fields.get("loss")
+        return Text(f"{rate}  loss {loss:.4f}" if loss is not None else rate, style="progress.data.speed")
+
+
+@app.command("finetune")
+def finetune_cmd(
+    cache_dir: Path = typer.Argument(..., help="Cache directory written by `probekit extract` (ids, levels, "
+                                               "zero-shot scores, model and prompt)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Results directory (results.parquet, sweep.json, parts/)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="The cache's question set (default: the "
+                                          "name in its manifest)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the original files, as for extract."),
+    experiment: str = typer.Option("population", "--experiment", "-e",
+                                   help="population | all_to_all | learning_curve | label_noise."),
+    measures: Optional[str] = typer.Option(None, "--measures", "-m", help="Comma-separated measures (default: all)."),
+    levels: Optional[str] = typer.Option(None, "--levels", help="Training levels, e.g. easy,hard (default: all)."),
+    test_levels: Optional[str] = typer.Option(None, "--test-levels", help="Score only these levels, e.g. hard."),
+    n_train: str = typer.Option("160", "--n-train", help="Training size(s)."),
+    label_noise: str = typer.Option("0,0.05,0.1,0.2,0.3", "--label-noise", help="Noise rates for label_noise."),
+    draws: int = typer.Option(5, "--draws", help="Training draws per condition."),
+    seed: int = typer.Option(0, "--seed", help="Seed of draws (as the sweep), adapters and data order."),
+    cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule, as for sweep (repeatable)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model to load (default: the cache's)."),
+    quantize: str = typer.Option("auto", "--quantize", help="auto (8bit on CUDA, none on CPU) | none | 8bit | 4bit."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    rank: int = typer.Option(16, "--lora-r", help="LoRA rank."),
+    alpha: int = typer.Option(32, "--lora-alpha", help="LoRA alpha."),
+    dropout: float = typer.Option(0.1, "--lora-dropout", help="LoRA dropout."),
+    target_modules: str = typer.Option("q_proj,v_proj", "--target-modules", help="Modules to adapt."),
+    lr: float = typer.Option(1e-4, "--lr", help="Learning rate (linear decay to --final-lr-fraction of it)."),
+    weight_decay: float = typer.Option(1e-5, "--weight-decay", help="Weight decay (not on norms and biases)."),
+    final_lr_fraction: float = typer.Option(0.1, "--final-lr-fraction", help="lr at the last update, as a fraction."),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping norm."),
+    max_batch: int = typer.Option(50, "--max-batch", help="Items per update: min(n_train, this)."),
+    epochs: int = typer.Option(3, "--epochs", help="Epochs (raised to reach --min-updates)."),
+    min_updates: int = typer.Option(10, "--min-updates", help="Least optimizer updates per fine-tune."),
+    micro_batch: int = typer.Option(8, "--micro-batch", help="Items per forward (accumulated to an update)."),
+    eval_batch: int = typer.Option(16, "--eval-batch", help="Items per scoring forward."),
+    optimizer: str = typer.Option("auto", "--optimizer", help="auto (adam8bit on an 8-bit base, else adamw) | "
+                                                              "adamw | adam8bit."),
+    zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Add the cache's zero-shot rows."),
+    save_adapters: Optional[Path] = typer.Option(None, "--save-adapters", help="Keep each head's adapters (PEFT)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard hashes first."),
+) -> None:
+    """Fine-tune fresh LoRA adapters for every measure x train level x draw x n_train (the sweep's
+    training items), score the other probe items, write per-item rows (method "finetune").
+
+    A rerun into the same OUT skips the heads already finished (OUT/parts/).
+
+    \b
+    Example:
+      probekit finetune cache/smollm2-135m__arc-sample --out results/ft --measures grade \\
+          --levels easy,hard --n-train 32 --draws 1 --test-levels hard
+      probekit finetune cache/llama-2-7b__arc --dataset arc --data-dir ../shared/data --out results/ft-7b \\
+          --device cuda --quantize 8bit --n-train 160 --draws 5
+    """
+    from probekit.data import load_dataset
+    from probekit.finetune import Recipe, finetune
+    from probekit.store import Cache
+
+    def _names(text: Optional[str]) -> Optional[list[str]]:
+        return [x.strip() for x in text.split(",") if x.strip()] if text else None
+
+    with clean_errors():
+        recipe = Recipe(r=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, lr=lr,
+                        weight_decay=weight_decay, final_lr_fraction=final_lr_fraction, max_grad_norm=max_grad_norm,
+                        max_batch=max_batch, epochs=epochs, min_updates=min_updates, micro_batch=micro_batch,
+                        eval_batch=eval_batch, optimizer=optimizer)
+        cache = Cache(cache_dir)
+        name = dataset or str(cache.manifest.get("dataset", {}).get("name", ""))
+        items = load_dataset(name, data_dir=data_dir)
+        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _UpdateRate(),
+                       TimeElapsedColumn(), console=console, transient=True)
+        with bar:
+            task = bar.add_task("finetune", total=None, loss=None)
+
+            def progress(event: str, fields: dict) -> None:
+                if event == "start":
+                    bar.update(task, total=fields["updates"])
+                elif event == "head":
+                    bar.update(task, description=f"train {fields['name']}")
+                elif event == "update":
+                    bar.update(task, advance=1, loss=fields["loss"])
+                elif event == "scored":
+                    console.print(f"{fields['name']}: scored {fields['items']} items", highlight=False)
+
+            record = finetune(
+                cache, items, out, model, experiment=experiment, measures=_names(measures),
+                n_train=_ints(n_train, "--n-train"), label_noise=_floats(label_noise, "--label-noise"), draws=draws,
+                seed=seed, levels=_names(levels), test_levels=_names(test_levels), cutoffs=_cutoffs(cutoff),
+                recipe=recipe, quantize=quantize, dtype=dtype, device=device, zero_shot=zero_shot,
+                save_adapters=save_adapters, verify=verify, progress=progress,
+            )
+    c = record["counts"]
+    console.print(
+        f"{c['heads']} fine-tunes ({c['trained_now']} now, {c['resumed']} resumed), {c['updates_now']} updates "
+        f"({record['updates_per_second']} updates/s), {c['rows']:,} rows, {record['wall_seconds']:.1f} s -> {out}",
+        highlight=False,
+    )

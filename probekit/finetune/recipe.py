@@ -1,0 +1,110 @@
+"""The fine-tuning recipe and its optimisation schedule.
+
+Defaults are the easy-to-hard study's QLoRA setup (the authors' ``utils.PEFT_wrap_model``,
+``probes.Probe.finetune`` and ``utils.standardize_optimization_config``):
+
+- LoRA r=16, alpha=32, dropout 0.1 on the attention query and value projections (``q_proj``,
+  ``v_proj``), no LoRA bias; the base model's own dropout stays off;
+- Adam: AdamW, or bitsandbytes' 8-bit Adam on an 8-bit base; lr 1e-4; weight decay 1e-5 except
+  norms and biases; the learning rate decays linearly to 10% of its start over the run (no
+  warm-up); gradients clipped to norm 1.0 before each update;
+- an update averages the loss over min(n_train, 50) items (gradient accumulation over micro
+  batches of ``micro_batch`` items); 3 epochs, raised until there are at least 10 updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from probekit.errors import ProbekitError
+
+OPTIMIZERS = ("auto", "adamw", "adam8bit")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every setting of one fine-tune (see the module docstring for the defaults' origin)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.1
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    lr: float = 1e-4
+    weight_decay: float = 1e-5
+    final_lr_fraction: float = 0.1
+    max_grad_norm: float = 1.0
+    max_batch: int = 50
+    epochs: int = 3
+    min_updates: int = 10
+    micro_batch: int = 8
+    eval_batch: int = 16
+    optimizer: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):
+            object.__setattr__(self, "target_modules",
+                               tuple(m.strip() for m in self.target_modules.split(",") if m.strip()))
+        else:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
+        for name in ("r", "alpha", "max_batch", "epochs", "micro_batch", "eval_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
+        if isinstance(self.min_updates, bool) or not isinstance(self.min_updates, int) or self.min_updates < 0:
+            raise ProbekitError(f"min_updates must be a non-negative integer, got {self.min_updates!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ProbekitError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.lr > 0:
+            raise ProbekitError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0 or not 0.0 <= self.final_lr_fraction <= 1.0:
+            raise ProbekitError("weight_decay must be >= 0, max_grad_norm > 0, final_lr_fraction in [0, 1]")
+        if not self.target_modules:
+            raise ProbekitError("target_modules: name at least one module (e.g. q_proj,v_proj)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ProbekitError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+
+    def optimizer_for(self, quantize: str | None) -> str:
+        """The optimizer ``auto`` stands for: 8-bit Adam on an 8-bit base, AdamW otherwise."""
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "adam8bit" if quantize == "8bit" else "adamw"
+
+    def describe(self) -> dict[str, Any]:
+        """The settings as recorded in a run's JSON, with the fixed parts of the recipe spelled out."""
+        out = dataclasses.asdict(self)
+        out["target_modules"] = list(self.target_modules)
+        out.update({
+            "lora_bias": "none", "warmup_updates": 0, "schedule": "linear decay to final_lr_fraction * lr",
+            "decay_exempt": "parameters whose name contains 'norm' or 'bias'",
+            "objective": "NLL of the gold choice under a softmax over the item's choices, each scored by the "
+                         "summed log-prob of its answer tokens given the prompt (packed: prompt once, choices "
+                         "as continuations under a 4-D mask); no L2",
+            "batch": "an update averages over min(n_train, max_batch) items; micro batches accumulate",
+            "epochs_rule": "epochs raised until updates >= min_updates",
+        })
+        return out
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How many items an update averages over, updates per epoch, epochs and updates in all."""
+
+    effective_batch: int
+    updates_per_epoch: int
+    epochs: int
+    updates: int
+
+
+def schedule(n_train: int, recipe: Recipe) -> Schedule:
+    """The optimisation schedule of ``n_train`` items (``standardize_optimization_config``)."""
+    if n_train < 1:
+        raise ProbekitError(f"n_train must be at least 1, got {n_train}")
+    batch = min(n_train, recipe.max_batch)
+    per_epoch = math.ceil(n_train / batch)
+    epochs = recipe.epochs
+    if per_epoch * epochs < recipe.min_updates:
+        epochs = math.ceil(recipe.min_updates / per_epoch)
+    return Schedule(batch, per_epoch, epochs, per_epoch * epochs)

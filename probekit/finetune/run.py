@@ -1,0 +1,306 @@
+"""``finetune``: LoRA fine-tuning on the sweep's training draws, scored on the sweep's test items.
+
+For every head of :func:`probekit.probe.plan.plan` (the same function, seed and keys the sweep
+uses, so training rows and labels are the sweep's), fresh adapters are attached from a seed,
+trained on the head's items (:mod:`probekit.finetune.train`), and every other probe item (or those
+of ``test_levels``) is scored with the adapted model. Rows go into ``RES/results.parquet`` with
+``method`` "finetune", ``site`` "finetune", ``solver`` "lora" and an empty ``layer``, beside the
+cache's zero-shot rows; ``RES/sweep.json`` records the recipe, model, dataset and cache.
+
+The run is resumable: each finished head's rows are written atomically as ``RES/parts/<head>.parquet``
+(:meth:`probekit.store.results.ResultsWriter.write_part`); a rerun with the same settings skips
+them, and the final commit merges every part into ``results.parquet``. A directory holding a run
+with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from probekit.data.levels import LEVELS, Cutoff
+from probekit.errors import ProbekitError
+from probekit.extract.models import DEFAULT_NAME, LoadedModel, ModelSpec
+from probekit.extract.run import encode_rows, prepare_model
+from probekit.finetune.recipe import Recipe, schedule
+from probekit.finetune.train import attach_lora, detach_lora, score_items, train_adapters
+from probekit.probe.engine import head_seed
+from probekit.probe.plan import ALL, EXPERIMENTS, Head, item_frame, plan
+from probekit.probe.sweep import _Rows, _test_rows, load_items, open_cache, zero_shot_p
+from probekit.store import Cache
+from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultsWriter
+
+SITE = "finetune"
+SOLVER = "lora"
+QUANTIZE = ("auto", "none", "8bit", "4bit")
+
+#: Progress events: (event, fields). Events: "start" (heads, updates), "head" (name, updates),
+#: "update" (done, total, loss), "scored" (name, items), "skip" (name).
+Progress = Callable[[str, Mapping[str, Any]], None]
+
+
+def part_key(head: Head) -> str:
+    """The file name (without suffix) of a head's part: its name with "/" as "__"."""
+    return head.name.replace("/", "__")
+
+
+def cache_questions(items, cache: Cache):
+    """The question set's rows in the cache's item order, checked against the cache's fingerprint."""
+    table = items.table.reset_index(drop=True)
+    ids = cache.items["id"].astype(str).to_numpy()
+    position = {str(i): k for k, i in enumerate(table["id"].astype(str))}
+    missing = [i for i in ids if i not in position]
+    if missing:
+        raise ProbekitError(f"dataset {items.name!r} lacks item {missing[0]!r} of cache {cache.path} "
+                            f"({len(missing)} missing): pass the dataset the cache was extracted from")
+    chosen = replace(items, table=table.iloc[[position[i] for i in ids]].reset_index(drop=True))
+    recorded = cache.manifest.get("dataset", {}).get("fingerprint")
+    if recorded and chosen.fingerprint != recorded:
+        raise ProbekitError(f"dataset {items.name!r} differs from the one cache {cache.path} was extracted from "
+                            "(fingerprints differ): pass the same questions, measures and pools")
+    return chosen
+
+
+def model_for_cache(cache: Cache, **settings: Any) -> ModelSpec:
+    """A :class:`ModelSpec` for the model a cache was extracted with (its recorded folder or id)."""
+    ident = cache.manifest.get("model", {})
+    path = ident.get("path")
+    if path and Path(path).is_dir():
+        source = path
+    else:  # the offline default converted elsewhere is converted again here
+        source = None if ident.get("id") == DEFAULT_NAME else ident.get("id")
+    return ModelSpec(model=source, revision=ident.get("revision") or None, **settings)
+
+
+def _same_weights(cache_model: Mapping[str, Any], loaded: Mapping[str, Any]) -> bool:
+    for key in ("weights_sha256", "revision"):
+        if cache_model.get(key) and loaded.get(key):
+            return cache_model[key] == loaded[key]
+    return cache_model.get("id") == loaded.get("id")
+
+
+def _resolve_quantize(quantize: str | None, device: str) -> str | None:
+    q = "none" if quantize is None else str(quantize)
+    if q not in QUANTIZE:
+        raise ProbekitError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
+    if q == "auto":
+        q = "8bit" if str(device).startswith("cuda") or (device == "auto" and _cuda()) else "none"
+    return None if q == "none" else q
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _test_levels(frame, head: Head, test_levels: Sequence[str] | None) -> dict[str, np.ndarray]:
+    """Per measure of the head, the test rows to score: every probe item outside the head's pool,
+    or only those at ``test_levels`` of that measure."""
+    rows = _test_rows(frame, head)
+    out = {}
+    for m in head.measures:
+        if test_levels and m in frame.levels:
+            codes = [LEVELS.index(lv) for lv in test_levels]
+            out[m] = rows[np.isin(frame.levels[m][rows], codes)]
+        else:
+            out[m] = rows
+    return out
+
+
+def finetune(
+    cache: str | os.PathLike | Cache,
+    items,
+    out: str | os.PathLike,
+    model: str | ModelSpec | LoadedModel | None = None,
+    *,
+    experiment: str = "population",
+    measures: Sequence[str] | None = None,
+    n_train: Sequence[int] = (160,),
+    label_noise: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3),
+    draws: int = 5,
+    seed: int = 0,
+    levels: Sequence[str] | None = None,
+    test_levels: Sequence[str] | None = None,
+    cutoffs: Mapping[str, Cutoff] | None = None,
+    recipe: Recipe | None = None,
+    quantize: str | None = "auto",
+    dtype: str = "auto",
+    device: str = "auto",
+    zero_shot: bool = True,
+    save_adapters: str | os.PathLike | None = None,
+    verify: bool = True,
+    max_updates: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Fine-tune LoRA adapters for every head of one experiment; write ``out/results.parquet``.
+
+    ``cache``: the cache of ``probekit extract`` (item ids, levels, zero-shot scores, and the model
+    and prompt to use); ``items``: the question set it was extracted from (checked by fingerprint).
+    ``model``: None loads the cache's model (``quantize``: auto = 8bit on CUDA, none on CPU;
+    ``dtype``, ``device`` as for extract); a :class:`LoadedModel` is used as given.
+    ``experiment``, ``measures``, ``n_train``, ``label_noise``, ``draws``, ``seed``, ``levels``,
+    ``cutoffs``: as for :func:`probekit.probe.sweep` (the same heads). ``test_levels`` restricts
+    scoring to items of those levels (e.g. ``["hard"]``). ``recipe``: the training settings
+    (:class:`~probekit.finetune.recipe.Recipe`; defaults: the study's). ``save_adapters``: a folder
+    that keeps each head's adapters (PEFT format). ``max_updates`` caps each fine-tune (tests).
+    Returns the contents of ``sweep.json``.
+
+    Example:
+        >>> finetune("cache/smollm2__arc", load_dataset("arc"), "results/ft", measures=["grade"],
+        ...          levels=["easy", "hard"], n_train=[32], draws=1)
+    """
+    t0 = time.perf_counter()
+    recipe = recipe or Recipe()
+    emit = progress or (lambda event, fields: None)
+    cache = open_cache(cache, verify)
+    if experiment not in EXPERIMENTS:
+        raise ProbekitError(f"unknown experiment {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
+    for lv in test_levels or ():
+        if lv not in LEVELS:
+            raise ProbekitError(f"test level {lv!r} is not one of {', '.join(LEVELS)}")
+    dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
+    frame_items, measures = load_items(cache, measures)
+    frame = item_frame(frame_items, dataset, measures, cutoffs)
+    heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
+                 levels=levels)  # the sweep's heads: n_train too large for a level fails here, before loading
+    questions = cache_questions(items, cache)
+    template = cache.manifest.get("prompt", {}).get("template", questions.prompt_template)
+    if isinstance(model, LoadedModel):
+        lm, q = model, (model.identity.get("quantization") or {}).get("bits")
+        q = None if q is None else f"{q}bit"
+    else:
+        q = _resolve_quantize(quantize, device if not isinstance(model, ModelSpec) else model.device)
+        spec = model if isinstance(model, ModelSpec) else (
+            model_for_cache(cache, dtype=dtype, quantize=q, device=device) if model is None
+            else ModelSpec(model=model, dtype=dtype, quantize=q, device=device))
+        lm = prepare_model(spec)
+    if not _same_weights(cache.manifest.get("model", {}), lm.identity):
+        raise ProbekitError(f"model {lm.identity.get('id')!r} is not the model cache {cache.path} was extracted with "
+                            f"({cache.manifest.get('model', {}).get('id')!r})")
+    from probekit.finetune.train import check_targets, check_trainable
+
+    check_trainable(q, lm.device)
+    check_targets(lm.model, recipe.target_modules)  # one line naming the model's modules, before any work
+    run = {
+        CACHE_HASH_KEY: cache.manifest_sha256, "dataset_fingerprint": questions.fingerprint,
+        "model": {k: lm.identity.get(k) for k in ("id", "weights_sha256", "revision", "dtype", "quantization")},
+        "experiment": experiment, "seed": seed, "recipe": recipe.describe(), "test_levels": list(test_levels or []),
+        "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "template": template,
+        "max_updates": max_updates, "zero_shot": zero_shot,
+    }
+    rows = _Rows(frame, experiment, SITE)
+    zs_rows = _Rows(frame, experiment, "answer_end")
+    encoded: dict[int, Any] = {}
+
+    def encode(idx: np.ndarray) -> list:
+        need = [int(i) for i in idx if int(i) not in encoded]
+        if need:
+            for i, e in zip(need, encode_rows(lm, questions.table.iloc[need], template, lm.rules)):
+                encoded[i] = e
+        return [encoded[int(i)] for i in idx]
+
+    stats: dict[str, Any] = {"trained": 0, "skipped": 0, "updates": 0, "train_seconds": 0.0, "score_seconds": 0.0,
+                             "scored_items": 0, "final_loss": {}}
+    with ResultsWriter(out, run=run) as writer:
+        todo = [h for h in heads if not writer.has_part(part_key(h))]
+        emit("start", {"heads": len(heads), "todo": len(todo),
+                       "updates": sum(min(schedule(h.n_train, recipe).updates, max_updates or 1 << 30) for h in todo)})
+        if zero_shot and not writer.has_part("zero_shot"):
+            choice_sum, _ = cache.logprobs()
+            p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
+            writer.write_part("zero_shot", [
+                zs_rows.table(layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
+                              solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe])
+                for m in (measures if experiment != "all_to_all" else [ALL])])
+        for h in heads:
+            key = part_key(h)
+            if writer.has_part(key):
+                stats["skipped"] += 1
+                emit("skip", {"name": h.name})
+                continue
+            hseed = head_seed(seed, h.name)
+            emit("head", {"name": h.name, "updates": min(schedule(h.n_train, recipe).updates, max_updates or 1 << 30)})
+            peft_model = attach_lora(lm, recipe, hseed)
+            try:
+                log = train_adapters(lm, peft_model, encode(h.rows), h.labels, recipe, hseed, quantize=q,
+                                     max_updates=max_updates,
+                                     on_update=lambda d, t, loss: emit("update", {"done": d, "total": t, "loss": loss}))
+                t1 = time.perf_counter()
+                by_measure = _test_levels(frame, h, test_levels)
+                test = np.unique(np.concatenate(list(by_measure.values())))
+                scores = np.full((len(frame.ids), frame.n_choices.max()), -np.inf, np.float32)
+                if len(test):
+                    scores[test] = score_items(lm, encode(test), recipe.eval_batch, int(frame.n_choices.max()))
+                tables = []
+                for m, mrows in by_measure.items():
+                    p, c = zero_shot_p(scores[mrows], frame.n_choices[mrows], frame.gold[mrows])
+                    tables.append(rows.table(layer="", measure=m, train_level=h.train_level, draw=h.draw,
+                                             n_train=h.n_train, noise=h.label_noise, solver=SOLVER, rows=mrows,
+                                             correct=c, p_gold=p, method="finetune"))
+                stats["score_seconds"] += time.perf_counter() - t1
+                stats["scored_items"] += int(len(test))
+                if save_adapters is not None:
+                    peft_model.save_pretrained(str(Path(save_adapters) / key))
+                writer.write_part(key, tables)
+            finally:
+                detach_lora(lm, peft_model)
+            stats["trained"] += 1
+            stats["updates"] += log.updates
+            stats["train_seconds"] += log.seconds
+            stats["final_loss"][h.name] = log.losses[-1] if log.losses else None
+            emit("scored", {"name": h.name, "items": int(len(test))})
+        n_rows = 0
+        for key in (["zero_shot"] if zero_shot else []) + [part_key(h) for h in heads]:
+            part = writer.read_part(key)
+            n_rows += part.num_rows
+            writer.append(part)
+        wall = time.perf_counter() - t0
+        record = {
+            "format": FORMAT,
+            "method": "finetune",
+            "cache": str(cache.path.resolve()),
+            CACHE_HASH_KEY: cache.manifest_sha256,
+            "dataset": dataset,
+            "dataset_fingerprint": questions.fingerprint,
+            "model": cache.manifest.get("model", {}),
+            "finetune_model": lm.identity,
+            "config": {
+                "experiment": experiment, "measures": measures, "site": SITE, "solvers": [SOLVER],
+                "n_train": sorted({int(x) for x in n_train}),
+                "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
+                "draws": draws, "train_levels": sorted({h.train_level for h in heads}),
+                "test_levels": list(test_levels or []), "quantize": q or "none",
+                "optimizer": recipe.optimizer_for(q), "versions": _versions(),
+                "recipe": recipe.describe(), "zero_shot": zero_shot, "max_updates": max_updates,
+                "save_adapters": str(save_adapters) if save_adapters is not None else None,
+                "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()},
+                "schedules": {h.name: schedule(h.n_train, recipe).__dict__ for h in heads},
+            },
+            "seed": seed,
+            "counts": {"heads": len(heads), "trained_now": stats["trained"], "resumed": stats["skipped"],
+                       "updates_now": stats["updates"], "rows": n_rows,
+                       "probe_items": int(len(frame.probe)), "scored_items_now": stats["scored_items"]},
+            "final_loss": stats["final_loss"],
+            "wall_seconds": round(wall, 3),
+            "train_seconds": round(stats["train_seconds"], 3),
+            "score_seconds": round(stats["score_seconds"], 3),
+            "updates_per_second": round(stats["updates"] / stats["train_seconds"], 4) if stats["train_seconds"] else None,
+            "scored_items_per_second": (round(stats["scored_items"] / stats["score_seconds"], 3)
+                                        if stats["score_seconds"] else None),
+        }
+        record = writer.commit(record)
+    return record

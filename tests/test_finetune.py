@@ -1,0 +1,306 @@
+"""LoRA fine-tuning: the recipe, the packed objective, step-0 scores, training, the resumable run.
+
+The model tests use the offline SmolLM2 on a few short items of the real test cache.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from probekit.errors import ProbekitError
+from probekit.finetune import Recipe, schedule
+from probekit.finetune.train import TrainLog
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE_ROOT = REPO / "cache"
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def questions(real_cache, demo_items):
+    from probekit.finetune.run import cache_questions
+    from probekit.store import Cache
+
+    return cache_questions(demo_items, Cache(real_cache))
+
+
+def _short(lm, questions, n):
+    """The ``n`` items with the fewest packed tokens (cache rows, encoded)."""
+    from probekit.extract.run import encode_rows
+
+    enc = encode_rows(lm, questions.table, questions.prompt_template, lm.rules)
+    rows = np.argsort([e.n_tokens_shared for e in enc], kind="stable")[:n]
+    return rows, [enc[i] for i in rows]
+
+
+# ----- the recipe ----------------------------------------------------------------------------------
+def test_schedule_follows_the_study():
+    r = Recipe()
+    assert schedule(160, r) == schedule(160, r)
+    s = schedule(160, r)
+    assert (s.effective_batch, s.updates_per_epoch, s.epochs, s.updates) == (50, 4, 3, 12)
+    s = schedule(32, r)  # one update per epoch: epochs raised to reach 10 updates
+    assert (s.effective_batch, s.updates_per_epoch, s.epochs, s.updates) == (32, 1, 10, 10)
+    s = schedule(500, r)
+    assert (s.effective_batch, s.epochs, s.updates) == (50, 3, 30)
+    assert Recipe(target_modules="q_proj, k_proj").target_modules == ("q_proj", "k_proj")
+    with pytest.raises(ProbekitError, match="optimizer"):
+        Recipe(optimizer="sgd")
+    d = Recipe().describe()
+    assert (d["r"], d["alpha"], d["dropout"], d["lr"], d["weight_decay"], d["warmup_updates"]) == (16, 32, 0.1, 1e-4,
+                                                                                                   1e-5, 0)
+    assert Recipe().optimizer_for("8bit") == "adam8bit" and Recipe().optimizer_for(None) == "adamw"
+
+
+def test_learning_rate_decays_linearly_to_a_tenth():
+    import torch
+
+    from probekit.finetune.train import make_optimizer
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    model.requires_grad_(True)
+    opt, sched, name = make_optimizer(model, Recipe(), None, updates=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert name == "adamw" and lrs[0] == pytest.approx(1e-4)
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-5)  # after the last update: 10% of lr
+    assert np.allclose(np.diff(lrs), -9e-6)
+    decay = {g["weight_decay"]: len(g["params"]) for g in opt.param_groups}
+    assert decay == {1e-5: 1, 0.0: 1}  # the weight decays, the bias does not
+
+
+# ----- the packed objective and step 0 -------------------------------------------------------------
+@pytest.mark.slow
+def test_step0_scores_equal_the_caches_zero_shot_logprobs(lm, real_cache, questions):
+    """LoRA's B starts at zero: the adapted model scores items exactly as the base model did in extract."""
+    from probekit.finetune.train import attach_lora, detach_lora, score_items
+    from probekit.store import Cache
+
+    rows, enc = _short(lm, questions, 12)
+    cached, _ = Cache(real_cache).logprobs()
+    model = attach_lora(lm, Recipe(), seed=3)
+    try:
+        scores = score_items(lm, enc, batch_size=5, max_choices=cached.shape[1])
+    finally:
+        detach_lora(lm, model)
+    assert np.array_equal(np.isfinite(scores), np.isfinite(cached[rows]))
+    fin = np.isfinite(scores)
+    # float32, other batch compositions than the cache's: agreement to 1e-4 nats
+    assert np.abs(scores[fin] - cached[rows][fin]).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_packed_and_per_choice_losses_and_lora_gradients_agree(lm, questions):
+    """float32: loss to 1e-5 relative, every LoRA gradient to 1e-4 of the largest gradient entry."""
+    import torch
+
+    from probekit.finetune.train import adapter_parameters, attach_lora, detach_lora, gold_nll, item_nll
+    from tests.reference import score_choices_naive
+
+    rows, enc = _short(lm, questions, 3)
+    labels = questions.table["label"].to_numpy()[rows]
+    model = attach_lora(lm, Recipe(dropout=0.0), seed=1)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in adapter_parameters(model):
+                if "lora_B" in name:  # B = 0 at the start would leave A without gradient
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        params = [p for _, p in adapter_parameters(model)]
+        grads = []
+        for scores_of in (lambda: item_nll(lm, enc, labels), lambda: gold_nll(score_choices_naive(lm, enc), labels)):
+            for p in params:
+                p.grad = None
+            with torch.enable_grad():
+                loss = scores_of().sum()
+                loss.backward()
+            grads.append((float(loss.detach()), [p.grad.detach().clone() for p in params]))
+    finally:
+        detach_lora(lm, model)
+    (packed, g1), (naive, g2) = grads
+    assert packed == pytest.approx(naive, rel=1e-5)
+    scale = max(float(g.abs().max()) for g in g2)
+    assert scale > 0
+    assert max(float((a - b).abs().max()) for a, b in zip(g1, g2)) <= 1e-4 * scale
+
+
+# ----- training ------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_tiny_finetune_changes_the_adapters_lowers_the_loss_and_repeats_exactly(lm, questions):
+    import torch
+
+    from probekit.finetune.train import adapter_parameters, attach_lora, detach_lora, item_nll, train_adapters
+
+    rows, enc = _short(lm, questions, 8)
+    labels = questions.table["label"].to_numpy()[rows]
+    recipe = Recipe(max_batch=4, micro_batch=4)
+
+    def loss_now():
+        with torch.inference_mode():
+            return float(item_nll(lm, enc, labels).mean())
+
+    runs = []
+    for _ in range(2):
+        model = attach_lora(lm, recipe, seed=5)
+        try:
+            before = {n: p.detach().clone() for n, p in adapter_parameters(model)}
+            l0 = loss_now()
+            log = train_adapters(lm, model, enc, labels, recipe, seed=5, max_updates=2)
+            l1 = loss_now()
+            after = {n: p.detach().clone() for n, p in adapter_parameters(model)}
+        finally:
+            detach_lora(lm, model)
+        runs.append((l0, l1, log.losses, before, after))
+    l0, l1, losses, before, after = runs[0]
+    assert len(losses) == 2 and l1 < l0
+    assert any(not torch.equal(before[n], after[n]) for n in before if "lora_B" in n)
+    assert runs[1][2] == losses and all(torch.equal(runs[1][4][n], after[n]) for n in after)  # same seed, same numbers
+    assert not any(n for n in after if "lora" not in n)  # only adapters train
+    with torch.inference_mode():  # detached: the base model is back
+        assert float(item_nll(lm, enc, labels).mean()) == pytest.approx(l0, abs=1e-6)
+
+
+def test_unknown_target_modules_name_the_models_modules(lm):
+    from probekit.finetune.train import attach_lora
+
+    with pytest.raises(ProbekitError, match="unknown target module.*query_key_value.*q_proj.*v_proj"):
+        attach_lora(lm, Recipe(target_modules=("query_key_value",)), seed=0)
+
+
+def test_a_model_without_linear_layers_is_refused():
+    import torch
+
+    from probekit.finetune.train import check_targets
+
+    with pytest.raises(ProbekitError, match="no linear layers LoRA can adapt"):
+        check_targets(torch.nn.Sequential(torch.nn.ReLU()), ["q_proj"])
+
+
+# ----- the run: the sweep's training items, resumable parts ---------------------------------------
+@pytest.fixture()
+def fake_training(monkeypatch):
+    """Training and scoring replaced by records: which items each fine-tune got, fixed scores."""
+    import probekit.finetune.run as run
+
+    seen = []
+
+    def train(lm, model, encoded, labels, recipe, seed, **kw):
+        seen.append(([e.item_id for e in encoded], list(np.asarray(labels)), seed))
+        return TrainLog(losses=[0.5], updates=1)
+
+    def score(lm, encoded, batch_size=16, max_choices=None):
+        out = np.full((len(encoded), max_choices), -np.inf, np.float32)
+        for i, e in enumerate(encoded):
+            out[i, :len(e.choices)] = -np.arange(len(e.choices), dtype=np.float32)  # always choice 0
+        return out
+
+    monkeypatch.setattr(run, "train_adapters", train)
+    monkeypatch.setattr(run, "score_items", score)
+    return seen
+
+
+def test_training_rows_and_test_items_are_the_sweeps(lm, real_cache, demo_items, tmp_path, fake_training):
+    from probekit.finetune import finetune
+    from probekit.probe import sweep
+    from probekit.probe.plan import item_frame, plan
+    from probekit.probe.sweep import load_items, open_cache
+    from probekit.store.results import read_results
+
+    kw = dict(measures=["grade"], n_train=[8], draws=2, seed=7, levels=["easy", "hard"])
+    finetune(real_cache, demo_items, tmp_path / "ft", lm, **kw)
+    cache = open_cache(real_cache)
+    items, measures = load_items(cache, ["grade"])
+    frame = item_frame(items, cache.manifest["dataset"]["name"], measures)
+    heads = plan(frame, "population", measures, n_train=[8], draws=2, seed=7, levels=["easy", "hard"])
+    assert [(ids, labels) for ids, labels, _ in fake_training] == [
+        (list(frame.ids[h.rows]), list(h.labels)) for h in heads]
+    sweep(real_cache, tmp_path / "probe", layers="-1", **kw)
+    key = ["train_level", "draw", "n_train", "measure"]
+    ft = read_results(tmp_path / "ft").table
+    pr = read_results(tmp_path / "probe").table
+    assert set(ft["method"]) == {"finetune", "zero_shot"} and set(pr["method"]) == {"probe", "zero_shot"}
+    ft_items = ft[ft.method == "finetune"].groupby(key, observed=True)["item_id"].apply(lambda s: sorted(map(str, s)))
+    pr_items = pr[pr.method == "probe"].groupby(key, observed=True)["item_id"].apply(lambda s: sorted(map(str, s)))
+    assert len(ft_items) == 4 and ft_items.to_dict() == pr_items.to_dict()
+    zs = lambda t: t[t.method == "zero_shot"].sort_values("item_id")[["item_id", "correct", "p_gold"]].reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(zs(ft).astype(str), zs(pr).astype(str))
+
+
+def test_a_rerun_skips_finished_heads_and_equals_an_uninterrupted_run(lm, real_cache, demo_items, tmp_path,
+                                                                     fake_training):
+    from probekit.finetune import finetune
+    from probekit.store.results import read_results
+
+    kw = dict(measures=["grade"], n_train=[4], draws=2, levels=["easy"], test_levels=["hard"])
+    full = finetune(real_cache, demo_items, tmp_path / "a", lm, save_adapters=tmp_path / "adapters", **kw)
+    assert full["counts"]["trained_now"] == 2 and len(fake_training) == 2
+    assert (tmp_path / "adapters" / "population__grade__easy__1__4__0" / "adapter_config.json").is_file()
+    parts = sorted(p.name for p in (tmp_path / "a" / "parts").iterdir())
+    assert parts == ["population__grade__easy__0__4__0.parquet", "population__grade__easy__1__4__0.parquet",
+                     "run.json", "zero_shot.parquet"]
+    # a run killed after its first head: one part, no results table
+    finetune(real_cache, demo_items, tmp_path / "b", lm, **{**kw, "draws": 1})
+    (tmp_path / "b" / "results.parquet").unlink()
+    (tmp_path / "b" / "sweep.json").unlink()
+    again = finetune(real_cache, demo_items, tmp_path / "b", lm, **kw)
+    assert (again["counts"]["trained_now"], again["counts"]["resumed"]) == (1, 1)
+    a, b = read_results(tmp_path / "a").table, read_results(tmp_path / "b").table
+    pd.testing.assert_frame_equal(a.astype(str), b.astype(str))
+    assert set(a[a.method == "finetune"]["test_level"].astype(str)) == {"hard"}
+    record = json.loads((tmp_path / "a" / "sweep.json").read_text())
+    assert record["config"]["recipe"]["r"] == 16 and record["method"] == "finetune"
+    from probekit.report import build_report
+
+    summary = build_report(tmp_path / "a", tmp_path / "rep", n_boot=200, n_boot_sgr=200)  # a report of fine-tunes
+    assert "site `finetune`" in (tmp_path / "rep" / "report.md").read_text() and summary
+
+
+def test_cli_errors_are_one_line(real_cache, demo_items, tmp_path, lm, fake_training):
+    from probekit.cli import app
+    from probekit.finetune import finetune
+
+    runner = CliRunner()
+    out = runner.invoke(app, ["finetune", str(real_cache), "--out", str(tmp_path / "x"), "--n-train", "500",
+                              "--measures", "grade", "--levels", "easy"])
+    assert out.exit_code == 2 and "fewer than n_train + 50" in out.output and len(out.output.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    # a directory holding another run (other settings)
+    finetune(real_cache, demo_items, tmp_path / "y", lm, measures=["grade"], n_train=[4], draws=1,
+             levels=["easy"], test_levels=["hard"])
+    with pytest.raises(ProbekitError, match="holds another run"):
+        finetune(real_cache, demo_items, tmp_path / "y", lm, measures=["grade"], n_train=[4], draws=1,
+                 levels=["easy"], test_levels=["hard"], seed=1)
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", ["8bit", "4bit"])
+def test_quantized_bases_run_a_tiny_step_or_fail_in_one_line(questions, quantize):
+    """On the CPU, 8-bit trains (8-bit Adam); 4-bit layers pass no correct gradient back: refused."""
+    from probekit.extract.models import ModelSpec, load_model
+    from probekit.finetune.train import attach_lora, detach_lora, train_adapters
+
+    qlm = load_model(ModelSpec(dtype="float32", device="cpu", quantize=quantize, cache_root=CACHE_ROOT))
+    rows, enc = _short(qlm, questions, 2)
+    labels = questions.table["label"].to_numpy()[rows]
+    model = attach_lora(qlm, Recipe(max_batch=2), seed=0)
+    try:
+        if quantize == "8bit":
+            log = train_adapters(qlm, model, enc, labels, Recipe(max_batch=2), seed=0, quantize=quantize, max_updates=1)
+            assert log.optimizer == "adam8bit" and np.isfinite(log.losses).all()
+        else:
+            with pytest.raises(ProbekitError, match="4-bit base cannot be fine-tuned on the CPU"):
+                train_adapters(qlm, model, enc, labels, Recipe(max_batch=2), seed=0, quantize=quantize, max_updates=1)
+    finally:
+        detach_lora(qlm, model)
