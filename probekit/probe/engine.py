@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import numbers
 import threading
 from dataclasses import dataclass
 from functools import partial, wraps
@@ -68,7 +70,7 @@ class ProbeConfig:
     steps: int = 100
     max_grad_norm: float = 1.0
     C: float = 1.0
-    tol: float = 1e-4
+    tol: float = solvers.DEFAULT_TOL
     max_newton: int = 50
 
     def __post_init__(self) -> None:
@@ -76,8 +78,20 @@ class ProbeConfig:
                                      ("pad", self.pad, PAD_MODES)):
             if value not in allowed:
                 raise ProbekitError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.C <= 0 or self.l2 < 0:
-            raise ProbekitError(f"C must be > 0 and l2 >= 0, got C={self.C}, l2={self.l2}")
+        for name, low, strict in _NUMBERS:
+            value = getattr(self, name)
+            whole = name in _COUNTS
+            ok = (isinstance(value, numbers.Integral) if whole else isinstance(value, numbers.Real)) \
+                and not isinstance(value, bool) and math.isfinite(value) and (value > low if strict else value >= low)
+            if not ok:
+                kind = "a whole number" if whole else "a finite number"
+                raise ProbekitError(f"{name} must be {kind} {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+#: Numeric options of :class:`ProbeConfig` and their bounds: (name, bound, strictly above it).
+_NUMBERS = (("l2", 0, False), ("lr", 0, True), ("steps", 1, False), ("max_grad_norm", 0, True), ("C", 0, True),
+            ("tol", 0, True), ("max_newton", 1, False))
+_COUNTS = ("steps", "max_newton")
 
 
 def head_seed(seed: int, name: str) -> int:
