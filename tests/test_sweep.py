@@ -247,3 +247,28 @@ def test_failed_sweep_leaves_no_folder(cache_dir, tmp_path):
     with pytest.raises(ProbekitError, match="is not an ICL score directory"):
         sweep(cache_dir, tmp_path / "r", icl=[tmp_path / "no-icl"], **SMALL)
     assert not (tmp_path / "r").exists()
+
+
+def test_non_finite_probe_options_are_refused_in_one_line(cache_dir, tmp_path):
+    """`--C nan` (inf, <= 0) and a bad `--tol` stop the sweep before it reads the cache: exit code 2, one
+    line naming the option, nothing written. The tolerance used is recorded in sweep.json."""
+    import inspect
+
+    from probekit.cli.sweep_cmd import sweep_cmd
+    from probekit.probe.solvers import DEFAULT_TOL
+
+    runner = CliRunner()
+    base = ["sweep", str(cache_dir), "--out", str(tmp_path / "r"), "--solver", "converged", "--measures", "grade",
+            "--layers", "4", "--n-train", "40", "--draws", "1"]
+    for option, value in (("--C", "nan"), ("--C", "inf"), ("--C", "0"), ("--C", "-1"), ("--tol", "nan"),
+                          ("--tol", "0")):
+        res = runner.invoke(app, [*base, option, value])
+        assert res.exit_code == 2, (option, value, res.output)
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {option[2:]} must be a finite number"), res.output
+        assert not (tmp_path / "r").exists()
+    res = runner.invoke(app, [*base, "--tol", "1e-6", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "r" / SWEEP_JSON).read_text())
+    assert meta["config"]["probe"]["converged"]["tol"] == 1e-6
+    assert inspect.signature(sweep_cmd).parameters["tol"].default.default == DEFAULT_TOL

@@ -24,7 +24,7 @@ from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
 from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, head_seed, prepare
 from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan
-from probekit.probe.solvers import SOLVERS, solver_names
+from probekit.probe.solvers import DEFAULT_TOL, SOLVERS, solver_names
 from probekit.store import Cache
 from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
 from probekit.store.icl_scores import load_icl
@@ -170,6 +170,7 @@ def sweep(
     levels: Sequence[str] | None = None,
     pad: str = "mask",
     C: float = 1.0,
+    tol: float = DEFAULT_TOL,
     cutoffs: Mapping[str, Cutoff] | None = None,
     zero_shot: bool = True,
     icl: Sequence[str | os.PathLike] = (),
@@ -188,7 +189,8 @@ def sweep(
     or question_end (multinomial head).
     ``solver``: a name in :data:`probekit.probe.solvers.SOLVERS` (paper, converged), several, or
     both. ``pad``: mask (default) or zero (the protocol's zero-padding). ``C``: converged
-    solver's inverse regularisation (scikit-learn's C).
+    solver's inverse regularisation (scikit-learn's C); ``tol``: its relative optimality (see
+    :class:`~probekit.probe.engine.ProbeConfig`). Bad options are refused before the cache is read.
     ``levels``: restrict the training levels (e.g. ``["easy", "hard"]``).
     ``cutoffs``: per-measure level rules overriding the defaults. ``progress(done, total, layer)``
     is called as heads complete. Returns the contents of ``sweep.json``.
@@ -198,15 +200,15 @@ def sweep(
         ...       layers="middle_and_last", solver="both")
     """
     t0 = time.perf_counter()
+    if site not in SITE_HEAD:
+        raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
+    solvers = solver_names(solver)
+    configs = {s: ProbeConfig(head=SITE_HEAD[site], solver=s, pad=pad, C=C, tol=tol) for s in solvers}
     cache = open_cache(cache, verify)
     if experiment not in EXPERIMENTS:
         raise ProbekitError(f"unknown experiment {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
-    if site not in SITE_HEAD:
-        raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
     if site not in cache.sites:
         raise ProbekitError(f"site {site!r} is not in cache {cache.path}; it holds {cache.sites}")
-    solvers = solver_names(solver)
-    configs = {s: ProbeConfig(head=SITE_HEAD[site], solver=s, pad=pad, C=C) for s in solvers}
     dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
     items, measures = load_items(cache, measures)
     frame = item_frame(items, dataset, measures, cutoffs)
