@@ -130,6 +130,9 @@ def sweep_cmd(
         f"{record['heads_per_second']} heads/s, {record['wall_seconds']:.1f} s -> {out}",
         highlight=False,
     )
+    if counts.get("zero_weight_fits"):
+        console.print(f"note: {counts['zero_weight_fits']} fits have zero weights as their exact optimum (the penalty "
+                      f"outweighs the data; column zero_weights; left out of report statistics)", style="yellow")
     if counts["not_converged"]:
         console.print(f"warning: {counts['not_converged']} converged-solver fits missed the tolerance", style="yellow")
 

@@ -412,3 +412,56 @@ def test_solver_registry():
     assert solver_names("both") == list(SOLVERS) and solver_names("paper") == ["paper"]
     for name, spec in SOLVERS.items():
         assert spec.name == name and spec.objective and f"{name}:" in _SOLVER_HELP
+
+
+@pytest.mark.parametrize("head", ["mc", "multinomial"])
+def test_zero_weight_heads_are_flagged_by_the_kkt_condition(head):
+    """With the paper's unsquared penalty, zero weights are the exact optimum iff the NLL's gradient at
+    zero weights (best bias for a multinomial head) has norm <= l2 in standardised units. The flag
+    equals that condition computed plainly in D dimensions; the converged solver never flags."""
+    rng = np.random.default_rng(29)
+    N, D, n, H = 120, 16, 30, 6
+    n_choices = rng.choice([3, 4], size=N)
+    gold = rng.integers(0, n_choices)
+    if head == "mc":
+        X = rng.normal(size=(N, C, D)).astype(np.float32)
+        X[np.arange(C)[None, :] >= n_choices[:, None]] = 0.0
+    else:
+        X = rng.normal(size=(N, D)).astype(np.float32)
+    rows = np.stack([rng.choice(N, n, replace=False) for _ in range(H)])
+    l2s = (0.3, 1.0, 3.0)
+    flags = {l2: fit_and_score([X], n_choices, gold, rows, gold[rows], np.arange(H), ProbeConfig(head=head, l2=l2),
+                               host=host).zero_weights for l2 in l2s for host in (True,)}
+    device = fit_and_score([X], n_choices, gold, rows, gold[rows], np.arange(H), ProbeConfig(head=head), host=False)
+    np.testing.assert_array_equal(device.zero_weights, flags[1.0])
+    conv = fit_and_score([X], n_choices, gold, rows, gold[rows], np.arange(H), ProbeConfig(head=head, solver="converged"))
+    assert not conv.zero_weights.any()
+    seen = set()
+    for h in range(H):
+        r, y = rows[h], gold[rows[h]]
+        Xt = X[r].astype(np.float64)
+        if head == "mc":
+            real = np.arange(C)[None, :] < n_choices[r][:, None]
+            mu, sd = Xt[real].mean(0), Xt[real].std(0, ddof=1)
+            Z = np.where(real[..., None], (Xt - mu) / sd, 0.0)
+            P = real / real.sum(1, keepdims=True)  # uniform over the real choices at w = 0
+            grad = np.einsum("nc,ncd->d", P - np.eye(C)[y], Z) / n
+        else:
+            mu, sd = Xt.mean(0), Xt.std(0, ddof=1)
+            Z = (Xt - mu) / sd
+            mask = np.arange(C)[None, :] < n_choices[r][:, None]
+
+            def nll(b):
+                s = np.where(mask, b[None, :], -np.inf)
+                return -(s[np.arange(n), y] - np.log(np.exp(s).sum(1))).mean()
+
+            b = minimize(nll, np.zeros(C), method="BFGS", options={"gtol": 1e-10}).x
+            s = np.where(mask, b[None, :], -np.inf)
+            P = np.exp(s - np.log(np.exp(s).sum(1, keepdims=True)))
+            grad = Z.T @ (P - np.eye(C)[y]) / n
+        norm = np.linalg.norm(grad)
+        for l2 in l2s:
+            if abs(norm - l2) > 1e-3 * l2:  # away from the boundary, where float32 decides
+                assert flags[l2][h] == (norm <= l2), (h, l2, norm)
+                seen.add(bool(norm <= l2))
+    assert seen == {True, False}  # both kinds of head occur

@@ -23,7 +23,7 @@ from probekit.probe import RESULTS, SWEEP_JSON, hardness, sweep
 from probekit.store import Cache, write_cache
 
 COLUMNS = ["experiment", "site", "layer", "measure", "train_level", "draw", "n_train", "label_noise", "solver",
-           "item_id", "test_level", "correct", "p_gold"]
+           "item_id", "test_level", "correct", "p_gold", "zero_weights"]
 LAYERS = [2, 3, 4]  # a 4-layer model: middle = ceil(5/2) = 3, last = 4
 D, C = 24, 5
 

@@ -43,7 +43,9 @@ class Fit(NamedTuple):
 
     ``loss`` is the solver's own objective at the end, ``grad_norm`` its gradient norm
     (paper: before clipping), ``converged`` whether the converged solver met its tolerance (for
-    the fixed-step paper recipe: whether its weights are finite), ``steps`` iterations taken.
+    the fixed-step paper recipe: whether its weights are finite), ``steps`` iterations taken,
+    ``zero_weights`` whether the exact minimiser of the objective has zero weights (see
+    :func:`zero_is_optimal`; never for the squared penalty).
     """
 
     beta: jax.Array
@@ -53,6 +55,7 @@ class Fit(NamedTuple):
     grad_norm: jax.Array
     converged: jax.Array
     steps: jax.Array
+    zero_weights: jax.Array
 
 
 def _residual(kern: Kernel, s: jax.Array, b: jax.Array | None) -> tuple[jax.Array, jax.Array]:
@@ -118,7 +121,7 @@ def paper(
         finite = jnp.isfinite(loss) & jnp.isfinite(beta) & jnp.all(jnp.isfinite(a))
         if has_bias:
             finite = finite & jnp.all(jnp.isfinite(b))
-        return Fit(beta, a, b, loss, gnorms[-1], finite, jnp.array(steps))
+        return Fit(beta, a, b, loss, gnorms[-1], finite, jnp.array(steps), jnp.array(False))
 
     def again(c):
         attempt, _ = c
@@ -130,9 +133,42 @@ def paper(
         return (attempt == 0) | ((attempt <= refits) & ~last.converged)
 
     zero = jnp.zeros((), kern.u.dtype)
-    blank = Fit(zero, jnp.zeros_like(kern.u), kern.b0, zero, zero, jnp.array(False), jnp.array(0))
+    blank = Fit(zero, jnp.zeros_like(kern.u), kern.b0, zero, zero, jnp.array(False), jnp.array(0), jnp.array(False))
     attempts, out = jax.lax.while_loop(needed, again, (jnp.array(0), blank))
-    return out._replace(steps=attempts * steps)
+    used_l2 = l2 * jnp.asarray(4.0, kern.u.dtype) ** jnp.maximum(attempts - 1, 0)  # the returned attempt's penalty
+    return out._replace(steps=attempts * steps, zero_weights=zero_is_optimal(kern, used_l2))
+
+
+def _bias_at_zero(kern: Kernel, iters: int = 30) -> jax.Array:
+    """The bias minimising the mean NLL of a multinomial head with zero weights (damped Newton over
+    the classes; a class no training item has goes towards -inf)."""
+    n, C = kern.mask.shape
+    onehot = jax.nn.one_hot(kern.y, C, dtype=kern.u.dtype)
+
+    def step(_, b):
+        p = jnp.where(kern.mask, jnp.exp(log_softmax(jnp.broadcast_to(b, (n, C)), kern.mask)), 0.0)
+        g = (p - onehot).mean(0)
+        H = (jnp.einsum("nc,cd->cd", p, jnp.eye(C, dtype=p.dtype)) - jnp.einsum("nc,nd->cd", p, p)) / n
+        d = jnp.linalg.solve(H + 1e-6 * jnp.eye(C, dtype=p.dtype), g)
+        return b - jnp.clip(d, -5.0, 5.0)
+
+    return jax.lax.fori_loop(0, iters, step, jnp.zeros(C, kern.u.dtype))
+
+
+def zero_is_optimal(kern: Kernel, l2) -> jax.Array:
+    """Whether zero weights minimise mean NLL + ``l2 * |w|`` (unsquared; the bias, if any, free).
+
+    The objective is convex and the penalty's subgradient at ``w = 0`` is the ball of radius ``l2``,
+    so ``w = 0`` is the exact minimiser if and only if the NLL's gradient at zero weights (with the
+    best bias for a multinomial head) has norm at most ``l2`` in standardised units (KKT). Such a
+    head carries no information: every choice scores the same at the optimum, and what a fixed
+    number of SGD steps leaves (weights of about the last step size, their sign set by the
+    step count) decides its predictions.
+    """
+    b = None if kern.b0 is None else _bias_at_zero(kern)
+    _, R = _residual(kern, jnp.zeros_like(kern.u), b)
+    r = reduce(kern, R)
+    return jnp.vdot(r, kern.K @ r) <= l2 * l2
 
 
 # ----- converged: Newton-CG on the squared-L2 objective --------------------------------------------
@@ -261,7 +297,7 @@ def converged(
     init = (0, a0, a0, zb, f0, R0, jnp.full_like(f0, jnp.inf), 0)
     it, a, s, b, f, R, _, _ = jax.lax.while_loop(newton_cond, newton_step, init)
     g2 = gradient(a, s, R)[3]
-    return Fit(jnp.zeros((), a.dtype), a, b, f, jnp.sqrt(jnp.maximum(g2, 0.0)), done(f, g2), it)
+    return Fit(jnp.zeros((), a.dtype), a, b, f, jnp.sqrt(jnp.maximum(g2, 0.0)), done(f, g2), it, jnp.array(False))
 
 
 def converged_at_C(kern: Kernel, *, C: float = 1.0, tol: float = DEFAULT_TOL, max_newton: int = 50) -> Fit:

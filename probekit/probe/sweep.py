@@ -234,6 +234,7 @@ def sweep(
     fit_seconds = compile_first(cache, frame.n_choices, [np.stack([h.rows for h in g]) for g in groups.values()],
                                 list(configs.values()), sets, devices)
     not_converged = 0
+    zero_fits: dict[str, int] = {}  # feature set -> fits whose exact optimum has zero weights
     with ResultsWriter(out) as batch:  # refuses a directory another writer holds
         if zero_shot:
             choice_sum, _ = cache.logprobs()
@@ -260,13 +261,16 @@ def sweep(
                 fit_seconds += time.perf_counter() - t1
                 for s, res in zip(configs, results):
                     not_converged += int((~res.converged).sum())
+                    if res.zero_weights.any():
+                        zero_fits[label] = zero_fits.get(label, 0) + int(res.zero_weights.sum())
                     for i, h in enumerate(group):
                         test = _test_rows(frame, h)
                         for m in h.measures:
                             batch.append(rows.table(
                                 layer=label, measure=m, train_level=h.train_level, draw=h.draw,
                                 n_train=h.n_train, noise=h.label_noise, solver=s, rows=test,
-                                correct=res.correct[i, test], p_gold=res.p_gold[i, test]))
+                                correct=res.correct[i, test], p_gold=res.p_gold[i, test],
+                                zero_weights=bool(res.zero_weights[i])))
             del Xs
         wall = time.perf_counter() - t0
         record = {
@@ -291,6 +295,7 @@ def sweep(
             "counts": {
                 "heads": len(heads), "feature_sets": len(sets), "fits": n_fits, "rows": rows.n_rows,
                 "probe_items": int(len(frame.probe)), "not_converged": not_converged,
+                "zero_weight_fits": sum(zero_fits.values()), "zero_weight_fits_by_layer": zero_fits,
                 "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
                            for m in measures},
             },

@@ -4,7 +4,9 @@ Every method that scores items (the probe sweep, and any later method) writes th
 :class:`ResultsWriter`; the report reads through :func:`read_results`.
 
 ``results.parquet`` has one row per (head, test item), in :data:`SCHEMA` (text columns
-dictionary-encoded). Build row batches with :class:`ResultRows`. ``sweep.json`` holds the run's
+dictionary-encoded). Build row batches with :class:`ResultRows`. ``zero_weights`` (bool) marks the
+rows of heads whose exact optimum has zero weights; a reader fills it with False for tables
+written without it. ``sweep.json`` holds the run's
 configuration: ``format`` (:data:`FORMAT`), the cache's manifest hash under
 :data:`CACHE_HASH_KEY`, and whatever else the writer records; the writer adds
 :data:`RESULTS_FILE_KEY` = ``{"name", "bytes", "sha256"}`` of the results file it belongs to.
@@ -56,10 +58,13 @@ SCHEMA = pa.schema([
     ("experiment", _STR), ("site", _STR), ("layer", _STR), ("measure", _STR), ("train_level", _STR),
     ("draw", pa.int32()), ("n_train", pa.int32()), ("label_noise", pa.float64()), ("solver", _STR),
     ("item_id", _STR), ("test_level", _STR), ("correct", pa.int8()), ("p_gold", pa.float32()),
+    ("zero_weights", pa.bool_()),
 ])
 COLUMNS = tuple(SCHEMA.names)
+#: Columns a reader fills when a table lacks them (tables written before they existed): name -> value.
+FILLED = {"zero_weights": False}
 #: Columns a results table must have to be read (``p_gold`` is optional).
-REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold")
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold" and c not in FILLED)
 #: The text (dictionary-encoded) columns.
 TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_dictionary(f.type))
 
@@ -87,8 +92,9 @@ class ResultRows:
 
     def table(self, *, layer: str, measure: str, train_level: str, draw: int, n_train: int, noise: float,
               solver: str, rows: np.ndarray, test_levels: np.ndarray, correct: np.ndarray,
-              p_gold: np.ndarray) -> pa.Table:
-        """Rows for test items ``rows`` (indices into ``item_ids``) of one head."""
+              p_gold: np.ndarray, zero_weights: bool = False) -> pa.Table:
+        """Rows for test items ``rows`` (indices into ``item_ids``) of one head; ``zero_weights``: the
+        head's exact optimum has zero weights (:func:`probekit.probe.solvers.zero_is_optimal`)."""
         n = len(rows)
         self.n_rows += n
         cols = [
@@ -98,6 +104,7 @@ class ResultRows:
             pa.array(np.full(n, noise, np.float64)), self._const(solver, n),
             pa.DictionaryArray.from_arrays(pa.array(rows.astype(np.int32)), self.item_dict),
             self._levels(test_levels), pa.array(correct.astype(np.int8)), pa.array(p_gold.astype(np.float32)),
+            pa.array(np.full(n, bool(zero_weights))),
         ]
         return pa.Table.from_arrays(cols, schema=SCHEMA)
 
@@ -201,6 +208,9 @@ def read_results(results_dir: str | os.PathLike) -> Results:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise ProbekitError(f"{path} lacks column(s) {', '.join(missing)}")
+    for column, value in FILLED.items():
+        if column not in table.columns:
+            table[column] = value
     return Results(root, table, sweep, found["sha256"])
 
 
