@@ -110,6 +110,10 @@ def test_population_table(cache_dir, population):
     meta = json.loads((out / SWEEP_JSON).read_text())
     assert meta["seed"] == 3 and meta["config"]["pad"] == "zero" and meta["heads_per_second"] > 0
     assert meta["counts"]["rows"] == len(df)
+    # heads whose exact optimum has zero weights: flagged per head (paper solver only), counted in sweep.json
+    assert df.zero_weights.dtype == bool and not df[df.solver != "paper"].zero_weights.any()
+    flagged = df[df.zero_weights].groupby(["layer", "measure", "train_level", "draw"], observed=True).ngroups
+    assert meta["counts"]["zero_weight_fits"] == sum(meta["counts"]["zero_weight_fits_by_layer"].values()) <= flagged
     assert not list(out.glob(".*tmp"))
 
 
