@@ -336,6 +336,9 @@ def test_zero_weight_heads_are_counted_and_left_out(tmp_path):
     A, B = align((easy[:, [0, 2]], e_ids), (hard2, h_ids))  # paired over the draws both levels keep
     assert same(rec["hard_minus_easy"], paired_difference(A, B, 200, SEED))
     assert "## Heads with zero weights" in (tmp_path / "rep" / "report.md").read_text()
+    assert rec["zero_weight_heads"] == {"easy": 0, "medium": 0, "hard": 1, "all": 0}
+    csv = pd.read_csv(tmp_path / "rep" / "population.csv")
+    assert csv[(csv.measure == "grade") & (csv.layer.astype(str) == "20")]["zero_weight_heads_hard"].tolist() == [1]
     kept = build_report(tmp_path / "res", tmp_path / "all", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20",
                         zero_weights="include")
     rec = next(r for r in kept["population"] if (r["measure"], r["layer"]) == ("grade", "20"))

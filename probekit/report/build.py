@@ -28,6 +28,7 @@ from probekit.errors import ProbekitError
 from probekit.report import plots
 from probekit.report.tables import (
     HARD,
+    ZERO_SHOT,
     Headline,
     all_to_all_table,
     choose_headline,
@@ -101,6 +102,7 @@ def build_report(
 
     tick = _Ticker(progress, _count_tasks(table))
     population = population_table(table, n_boot, n_boot_sgr, seed, tick, headline)
+    _count_zero_weight_heads(population, res.table)
     all_to_all = all_to_all_table(table, n_boot, seed, tick)
     curves = {exp: curve_table(table, exp, spec[0], n_boot, seed, tick) for exp, spec in CURVES.items()}
     transfer = transfer_table(table, headline) if headline else pd.DataFrame()
@@ -148,6 +150,17 @@ def build_report(
     summary = _jsonable(summary)
     _write(Path(out_dir), summary, headline, population, all_to_all, curves, transfer)
     return summary
+
+
+def _count_zero_weight_heads(population: list[dict], table: pd.DataFrame) -> None:
+    """Add to each population record ``zero_weight_heads``: per training level, how many of its heads
+    have zero weights as their exact optimum (left out of its numbers unless included)."""
+    flagged = table[table["zero_weights"].astype(bool) & (table["experiment"] == "population")]
+    heads = flagged.drop_duplicates(["measure", "site", "layer", "solver", "train_level", "draw", "n_train"])
+    counts = heads.groupby(["measure", "site", "layer", "solver", "train_level"], observed=True).size()
+    for r in population:
+        r["zero_weight_heads"] = {lv: int(counts.get((r["measure"], r["site"], r["layer"], r["solver"], lv), 0))
+                                  for lv in r["accuracy"] if lv != ZERO_SHOT}
 
 
 class _Ticker:
@@ -218,7 +231,8 @@ def _write_files(tmp: Path, summary, headline, population, all_to_all, curves, t
     figs = {}
     if headline:
         figs["sgr"] = png(plots.plot_sgr(population, headline, tmp / "sgr.png"))
-        figs["layers"] = png(plots.plot_layer_curves(population, headline, tmp / "layer_curves.png"))
+        figs["layers"] = png(plots.plot_layer_curves(population, headline, tmp / "layer_curves.png",
+                                                     summary["zero_weight_heads"]["excluded"]))
         figs["transfer"] = png(plots.plot_transfer(transfer, headline, tmp / "transfer.png"))
     for exp, (x, stem, title, xlabel) in CURVES.items():
         figs[exp] = png(plots.plot_curves(curves[exp], x, tmp / f"{stem}.png", title, xlabel, headline))

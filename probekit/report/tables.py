@@ -378,8 +378,8 @@ def flatten(records: list[dict]) -> pd.DataFrame:
                     flat.update(_stat_columns(f"acc_{level}", stat))
             elif key == "accuracy":
                 flat.update(_stat_columns("acc", value))
-            elif key == "n_train" and isinstance(value, dict):
-                flat.update({f"n_train_{lv}": n for lv, n in value.items()})
+            elif key in ("n_train", "zero_weight_heads") and isinstance(value, dict):
+                flat.update({f"{key}_{lv}": n for lv, n in value.items()})
             elif isinstance(value, dict) or (value is None and key in ("sgr", *DIFFERENCES)):
                 flat.update(_stat_columns(key, value))
             else:
