@@ -37,6 +37,9 @@ def report(
     layer: Optional[str] = typer.Option(None, "--layer", help='Headline layer or layer set, e.g. "30" or "15+30" '
                                                               "(default: the middle+last concatenation, else the last single layer)."),
     solver: Optional[str] = typer.Option(None, "--solver", help="Headline solver (default: paper when present)."),
+    zero_weights: str = typer.Option("exclude", "--zero-weights",
+                                     help="exclude | include heads whose exact optimum has zero weights (column "
+                                          "zero_weights) from the statistics; counted per layer either way."),
 ) -> None:
     """Accuracies with bootstrap CIs, SGR with CIs and p-values, tables and plots.
 
@@ -58,7 +61,7 @@ def report(
             bar.update(task, completed=done, total=total, description=what[:48])
 
         summary = build_report(results_dir, out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed,
-                               site=site, layer=layer, solver=solver, progress=progress)
+                               site=site, layer=layer, solver=solver, zero_weights=zero_weights, progress=progress)
     _print_headline(summary)
     console.print(f"Report: {out / 'report.md'}  (numbers: {out / 'summary.json'}, {len(summary['files'])} files)")
 

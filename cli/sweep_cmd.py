@@ -84,6 +84,8 @@ def sweep_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of draws, label noise and initialisations."),
     pad: str = typer.Option("mask", "--pad", help="mask padded choices, or zero: the protocol's zero-padding."),
     C: float = typer.Option(1.0, "--C", help="Converged solver's inverse regularisation (scikit-learn's C)."),
+    tol: float = typer.Option(1e-7, "--tol", help="Converged solver's relative optimality: stop once the loss is "
+                                                 "provably within tol x loss of its minimum."),
     cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule: grade=5,8 or mdl=q30,q70 "
                                                           "(repeatable)."),
     zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Add zero-shot rows from log-probs."),
@@ -117,7 +119,7 @@ def sweep_cmd(
 
             record = sweep(
                 cache_dir, out, experiment=experiment, measures=chosen, layers=layers, site=site, solver=solver,
-                n_train=sizes, label_noise=noise, draws=draws, seed=seed, pad=pad, C=C,
+                n_train=sizes, label_noise=noise, draws=draws, seed=seed, pad=pad, C=C, tol=tol,
                 cutoffs=_cutoffs(cutoff), zero_shot=zero_shot, icl=icl or (), verify=verify,
                 progress=progress,
             )
@@ -128,6 +130,9 @@ def sweep_cmd(
         f"{record['heads_per_second']} heads/s, {record['wall_seconds']:.1f} s -> {out}",
         highlight=False,
     )
+    if counts.get("zero_weight_fits"):
+        console.print(f"note: {counts['zero_weight_fits']} fits have zero weights as their exact optimum (the penalty "
+                      f"outweighs the data; column zero_weights; left out of report statistics)", style="yellow")
     if counts["not_converged"]:
         console.print(f"warning: {counts['not_converged']} converged-solver fits missed the tolerance", style="yellow")
 

@@ -24,6 +24,8 @@ from probekit.probe.engine import (
 from probekit.probe.kernel import Scratch, init_weights, mc_rows, mc_rows_needed, mc_slots
 
 C = 5
+#: How far the converged solver's p_gold may be from the exact optimum's at its default tolerance.
+P_GOLD_ATOL = 5e-4
 
 
 def make_problem(seed=0, N=240, D=48, layers=1, full=False):
@@ -39,6 +41,24 @@ def make_problem(seed=0, N=240, D=48, layers=1, full=False):
         X[np.arange(C)[None, :] >= n_choices[:, None]] = 0.0
         Xs.append(X)
     return Xs, n_choices, gold, rng
+
+
+def correlated_problem(seed=0, N=300, D=384, strength=0.8):
+    """Answer slots shaped like real hidden states: covariance eigenvalues proportional to 1/i in a
+    random basis (as ``bench/sweep.py``), noise shared by an item's choices, offsets, a faint planted
+    gold direction, 3 to 5 choices. More features than training rows: the solver's hard case."""
+    rng = np.random.default_rng(seed)
+    n_choices = rng.choice([3, 4, 5], size=N, p=[0.05, 0.9, 0.05])
+    gold = rng.integers(0, n_choices)
+    lam = 1.0 / np.arange(1, D + 1)
+    q, _ = np.linalg.qr(rng.standard_normal((D, D)))
+    basis = np.sqrt(lam * D / lam.sum())[:, None] * q.T
+    noise = np.sqrt(0.5) * (rng.standard_normal((N, C, D)) + rng.standard_normal((N, 1, D)))
+    X = noise @ basis + 2 * rng.normal(size=D)
+    direction = rng.standard_normal(D)
+    X += strength * (np.arange(C)[None, :] == gold[:, None])[..., None] * direction / np.linalg.norm(direction)
+    X[np.arange(C)[None, :] >= n_choices[:, None]] = 0.0
+    return [X.astype(np.float32)], n_choices, gold, rng
 
 
 def softmax(s, mask):
@@ -126,6 +146,8 @@ def test_converged_multinomial_matches_sklearn():
     seeds = np.array([head_seed(0, "x"), head_seed(0, "y")])
     res = fit_and_score([X], n_choices, gold, rows, gold[rows], seeds,
                         ProbeConfig(head="multinomial", solver="converged", C=Cinv, tol=1e-6))
+    at_default = fit_and_score([X], n_choices, gold, rows, gold[rows], seeds,
+                               ProbeConfig(head="multinomial", solver="converged", C=Cinv))
     assert res.converged.all()
     for h in range(2):
         Xtr = X[rows[h]].astype(np.float64)
@@ -137,6 +159,9 @@ def test_converged_multinomial_matches_sklearn():
         ref_loss = nll + (clf.coef_**2).sum() / (2 * Cinv * n)
         assert abs(res.loss[h] - ref_loss) / ref_loss <= 1e-4
         np.testing.assert_allclose(res.p_gold[h], P[np.arange(N), gold], atol=2e-3)
+        # at the default tolerance p_gold is scikit-learn's optimum to the precision results are compared at
+        assert at_default.converged[h] and abs(at_default.loss[h] - ref_loss) / ref_loss <= 1e-5
+        np.testing.assert_allclose(at_default.p_gold[h], P[np.arange(N), gold], atol=P_GOLD_ATOL)
 
 
 @pytest.mark.parametrize("pad", ["mask", "zero"])
@@ -148,12 +173,15 @@ def test_converged_mc_matches_scipy(pad):
     seeds = np.array([0, 1])
     res = fit_and_score([X], n_choices, gold, rows, gold[rows], seeds,
                         ProbeConfig(head="mc", solver="converged", pad=pad, C=Cinv, tol=1e-6))
-    assert res.converged.all()
+    at_default = fit_and_score([X], n_choices, gold, rows, gold[rows], seeds,
+                               ProbeConfig(head="mc", solver="converged", pad=pad, C=Cinv))
+    assert res.converged.all() and at_default.converged.all()
     for h in range(2):
         real = np.arange(C)[None, :] < n_choices[rows[h]][:, None]
         Xtr = X[rows[h]].astype(np.float64)
         stats = Xtr.reshape(-1, X.shape[-1]) if pad == "zero" else Xtr[real]
-        Z = (Xtr - stats.mean(0)) / stats.std(0, ddof=1)
+        mu, sd = stats.mean(0), stats.std(0, ddof=1)
+        Z = (Xtr - mu) / sd
         mask = np.ones_like(real) if pad == "zero" else real
         y = gold[rows[h]]
         lam = 1.0 / (Cinv * n)
@@ -169,6 +197,33 @@ def test_converged_mc_matches_scipy(pad):
         opt = minimize(loss, np.zeros(X.shape[-1]), jac=True, method="L-BFGS-B",
                        options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 20000})
         assert abs(res.loss[h] - opt.fun) / opt.fun <= 1e-4
+        # at the default tolerance: the optimum's p_gold on every item, to the precision results are compared at
+        assert abs(at_default.loss[h] - opt.fun) / opt.fun <= 1e-5  # float32 evaluation
+        every = np.arange(C)[None, :] < n_choices[:, None]
+        s = np.where(np.ones_like(every) if pad == "zero" else every, ((X - mu) / sd) @ opt.x, -np.inf)
+        np.testing.assert_allclose(at_default.p_gold[h], softmax(s, np.isfinite(s))[np.arange(len(gold)), gold],
+                                   atol=P_GOLD_ATOL)
+
+
+def test_converged_head_fitted_alone_equals_the_head_fitted_in_a_batch():
+    """A head fitted alone, in a batch (a vmapped chunk on the device path, a shared kernel size on
+    the host) and on the other path gives the same p_gold to 1e-4 at the default tolerance: each fit
+    is at the optimum, whatever rounding its path took (a looser tolerance stops each path at its
+    own distance from the optimum)."""
+    Xs, n_choices, gold, rng = correlated_problem()
+    rows = np.stack([rng.choice(len(gold), 100, replace=False) for _ in range(8)])
+    seeds = np.array([head_seed(0, f"h{h}") for h in range(8)])
+    cfg = ProbeConfig(solver="converged")
+    batch = fit_and_score(Xs, n_choices, gold, rows, gold[rows], seeds, cfg, host=False)
+    alone = fit_and_score(Xs, n_choices, gold, rows, gold[rows], seeds, cfg, host=False, chunk=1)
+    host = fit_and_score(Xs, n_choices, gold, rows, gold[rows], seeds, cfg, host=True)
+    host_alone = [fit_and_score(Xs, n_choices, gold, rows[h:h + 1], gold[rows[h:h + 1]], seeds[h:h + 1], cfg,
+                                host=True).p_gold[0] for h in range(2)]
+    for res in (batch, alone, host):
+        assert res.converged.all()
+    np.testing.assert_allclose(alone.p_gold, batch.p_gold, atol=1e-4)
+    np.testing.assert_allclose(host.p_gold, batch.p_gold, atol=1e-4)
+    np.testing.assert_allclose(host_alone, host.p_gold[:2], atol=1e-4)
 
 
 @pytest.mark.parametrize("head", ["mc", "multinomial"])
@@ -272,8 +327,8 @@ def test_paper_refits_non_finite_weights():
     for host in (True, False):
         ok = fit_and_score(Xs, n_choices, gold, rows, gold[rows], np.arange(2), ProbeConfig(), host=host)
         assert ok.converged.all() and (ok.steps == 100).all() and ok.correct.any()
-        bad = fit_and_score(Xs, n_choices, gold, rows, gold[rows], np.arange(2), ProbeConfig(lr=float("nan")),
-                            host=host)
+        bad = fit_and_score(Xs, n_choices, gold, rows, gold[rows], np.arange(2), ProbeConfig(lr=1e30),
+                            host=host)  # steps that overflow float32
         assert not bad.converged.any() and (bad.steps == 400).all()
         assert np.isnan(bad.p_gold).all() and not bad.correct.any()
 
@@ -305,6 +360,14 @@ def test_config_validation():
         ProbeConfig(pad="drop")
     with pytest.raises(ProbekitError, match="solver must be one of"):
         ProbeConfig(solver="adam")
+    # every numeric option: finite and in range, refused in one line naming the option
+    for name, value in (("C", float("nan")), ("C", float("inf")), ("C", 0.0), ("C", -1.0), ("tol", float("nan")),
+                        ("tol", 0.0), ("l2", float("nan")), ("l2", -0.5), ("lr", float("inf")), ("lr", 0.0),
+                        ("max_grad_norm", float("nan")), ("steps", 0), ("steps", 2.5), ("max_newton", 0)):
+        with pytest.raises(ProbekitError, match=f"^{name} must be a (finite|whole) number [>=]+ [01], got ") as exc:
+            ProbeConfig(solver="converged", **{name: value})
+        assert "\n" not in str(exc.value)
+    ProbeConfig(l2=0.0, C=1e-3, tol=1e-12, steps=1, max_newton=1)  # the edges that are allowed
 
 
 def test_same_numbers_on_four_devices(tmp_path):
@@ -349,3 +412,56 @@ def test_solver_registry():
     assert solver_names("both") == list(SOLVERS) and solver_names("paper") == ["paper"]
     for name, spec in SOLVERS.items():
         assert spec.name == name and spec.objective and f"{name}:" in _SOLVER_HELP
+
+
+@pytest.mark.parametrize("head", ["mc", "multinomial"])
+def test_zero_weight_heads_are_flagged_by_the_kkt_condition(head):
+    """With the paper's unsquared penalty, zero weights are the exact optimum iff the NLL's gradient at
+    zero weights (best bias for a multinomial head) has norm <= l2 in standardised units. The flag
+    equals that condition computed plainly in D dimensions; the converged solver never flags."""
+    rng = np.random.default_rng(29)
+    N, D, n, H = 120, 16, 30, 6
+    n_choices = rng.choice([3, 4], size=N)
+    gold = rng.integers(0, n_choices)
+    if head == "mc":
+        X = rng.normal(size=(N, C, D)).astype(np.float32)
+        X[np.arange(C)[None, :] >= n_choices[:, None]] = 0.0
+    else:
+        X = rng.normal(size=(N, D)).astype(np.float32)
+    rows = np.stack([rng.choice(N, n, replace=False) for _ in range(H)])
+    l2s = (0.3, 1.0, 3.0)
+    flags = {l2: fit_and_score([X], n_choices, gold, rows, gold[rows], np.arange(H), ProbeConfig(head=head, l2=l2),
+                               host=host).zero_weights for l2 in l2s for host in (True,)}
+    device = fit_and_score([X], n_choices, gold, rows, gold[rows], np.arange(H), ProbeConfig(head=head), host=False)
+    np.testing.assert_array_equal(device.zero_weights, flags[1.0])
+    conv = fit_and_score([X], n_choices, gold, rows, gold[rows], np.arange(H), ProbeConfig(head=head, solver="converged"))
+    assert not conv.zero_weights.any()
+    seen = set()
+    for h in range(H):
+        r, y = rows[h], gold[rows[h]]
+        Xt = X[r].astype(np.float64)
+        if head == "mc":
+            real = np.arange(C)[None, :] < n_choices[r][:, None]
+            mu, sd = Xt[real].mean(0), Xt[real].std(0, ddof=1)
+            Z = np.where(real[..., None], (Xt - mu) / sd, 0.0)
+            P = real / real.sum(1, keepdims=True)  # uniform over the real choices at w = 0
+            grad = np.einsum("nc,ncd->d", P - np.eye(C)[y], Z) / n
+        else:
+            mu, sd = Xt.mean(0), Xt.std(0, ddof=1)
+            Z = (Xt - mu) / sd
+            mask = np.arange(C)[None, :] < n_choices[r][:, None]
+
+            def nll(b):
+                s = np.where(mask, b[None, :], -np.inf)
+                return -(s[np.arange(n), y] - np.log(np.exp(s).sum(1))).mean()
+
+            b = minimize(nll, np.zeros(C), method="BFGS", options={"gtol": 1e-10}).x
+            s = np.where(mask, b[None, :], -np.inf)
+            P = np.exp(s - np.log(np.exp(s).sum(1, keepdims=True)))
+            grad = Z.T @ (P - np.eye(C)[y]) / n
+        norm = np.linalg.norm(grad)
+        for l2 in l2s:
+            if abs(norm - l2) > 1e-3 * l2:  # away from the boundary, where float32 decides
+                assert flags[l2][h] == (norm <= l2), (h, l2, norm)
+                seen.add(bool(norm <= l2))
+    assert seen == {True, False}  # both kinds of head occur

@@ -310,3 +310,38 @@ def test_cli_report(tmp_path):
     assert bad.exit_code == 2 and "error: results directory not found" in bad.output
     help_text = runner.invoke(app, ["report", "--help"]).output
     assert "Example:" in help_text
+
+
+def test_zero_weight_heads_are_counted_and_left_out(tmp_path):
+    """Heads flagged in the zero_weights column (exact optimum at zero weights) are counted per layer
+    and, by default, left out of the statistics; `zero_weights="include"` keeps them. Tables written
+    without the column read as having no such heads."""
+    df = make_results(tmp_path / "res", experiments=("population",))
+    plain = build_report(tmp_path / "res", tmp_path / "plain", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20")
+    assert plain["zero_weight_heads"]["zero_weight_heads"] == 0
+    assert "zero weights" not in (tmp_path / "plain" / "report.md").read_text()
+    flagged = (df.layer == "20") & (df.measure == "grade") & (df.train_level == "hard") & (df.draw == 1)
+    df["zero_weights"] = flagged
+    df.to_parquet(tmp_path / "res" / "results.parquet")
+    out = build_report(tmp_path / "res", tmp_path / "rep", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20")
+    zero = out["zero_weight_heads"]
+    assert zero["excluded"] and zero["zero_weight_heads"] == 1
+    by_layer = {r["layer"]: r for r in zero["by_layer"]}
+    assert by_layer["20"]["zero_weight_heads"] == 1 and by_layer["20"]["which"] == ["grade/hard/draw 1"]
+    rec = next(r for r in out["population"] if (r["measure"], r["layer"]) == ("grade", "20"))
+    where = dict(experiment="population", measure="grade", layer="20", test_level="hard")
+    hard, _ = matrix(df[~flagged], train_level="hard", **where)
+    assert hard.shape[1] == 2 and same(rec["accuracy"]["hard"], crossed_bootstrap(hard, 200, SEED))
+    (easy, e_ids), (hard2, h_ids) = (matrix(df, train_level="easy", **where), matrix(df[~flagged], train_level="hard", **where))
+    A, B = align((easy[:, [0, 2]], e_ids), (hard2, h_ids))  # paired over the draws both levels keep
+    assert same(rec["hard_minus_easy"], paired_difference(A, B, 200, SEED))
+    assert "## Heads with zero weights" in (tmp_path / "rep" / "report.md").read_text()
+    assert rec["zero_weight_heads"] == {"easy": 0, "medium": 0, "hard": 1, "all": 0}
+    csv = pd.read_csv(tmp_path / "rep" / "population.csv")
+    assert csv[(csv.measure == "grade") & (csv.layer.astype(str) == "20")]["zero_weight_heads_hard"].tolist() == [1]
+    kept = build_report(tmp_path / "res", tmp_path / "all", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20",
+                        zero_weights="include")
+    rec = next(r for r in kept["population"] if (r["measure"], r["layer"]) == ("grade", "20"))
+    assert same(rec["accuracy"]["hard"], crossed_bootstrap(matrix(df, train_level="hard", **where)[0], 200, SEED))
+    with pytest.raises(ProbekitError, match="zero_weights must be exclude or include"):
+        build_report(tmp_path / "res", tmp_path / "bad", zero_weights="drop")

@@ -23,7 +23,7 @@ from probekit.probe import RESULTS, SWEEP_JSON, hardness, sweep
 from probekit.store import Cache, write_cache
 
 COLUMNS = ["experiment", "site", "layer", "measure", "train_level", "draw", "n_train", "label_noise", "solver",
-           "item_id", "test_level", "correct", "p_gold", "method"]
+           "item_id", "test_level", "correct", "p_gold", "method", "zero_weights"]
 LAYERS = [2, 3, 4]  # a 4-layer model: middle = ceil(5/2) = 3, last = 4
 D, C = 24, 5
 
@@ -110,6 +110,10 @@ def test_population_table(cache_dir, population):
     meta = json.loads((out / SWEEP_JSON).read_text())
     assert meta["seed"] == 3 and meta["config"]["pad"] == "zero" and meta["heads_per_second"] > 0
     assert meta["counts"]["rows"] == len(df)
+    # heads whose exact optimum has zero weights: flagged per head (paper solver only), counted in sweep.json
+    assert df.zero_weights.dtype == bool and not df[df.solver != "paper"].zero_weights.any()
+    flagged = df[df.zero_weights].groupby(["layer", "measure", "train_level", "draw"], observed=True).ngroups
+    assert meta["counts"]["zero_weight_fits"] == sum(meta["counts"]["zero_weight_fits_by_layer"].values()) <= flagged
     assert not list(out.glob(".*tmp"))
 
 
@@ -247,3 +251,28 @@ def test_failed_sweep_leaves_no_folder(cache_dir, tmp_path):
     with pytest.raises(ProbekitError, match="is not an ICL score directory"):
         sweep(cache_dir, tmp_path / "r", icl=[tmp_path / "no-icl"], **SMALL)
     assert not (tmp_path / "r").exists()
+
+
+def test_non_finite_probe_options_are_refused_in_one_line(cache_dir, tmp_path):
+    """`--C nan` (inf, <= 0) and a bad `--tol` stop the sweep before it reads the cache: exit code 2, one
+    line naming the option, nothing written. The tolerance used is recorded in sweep.json."""
+    import inspect
+
+    from probekit.cli.sweep_cmd import sweep_cmd
+    from probekit.probe.solvers import DEFAULT_TOL
+
+    runner = CliRunner()
+    base = ["sweep", str(cache_dir), "--out", str(tmp_path / "r"), "--solver", "converged", "--measures", "grade",
+            "--layers", "4", "--n-train", "40", "--draws", "1"]
+    for option, value in (("--C", "nan"), ("--C", "inf"), ("--C", "0"), ("--C", "-1"), ("--tol", "nan"),
+                          ("--tol", "0")):
+        res = runner.invoke(app, [*base, option, value])
+        assert res.exit_code == 2, (option, value, res.output)
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {option[2:]} must be a finite number"), res.output
+        assert not (tmp_path / "r").exists()
+    res = runner.invoke(app, [*base, "--tol", "1e-6", "--no-verify"])
+    assert res.exit_code == 0, res.output
+    meta = json.loads((tmp_path / "r" / SWEEP_JSON).read_text())
+    assert meta["config"]["probe"]["converged"]["tol"] == 1e-6
+    assert inspect.signature(sweep_cmd).parameters["tol"].default.default == DEFAULT_TOL

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
+import numbers
 import threading
 from dataclasses import dataclass
 from functools import partial, wraps
@@ -68,7 +70,7 @@ class ProbeConfig:
     steps: int = 100
     max_grad_norm: float = 1.0
     C: float = 1.0
-    tol: float = 1e-4
+    tol: float = solvers.DEFAULT_TOL
     max_newton: int = 50
 
     def __post_init__(self) -> None:
@@ -76,8 +78,20 @@ class ProbeConfig:
                                      ("pad", self.pad, PAD_MODES)):
             if value not in allowed:
                 raise ProbekitError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        if self.C <= 0 or self.l2 < 0:
-            raise ProbekitError(f"C must be > 0 and l2 >= 0, got C={self.C}, l2={self.l2}")
+        for name, low, strict in _NUMBERS:
+            value = getattr(self, name)
+            whole = name in _COUNTS
+            ok = (isinstance(value, numbers.Integral) if whole else isinstance(value, numbers.Real)) \
+                and not isinstance(value, bool) and math.isfinite(value) and (value > low if strict else value >= low)
+            if not ok:
+                kind = "a whole number" if whole else "a finite number"
+                raise ProbekitError(f"{name} must be {kind} {'>' if strict else '>='} {low:g}, got {value!r}")
+
+
+#: Numeric options of :class:`ProbeConfig` and their bounds: (name, bound, strictly above it).
+_NUMBERS = (("l2", 0, False), ("lr", 0, True), ("steps", 1, False), ("max_grad_norm", 0, True), ("C", 0, True),
+            ("tol", 0, True), ("max_newton", 1, False))
+_COUNTS = ("steps", "max_newton")
 
 
 def head_seed(seed: int, name: str) -> int:
@@ -165,6 +179,7 @@ class HeadResults:
     converged: np.ndarray
     grad_norm: np.ndarray
     steps: np.ndarray
+    zero_weights: np.ndarray  # (H,) bool: zero weights are the exact optimum (solvers.zero_is_optimal)
 
 
 def _mesh(devices: Sequence[jax.Device] | None) -> Mesh:
@@ -410,7 +425,8 @@ def _fit_and_score_host(layer: PreparedLayer, n_choices, gold, rows, labels, see
         """Head ``i`` under every configuration: [(folded weights, offset, fit stats)]."""
         scratch = local.__dict__.setdefault("scratch", Scratch())
         out = _fit_head(Xs, rows[i], labels[i], w0, b0, layout.take(i), cfgs, solve(i), scratch)
-        return [(folded, offset, (fit.loss, fit.converged, fit.grad_norm, fit.steps)) for folded, offset, fit in out]
+        return [(folded, offset, (fit.loss, fit.converged, fit.grad_norm, fit.steps, fit.zero_weights))
+                for folded, offset, fit in out]
 
     def submit(lo: int) -> list:
         """Draw the initial weights of heads ``lo ..`` (one block) and queue their fits."""
@@ -437,8 +453,8 @@ def _fit_and_score_host(layer: PreparedLayer, n_choices, gold, rows, labels, see
             folded = [np.stack([o[0][l] for o in out]) for l in range(len(Xs))]
             offsets = np.stack([o[1] for o in out])
             p_gold, correct = _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool)
-            loss, conv, gnorm, steps = (np.array([o[2][k] for o in out]) for k in range(4))
-            results.append(HeadResults(p_gold, correct, loss, conv, gnorm, steps))
+            loss, conv, gnorm, steps, zero = (np.array([o[2][k] for o in out]) for k in range(5))
+            results.append(HeadResults(p_gold, correct, loss, conv, gnorm, steps, zero.astype(bool)))
     return results
 
 
@@ -478,7 +494,8 @@ def _fit_and_score_device(layer: PreparedLayer, n_choices, gold, rows, labels, s
         keep = min(h_chunk, H - lo)
         folded.append([v[:keep] for v in f])
         offsets.append(off[:keep])
-        stats.append([np.asarray(x)[:keep] for x in (fit.loss, fit.converged, fit.grad_norm, fit.steps)])
+        stats.append([np.asarray(x)[:keep] for x in (fit.loss, fit.converged, fit.grad_norm, fit.steps,
+                                                     fit.zero_weights)])
         if on_chunk is not None:
             on_chunk(keep)
     folded = [jnp.concatenate([f[i] for f in folded]) for i in range(len(Xd))]
@@ -492,5 +509,5 @@ def _fit_and_score_device(layer: PreparedLayer, n_choices, gold, rows, labels, s
         keep = min(score_chunk, H - lo)
         p_gold.append(np.asarray(p)[:keep])
         correct.append(np.asarray(c)[:keep])
-    loss, conv, gnorm, steps = (np.concatenate([s[i] for s in stats]) for i in range(4))
-    return HeadResults(np.concatenate(p_gold), np.concatenate(correct), loss, conv, gnorm, steps)
+    loss, conv, gnorm, steps, zero = (np.concatenate([s[i] for s in stats]) for i in range(5))
+    return HeadResults(np.concatenate(p_gold), np.concatenate(correct), loss, conv, gnorm, steps, zero.astype(bool))

@@ -24,7 +24,7 @@ from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
 from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, head_seed, prepare
 from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan
-from probekit.probe.solvers import SOLVERS, solver_names
+from probekit.probe.solvers import DEFAULT_TOL, SOLVERS, solver_names
 from probekit.store import Cache
 from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
 from probekit.store.icl_scores import load_icl
@@ -173,6 +173,7 @@ def sweep(
     levels: Sequence[str] | None = None,
     pad: str = "mask",
     C: float = 1.0,
+    tol: float = DEFAULT_TOL,
     cutoffs: Mapping[str, Cutoff] | None = None,
     zero_shot: bool = True,
     icl: Sequence[str | os.PathLike] = (),
@@ -191,7 +192,8 @@ def sweep(
     or question_end (multinomial head).
     ``solver``: a name in :data:`probekit.probe.solvers.SOLVERS` (paper, converged), several, or
     both. ``pad``: mask (default) or zero (the protocol's zero-padding). ``C``: converged
-    solver's inverse regularisation (scikit-learn's C).
+    solver's inverse regularisation (scikit-learn's C); ``tol``: its relative optimality (see
+    :class:`~probekit.probe.engine.ProbeConfig`). Bad options are refused before the cache is read.
     ``levels``: restrict the training levels (e.g. ``["easy", "hard"]``).
     ``cutoffs``: per-measure level rules overriding the defaults. ``progress(done, total, layer)``
     is called as heads complete. Returns the contents of ``sweep.json``.
@@ -201,15 +203,15 @@ def sweep(
         ...       layers="middle_and_last", solver="both")
     """
     t0 = time.perf_counter()
+    if site not in SITE_HEAD:
+        raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
+    solvers = solver_names(solver)
+    configs = {s: ProbeConfig(head=SITE_HEAD[site], solver=s, pad=pad, C=C, tol=tol) for s in solvers}
     cache = open_cache(cache, verify)
     if experiment not in EXPERIMENTS:
         raise ProbekitError(f"unknown experiment {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
-    if site not in SITE_HEAD:
-        raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
     if site not in cache.sites:
         raise ProbekitError(f"site {site!r} is not in cache {cache.path}; it holds {cache.sites}")
-    solvers = solver_names(solver)
-    configs = {s: ProbeConfig(head=SITE_HEAD[site], solver=s, pad=pad, C=C) for s in solvers}
     dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
     items, measures = load_items(cache, measures)
     stray = [m for m in (cutoffs or {}) if m not in measures]
@@ -239,6 +241,7 @@ def sweep(
     fit_seconds = compile_first(cache, frame.n_choices, [np.stack([h.rows for h in g]) for g in groups.values()],
                                 list(configs.values()), sets, devices)
     not_converged = 0
+    zero_fits: dict[str, int] = {}  # feature set -> fits whose exact optimum has zero weights
     with ResultsWriter(out) as batch:  # refuses a directory another writer holds
         if zero_shot:
             choice_sum, _ = cache.logprobs()
@@ -265,13 +268,16 @@ def sweep(
                 fit_seconds += time.perf_counter() - t1
                 for s, res in zip(configs, results):
                     not_converged += int((~res.converged).sum())
+                    if res.zero_weights.any():
+                        zero_fits[label] = zero_fits.get(label, 0) + int(res.zero_weights.sum())
                     for i, h in enumerate(group):
                         test = _test_rows(frame, h)
                         for m in h.measures:
                             batch.append(rows.table(
                                 layer=label, measure=m, train_level=h.train_level, draw=h.draw,
                                 n_train=h.n_train, noise=h.label_noise, solver=s, rows=test,
-                                correct=res.correct[i, test], p_gold=res.p_gold[i, test]))
+                                correct=res.correct[i, test], p_gold=res.p_gold[i, test],
+                                zero_weights=bool(res.zero_weights[i])))
             del Xs
         wall = time.perf_counter() - t0
         record = {
@@ -296,6 +302,7 @@ def sweep(
             "counts": {
                 "heads": len(heads), "feature_sets": len(sets), "fits": n_fits, "rows": rows.n_rows,
                 "probe_items": int(len(frame.probe)), "not_converged": not_converged,
+                "zero_weight_fits": sum(zero_fits.values()), "zero_weight_fits_by_layer": zero_fits,
                 "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
                            for m in measures},
             },

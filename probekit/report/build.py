@@ -28,6 +28,7 @@ from probekit.errors import ProbekitError
 from probekit.report import plots
 from probekit.report.tables import (
     HARD,
+    ZERO_SHOT,
     Headline,
     all_to_all_table,
     choose_headline,
@@ -40,6 +41,7 @@ from probekit.report.tables import (
     population_table,
     to_markdown,
     transfer_table,
+    zero_weight_heads,
 )
 from probekit.store.outdir import OutputDir, remove_temporaries, write_error
 from probekit.store.results import cache_hash
@@ -64,6 +66,7 @@ def build_report(
     site: str | None = None,
     layer: str | None = None,
     solver: str | None = None,
+    zero_weights: str = "exclude",
     progress: ProgressFn | None = None,
 ) -> dict:
     """Build the report of a sweep's results directory and return the summary.
@@ -75,19 +78,31 @@ def build_report(
     ``paper`` solver (see :func:`probekit.report.tables.choose_headline`). Every layer is
     reported in ``population.csv``. ``progress(done, total, what)`` is called after each unit of
     work. Bad or incomplete results raise :class:`ProbekitError` before anything is written.
+
+    ``zero_weights``: what to do with heads whose exact optimum has zero weights (the results'
+    ``zero_weights`` column, :func:`probekit.probe.solvers.zero_is_optimal`): ``"exclude"`` (the
+    default) leaves their rows out of every accuracy, SGR, difference, table and plot, since their
+    predictions are decided by what the last SGD steps left, not by the data; ``"include"`` keeps
+    them. Either way their counts per layer are in ``summary.json`` and ``report.md``.
     """
     for name, value in (("n_boot", n_boot), ("n_boot_sgr", n_boot_sgr)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
+    if zero_weights not in ("exclude", "include"):
+        raise ProbekitError(f"zero_weights must be exclude or include, got {zero_weights!r}")
     res = load_results(results_dir)
     table = res.table
+    zero = zero_weight_heads(table)
+    if zero_weights == "exclude":
+        table = table[~table["zero_weights"].astype(bool)]
     headline = choose_headline(table, site, layer, solver)
     experiments = sorted(table["experiment"].unique())
 
     tick = _Ticker(progress, _count_tasks(table))
     population = population_table(table, n_boot, n_boot_sgr, seed, tick, headline)
+    _count_zero_weight_heads(population, res.table)
     all_to_all = all_to_all_table(table, n_boot, seed, tick)
     curves = {exp: curve_table(table, exp, spec[0], n_boot, seed, tick) for exp, spec in CURVES.items()}
     transfer = transfer_table(table, headline) if headline else pd.DataFrame()
@@ -117,6 +132,14 @@ def build_report(
             "differences": {"hard_minus_easy": "hard-trained minus easy-trained",
                             "easy_minus_zero_shot": "easy-trained minus zero-shot"},
         },
+        "zero_weight_heads": {
+            "rule": "zero weights are the exact optimum of the head's objective: the NLL gradient at zero "
+                    "weights has norm <= the unsquared penalty l2 (standardised units)",
+            "excluded": zero_weights == "exclude",
+            "heads": sum(r["heads"] for r in zero),
+            "zero_weight_heads": sum(r["zero_weight_heads"] for r in zero),
+            "by_layer": zero,
+        },
         "population": population,
         "transfer": transfer.to_dict(orient="records"),
         "all_to_all": all_to_all,
@@ -127,6 +150,17 @@ def build_report(
     summary = _jsonable(summary)
     _write(Path(out_dir), summary, headline, population, all_to_all, curves, transfer)
     return summary
+
+
+def _count_zero_weight_heads(population: list[dict], table: pd.DataFrame) -> None:
+    """Add to each population record ``zero_weight_heads``: per training level, how many of its heads
+    have zero weights as their exact optimum (left out of its numbers unless included)."""
+    flagged = table[table["zero_weights"].astype(bool) & (table["experiment"] == "population")]
+    heads = flagged.drop_duplicates(["measure", "site", "layer", "solver", "train_level", "draw", "n_train"])
+    counts = heads.groupby(["measure", "site", "layer", "solver", "train_level"], observed=True).size()
+    for r in population:
+        r["zero_weight_heads"] = {lv: int(counts.get((r["measure"], r["site"], r["layer"], r["solver"], lv), 0))
+                                  for lv in r["accuracy"] if lv != ZERO_SHOT}
 
 
 class _Ticker:
@@ -203,7 +237,8 @@ def _write_files(tmp: Path, summary, headline, population, all_to_all, curves, t
     figs = {}
     if headline:
         figs["sgr"] = png(plots.plot_sgr(population, headline, tmp / "sgr.png"))
-        figs["layers"] = png(plots.plot_layer_curves(population, headline, tmp / "layer_curves.png"))
+        figs["layers"] = png(plots.plot_layer_curves(population, headline, tmp / "layer_curves.png",
+                                                     summary["zero_weight_heads"]["excluded"]))
         figs["transfer"] = png(plots.plot_transfer(transfer, headline, tmp / "transfer.png"))
     for exp, (x, stem, title, xlabel) in CURVES.items():
         figs[exp] = png(plots.plot_curves(curves[exp], x, tmp / f"{stem}.png", title, xlabel, headline))
@@ -238,6 +273,7 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
                          ("transfer", "Accuracy by training and test level")):
             if figs.get(key):
                 lines += [f"![{alt}]({figs[key]})", ""]
+    lines += _zero_weight_lines(summary["zero_weight_heads"])
     if population:
         lines += ["## Population table, every site, layer and solver", "",
                   to_markdown(population_display(population)), "Numbers: `population.csv`.", ""]
@@ -260,6 +296,23 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
                   json.dumps(summary["sweep"], indent=2), "```", "", "</details>", ""]
     lines += ["## Files", "", *[f"- [{f}]({f})" for f in [*files, "summary.json"]], ""]
     return "\n".join(lines)
+
+
+def _zero_weight_lines(zero: dict) -> list[str]:
+    """The report's section on heads whose exact optimum has zero weights: counts per layer."""
+    if not zero["zero_weight_heads"]:
+        return []
+    rows = [r for r in zero["by_layer"] if r["zero_weight_heads"]]
+    frame = pd.DataFrame([{"experiment": r["experiment"], "site": r["site"], "layer": r["layer"],
+                           "solver": r["solver"], "zero-weight heads": f"{r['zero_weight_heads']} of {r['heads']}",
+                           "heads (measure/level/draw)": ", ".join(r["which"])} for r in rows])
+    what = ("left out of every accuracy, SGR, difference, table and plot in this report" if zero["excluded"]
+            else "included in the statistics of this report (`--zero-weights include`)")
+    return ["## Heads with zero weights", "",
+            f"{zero['zero_weight_heads']} of {zero['heads']} trained heads have zero weights as the exact optimum of "
+            "their objective (the NLL's gradient at zero weights is within the unsquared L2 penalty): every "
+            "choice scores the same, and what the last SGD steps left decides their predictions. They are "
+            f"{what}.", "", to_markdown(frame), ""]
 
 
 def _curve_display(records: list[dict], x: str) -> pd.DataFrame:

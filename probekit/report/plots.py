@@ -49,8 +49,11 @@ def _percent(stat: dict | None, key: str) -> float:
     return 100.0 * stat[key] if stat and stat[key] is not None else math.nan
 
 
-def plot_layer_curves(records: list[dict], headline: Headline, path: Path) -> Path | None:
-    """Hard-test accuracy per layer and training level at the headline site and solver."""
+def plot_layer_curves(records: list[dict], headline: Headline, path: Path, zero_left_out: bool = True) -> Path | None:
+    """Hard-test accuracy per layer and training level at the headline site and solver. Points where
+    some of the level's heads have zero weights as their exact optimum (a record's
+    ``zero_weight_heads``) are ringed: those heads are left out of the point (``zero_left_out``) or
+    in it."""
     recs = [r for r in records if r["site"] == headline.site and r["solver"] == headline.solver and r["layer"]]
     measures = sorted({r["measure"] for r in recs})
     if not measures:
@@ -81,6 +84,12 @@ def plot_layer_curves(records: list[dict], headline: Headline, path: Path) -> Pa
                 else:
                     ax.errorbar(x, y, yerr=[y - lo, hi - y], fmt="D", ms=4, color=c, capsize=3,
                                 label=None if singles else label)
+                ringed = np.array([r.get("zero_weight_heads", {}).get(level, 0) > 0 for r in group])
+                if ringed.any():
+                    what = "heads with zero weights " + ("left out" if zero_left_out else "included")
+                    seen = what in ax.get_legend_handles_labels()[1]
+                    ax.scatter(x[ringed], y[ringed], s=60, facecolors="none", edgecolors="black", linewidths=1.0,
+                               zorder=5, label=None if seen else what)
         zero = next((r["accuracy"][ZERO_SHOT] for r in rm if ZERO_SHOT in r["accuracy"]), None)
         if zero:
             ax.axhline(100 * zero["point"], color=COLORS[ZERO_SHOT], ls="--", lw=1.2, label="zero-shot")

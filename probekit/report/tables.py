@@ -247,9 +247,21 @@ def _population_record(measure, key, group, zero_frame, n_boot, n_boot_sgr, seed
     for name, (base, other) in DIFFERENCES.items():
         record[name] = None
         if base in frames and other in frames:
-            A, B = aligned(frames[base], frames[other])
-            record[name] = paired_difference(A, B, n_boot, seed).to_dict()
+            A, B = _paired_draws(frames[base], frames[other])
+            if A is not None:
+                A, B = aligned(A, B)
+                record[name] = paired_difference(A, B, n_boot, seed).to_dict()
     return record
+
+
+def _paired_draws(A: pd.DataFrame, B: pd.DataFrame) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
+    """Two conditions' item x draw frames restricted to the draws both have (a one-draw baseline is
+    recycled as it is): the draws of a paired difference once heads with zero weights are left out.
+    (None, None) when they share no draw."""
+    if A.shape[1] == 1 or list(A.columns) == list(B.columns):
+        return A, B
+    common = A.columns.intersection(B.columns)
+    return (A[common], B[common]) if len(common) else (None, None)
 
 
 def transfer_table(table: pd.DataFrame, headline: Headline) -> pd.DataFrame:
@@ -329,6 +341,22 @@ def curve_table(table: pd.DataFrame, experiment: str, x: str, n_boot: int = 10_0
     return records
 
 
+def zero_weight_heads(table: pd.DataFrame) -> list[dict]:
+    """Per experiment, site, layer and solver: how many trained heads there are and how many have zero
+    weights as their exact optimum (the ``zero_weights`` column). A head is one (measure, training
+    level, draw, n_train, label noise) of a layer; a head trained on all items counts once per measure."""
+    trained = table[table["train_level"] != ZERO_SHOT]
+    keys = ["experiment", "site", "layer", "solver"]
+    head = ["measure", "train_level", "draw", "n_train", "label_noise"]
+    heads = trained.groupby(keys + head, sort=False, observed=True)["zero_weights"].any().reset_index()
+    records = []
+    for key, group in _groups(heads, keys):
+        zero = group[group["zero_weights"]]
+        records.append({**dict(zip(keys, key)), "heads": int(len(group)), "zero_weight_heads": int(len(zero)),
+                        "which": [f"{r.measure}/{r.train_level}/draw {r.draw}" for r in zero.itertuples()]})
+    return records
+
+
 # ----------------------------------------------------------------------------------------------
 # Flat frames and writers
 
@@ -350,8 +378,8 @@ def flatten(records: list[dict]) -> pd.DataFrame:
                     flat.update(_stat_columns(f"acc_{level}", stat))
             elif key == "accuracy":
                 flat.update(_stat_columns("acc", value))
-            elif key == "n_train" and isinstance(value, dict):
-                flat.update({f"n_train_{lv}": n for lv, n in value.items()})
+            elif key in ("n_train", "zero_weight_heads") and isinstance(value, dict):
+                flat.update({f"{key}_{lv}": n for lv, n in value.items()})
             elif isinstance(value, dict) or (value is None and key in ("sgr", *DIFFERENCES)):
                 flat.update(_stat_columns(key, value))
             else:

@@ -4,7 +4,9 @@ Every method that scores items (the probe sweep, and any later method) writes th
 :class:`ResultsWriter`; the report reads through :func:`read_results`.
 
 ``results.parquet`` has one row per (head, test item), in :data:`SCHEMA` (text columns
-dictionary-encoded). Build row batches with :class:`ResultRows`. ``sweep.json`` holds the run's
+dictionary-encoded). Build row batches with :class:`ResultRows`. ``zero_weights`` (bool) marks the
+rows of heads whose exact optimum has zero weights; a reader fills it with False for tables
+written without it. ``sweep.json`` holds the run's
 configuration: ``format`` (:data:`FORMAT`), the cache's manifest hash under
 :data:`CACHE_HASH_KEY`, and whatever else the writer records; the writer adds
 :data:`RESULTS_FILE_KEY` = ``{"name", "bytes", "sha256"}`` of the results file it belongs to.
@@ -57,13 +59,19 @@ SCHEMA = pa.schema([
     ("draw", pa.int32()), ("n_train", pa.int32()), ("label_noise", pa.float64()), ("solver", _STR),
     ("item_id", _STR), ("test_level", _STR), ("correct", pa.int8()), ("p_gold", pa.float32()),
     ("method", _STR),
+    ("zero_weights", pa.bool_()),
 ])
 COLUMNS = tuple(SCHEMA.names)
 #: The supervision methods a row can come from (the ``method`` column).
 METHODS = ("probe", "icl", "finetune", "zero_shot")
-#: Columns a results table must have to be read (``p_gold`` is optional; ``method`` is filled in
-#: by :func:`read_results` for tables written before it existed).
-REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c not in ("p_gold", "method"))
+#: Columns a reader fills when a table lacks them (tables written before they existed): name -> value,
+#: or a function of the table (``method``: :func:`method_of` its train level and site).
+FILLED = {
+    "method": lambda t: method_of(t["train_level"].astype(str), t["site"].astype(str)),
+    "zero_weights": lambda t: False,
+}
+#: Columns a results table must have to be read (``p_gold`` is optional).
+REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold" and c not in FILLED)
 #: Finished pieces of a resumable run: ``RES/parts/<key>.parquet`` and the run's identity.
 PARTS = "parts"
 RUN_FILE = "run.json"
@@ -103,9 +111,11 @@ class ResultRows:
 
     def table(self, *, layer: str, measure: str, train_level: str, draw: int, n_train: int, noise: float,
               solver: str, rows: np.ndarray, test_levels: np.ndarray, correct: np.ndarray,
-              p_gold: np.ndarray, method: str | None = None) -> pa.Table:
+              p_gold: np.ndarray, method: str | None = None, zero_weights: bool = False) -> pa.Table:
         """Rows for test items ``rows`` (indices into ``item_ids``) of one head. ``method`` defaults
-        to :func:`method_of` the train level and site (probe heads, zero-shot and ICL rows)."""
+        to :func:`method_of` the train level and site (probe heads, zero-shot and ICL rows);
+        ``zero_weights``: the head's exact optimum has zero weights
+        (:func:`probekit.probe.solvers.zero_is_optimal`)."""
         method = method_of(train_level, self.site) if method is None else method
         if method not in METHODS:
             raise ProbekitError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
@@ -119,6 +129,7 @@ class ResultRows:
             pa.DictionaryArray.from_arrays(pa.array(rows.astype(np.int32)), self.item_dict),
             self._levels(test_levels), pa.array(correct.astype(np.int8)), pa.array(p_gold.astype(np.float32)),
             self._const(method, n),
+            pa.array(np.full(n, bool(zero_weights))),
         ]
         return pa.Table.from_arrays(cols, schema=SCHEMA)
 
@@ -284,8 +295,9 @@ def read_results(results_dir: str | os.PathLike) -> Results:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
     if missing:
         raise ProbekitError(f"{path} lacks column(s) {', '.join(missing)}")
-    if "method" not in table.columns:
-        table["method"] = method_of(table["train_level"].astype(str), table["site"].astype(str))
+    for column, fill in FILLED.items():
+        if column not in table.columns:
+            table[column] = fill(table)
     return Results(root, table, sweep, found["sha256"])
 
 
