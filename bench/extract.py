@@ -13,9 +13,9 @@ model, one run measures:
 
 naive, shared and bare are interleaved batch by batch (rotating order) and averaged over the
 repetitions; each pipeline run sits between two bare passes and the median of the per-repetition
-ratios is reported, so load from other processes hits every mode alike. Peak memory (max RSS) is measured in child processes that run the
-whole pipeline on 1x and 4x the items with the same shard size: a bounded pipeline peaks at about
-the same memory.
+ratios is reported, so load from other processes hits every mode alike. Peak memory (max RSS) is
+measured in child processes that run the whole pipeline on 1x and 4x the items with the same shard
+size: a bounded pipeline peaks at about the same memory.
 
 Floors (2 CPU cores, SmolLM2-135M, 4-choice ARC prompts): shared >= 2.5x naive in items/s, and
 extract <= 10% slower than bare.

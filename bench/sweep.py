@@ -215,7 +215,7 @@ def _softmax(s, mask):
 
 
 def numpy_paper_fit(X, n_choices, gold, rows, w0, pad, steps=100):
-    """PROTOCOL §4 for one head in plain numpy (float32, vectorised within the fit), then every item
+    """docs/protocol.md §4 for one head in plain numpy (float32, vectorised within the fit), then every item
     scored with folded normalisation. Returns p(gold) for all items."""
     N, Cm, D = X.shape
     n = len(rows)
@@ -383,8 +383,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from probekit.probe import ProbeConfig, fit_and_score, head_seed, item_frame, plan
-    from probekit.probe.kernel import init_weights, mc_rows_needed
     from probekit.probe.engine import head_key
+    from probekit.probe.kernel import init_weights, mc_rows_needed
     from probekit.probe.runtime import default_workers
     from probekit.store import Cache
 
@@ -418,7 +418,7 @@ def main() -> None:
             t_np = []
             for h in sample:
                 w0 = np.asarray(init_weights(head_key(head_seed(0, h.name)), D)[0])
-                t_np.append(_timed(lambda: numpy_paper_fit(X, frame.n_choices, frame.gold, h.rows, w0, args.pad)))
+                t_np.append(_timed(lambda: numpy_paper_fit(X, frame.n_choices, frame.gold, h.rows, w0, args.pad)))  # noqa: F821 (X: deleted later on)
         print(f"  numpy paper loop with {threads or 'all'} BLAS threads: {np.median(t_np) * 1e3:.1f} ms/fit")
         ref["paper"] = min(ref["paper"], float(np.median(t_np)))
     torch_dev = torch_loop_device(args.torch_loop)

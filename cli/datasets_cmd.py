@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 from rich.table import Table
 
@@ -43,9 +41,9 @@ def datasets(ctx: typer.Context) -> None:
 @datasets_app.command("show")
 def show(
     name: str = typer.Argument(..., help="arc, mmlu, strategyqa, gsm8k, arc-sample, or a .jsonl/.csv file"),
-    measure: Optional[list[str]] = typer.Option(None, "--measure", "-m", help="Measure(s) to cut; default: all."),
-    data_dir: Optional[str] = DATA_DIR,
-    cutoff: Optional[str] = typer.Option(None, "--cutoff", help="Override the cut-off: 'EASY_MAX,HARD_MIN' or 'q30,q70'."),
+    measure: list[str] | None = typer.Option(None, "--measure", "-m", help="Measure(s) to cut; default: all."),
+    data_dir: str | None = DATA_DIR,
+    cutoff: str | None = typer.Option(None, "--cutoff", help="Override the cut-off: 'EASY_MAX,HARD_MIN' or 'q30,q70'."),
 ) -> None:
     """Print items per easy / medium / hard level for each difficulty measure.
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -11,8 +10,8 @@ from probekit.cli import app
 from probekit.cli.common import clean_errors, console
 
 
-def _default_out(model: Optional[str], quantize: Optional[str], bnb_type: str, dataset: str, limit: Optional[int],
-                 icl: Optional[int], demos_from: str, measure: str) -> Path:
+def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset: str, limit: int | None,
+                 icl: int | None, demos_from: str, measure: str) -> Path:
     from probekit.extract.models import DEFAULT_NAME, model_slug
 
     slug = model_slug(model) if model else DEFAULT_NAME
@@ -33,28 +32,28 @@ def _default_out(model: Optional[str], quantize: Optional[str], bnb_type: str, d
 def extract_cmd(
     dataset: str = typer.Option("bundled", "--dataset", "-d",
                                 help="arc | mmlu | strategyqa | gsm8k | bundled (offline ARC sample) | FILE.jsonl/.csv"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the original files (arc/, mmlu/, ...); "
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Folder with the original files (arc/, mmlu/, ...); "
                                            "default: $PROBEKIT_DATA_DIR, else the Hugging Face hub."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Hub id, local folder or FILE.gguf; "
+    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local folder or FILE.gguf; "
                                         "default: the offline SmolLM2-135M-Instruct (converted once under the cache root)."),
     dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto (float16 on CUDA, float32 on CPU)."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="bitsandbytes: 8bit | 4bit."),
+    quantize: str | None = typer.Option(None, "--quantize", help="bitsandbytes: 8bit | 4bit."),
     bnb_4bit_type: str = typer.Option("nf4", "--bnb-4bit-type", help="4-bit quantization type: nf4 | fp4."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto."),
-    device_map: Optional[str] = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs."),
+    device_map: str | None = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs."),
     layers: str = typer.Option("all", "--layers", help="all | middle_and_last | middle | last | comma-separated hidden_states "
                                "indices (0 = embeddings, L = last, -1 = L); the grammar `probekit sweep --layers` reads."),
     sites: str = typer.Option("answer_end,question_end", "--sites", help="Token positions: answer_end, question_end."),
     batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (all choices of an item share one row)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Items per HDF5 shard (the unit of resuming)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache directory; default cache/<model-slug>__<dataset>."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Only the first N items."),
-    icl: Optional[int] = typer.Option(None, "--icl", help="Score k-shot prompts with K demonstrations instead of caching hidden states."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Cache directory; default cache/<model-slug>__<dataset>."),
+    limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
+    icl: int | None = typer.Option(None, "--icl", help="Score k-shot prompts with K demonstrations instead of caching hidden states."),
     demos_from: str = typer.Option("easy", "--demos-from", help="Level the ICL demonstrations come from: easy | medium | hard."),
     measure: str = typer.Option("grade", "--measure", help="Difficulty measure that defines the ICL level."),
     draws: int = typer.Option(5, "--draws", help="ICL draws of demonstrations."),
     seed: int = typer.Option(0, "--seed", help="Seed of the ICL draws."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Run a question set through a model once; cache hidden states and choice log-probs.

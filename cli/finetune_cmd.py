@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn
@@ -28,20 +27,20 @@ def finetune_cmd(
     cache_dir: Path = typer.Argument(..., help="Cache directory written by `probekit extract` (ids, levels, "
                                                "zero-shot scores, model and prompt)."),
     out: Path = typer.Option(..., "--out", "-o", help="Results directory (results.parquet, sweep.json, parts/)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="The cache's question set (default: the "
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="The cache's question set (default: the "
                                           "name in its manifest)."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Folder with the original files, as for extract."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Folder with the original files, as for extract."),
     experiment: str = typer.Option("population", "--experiment", "-e",
                                    help="population | all_to_all | learning_curve | label_noise."),
-    measures: Optional[str] = typer.Option(None, "--measures", "-m", help="Comma-separated measures (default: all)."),
-    levels: Optional[str] = typer.Option(None, "--levels", help="Training levels, e.g. easy,hard (default: all)."),
-    test_levels: Optional[str] = typer.Option(None, "--test-levels", help="Score only these levels, e.g. hard."),
+    measures: str | None = typer.Option(None, "--measures", "-m", help="Comma-separated measures (default: all)."),
+    levels: str | None = typer.Option(None, "--levels", help="Training levels, e.g. easy,hard (default: all)."),
+    test_levels: str | None = typer.Option(None, "--test-levels", help="Score only these levels, e.g. hard."),
     n_train: str = typer.Option("160", "--n-train", help="Training size(s)."),
     label_noise: str = typer.Option("0,0.05,0.1,0.2,0.3", "--label-noise", help="Noise rates for label_noise."),
     draws: int = typer.Option(5, "--draws", help="Training draws per condition."),
     seed: int = typer.Option(0, "--seed", help="Seed of draws (as the sweep), adapters and data order."),
     cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule, as for sweep (repeatable)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model to load (default: the cache's)."),
+    model: str | None = typer.Option(None, "--model", help="Model to load (default: the cache's)."),
     quantize: str = typer.Option("auto", "--quantize", help="auto (8bit on CUDA, none on CPU) | none | 8bit | 4bit."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
@@ -61,7 +60,7 @@ def finetune_cmd(
     optimizer: str = typer.Option("auto", "--optimizer", help="auto (adam8bit on an 8-bit base, else adamw) | "
                                                               "adamw | adam8bit."),
     zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Add the cache's zero-shot rows."),
-    save_adapters: Optional[Path] = typer.Option(None, "--save-adapters", help="Keep each head's adapters (PEFT)."),
+    save_adapters: Path | None = typer.Option(None, "--save-adapters", help="Keep each head's adapters (PEFT)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard hashes first."),
 ) -> None:
     """Fine-tune fresh LoRA adapters for every measure x train level x draw x n_train (the sweep's
@@ -80,7 +79,7 @@ def finetune_cmd(
     from probekit.finetune import Recipe, finetune
     from probekit.store import Cache
 
-    def _names(text: Optional[str]) -> Optional[list[str]]:
+    def _names(text: str | None) -> list[str] | None:
         return [x.strip() for x in text.split(",") if x.strip()] if text else None
 
     with clean_errors():

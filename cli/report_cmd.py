@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
-from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
-)
 from rich import box
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -33,10 +38,10 @@ def report(
     boot: int = typer.Option(10_000, "--boot", help="Bootstrap resamples per accuracy and paired difference."),
     boot_sgr: int = typer.Option(100_000, "--boot-sgr", help="Bootstrap resamples for the headline SGR (other layers' SGR use --boot)."),
     seed: int = typer.Option(0, "--seed", help="Seed of every bootstrap."),
-    site: Optional[str] = typer.Option(None, "--site", help="Headline site (default: answer_end when present)."),
-    layer: Optional[str] = typer.Option(None, "--layer", help='Headline layer or layer set, e.g. "30" or "15+30" '
+    site: str | None = typer.Option(None, "--site", help="Headline site (default: answer_end when present)."),
+    layer: str | None = typer.Option(None, "--layer", help='Headline layer or layer set, e.g. "30" or "15+30" '
                                                               "(default: the middle+last concatenation, else the last single layer)."),
-    solver: Optional[str] = typer.Option(None, "--solver", help="Headline solver (default: paper when present)."),
+    solver: str | None = typer.Option(None, "--solver", help="Headline solver (default: paper when present)."),
     zero_weights: str = typer.Option("exclude", "--zero-weights",
                                      help="exclude | include heads whose exact optimum has zero weights (column "
                                           "zero_weights) from the statistics; counted per layer either way."),

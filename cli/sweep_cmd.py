@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.progress import (
-    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn,
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
 )
 from rich.text import Text
 
@@ -69,7 +74,7 @@ def sweep_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Results directory (results.parquet, sweep.json)."),
     experiment: str = typer.Option("population", "--experiment", "-e",
                                    help="population | all_to_all | learning_curve | label_noise."),
-    measures: Optional[str] = typer.Option(None, "--measures", "-m",
+    measures: str | None = typer.Option(None, "--measures", "-m",
                                            help="Comma-separated difficulty measures (default: all in the cache; "
                                                 "'mdl' after `probekit hardness`)."),
     layers: str = typer.Option("all,middle_and_last", "--layers", "-l",
@@ -89,7 +94,7 @@ def sweep_cmd(
     cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule: grade=5,8 or mdl=q30,q70 "
                                                           "(repeatable)."),
     zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Add zero-shot rows from log-probs."),
-    icl: Optional[list[Path]] = typer.Option(None, "--icl", help="k-shot scores of `probekit extract --icl` "
+    icl: list[Path] | None = typer.Option(None, "--icl", help="k-shot scores of `probekit extract --icl` "
                                              "(repeat for easy and hard demonstrations): added as 'icl' heads."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard hashes before fitting."),
 ) -> None:
@@ -146,7 +151,7 @@ def hardness_cmd(
     draws: int = typer.Option(5, "--draws", help="Draws of the hold-out training pool."),
     seed: int = typer.Option(0, "--seed", help="Seed of draws and initialisations."),
     pad: str = typer.Option("mask", "--pad", help="mask | zero."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write (default CACHE/hardness.json)."),
+    out: Path | None = typer.Option(None, "--out", help="Where to write (default CACHE/hardness.json)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard hashes before fitting."),
 ) -> None:
     """Model-based (MDL) hardness: 1 - mean p(gold) of hold-out-trained probes over a learning curve.

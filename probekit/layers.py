@@ -10,7 +10,7 @@ A spec is a comma-separated list of items (or a list of them); each item is one 
 * ``all``: every available layer, one feature set each: ``0..L`` for ``extract``, the cache's
   layers for ``sweep``;
 * ``last``: layer ``L``;
-* ``middle``: layer ``ceil((L + 1) / 2)`` (PROTOCOL §3: 16 of SmolLM2-135M's 30, 17 of
+* ``middle``: layer ``ceil((L + 1) / 2)`` (docs/protocol.md §3: 16 of SmolLM2-135M's 30, 17 of
   Llama-2-7B's 32);
 * ``middle_and_last``: the middle and last layers concatenated into one feature set, middle first;
 * an integer ``i``: layer ``i``; a negative integer counts from the end as in Python, against the
@@ -39,8 +39,8 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
 
 import numpy as np
 
@@ -50,7 +50,7 @@ NAMES = ("all", "last", "middle", "middle_and_last")
 _EXPECTED = ("expected all, last, middle, middle_and_last, layer indices (negative ones count from the end) "
              "or a+b concatenations, separated by commas")
 
-Item = Union[str, tuple[int, ...]]
+Item = str | tuple[int, ...]
 
 
 def middle_layer(n_layers: int) -> int:

@@ -12,7 +12,7 @@ the repository root on ``sys.path`` first.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

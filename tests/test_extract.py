@@ -90,7 +90,7 @@ def test_resolve_layers_and_sites():
     from probekit.layers import resolve_layers
 
     assert resolve_layers("middle_and_last", 30) == [16, 30]
-    assert resolve_layers("middle_and_last", 32) == [17, 32]  # Llama-2-7b (PROTOCOL §3)
+    assert resolve_layers("middle_and_last", 32) == [17, 32]  # Llama-2-7b (docs/protocol.md §3)
     assert resolve_layers("middle_and_last", 40) == [21, 40]
     assert resolve_layers("middle_and_last", 80) == [41, 80]
     assert resolve_layers("all", 3) == [0, 1, 2, 3]
@@ -267,7 +267,7 @@ def _read_all(path):
 
     c = Cache(path)
     assert c.verify() == []
-    hidden = {(s, l): c.read_layer(s, l) for s in c.sites for l in c.layers}
+    hidden = {(s, layer): c.read_layer(s, layer) for s in c.sites for layer in c.layers}
     return c, c.items, hidden, c.logprobs()
 
 

@@ -7,13 +7,12 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import REPO
 from typer.testing import CliRunner
 
 from probekit.cli import app
 from probekit.data import cut_levels, cutoff_for, level_names
 from probekit.store import Cache
-
-from conftest import REPO
 
 REPO_CACHE = REPO / "cache"
 
@@ -46,7 +45,7 @@ def test_sweep_rows_follow_the_protocol(swept, real_cache):
                                index=items.index)
     probes = results[results["solver"] == "paper"]
     assert set(probes["train_level"]) == {"easy", "medium", "hard", "all"}
-    for (level, draw), head in probes.groupby(["train_level", "draw"]):
+    for _, head in probes.groupby(["train_level", "draw"]):
         # every probe item not drawn for training is tested, exactly once, labelled by its level
         assert head["item_id"].is_unique and len(head) == cache.n_items - 10
         assert (head["test_level"].to_numpy() == expected_level[head["item_id"]].to_numpy()).all()

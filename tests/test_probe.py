@@ -19,7 +19,13 @@ from sklearn.linear_model import LogisticRegression
 from probekit.errors import ProbekitError
 from probekit.probe import engine
 from probekit.probe.engine import (
-    ProbeConfig, compile_heads, default_chunk, fit_and_score, fit_and_score_many, head_key, head_seed,
+    ProbeConfig,
+    compile_heads,
+    default_chunk,
+    fit_and_score,
+    fit_and_score_many,
+    head_key,
+    head_seed,
 )
 from probekit.probe.kernel import Scratch, init_weights, mc_rows, mc_rows_needed, mc_slots
 
@@ -69,7 +75,7 @@ def softmax(s, mask):
 
 
 def paper_reference(X, n_choices, gold, rows, y, w0, pad, l2=1.0, lr=0.05, steps=100):
-    """PROTOCOL §4 written plainly for one multiple-choice head, in float64 and D dimensions."""
+    """docs/protocol.md §4 written plainly for one multiple-choice head, in float64 and D dimensions."""
     X = X.astype(np.float64)
     N, Cm, D = X.shape
     n = len(rows)
@@ -320,7 +326,7 @@ def test_every_matrix_product_asks_for_float32(head, tmp_path):
 
 
 def test_paper_refits_non_finite_weights():
-    """safe_fit (PROTOCOL §4): weights that come out non-finite are fitted again (clipping / 4, l2 x 4), up
+    """safe_fit (docs/protocol.md §4): weights that come out non-finite are fitted again (clipping / 4, l2 x 4), up
     to three times; a head that never gives finite weights is flagged and earns no correct answers."""
     Xs, n_choices, gold, rng = make_problem(seed=19, N=60, D=12)
     rows = np.stack([rng.choice(60, 20, replace=False) for _ in range(2)])

@@ -1,4 +1,4 @@
-"""Prompt rendering and tokenisation (PROTOCOL §2), pinned on real items with the real SmolLM2 tokenizer."""
+"""Prompt rendering and tokenisation (docs/protocol.md §2), pinned on real items with the real SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def test_token_rules_of_a_bpe_tokenizer(tokenizer):
     from probekit.extract.tokens import adds_dummy_prefix, answer_text, default_bos, token_rules
 
     # GPT-2 style BPE: no dummy prefix, no BOS added by default
-    assert tokenizer.encode("carbon dioxide", add_special_tokens=False) != tokenizer.encode(" carbon dioxide", add_special_tokens=False)
+    encode = tokenizer.encode
+    assert encode("carbon dioxide", add_special_tokens=False) != encode(" carbon dioxide", add_special_tokens=False)
     assert not adds_dummy_prefix(tokenizer)
     assert default_bos(tokenizer) is None
     rules = token_rules(tokenizer)

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from probekit.errors import ProbekitError
 from probekit.report import build_report, load_results
-from probekit.store.results import CACHE_HASH_KEY
 from probekit.stats import crossed_bootstrap, paired_difference, sgr_bootstrap
+from probekit.store.results import CACHE_HASH_KEY
 
 N_BOOT, N_BOOT_SGR, SEED = 300, 1000, 3
 MEASURES = ("grade", "question_num_words")

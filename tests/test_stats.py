@@ -24,7 +24,7 @@ from probekit.stats import (
 )
 
 # ----------------------------------------------------------------------------------------------
-# Plain reference implementations (one resample at a time, PROTOCOL §6 read literally)
+# Plain reference implementations (one resample at a time, docs/protocol.md §6 read literally)
 
 
 def ref_nanmean(x: np.ndarray) -> float:

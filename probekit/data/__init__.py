@@ -1,4 +1,4 @@
-"""Question sets, difficulty measures, levels and training draws (PROTOCOL §1)."""
+"""Question sets, difficulty measures, levels and training draws (docs/protocol.md §1)."""
 
 from probekit.data.levels import LEVELS, Fixed, Quantile, cut_levels, cutoff_for, level_names
 from probekit.data.schema import ItemSet

@@ -1,4 +1,4 @@
-"""Training draws, random splits and label noise (PROTOCOL §1.7, §1.8), reproducible from a seed.
+"""Training draws, random splits and label noise (docs/protocol.md §1.7, §1.8), reproducible from a seed.
 
 Every draw has its own generator, seeded from ``(seed, draw, key)``; nothing reads global random
 state, so draw ``b`` is the same whatever else is drawn and in whatever order. A training draw is a

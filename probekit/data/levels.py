@@ -1,4 +1,4 @@
-"""Cutting a difficulty measure into easy / medium / hard (PROTOCOL §1.6).
+"""Cutting a difficulty measure into easy / medium / hard (docs/protocol.md §1.6).
 
 Two kinds of rule:
 
@@ -13,8 +13,8 @@ Items with an unknown value (NaN) get level -1.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Union
 
 import numpy as np
 
@@ -46,9 +46,9 @@ class Quantile:
         return f"easy <= q{100 * self.lo:g}, hard >= q{100 * self.hi:g} (percentiles)"
 
 
-Cutoff = Union[Fixed, Quantile]
+Cutoff = Fixed | Quantile
 
-# PROTOCOL §1.6: fixed cut-offs per (dataset, measure).
+# docs/protocol.md §1.6: fixed cut-offs per (dataset, measure).
 FIXED_CUTOFFS: dict[tuple[str, str], Fixed] = {
     ("arc", "grade"): Fixed(5, 8),
     ("arc", "difficulty"): Fixed(1, 3),
@@ -111,7 +111,7 @@ def cut_levels(values: np.ndarray, rule: Cutoff) -> np.ndarray:
 
 
 def probe_levels(values: np.ndarray, probe: np.ndarray, rule: Cutoff) -> np.ndarray:
-    """Level codes cut over the probe rows only (quantiles over the probing set, PROTOCOL §1.6);
+    """Level codes cut over the probe rows only (quantiles over the probing set, docs/protocol.md §1.6);
     every other row (the hardness hold-out) gets -1."""
     values = np.asarray(values, dtype=np.float64)
     codes = np.full(values.shape, UNKNOWN, dtype=np.int8)

@@ -1,4 +1,4 @@
-"""Prompt templates of the paper's code (PROTOCOL §2), zero-shot and k-shot.
+"""Prompt templates of the paper's code (docs/protocol.md §2), zero-shot and k-shot.
 
 Two templates are used:
 
@@ -26,7 +26,7 @@ space before the label line (``... \\nAnswer: {gold}`` for "0040", ``Q: {q} \\nA
 from __future__ import annotations
 
 import string
-from typing import Sequence
+from collections.abc import Sequence
 
 from probekit.errors import ProbekitError
 

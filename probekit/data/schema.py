@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Mapping
 
 import numpy as np
 import pandas as pd
@@ -15,7 +15,7 @@ from probekit.errors import ProbekitError
 
 # Columns every table has, in this order; difficulty measures and extra fields follow.
 CORE_COLUMNS = ("id", "question", "choices", "label", "source", "pool")
-# Measures every set gets (PROTOCOL §1.1), computed from the question and the gold answer text.
+# Measures every set gets (docs/protocol.md §1.1), computed from the question and the gold answer text.
 COMMON_MEASURES = ("question_num_words", "answer_num_words", "answer_num_chars")
 POOLS = ("probe", "holdout")
 

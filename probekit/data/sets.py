@@ -3,7 +3,7 @@
 Each built-in set is read from one of two sources, a local folder in the original file formats
 (the layout of ``--data-dir``: ``arc/``, ``mmlu/``, ``strategyqa/``, ``gsm8k/``) or the Hugging
 Face hub through ``datasets``. Both readers produce the hub's record layout, and one normaliser per
-set turns those records into the item table (PROTOCOL §1), so the two sources give identical tables.
+set turns those records into the item table (docs/protocol.md §1), so the two sources give identical tables.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
-import pandas as pd
 
 from probekit.data.draws import holdout_rows
 from probekit.data.schema import COMMON_MEASURES, ItemSet, build_table
@@ -77,7 +76,7 @@ def _grade(text: str) -> float:
 
 
 def normalise_arc(records: Records, annotations: dict) -> Records:
-    """ARC questions inner-joined with the paper's annotations on the ARC id (PROTOCOL §1.2).
+    """ARC questions inner-joined with the paper's annotations on the ARC id (docs/protocol.md §1.2).
 
     Items whose grade is not a number ("Biology", "Earth and Space Sciences") are dropped, as are
     repeated ids (first kept).
@@ -145,7 +144,7 @@ def _mmlu_hub() -> Records:
 
 
 def normalise_mmlu(records: Records) -> Records:
-    """MMLU STEM-5: five subjects, high school = 0 and college = 1 (PROTOCOL §1.3)."""
+    """MMLU STEM-5: five subjects, high school = 0 and college = 1 (docs/protocol.md §1.3)."""
     counters: dict[tuple[str, str], int] = {}
     items = []
     for rec in records:
@@ -173,7 +172,7 @@ def _strategyqa_local(data_dir: Path) -> Records:
 
 
 def _strategyqa_hub() -> Records:
-    # wics/strategy-qa's "test" split is the official 2290-question train set (PROTOCOL §1.4).
+    # wics/strategy-qa's "test" split is the official 2290-question train set (docs/protocol.md §1.4).
     return list(_hub_rows("wics/strategy-qa", None, "test"))
 
 
@@ -214,7 +213,7 @@ def _gsm8k_hub() -> Records:
 
 
 def normalise_gsm8k(records: Records) -> Records:
-    """GSM8k with the gold answer as its single choice (PROTOCOL §1.5)."""
+    """GSM8k with the gold answer as its single choice (docs/protocol.md §1.5)."""
     counters: dict[str, int] = {}
     items = []
     for rec in records:

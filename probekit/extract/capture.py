@@ -1,4 +1,4 @@
-"""Hidden-state capture and choice scoring with a shared prompt (PROTOCOL §3, §5).
+"""Hidden-state capture and choice scoring with a shared prompt (docs/protocol.md §3, §5).
 
 For every item the prompt runs once and its choices are scored as continuations of it. Each item
 becomes ONE packed row: ``prompt + choice_0 + choice_1 + ...`` with a 4-D attention mask in which
@@ -22,8 +22,9 @@ after the final norm) the capture returns:
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

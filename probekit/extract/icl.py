@@ -1,4 +1,4 @@
-"""In-context-learning scores (PROTOCOL §1.7, §2, §5): k-shot choice log-probs per draw.
+"""In-context-learning scores (docs/protocol.md §1.7, §2, §5): k-shot choice log-probs per draw.
 
 For each draw b, ``k`` demonstrations are drawn from the probe items of one difficulty level
 (``probekit.data.draws.train_draw`` with key ``"icl/{measure}/{level}"``); every probe item is then
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,9 +30,9 @@ from probekit.extract.progress import progress_bar
 from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model
 from probekit.extract.tokens import Encoded, TokenRules, answer_text, encode_prompt
 from probekit.store.icl_scores import FORMAT, IclScoresWriter, is_icl_entry
+from probekit.store.icl_scores import load_icl as load_icl  # the reader, re-exported
 from probekit.store.layout import lock_name
 from probekit.store.outdir import OutputDir
-from probekit.store.icl_scores import load_icl as load_icl  # the reader, re-exported
 
 
 @dataclass
@@ -46,7 +47,7 @@ class DrawPlan:
 
 
 def level_pool(items, measure: str, level: str) -> np.ndarray:
-    """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of PROTOCOL §1.6)."""
+    """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of docs/protocol.md §1.6)."""
     from probekit.data.levels import LEVELS, cutoff_for, probe_levels
 
     if measure not in items.measures:

@@ -102,7 +102,7 @@ class ModelSpec:
                                          or self.threads < 1):
             raise ProbekitError(f"threads={self.threads!r} must be a positive integer")
 
-    def resolved(self, local_rank: int = 0, world_size: int = 1) -> "ModelSpec":
+    def resolved(self, local_rank: int = 0, world_size: int = 1) -> ModelSpec:
         """This spec with every "auto" settled (a spec without any comes back equal).
 
         device: ``auto`` is cuda when a GPU is visible, else cpu; under several processes
@@ -392,7 +392,7 @@ def _materialize_cpu_weights(model) -> None:
 
     seen: set[int] = set()
     for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
+        for _, param in list(module.named_parameters(recurse=False)):
             if type(param) is not torch.nn.Parameter or param.device.type != "cpu" or id(param) in seen:
                 continue
             seen.add(id(param))
@@ -431,7 +431,8 @@ def load_model(spec: ModelSpec | None = None, **kwargs) -> LoadedModel:
         load_kw["revision"] = spec.revision
         load_kw["local_files_only"] = ident.pop("local_files_only", False)
     try:
-        tok = AutoTokenizer.from_pretrained(source, **{k: v for k, v in load_kw.items() if k in ("revision", "local_files_only", "trust_remote_code")})
+        tok_kw = {k: v for k, v in load_kw.items() if k in ("revision", "local_files_only", "trust_remote_code")}
+        tok = AutoTokenizer.from_pretrained(source, **tok_kw)
         model = AutoModelForCausalLM.from_pretrained(source, **load_kw)
     except ProbekitError:
         raise

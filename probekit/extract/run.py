@@ -1,6 +1,6 @@
 """The extraction pipeline: items -> model -> prefix-shared capture -> HDF5 shard cache.
 
-``extract`` tokenises every item with its set's prompt template (PROTOCOL §2), runs the model once
+``extract`` tokenises every item with its set's prompt template (docs/protocol.md §2), runs the model once
 per batch of items with the prompt shared by all choices (:mod:`probekit.extract.capture`), and
 writes hidden states (float16), choice log-probs and item metadata through
 :func:`probekit.store.write_cache`, computing one shard's arrays at a time. The cache's lock is
@@ -18,10 +18,11 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""Tokenisation of prompts and answers (PROTOCOL §2).
+"""Tokenisation of prompts and answers (docs/protocol.md §2).
 
 Each (item, choice) sequence is ``[BOS if the tokenizer adds one by default] + enc(prompt) +
 enc(answer)``, with the prompt and the answer encoded separately and without special tokens.
@@ -11,8 +11,9 @@ encoded as ``" " + choice``. :func:`adds_dummy_prefix` tells the two apart by co
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from probekit.errors import ProbekitError
 

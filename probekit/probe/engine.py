@@ -24,9 +24,9 @@ import hashlib
 import math
 import numbers
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial, wraps
-from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from probekit.errors import ProbekitError
 from probekit.probe import runtime, solvers
 from probekit.probe.kernel import (
-    PAD_MODES, Kernel, Scratch, Slots, fold, head_kernel, head_rows, init_weights, mc_rows_needed, mc_slots, score,
+    PAD_MODES,
+    Kernel,
+    Scratch,
+    Slots,
+    fold,
+    head_kernel,
+    head_rows,
+    init_weights,
+    mc_rows_needed,
+    mc_slots,
+    score,
 )
 from probekit.probe.runtime import default_workers
 
@@ -50,7 +60,7 @@ class ProbeConfig:
     ``head``: ``"mc"`` (one weight vector scores each answer slot, softmax over the item's choices;
     answer_end features) or ``"multinomial"`` (a (d, C) matrix plus bias maps the item's feature
     to class scores; question_end features). ``solver``: a name in
-    :data:`probekit.probe.solvers.SOLVERS` (``"paper"``, PROTOCOL §4, or ``"converged"``), which
+    :data:`probekit.probe.solvers.SOLVERS` (``"paper"``, docs/protocol.md §4, or ``"converged"``), which
     reads its options from the fields below. ``pad``: ``"mask"`` excludes padded choices
     everywhere, ``"zero"`` keeps them as zero vectors in the normalisation statistics and the
     softmax, as the protocol does (multinomial heads always mask padded classes). ``l2``: the paper's unsquared penalty
@@ -450,7 +460,7 @@ def _fit_and_score_host(layer: PreparedLayer, n_choices, gold, rows, labels, see
         results = []
         for j, cfg in enumerate(cfgs):
             out = [h[j] for h in heads]
-            folded = [np.stack([o[0][l] for o in out]) for l in range(len(Xs))]
+            folded = [np.stack([o[0][k] for o in out]) for k in range(len(Xs))]
             offsets = np.stack([o[1] for o in out])
             p_gold, correct = _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool)
             loss, conv, gnorm, steps, zero = (np.array([o[2][k] for o in out]) for k in range(5))

@@ -1,4 +1,4 @@
-"""Model-based (MDL) hardness, PROTOCOL §7: learning-curve probes on the hold-out pool score the probe items.
+"""Model-based (MDL) hardness, docs/protocol.md §7: learning-curve probes on the hold-out pool score the probe items.
 
 For each draw, nested training sets of sizes 5, 20, 80, 340, 900 are drawn from the hold-out items;
 a probe is fitted at each size and every probe item is scored. An item's hardness is
@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jax
 import numpy as np

@@ -28,7 +28,8 @@ reusable buffers (:class:`Scratch`) a block of rows at a time, and gather only a
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +57,7 @@ class Slots(NamedTuple):
     mask: np.ndarray
     slot: np.ndarray | None
 
-    def take(self, idx: np.ndarray) -> "Slots":
+    def take(self, idx: np.ndarray) -> Slots:
         """The layouts of heads ``idx`` (on a layout stacked over heads)."""
         return Slots(*(None if a is None else a[idx] for a in self))
 
@@ -231,7 +232,7 @@ def mc_rows(Xf, rows, slots: Slots, pad: str, scratch: Scratch | None = None, na
 
     ``Xf`` is the layer as (items*C, d). Statistics are over the training items' answer slots: the
     real ones in mask mode (the rows' slots plus each item's first choice); all ``n * C`` in
-    zero-pad mode, padded slots counting as zero vectors (PROTOCOL §4). Only the head's own
+    zero-pad mode, padded slots counting as zero vectors (docs/protocol.md §4). Only the head's own
     slots are gathered, once; their statistics are taken in the same pass, then they are scaled
     (and differenced).
 
@@ -289,7 +290,7 @@ def head_rows(Xs: Sequence, rows, slots: Slots, mc: bool, pad: str,
     return [item_rows(X, rows, scratch, f"Z{j}") for j, X in enumerate(Xs)]
 
 
-def head_kernel(parts: Sequence[LayerRows], w0, b0, slots: Slots, y) -> tuple["Kernel", list]:
+def head_kernel(parts: Sequence[LayerRows], w0, b0, slots: Slots, y) -> tuple[Kernel, list]:
     """The head's :class:`Kernel` over the concatenated layers (Gram matrices summed), and ``w0``
     split by layer. ``w0`` (sum of widths,) or (sum of widths, C); ``y`` (n,) training labels.
     Rows past the head's own (on the host, see :func:`mc_rows`) are zero."""

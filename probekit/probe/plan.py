@@ -1,4 +1,4 @@
-"""Which heads an experiment fits: training rows, labels and test exclusions (PROTOCOL §1.7, §1.8).
+"""Which heads an experiment fits: training rows, labels and test exclusions (docs/protocol.md §1.7, §1.8).
 
 Pure numpy over the cache's item table; no features are read here. Each :class:`Head` is one
 fit; it emits result rows for one or more measures (a head trained on all items serves every
@@ -7,8 +7,8 @@ measure, labelled by each measure's test levels).
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -61,7 +61,7 @@ def item_frame(
     measures: Sequence[str],
     cutoffs: Mapping[str, Cutoff] | None = None,
 ) -> ItemFrame:
-    """Cut each measure into levels over the probe items (PROTOCOL §1.6: quantiles over the whole
+    """Cut each measure into levels over the probe items (docs/protocol.md §1.6: quantiles over the whole
     probing set). ``items`` needs id, label, n_choices, pool and one column per measure."""
     missing = [m for m in measures if m not in items.columns]
     if missing:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import scipy.linalg  # noqa: F401 - loads the LAPACK that jax's CPU kernels call, so BLAS thread limits reach it
 from threadpoolctl import threadpool_limits

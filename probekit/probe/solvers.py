@@ -7,7 +7,7 @@ available without touching the ``D``-wide rows again:
 * ``|w|^2 = beta^2 |w0|^2 + beta a.u + a.s``  (since ``K a = s - beta u``)
 * ``Z.T r . w = r.s`` and ``|Z.T r|^2 = r.K r``.
 
-``paper`` replays PROTOCOL §4 step by step (the iterates are those of plain SGD on the
+``paper`` replays docs/protocol.md §4 step by step (the iterates are those of plain SGD on the
 D-dimensional weights, up to float rounding); ``converged`` minimises the squared-L2 regularised
 likelihood with Newton-CG in the same space. Both are pure functions; the engine vmaps and jits
 them over heads.
@@ -21,8 +21,9 @@ from the configuration, the others keep the function's defaults.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,7 +73,7 @@ def _residual(kern: Kernel, s: jax.Array, b: jax.Array | None) -> tuple[jax.Arra
     return nll, R
 
 
-# ----- paper recipe (PROTOCOL §4) -----------------------------------------------------------------
+# ----- paper recipe (docs/protocol.md §4) -----------------------------------------------------------------
 def paper(
     kern: Kernel,
     *,
@@ -333,7 +334,7 @@ class Solver:
 
 SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("paper", paper, ("l2", "lr", "steps", "max_grad_norm"),
-           "mean NLL + l2 * |w| (unsquared), SGD as PROTOCOL §4"),
+           "mean NLL + l2 * |w| (unsquared), SGD as docs/protocol.md §4"),
     Solver("converged", converged_at_C, ("C", "tol", "max_newton"),
            "mean NLL + |w|^2 / (2 C n_train), bias unregularised"),
 )}

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -256,7 +257,7 @@ def sweep(
         for fs in sets:
             label = layer_label(fs)
             Xs = prepare((read_features(cache, site, layer, frame.ids) for layer in fs), devices)
-            for n, group in groups.items():  # every solver on the same heads: rows and Gram shared
+            for group in groups.values():  # every solver on the same heads: rows and Gram shared
                 t1 = time.perf_counter()
                 results = fit_and_score_many(
                     Xs, frame.n_choices, frame.gold,

@@ -21,9 +21,9 @@ Every bootstrap call uses the same ``seed``, so each number is reproducible on i
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -190,7 +190,7 @@ def population_table(
     n_boot_sgr: int = 100_000,
     seed: int = 0,
     progress: Progress | None = None,
-    headline: "Headline | None" = None,
+    headline: Headline | None = None,
 ) -> list[dict]:
     """Hard-test accuracies, SGR and paired differences per measure, site, layer and solver.
 

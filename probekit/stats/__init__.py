@@ -1,6 +1,6 @@
 """Statistics over item x draw accuracy matrices: crossed bootstrap, SGR, paired differences.
 
-See :mod:`probekit.stats.bootstrap` for the resampling scheme (PROTOCOL §6).
+See :mod:`probekit.stats.bootstrap` for the resampling scheme (docs/protocol.md §6).
 """
 
 from probekit.stats.bootstrap import (

@@ -1,4 +1,4 @@
-"""Bootstrap statistics over item x draw accuracy matrices (PROTOCOL §6).
+"""Bootstrap statistics over item x draw accuracy matrices (docs/protocol.md §6).
 
 A matrix has one row per test item and one column per training draw; a cell is the 0/1
 correctness of that draw's head on that item, or NaN when the item was not a test item in that
@@ -26,8 +26,8 @@ over the same indices can check them.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -307,7 +307,7 @@ def crossed_bootstrap(M, n_resamples: int = 10_000, seed: int = 0, level: float 
     """Accuracy of an item x draw matrix with a crossed bootstrap percentile interval.
 
     All-NaN rows are dropped; each resample draws the rows and the columns with replacement and
-    takes the nanmean (PROTOCOL §6, ``grid_bootstrap``). Resamples that draw only NaN cells are
+    takes the nanmean (docs/protocol.md §6, ``grid_bootstrap``). Resamples that draw only NaN cells are
     left out of the summary.
     """
     _check_settings(n_resamples, level)

@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -83,7 +84,7 @@ class IclScoresWriter:
         self._dir = OutputDir(self.out, [draw_name(b) for b in self.my_draws], "ICL score folder",
                               lock_file=lock_name(rank), own=is_icl_entry)
 
-    def __enter__(self) -> "IclScoresWriter":
+    def __enter__(self) -> IclScoresWriter:
         self._dir.__enter__()
         try:
             with manifest_lock(self.out, MANIFEST_LOCK):

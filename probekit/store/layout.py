@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import h5py
 import numpy as np
-
 
 FORMAT = "probekit-cache/1"
 MANIFEST = "manifest.json"
@@ -79,7 +79,7 @@ class Layout:
     dtype: str = "float16"
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any]) -> "Layout":
+    def from_manifest(cls, manifest: Mapping[str, Any]) -> Layout:
         """The layout recorded in a manifest dict."""
         return cls(
             layers=tuple(manifest["layers"]),

@@ -11,9 +11,10 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 from probekit.errors import ProbekitError
 from probekit.store.layout import FORMAT, MANIFEST, MANIFEST_LOCK

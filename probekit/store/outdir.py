@@ -30,8 +30,9 @@ import json
 import os
 import secrets
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from probekit.errors import ProbekitError
 from probekit.store.layout import fsync_path
@@ -206,7 +207,7 @@ class OutputDir:
         self._fd: int | None = None
         self._temps: list[Path] = []
 
-    def __enter__(self) -> "OutputDir":
+    def __enter__(self) -> OutputDir:
         if self.path.exists() and not self.path.is_dir():
             raise ProbekitError(f"{self.what} {self.path} exists and is not a directory")
         if self.own is not None:

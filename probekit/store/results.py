@@ -32,9 +32,10 @@ import hashlib
 import io
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -153,7 +154,7 @@ class ResultsWriter:
         self._tables: list[pa.Table] = []
         self._n = 0
 
-    def __enter__(self) -> "ResultsWriter":
+    def __enter__(self) -> ResultsWriter:
         self._dir.__enter__()
         try:
             if self.run is not None:

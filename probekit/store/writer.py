@@ -27,9 +27,10 @@ import math
 import os
 import re
 import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import h5py
 import numpy as np
@@ -215,7 +216,7 @@ class CacheWriter:
         return manifest
 
     # ----- the directory lock ----------------------------------------------------------------
-    def __enter__(self) -> "CacheWriter":
+    def __enter__(self) -> CacheWriter:
         if self.out_dir.exists() and not self.out_dir.is_dir():
             raise ProbekitError(f"cache directory {self.out_dir} exists and is not a directory")
         if self.out_dir.is_dir():
@@ -288,7 +289,7 @@ class CacheWriter:
                 f"about {mib(need)}, {mib(free)} free; free some space and rerun the same command to resume"
             )
 
-    def open_shard(self, k: int) -> "ShardWriter":
+    def open_shard(self, k: int) -> ShardWriter:
         """A context manager writing shard ``k`` (one of :attr:`my_shards`); see :class:`ShardWriter`."""
         self._require_lock()
         if k not in self.my_shards:
@@ -368,7 +369,7 @@ class ShardWriter:
         self._file: h5py.File | None = None
         self._written = {part: np.zeros(self.n, bool) for part in writer.layout.parts()}
 
-    def __enter__(self) -> "ShardWriter":
+    def __enter__(self) -> ShardWriter:
         self.writer.check_space([self.k])
         try:
             self._file = _create_shard_file(self.tmp, self.writer.layout, self.n)
