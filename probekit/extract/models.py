@@ -353,7 +353,8 @@ def _quantization_config(spec: ModelSpec):
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ProbekitError(f"quantize={spec.quantize} needs bitsandbytes: pip install bitsandbytes") from None
+        raise ProbekitError(f"quantize={spec.quantize} needs bitsandbytes: pip install -e '.[quant]' "
+                            "from the source tree, or pip install bitsandbytes") from None
     except Exception as exc:  # noqa: BLE001
         raise ProbekitError(f"quantize={spec.quantize} needs a working bitsandbytes: {_first_line(exc)}") from None
     from transformers import BitsAndBytesConfig
