@@ -37,10 +37,13 @@ Progress = Callable[[int, int, str], None]  # (fits done, fits in all, feature s
 
 
 def open_cache(cache: str | os.PathLike | Cache, verify: bool = True) -> Cache:
-    """The cache, with every shard's hash and shapes checked first when ``verify``."""
+    """The cache, with every shard's hash and shapes checked first when ``verify``.
+
+    A shard unchanged (size, mtime, inode) since its last full hash is not hashed again (see
+    :mod:`probekit.store.stamp`); ``probekit info CACHE --verify`` hashes every shard."""
     cache = cache if isinstance(cache, Cache) else Cache(cache)
     if verify:
-        problems = cache.verify()
+        problems = cache.verify(since_stamp=True)
         if problems:
             raise ProbekitError(f"cache {cache.path} fails verification: {problems[0]}"
                                 + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))

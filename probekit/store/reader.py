@@ -15,6 +15,7 @@ import pandas as pd
 from probekit.errors import ProbekitError
 from probekit.store.layout import ITEM_FIELDS, MANIFEST, Layout, check_shard, shard_name
 from probekit.store.manifest import manifest_bytes, parse_manifest, sha256_bytes
+from probekit.store.stamp import file_stat, read_stamp, stamped, write_stamp
 
 _REQUIRED = ("model", "dataset", "prompt", "sites", "layers", "hidden_size", "max_choices",
              "measures", "n_items", "shard_size", "shards")
@@ -151,12 +152,22 @@ class Cache:
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     # ----- integrity ------------------------------------------------------------------------------
-    def verify(self, on_shard: Callable[[int], None] | None = None) -> list[str]:
+    def verify(self, on_shard: Callable[[int], None] | None = None, *, since_stamp: bool = False) -> list[str]:
         """One line per problem (``"shard-00003.h5: sha256 differs ..."``); empty when all is well.
 
         Checks that every shard is recorded, has the manifest's item count, size and sha256, and
         holds every dataset with the expected shape. ``on_shard(k)`` is called after each shard.
+
+        Every shard that passes is noted in the verification stamp (:mod:`probekit.store.stamp`).
+        With ``since_stamp=True`` a shard whose size, mtime and inode are what the stamp recorded
+        for this manifest is not re-hashed (its size and shapes are still checked); without it,
+        every shard is hashed.
         """
+        stamp_sha, stamp = read_stamp(self.path)
+        if stamp_sha != self.manifest_sha256:
+            stamp = {}
+        trusted = stamp if since_stamp else {}
+        fresh: dict[str, dict[str, Any]] = {}
         problems = []
         for k in range(self.n_shards):
             entry = self.shards.get(k)
@@ -166,9 +177,16 @@ class Cache:
             elif int(entry["n_items"]) != expected_n:
                 problem = f"manifest says {entry['n_items']} items, expected {expected_n}"
             else:
-                problem = check_shard(self.path / entry["file"], entry, self.layout, full=True)
+                path = self.path / entry["file"]
+                before = file_stat(path)
+                known = stamped(trusted.get(entry["file"]), before, entry.get("sha256"))
+                problem = check_shard(path, entry, self.layout, full=not known)
+                if problem is None and before is not None and file_stat(path) == before:
+                    fresh[entry["file"]] = {**before, "sha256": entry["sha256"]}
             if problem:
                 problems.append(f"{entry['file'] if entry else shard_name(k)}: {problem}")
             if on_shard is not None:
                 on_shard(k)
+        if fresh != stamp:
+            write_stamp(self.path, self.manifest_sha256, fresh)
         return problems

@@ -52,7 +52,15 @@ from probekit.store.layout import (
     shard_name,
     temp_name,
 )
-from probekit.store.manifest import check_same_cache, read_manifest, update_manifest
+from probekit.store.manifest import (
+    check_same_cache,
+    manifest_bytes,
+    manifest_lock,
+    parse_manifest,
+    read_manifest,
+    sha256_bytes,
+    update_manifest,
+)
 from probekit.store.outdir import (
     OutputDir,
     free_bytes,
@@ -64,9 +72,11 @@ from probekit.store.outdir import (
     take_dir_lock,
     write_error,
 )
+from probekit.store.stamp import VERIFIED, file_stat, read_stamp, write_stamp
 
 #: Names a cache directory may hold besides the manifest (before its first manifest, too).
-_CACHE_ENTRY = re.compile(r"^(shard-\d{5}\.h5|\.shard-\d{5}\.h5\.tmp|\.lock-rank\d+|hardness\.json|\.hardness\.json\.lock)$")
+_CACHE_ENTRY = re.compile(
+    r"^(shard-\d{5}\.h5|\.shard-\d{5}\.h5\.tmp|\.lock-rank\d+|hardness\.json|\.hardness\.json\.lock|\.verified\.json)$")
 #: Headroom kept free beyond a shard's estimated size.
 _SPACE_MARGIN = 1 << 20
 
@@ -74,7 +84,7 @@ _SPACE_MARGIN = 1 << 20
 def is_cache_entry(name: str) -> bool:
     """Whether a directory entry can be part of a cache (its files, locks and temporaries)."""
     return (name in (MANIFEST, MANIFEST_LOCK) or bool(_CACHE_ENTRY.match(name))
-            or is_temporary(name, MANIFEST) or is_temporary(name, "hardness.json"))
+            or is_temporary(name, MANIFEST) or is_temporary(name, "hardness.json") or is_temporary(name, VERIFIED))
 
 
 def refuse_non_cache(out_dir: Path) -> None:
@@ -169,6 +179,8 @@ class CacheWriter:
         self._check_chunk_size()
         self.header = self._make_header(header)
         self._lock_fd: int | None = None
+        #: Shards this writer committed and hashed, for the verification stamp (file name -> entry).
+        self._hashed: dict[str, dict[str, Any]] = {}
         #: Recorded shards found damaged by :meth:`pending_shards` (file name -> what is wrong).
         self.damaged: dict[str, str] = {}
 
@@ -237,8 +249,32 @@ class CacheWriter:
 
     def __exit__(self, *exc: Any) -> None:
         if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            try:
+                self._stamp()
+            finally:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+
+    def _stamp(self) -> None:
+        """Note the shards this writer hashed in the verification stamp, tied to today's manifest.
+
+        Entries of the stamp that still match the manifest are kept; nothing here ever fails
+        the write (the stamp only saves a later re-hash)."""
+        if not self._hashed:
+            return
+        try:
+            with manifest_lock(self.out_dir):
+                raw = manifest_bytes(self.out_dir)
+                if raw is None:
+                    return
+                recorded = {e["file"]: e.get("sha256") for e in parse_manifest(raw, self.out_dir).get("shards", [])}
+                _, old = read_stamp(self.out_dir)
+                shards = {name: e for name, e in {**old, **self._hashed}.items()
+                          if name in recorded and e.get("sha256") == recorded[name]}
+                write_stamp(self.out_dir, sha256_bytes(raw), shards)
+        except (ProbekitError, OSError):
+            pass
+        self._hashed = {}
 
     def _require_lock(self) -> None:
         if self._lock_fd is None:
@@ -534,6 +570,8 @@ class ShardWriter:
         self._file.close()
         self._file = None
         replace_file(self.tmp, self.path)
+        before = file_stat(self.path)
+        digest = sha256_file(self.path)
         self.writer._record({
             "file": self.name,
             "index": self.k,
@@ -542,8 +580,10 @@ class ShardWriter:
             "item_stop": self.hi,
             "rank": self.writer.rank,
             "bytes": self.path.stat().st_size,
-            "sha256": sha256_file(self.path),
+            "sha256": digest,
         })
+        if before is not None and file_stat(self.path) == before:
+            self.writer._hashed[self.name] = {**before, "sha256": digest}
 
 
 def _reserve(path: Path) -> None:
