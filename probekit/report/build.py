@@ -266,7 +266,8 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
         "bootstrap p-value against 0. Differences in percentage points.",
         "- SGR `n/e` (not estimable): the 95% interval of hard − zero-shot, from the same resamples, does not "
         "lie above 0, so hard training does not beat zero-shot and the ratio has no meaning; its numbers are in "
-        "`summary.json` and `population.csv` with `estimable` false and the reason (column `SGR note`).",
+        "`summary.json` and `population.csv` with `estimable` false and the reason (`sgr_reason`; here the "
+        "`SGR note` column).",
         "",
     ]
     if headline:

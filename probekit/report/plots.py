@@ -140,7 +140,8 @@ def plot_sgr(records: list[dict], headline: Headline, path: Path) -> Path | None
             reason = r["sgr"]["reason"].replace(" pts ", " pts\n")
             text, color = f"{NOT_ESTIMABLE} ({p:.2f})\n{reason}", "#777777"
         else:
-            text, color = f"{p:.2f} [{r['sgr']['lo']:.2f}, {r['sgr']['hi']:.2f}]\np={fmt_p(r['sgr']['p_value'])}", "black"
+            sgr = r["sgr"]
+            text, color = f"{p:.2f} [{sgr['lo']:.2f}, {sgr['hi']:.2f}]\np={fmt_p(sgr['p_value'])}", "black"
         ax.annotate(text, (xi, float(np.clip(p, *ylim))), textcoords="offset points",
                     xytext=(8, -4), fontsize=7, color=color)
     ax.set_xticks(x, [r["measure"] for r in recs], rotation=15, ha="right")

@@ -293,15 +293,8 @@ def sgr_resample_stats(
         return num / den
 
 
-def sgr_resample_parts(
-    A: np.ndarray,
-    B: np.ndarray,
-    C: np.ndarray,
-    rows: np.ndarray,
-    cols_a: np.ndarray,
-    cols_b: np.ndarray,
-    cols_c: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
+def sgr_resample_parts(A: np.ndarray, B: np.ndarray, C: np.ndarray, rows: np.ndarray, cols_a: np.ndarray,
+                       cols_b: np.ndarray, cols_c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Numerator ``nanmean(B* - A*)`` and denominator ``nanmean(C* - A*)`` of each resample's SGR."""
     _check_baseline(A, B, "sgr_bootstrap (A vs B)")
     _check_baseline(A, C, "sgr_bootstrap (A vs C)")
