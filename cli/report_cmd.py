@@ -21,7 +21,7 @@ from rich.text import Text
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
 from probekit.report import build_report
-from probekit.report.tables import fmt_acc, fmt_p, fmt_test, level_order
+from probekit.report.tables import NOT_ESTIMABLE, fmt_acc, fmt_p, fmt_test, level_order, sgr_flagged
 
 
 class _RateColumn(ProgressColumn):
@@ -92,9 +92,14 @@ def _print_headline(summary: dict) -> None:
     for r in rows:
         cells = [fmt_acc(r["accuracy"].get(lv), error_bar=False) for lv in ("zero_shot", *levels)]
         sgr = r["sgr"]
-        if fmt_test(sgr) == "–":
+        if sgr_flagged(sgr):
+            table.add_row(r["measure"], *cells, NOT_ESTIMABLE, "", "")
+        elif fmt_test(sgr) == "–":
             table.add_row(r["measure"], *cells, "–", "", "")
         else:
             table.add_row(r["measure"], *cells, f"{sgr['point']:.2f}", f"[{sgr['lo']:.2f}, {sgr['hi']:.2f}]",
                           fmt_p(sgr["p_value"]))
     console.print(table)
+    for r in rows:
+        if sgr_flagged(r["sgr"]):
+            console.print(f"{NOT_ESTIMABLE} ({r['measure']}): SGR not estimable, {r['sgr']['reason']}", soft_wrap=True)

@@ -345,3 +345,38 @@ def test_zero_weight_heads_are_counted_and_left_out(tmp_path):
     assert same(rec["accuracy"]["hard"], crossed_bootstrap(matrix(df, train_level="hard", **where)[0], 200, SEED))
     with pytest.raises(ProbekitError, match="zero_weights must be exclude or include"):
         build_report(tmp_path / "res", tmp_path / "bad", zero_weights="drop")
+
+
+def test_sgr_not_estimable_is_flagged_and_shown_as_n_e(tmp_path):
+    """A measure whose hard training does not beat zero-shot: its SGR keeps its numbers in summary.json
+    and population.csv with the flag and the reason, and the tables and the CLI show n/e."""
+    from probekit.cli import app
+
+    df = make_results(tmp_path / "res", experiments=("population",), n_items=120, draws=2)
+    zero = (df["train_level"] == "zero_shot") & (df["measure"] == "grade")
+    rng = np.random.default_rng(11)
+    df.loc[zero, "correct"] = (rng.random(int(zero.sum())) < 0.8).astype(np.int8)  # zero-shot as good as hard
+    df.to_parquet(tmp_path / "res" / "results.parquet")
+    out = CliRunner().invoke(app, ["report", str(tmp_path / "res"), "--out", str(tmp_path / "rep"), "--layer", "20",
+                                   "--boot", "200", "--boot-sgr", "500", "--seed", "1"], terminal_width=160)
+    assert out.exit_code == 0, out.output
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    rec = {r["measure"]: r["sgr"] for r in summary["population"] if r["layer"] == "20"}
+    flagged, kept = rec["grade"], rec["question_num_words"]
+    assert flagged["estimable"] is False and flagged["den_lo"] <= 0
+    assert flagged["reason"].startswith("hard - zero-shot interval [") and flagged["point"] is not None
+    assert kept["estimable"] is True and kept["reason"] is None and kept["den_lo"] > 0
+    line = next(x for x in (tmp_path / "rep" / "report.md").read_text().splitlines()
+                if x.startswith("| grade |"))  # the headline table
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert "n/e" in cells and f"n/e: {flagged['reason']}" in cells
+    other = next(x for x in (tmp_path / "rep" / "report.md").read_text().splitlines()
+                 if x.startswith("| question_num_words |"))
+    assert f"{kept['point']:.2f} [" in other and "n/e" not in other
+    pop = pd.read_csv(tmp_path / "rep" / "population.csv")
+    row = pop[(pop["measure"] == "grade") & (pop["layer"].astype(str) == "20")].iloc[0]
+    assert not row["sgr_estimable"] and row["sgr_reason"] == flagged["reason"]
+    assert row["sgr"] == pytest.approx(flagged["point"], abs=1e-12)
+    assert re.search(r"grade .* n/e", out.output)
+    assert f"n/e (grade): SGR not estimable, {flagged['reason']}" in out.output
+    assert (tmp_path / "rep" / "sgr.png").exists()

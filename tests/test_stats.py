@@ -20,6 +20,8 @@ from probekit.stats import (
     paired_difference,
     resample_indices,
     sgr_bootstrap,
+    sgr_estimable,
+    sgr_resample_parts,
     sgr_resample_stats,
 )
 
@@ -255,6 +257,63 @@ def test_sgr_of_identical_easy_and_hard_is_one():
     assert np.all(s[finite] == 1.0)
     res = sgr_bootstrap(A, B, B.copy(), n_resamples=2000, seed=1)
     assert (res.point, res.mean, res.lo, res.hi, res.error_bar) == (1.0, 1.0, 1.0, 1.0, 0.0)
+
+
+def test_sgr_not_estimable_when_hard_does_not_beat_zero_shot():
+    # hard training no better than zero-shot: the denominator's interval spans 0
+    rng = np.random.default_rng(40)
+    base = rng.uniform(0.3, 0.7, 120)
+    A = accuracy_matrix(rng, 120, 1, 0.0, base)
+    B = accuracy_matrix(rng, 120, 5, 0.2, base)
+    C = accuracy_matrix(rng, 120, 5, 0.2, base)
+    res = sgr_bootstrap(A, B, C, n_resamples=2000, seed=3)
+    assert res.den_lo < 0 < res.den_hi
+    assert res.estimable is False
+    assert res.reason == f"hard - zero-shot interval [{100 * res.den_lo:.1f}, {100 * res.den_hi:.1f}] pts includes 0"
+    d = res.to_dict()  # the numbers stay, with the flag
+    assert d["estimable"] is False and d["reason"] == res.reason
+    assert np.isfinite(d["point"]) and np.isfinite(d["lo"]) and np.isfinite(d["hi"])
+    # hard training clearly worse than zero-shot: the interval lies below 0
+    worse = accuracy_matrix(rng, 120, 5, 0.2, base - 0.25)
+    res = sgr_bootstrap(A, B, worse, n_resamples=2000, seed=3)
+    assert res.den_hi < 0 and res.estimable is False and res.reason.endswith("pts lies below 0")
+
+
+def test_sgr_estimable_when_hard_clearly_beats_zero_shot():
+    rng = np.random.default_rng(41)
+    base = rng.uniform(0.2, 0.5, 120)
+    A = accuracy_matrix(rng, 120, 1, 0.0, base)
+    B = accuracy_matrix(rng, 120, 5, 0.2, base + 0.2)
+    C = accuracy_matrix(rng, 120, 5, 0.2, base + 0.4)
+    res = sgr_bootstrap(A, B, C, n_resamples=2000, seed=3)
+    assert res.den_lo > 0.2 and res.estimable is True and res.reason is None
+    assert res.den_point == pytest.approx(np.nanmean(C) - np.nanmean(A))
+    assert res.den_lo <= res.den_point <= res.den_hi
+
+
+def test_sgr_denominator_interval_comes_from_the_same_resamples():
+    rng = np.random.default_rng(42)
+    A = accuracy_matrix(rng, 30, 1, 0.0)
+    B, C = accuracy_matrix(rng, 30, 5, 0.2), accuracy_matrix(rng, 30, 5, 0.2)
+    res = sgr_bootstrap(A, B, C, n_resamples=500, seed=5)
+    Ac, Bc, Cc = ref_clean(A, B, C)
+    blocks = [sgr_resample_parts(Ac, Bc, Cc, rows, *cols)
+              for rows, cols in resample_indices(5, 500, Ac.shape[0], [1, Bc.shape[1], Cc.shape[1]])]
+    num = np.concatenate([b[0] for b in blocks])
+    den = np.concatenate([b[1] for b in blocks])
+    ratio = num / den
+    lo, hi = np.quantile(ratio[np.isfinite(ratio)], [0.025, 0.975])
+    assert (res.lo, res.hi) == pytest.approx((lo, hi), rel=1e-12)
+    dlo, dhi = np.quantile(den[np.isfinite(den)], [0.025, 0.975])
+    assert (res.den_lo, res.den_hi) == pytest.approx((dlo, dhi), rel=1e-12)
+    assert res.estimable == (dlo > 0)
+
+
+def test_sgr_estimable_rule_on_intervals():
+    assert sgr_estimable(0.01, 0.2) == (True, None)
+    assert sgr_estimable(0.0, 0.2) == (False, "hard - zero-shot interval [0.0, 20.0] pts includes 0")
+    assert sgr_estimable(-0.3, -0.1) == (False, "hard - zero-shot interval [-30.0, -10.0] pts lies below 0")
+    assert sgr_estimable(float("nan"), float("nan"))[0] is False
 
 
 def test_identical_conditions_have_zero_difference():

@@ -129,6 +129,9 @@ def build_report(
                         "item x draw matrix, interval = percentiles of the resampled means",
             "sgr": "(easy - zero_shot) / (hard - zero_shot) on the hard test; one shared item resample, "
                    "independent draw resamples; p-value: centered two-sided bootstrap test of 0",
+            "sgr_estimable": "an SGR is estimable only when the 95% interval of hard - zero-shot (from the "
+                             "same resamples) lies above 0; otherwise its numbers are kept with "
+                             "estimable = false and the reason, and tables show it as n/e",
             "differences": {"hard_minus_easy": "hard-trained minus easy-trained",
                             "easy_minus_zero_shot": "easy-trained minus zero-shot"},
         },
@@ -261,6 +264,10 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
         "- Accuracy cells: bootstrap mean ± error bar in % (crossed bootstrap over test items and training "
         "draws). SGR = (easy − zero-shot) / (hard − zero-shot) on the hard test, with its 95% interval and "
         "bootstrap p-value against 0. Differences in percentage points.",
+        "- SGR `n/e` (not estimable): the 95% interval of hard − zero-shot, from the same resamples, does not "
+        "lie above 0, so hard training does not beat zero-shot and the ratio has no meaning; its numbers are in "
+        "`summary.json` and `population.csv` with `estimable` false and the reason (`sgr_reason`; here the "
+        "`SGR note` column).",
         "",
     ]
     if headline:

@@ -2,7 +2,9 @@
 
 - :func:`plot_layer_curves`: hard-test accuracy per layer for each training level, bootstrap
   bands, dashed zero-shot line; one panel per measure.
-- :func:`plot_sgr`: SGR per measure with its interval and reference lines at 0 and 1.
+- :func:`plot_sgr`: SGR per measure with its interval and reference lines at 0 and 1; a measure
+  whose SGR is not estimable (hard - zero-shot interval not above 0) is drawn grey and hollow,
+  labelled ``n/e`` with the reason, not as a finding.
 - :func:`plot_transfer`: training level x test level accuracy heatmaps, one panel per measure.
 - :func:`plot_curves`: hard-test accuracy against ``n_train`` or ``label_noise``.
 
@@ -19,7 +21,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from probekit.report.tables import ZERO_SHOT, Headline, fmt_p, layer_key, level_order
+from probekit.report.tables import NOT_ESTIMABLE, ZERO_SHOT, Headline, fmt_p, layer_key, level_order, sgr_flagged
 
 COLORS = {"zero_shot": "#555555", "easy": "#009E73", "medium": "#0072B2", "hard": "#D55E00", "all": "#CC79A7"}
 EXTRA_COLORS = ["#E69F00", "#56B4E9", "#3E3938", "#999999"]
@@ -118,18 +120,32 @@ def plot_sgr(records: list[dict], headline: Headline, path: Path) -> Path | None
     point = np.array([r["sgr"]["point"] for r in recs])
     lo = np.array([r["sgr"]["lo"] for r in recs])
     hi = np.array([r["sgr"]["hi"] for r in recs])
-    ax.errorbar(x, point, yerr=[np.maximum(point - lo, 0), np.maximum(hi - point, 0)], fmt="o",
-                color=COLORS["easy"], ecolor="black", capsize=4, label="SGR (95% CI)")
+    flagged = np.array([sgr_flagged(r["sgr"]) for r in recs])
+    yerr = np.array([np.maximum(point - lo, 0), np.maximum(hi - point, 0)])
+    if (~flagged).any():
+        ax.errorbar(x[~flagged], point[~flagged], yerr=yerr[:, ~flagged], fmt="o",
+                    color=COLORS["easy"], ecolor="black", capsize=4, label="SGR (95% CI)")
+    if flagged.any():  # not findings: grey, hollow, dotted whiskers
+        bars = ax.errorbar(x[flagged], point[flagged], yerr=yerr[:, flagged], fmt="o", mfc="none",
+                           color="#999999", ecolor="#999999", capsize=4,
+                           label=f"{NOT_ESTIMABLE}: hard − zero-shot interval not above 0")
+        bars[2][0].set_linestyle(":")
     ax.axhline(1.0, color=COLORS["hard"], ls="--", lw=1.2, label="1 = as good as hard training")
     ax.axhline(0.0, color=COLORS[ZERO_SHOT], ls=":", lw=1.2, label="0 = zero-shot")
+    # keep the axis readable when one measure's interval is huge (its numbers are printed)
+    ylim = (max(-1.5, min(-0.2, lo.min() - 0.1)), min(3.0, max(1.5, hi.max() + 0.1)))
+    ax.set_ylim(*ylim)
     for xi, p, r in zip(x, point, recs):
-        ax.annotate(f"{p:.2f} [{r['sgr']['lo']:.2f}, {r['sgr']['hi']:.2f}]\np={fmt_p(r['sgr']['p_value'])}",
-                    (xi, p), textcoords="offset points",
-                    xytext=(8, -4), fontsize=7)
+        if sgr_flagged(r["sgr"]):
+            reason = r["sgr"]["reason"].replace(" pts ", " pts\n")
+            text, color = f"{NOT_ESTIMABLE} ({p:.2f})\n{reason}", "#777777"
+        else:
+            sgr = r["sgr"]
+            text, color = f"{p:.2f} [{sgr['lo']:.2f}, {sgr['hi']:.2f}]\np={fmt_p(sgr['p_value'])}", "black"
+        ax.annotate(text, (xi, float(np.clip(p, *ylim))), textcoords="offset points",
+                    xytext=(8, -4), fontsize=7, color=color)
     ax.set_xticks(x, [r["measure"] for r in recs], rotation=15, ha="right")
     ax.set_xlim(-0.6, len(recs) - 0.4)
-    # keep the axis readable when one measure's interval is huge (its numbers are printed)
-    ax.set_ylim(max(-1.5, min(-0.2, lo.min() - 0.1)), min(3.0, max(1.5, hi.max() + 0.1)))
     ax.set_xlabel("difficulty measure")
     ax.set_ylabel("SGR")
     ax.set_title(f"Supervision gap recovered = (easy − zero-shot) / (hard − zero-shot)\n"

@@ -10,6 +10,9 @@ Tables (each a list of plain records; :func:`flatten` turns one into a CSV-ready
 - :func:`population_table`: per measure, site, layer and solver, hard-test accuracy of zero-shot
   and of heads trained on easy, medium, hard and all data (crossed bootstrap), the SGR
   (zero-shot -> easy vs hard) and two paired differences (hard - easy, easy - zero-shot).
+  An SGR whose hard - zero-shot interval does not lie above 0 is not estimable
+  (:func:`probekit.stats.sgr_estimable`): its numbers stay in the record and the CSV, with
+  ``estimable`` False and the reason, and the display tables show it as ``n/e``.
 - :func:`transfer_table`: accuracy by training level x test level (point estimates; heatmap).
 - :func:`all_to_all_table`: heads trained on a random split, accuracy by test level.
 - :func:`curve_table`: accuracy on the hard test against ``n_train`` (learning curves) or
@@ -395,6 +398,9 @@ def _stat_columns(name: str, stat: dict | None) -> dict:
     if "p_value" in stat:
         out[f"{name}_p"] = stat["p_value"]
     out[f"{name}_n_items"] = stat["n_items"]
+    if "estimable" in stat:  # an SGR: its numbers stay, with the flag and the reason beside them
+        out[f"{name}_estimable"] = stat["estimable"]
+        out[f"{name}_reason"] = stat["reason"] or ""
     return out
 
 
@@ -419,6 +425,20 @@ def fmt_test(stat: dict | None, percent: bool = False) -> str:
     return f"{k * stat['point']:.{d}f} [{k * stat['lo']:.{d}f}, {k * stat['hi']:.{d}f}] p{'' if p[0] == '<' else '='}{p}"
 
 
+#: How a display table shows an SGR that is not estimable (its reason goes in a note column).
+NOT_ESTIMABLE = "n/e"
+
+
+def sgr_flagged(stat: dict | None) -> bool:
+    """Whether an SGR record is flagged as not estimable (hard - zero-shot interval not above 0)."""
+    return bool(stat) and stat.get("estimable") is False
+
+
+def fmt_sgr(stat: dict | None) -> str:
+    """An SGR as :func:`fmt_test` shows it, or ``n/e`` when it is not estimable."""
+    return NOT_ESTIMABLE if sgr_flagged(stat) else fmt_test(stat)
+
+
 def fmt_p(p: float) -> str:
     """A p-value to three decimals, ``<0.001`` below that."""
     return "<0.001" if p < 0.001 else f"{p:.3f}"
@@ -441,9 +461,11 @@ def population_display(records: list[dict], with_head: bool = True) -> pd.DataFr
         row["zero-shot"] = fmt_acc(r["accuracy"].get(ZERO_SHOT))
         for lv in level_order(set(r["accuracy"]) - {ZERO_SHOT}):
             row[f"{lv}→hard"] = fmt_acc(r["accuracy"][lv])
-        row["SGR [95% CI]"] = fmt_test(r["sgr"])
+        row["SGR [95% CI]"] = fmt_sgr(r["sgr"])
         row["hard−easy (pts)"] = fmt_test(r["hard_minus_easy"], percent=True)
         row["easy−zero-shot (pts)"] = fmt_test(r["easy_minus_zero_shot"], percent=True)
+        if any(sgr_flagged(x["sgr"]) for x in records):
+            row["SGR note"] = f"{NOT_ESTIMABLE}: {r['sgr']['reason']}" if sgr_flagged(r["sgr"]) else ""
         rows.append(row)
     frame = pd.DataFrame(rows)
     return frame.fillna("–") if len(frame) else frame

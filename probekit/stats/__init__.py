@@ -1,4 +1,5 @@
-"""Statistics over item x draw accuracy matrices: crossed bootstrap, SGR, paired differences.
+"""Statistics over item x draw accuracy matrices: crossed bootstrap, SGR (with when it is
+estimable), paired differences.
 
 See :mod:`probekit.stats.bootstrap` for the resampling scheme (docs/protocol.md §6).
 """
@@ -6,6 +7,7 @@ See :mod:`probekit.stats.bootstrap` for the resampling scheme (docs/protocol.md 
 from probekit.stats.bootstrap import (
     BootstrapTest,
     CrossedBootstrap,
+    SgrTest,
     crossed_bootstrap,
     crossed_resample_stats,
     difference_resample_stats,
@@ -14,12 +16,15 @@ from probekit.stats.bootstrap import (
     paired_difference,
     resample_indices,
     sgr_bootstrap,
+    sgr_estimable,
+    sgr_resample_parts,
     sgr_resample_stats,
 )
 
 __all__ = [
     "BootstrapTest",
     "CrossedBootstrap",
+    "SgrTest",
     "crossed_bootstrap",
     "crossed_resample_stats",
     "difference_resample_stats",
@@ -28,5 +33,7 @@ __all__ = [
     "paired_difference",
     "resample_indices",
     "sgr_bootstrap",
+    "sgr_estimable",
+    "sgr_resample_parts",
     "sgr_resample_stats",
 ]

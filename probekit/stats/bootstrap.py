@@ -11,6 +11,13 @@ draw (it was in the training set). Three statistics share one resampling scheme:
   paired, each matrix gets its own column indices (``bootstrapBminusAoverCminusA``).
 - :func:`paired_difference`: ``mean(B - A)`` with the same scheme (``bootstrapDiff``).
 
+When SGR is estimable: the ratio means something only when hard training beats zero-shot. From
+the same paired resamples as the SGR, :func:`sgr_bootstrap` takes the percentile interval of the
+denominator ``C - A`` (hard - zero-shot); when its lower end is not above 0 (the interval includes
+0 or lies below it) the result is flagged ``estimable = False`` with the reason. Its numbers are
+kept, but they are not a finding: a denominator that can be 0 or negative makes the ratio's
+point and percentile interval arbitrary (the demo's 1.24 [-7.38, 8.53]).
+
 The fast path never builds the (resamples x rows x cols) array. A resample is summarised by how
 often it drew each row (a count vector ``w``) and each column, or column pair, of a difference
 (a count vector ``v``); the nanmean of a resampled matrix is then
@@ -90,6 +97,37 @@ class BootstrapTest:
         d = asdict(self)
         d["n_draws"] = list(self.n_draws)
         return d
+
+
+@dataclass(frozen=True)
+class SgrTest(BootstrapTest):
+    """An SGR :class:`BootstrapTest` with its denominator and whether the ratio is estimable.
+
+    ``den_point`` is ``mean C - mean A`` (hard - zero-shot) on the original matrices and
+    ``[den_lo, den_hi]`` its percentile interval at ``level`` over the same resamples as the
+    ratio. ``estimable`` is False when ``den_lo <= 0`` (or the denominator is undefined);
+    ``reason`` then says why, and is None otherwise.
+    """
+
+    den_point: float = math.nan
+    den_lo: float = math.nan
+    den_hi: float = math.nan
+    estimable: bool = True
+    reason: str | None = None
+
+
+def sgr_estimable(den_lo: float, den_hi: float) -> tuple[bool, str | None]:
+    """Whether an SGR is estimable from its denominator's (hard - zero-shot) interval, and why not.
+
+    Estimable when the interval lies above 0; otherwise the reason names the interval in
+    percentage points and says whether it includes 0 or lies below it.
+    """
+    if not (math.isfinite(den_lo) and math.isfinite(den_hi)):
+        return False, "hard - zero-shot interval undefined"
+    if den_lo > 0:
+        return True, None
+    where = "lies below 0" if den_hi < 0 else "includes 0"
+    return False, f"hard - zero-shot interval [{100 * den_lo:.1f}, {100 * den_hi:.1f}] pts {where}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,14 +288,21 @@ def sgr_resample_stats(
     cols_c: np.ndarray,
 ) -> np.ndarray:
     """``nanmean(B* - A*) / nanmean(C* - A*)`` per resample; one shared row index vector."""
+    num, den = sgr_resample_parts(A, B, C, rows, cols_a, cols_b, cols_c)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return num / den
+
+
+def sgr_resample_parts(A: np.ndarray, B: np.ndarray, C: np.ndarray, rows: np.ndarray, cols_a: np.ndarray,
+                       cols_b: np.ndarray, cols_c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Numerator ``nanmean(B* - A*)`` and denominator ``nanmean(C* - A*)`` of each resample's SGR."""
     _check_baseline(A, B, "sgr_bootstrap (A vs B)")
     _check_baseline(A, C, "sgr_bootstrap (A vs C)")
     fb, fc = _features(B, A), _features(C, A)
     G = _counts(rows, A.shape[0]) @ np.concatenate([fb, fc], axis=1)
     num = _means(G[:, : fb.shape[1]], _slot_counts(cols_b, cols_a, B.shape[1], A.shape[1]))
     den = _means(G[:, fb.shape[1] :], _slot_counts(cols_c, cols_a, C.shape[1], A.shape[1]))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return num / den
+    return num, den
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,6 +422,10 @@ def sgr_bootstrap(A, B, C, n_resamples: int = 100_000, seed: int = 0, level: flo
     and computes ``nanmean(B* - A*) / nanmean(C* - A*)`` (A recycled across columns);
     non-finite statistics are dropped (``bootstrapBminusAoverCminusA``). ``point`` is
     ``(mean B - mean A) / (mean C - mean A)`` with nanmeans of the original matrices.
+
+    The result (:class:`SgrTest`) also holds the denominator ``C - A`` with its percentile
+    interval from the same resamples, and ``estimable = False`` with a reason when that interval
+    does not lie above 0 (:func:`sgr_estimable`).
     """
     _check_settings(n_resamples, level)
     A, B, C = _prepare("ABC", A, B, C)
@@ -385,10 +434,18 @@ def sgr_bootstrap(A, B, C, n_resamples: int = 100_000, seed: int = 0, level: flo
     n, ma, mb, mc = A.shape[0], A.shape[1], B.shape[1], C.shape[1]
 
     def block(rows, ca, cb, cc):
-        return sgr_resample_stats(A, B, C, rows, ca, cb, cc)
+        return np.stack(sgr_resample_parts(A, B, C, rows, ca, cb, cc), axis=1)
 
-    stats = _collect(block, seed, n_resamples, n, [ma, mb, mc])
-    a = _nanmean(A)
+    parts = _collect(block, seed, n_resamples, n, [ma, mb, mc])
+    num, den = parts[:, 0], parts[:, 1]
     with np.errstate(invalid="ignore", divide="ignore"):
-        point = np.float64(_nanmean(B) - a) / np.float64(_nanmean(C) - a)
-    return _test(point, stats, level, n, (ma, mb, mc), n_resamples)
+        stats = num / den
+    a = _nanmean(A)
+    den_point = np.float64(_nanmean(C) - a)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        point = np.float64(_nanmean(B) - a) / den_point
+    base = _test(point, stats, level, n, (ma, mb, mc), n_resamples)
+    _, den_lo, den_hi, _ = _summary(den, level)
+    estimable, reason = sgr_estimable(den_lo, den_hi)
+    return SgrTest(**vars(base), den_point=float(den_point), den_lo=den_lo, den_hi=den_hi,
+                   estimable=estimable, reason=reason)
