@@ -31,8 +31,8 @@ from probekit.extract.run import encode_rows, prepare_model
 from probekit.finetune.recipe import Recipe, schedule
 from probekit.finetune.train import attach_lora, detach_lora, score_items, train_adapters
 from probekit.probe.engine import head_seed
-from probekit.probe.plan import ALL, EXPERIMENTS, Head, item_frame, plan
-from probekit.probe.sweep import _Rows, _test_rows, load_items, open_cache, zero_shot_p
+from probekit.probe.plan import EXPERIMENTS, Head, item_frame, plan, tested_rows
+from probekit.probe.sweep import FrameRows, load_items, open_cache, zero_shot_p, zero_shot_tables
 from probekit.store import Cache
 from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultsWriter
 
@@ -111,7 +111,7 @@ def _versions() -> dict[str, str]:
 def _test_levels(frame, head: Head, test_levels: Sequence[str] | None) -> dict[str, np.ndarray]:
     """Per measure of the head, the test rows to score: every probe item outside the head's pool,
     or only those at ``test_levels`` of that measure."""
-    rows = _test_rows(frame, head)
+    rows = tested_rows(frame, head)
     out = {}
     for m in head.measures:
         if test_levels and m in frame.levels:
@@ -203,8 +203,8 @@ def finetune(
         "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "template": template,
         "max_updates": max_updates, "zero_shot": zero_shot,
     }
-    rows = _Rows(frame, experiment, SITE)
-    zs_rows = _Rows(frame, experiment, "answer_end")
+    rows = FrameRows(frame, experiment, SITE)
+    zs_rows = FrameRows(frame, experiment, "answer_end")
     encoded: dict[int, Any] = {}
 
     def encode(idx: np.ndarray) -> list:
@@ -221,12 +221,7 @@ def finetune(
         emit("start", {"heads": len(heads), "todo": len(todo),
                        "updates": sum(min(schedule(h.n_train, recipe).updates, max_updates or 1 << 30) for h in todo)})
         if zero_shot and not writer.has_part("zero_shot"):
-            choice_sum, _ = cache.logprobs()
-            p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
-            writer.write_part("zero_shot", [
-                zs_rows.table(layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
-                              solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe])
-                for m in (measures if experiment != "all_to_all" else [ALL])])
+            writer.write_part("zero_shot", zero_shot_tables(cache, frame, zs_rows, measures, experiment))
         for h in heads:
             key = part_key(h)
             if writer.has_part(key):

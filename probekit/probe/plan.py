@@ -170,3 +170,8 @@ def plan(
 def layer_label(layers: Sequence[int]) -> str:
     """The results table's name of a feature set: ``"17"`` or ``"15+30"``."""
     return "+".join(str(x) for x in layers)
+
+
+def tested_rows(frame: ItemFrame, head: Head) -> np.ndarray:
+    """The probe items a head is tested on: every probe item it was not trained on."""
+    return frame.probe[~np.isin(frame.probe, head.exclude)]

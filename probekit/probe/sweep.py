@@ -24,7 +24,7 @@ from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
 from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, head_seed, prepare
-from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan
+from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan, tested_rows
 from probekit.probe.solvers import DEFAULT_TOL, SOLVERS, solver_names
 from probekit.store import Cache
 from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
@@ -105,7 +105,7 @@ def zero_shot_p(choice_sum: np.ndarray, n_choices: np.ndarray, gold: np.ndarray)
     return p[np.arange(len(gold)), gold].astype(np.float32), (s.argmax(1) == gold).astype(np.int8)
 
 
-class _Rows(ResultRows):
+class FrameRows(ResultRows):
     """Result rows of one experiment at one site; test levels are the item frame's levels."""
 
     def __init__(self, frame: ItemFrame, experiment: str, site: str) -> None:
@@ -145,7 +145,7 @@ def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | o
         raise ProbekitError(f"ICL scores {icl_dir}: item {missing[0]!r} is not in the cache")
     rows_of = np.array([position[item] for item in ids])
     probe = np.isin(rows_of, frame.probe)
-    builder = _Rows(frame, experiment, ICL_SITE)
+    builder = FrameRows(frame, experiment, ICL_SITE)
     tables = []
     for b in range(choice_sum.shape[0]):
         scored = probe & np.isfinite(choice_sum[b]).any(1)
@@ -157,8 +157,15 @@ def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | o
     return tables
 
 
-def _test_rows(frame: ItemFrame, head: Head) -> np.ndarray:
-    return frame.probe[~np.isin(frame.probe, head.exclude)]
+def zero_shot_tables(cache: Cache, frame: ItemFrame, rows: FrameRows, measures: Sequence[str],
+                     experiment: str) -> list[pa.Table]:
+    """The zero-shot rows (from the cached choice log-probs) of every probe item, one table per
+    measure (one for the unstratified all_to_all experiment)."""
+    choice_sum, _ = cache.logprobs()
+    p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
+    return [rows.table(layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
+                       solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe])
+            for m in (measures if experiment != "all_to_all" else [ALL])]
 
 
 def sweep(
@@ -227,7 +234,7 @@ def sweep(
     heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
                  levels=levels)
 
-    rows = _Rows(frame, experiment, site)
+    rows = FrameRows(frame, experiment, site)
     groups: dict[int, list[Head]] = {}
     for h in heads:
         groups.setdefault(h.n_train, []).append(h)
@@ -248,12 +255,8 @@ def sweep(
     zero_fits: dict[str, int] = {}  # feature set -> fits whose exact optimum has zero weights
     with ResultsWriter(out) as batch:  # refuses a directory another writer holds
         if zero_shot:
-            choice_sum, _ = cache.logprobs()
-            p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
-            for m in (measures if experiment != "all_to_all" else [ALL]):
-                batch.append(rows.table(
-                    layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
-                    solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe]))
+            for t in zero_shot_tables(cache, frame, rows, measures, experiment):
+                batch.append(t)
         for icl_dir in icl:
             for t in icl_tables(cache, frame, experiment, icl_dir):
                 batch.append(t)
@@ -275,7 +278,7 @@ def sweep(
                     if res.zero_weights.any():
                         zero_fits[label] = zero_fits.get(label, 0) + int(res.zero_weights.sum())
                     for i, h in enumerate(group):
-                        test = _test_rows(frame, h)
+                        test = tested_rows(frame, h)
                         for m in h.measures:
                             batch.append(rows.table(
                                 layer=label, measure=m, train_level=h.train_level, draw=h.draw,
