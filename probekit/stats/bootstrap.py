@@ -237,16 +237,16 @@ def _features(X: np.ndarray, A: np.ndarray | None) -> np.ndarray:
     return np.concatenate([diff.reshape(n, -1), both.reshape(n, -1).astype(np.float64)], axis=1)
 
 
-def _slot_counts(cx: np.ndarray, ca: np.ndarray | None, m_x: int, m_a: int) -> np.ndarray:
+def _slot_counts(cx: np.ndarray, ca: np.ndarray | None, m_x: int, m_a: int, dtype=np.float64) -> np.ndarray:
     """Counts of the (X column, A column) pairs that the resampled columns line up.
 
     Resampled column j of ``X`` meets resampled column j of ``A``, or A's single column when A
     has one (it is recycled across X's columns).
     """
     if ca is None:
-        return _counts(cx, m_x)
+        return _counts(cx, m_x, dtype)
     aligned = ca if ca.shape[1] == cx.shape[1] else np.repeat(ca[:, :1], cx.shape[1], axis=1)
-    return _counts(cx * m_a + aligned, m_x * m_a)
+    return _counts(cx * m_a + aligned, m_x * m_a, dtype)
 
 
 def _means(G: np.ndarray, P: np.ndarray) -> np.ndarray:
