@@ -202,6 +202,7 @@ def test_bad_input_raises_one_line():
         boot.accuracy(frame(1 - C), "c")
     with pytest.raises(ProbekitError, match="a baseline needs one draw"):
         boot.difference(frame(C[:, :3]), frame(B), ("c3", "b"))
+    assert len(boot.run()) == 1  # a refused statistic leaves nothing to compute
     with pytest.raises(ProbekitError, match="no observed cell"):
         boot.accuracy(frame(np.full((N, 2), np.nan)), "empty")
     with pytest.raises(ProbekitError, match="infinite"):

@@ -249,6 +249,8 @@ class SharedBootstrap:
             rng = g.rng_rows()
             col_rngs = {key: g.rng_cols(key) for key in g.conditions}
             handles = tuple(h for h, st in enumerate(self.statistics) if st.group == items)
+            if not handles:  # only conditions of a statistic that was refused
+                continue
             width = g.features(handles, [self.statistics[h] for h in handles])[1].shape[1]
             size = max(1, _bs.BLOCK_ELEMENTS // max(g.n, width // 2))
             for start in range(0, g.n_resamples, size):
