@@ -75,9 +75,12 @@ def load_results(results_dir: str | Path) -> Results:
 
 
 def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """Numeric columns to their types; text columns stay categoricals (the results file's dictionaries:
+    one small code per row, so selections and groupings compare integers, not millions of strings),
+    with text categories and "" for a missing value."""
     out = table.copy()
     for col in TEXT_COLUMNS:
-        out[col] = out[col].fillna("").astype(str)
+        out[col] = _text_categorical(out[col])
     try:
         out["draw"] = out["draw"].astype(np.int64)
         out["n_train"] = out["n_train"].astype(np.int64)
@@ -90,6 +93,23 @@ def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         row = out[bad].iloc[0]
         raise ProbekitError(f"{path}: correct must be 0 or 1, got {row['correct']!r} for item {row['item_id']!r}")
     return out
+
+
+def _text_categorical(values: pd.Series) -> pd.Series:
+    """``values`` as a categorical of text ("" for missing), the categories each value's ``str``."""
+    if not isinstance(values.dtype, pd.CategoricalDtype):
+        return values.fillna("").astype(str).astype("category")
+    cats = values.cat.categories
+    text = pd.Index([str(c) for c in cats])
+    if text.has_duplicates:  # e.g. 1 and "1": merge through the text values
+        return values.astype(object).fillna("").astype(str).astype("category")
+    if not cats.equals(text):
+        values = values.cat.rename_categories(text)
+    if values.isna().any():
+        if "" not in values.cat.categories:
+            values = values.cat.add_categories([""])
+        values = values.fillna("")
+    return values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,14 +172,27 @@ def item_draw_frame(rows: pd.DataFrame, what: str = "condition") -> pd.DataFrame
     """Pivot rows to an item x draw frame of 0/1 correctness (NaN: not a test item in that draw).
 
     Rows are sorted by item id and columns by draw, so the bootstrap resamples of a condition
-    do not depend on the order of the results file.
+    do not depend on the order of the results file. The pivot runs on integer codes (the item
+    column's categorical codes, else its factorisation).
     """
-    dup = rows.duplicated(["item_id", "draw"])
-    if dup.any():
-        r = rows[dup].iloc[0]
+    items = rows["item_id"]
+    if isinstance(items.dtype, pd.CategoricalDtype):
+        codes, labels = items.cat.codes.to_numpy(), items.cat.categories
+    else:
+        codes, labels = pd.factorize(items)
+    used, item_pos = np.unique(codes, return_inverse=True)
+    draws, draw_pos = np.unique(rows["draw"].to_numpy(), return_inverse=True)
+    cell = item_pos.reshape(-1) * len(draws) + draw_pos.reshape(-1)
+    if len(np.unique(cell)) < len(cell):
+        r = rows[rows.duplicated(["item_id", "draw"])].iloc[0]
         raise ProbekitError(f"results.parquet: item {r['item_id']!r} appears twice in draw {r['draw']} of {what}")
-    frame = rows.pivot(index="item_id", columns="draw", values="correct")
-    return frame.sort_index().sort_index(axis=1)
+    values = np.full(len(used) * len(draws), np.nan)
+    values[cell] = rows["correct"].to_numpy(np.float64)
+    index = pd.Index(labels.take(used) if len(used) else labels[:0], name="item_id")
+    order = index.argsort()
+    frame = pd.DataFrame(values.reshape(len(used), len(draws))[order], index=index[order],
+                         columns=pd.Index(draws, name="draw"))
+    return frame
 
 
 def aligned(*frames: pd.DataFrame) -> list[np.ndarray]:
