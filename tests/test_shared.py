@@ -16,7 +16,7 @@ from test_stats import (
 )
 
 from probekit.errors import ProbekitError
-from probekit.stats import bootstrap
+from probekit.stats import bootstrap, shared
 from probekit.stats.shared import SharedBootstrap
 
 N = 40
@@ -125,6 +125,25 @@ def test_random_indices_equal_loop_exactly():
                 with np.errstate(invalid="ignore", divide="ignore"):
                     v = v[:, 0] / v[:, 1]
             np.testing.assert_array_equal(v, ref)
+
+
+def test_row_by_row_counts_equal_loop_exactly(small_blocks, monkeypatch):
+    # the per-resample counting that long rows (thousands of items) use, on these short ones
+    monkeypatch.setattr(shared, "ROW_COUNTS_FROM", 1)
+    boot = SharedBootstrap(n_resamples=120, seed=5)
+    register(boot)
+    rows_seen = 0
+    for items, start, rows, cols in boot.draws():
+        np.testing.assert_array_equal(shared._row_counts(rows, len(items), np.float32),
+                                      bootstrap._counts(rows, len(items), np.float32))
+        rows_seen += len(rows)
+        for h, v in boot.resample_values(items, rows, cols, start).items():
+            ref = loop_values(boot, h, rows[:len(v)], {k: c[:len(v)] for k, c in cols.items()})
+            if boot.statistics[h].kind == "sgr":
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    v = v[:, 0] / v[:, 1]
+            np.testing.assert_array_equal(v, ref)
+    assert rows_seen > 0
 
 
 def test_results_equal_reference_summaries(small_blocks):

@@ -60,6 +60,8 @@ from probekit.stats.bootstrap import (
 #: A group's products and sums run in float32 when items x draws is below this (exact for 0/1 cells:
 #: every sum is an integer no larger than that, see the module doc).
 FLOAT32_EXACT = 2**24
+#: Count matrices of at least this many items are counted one resample (row) at a time (:func:`_row_counts`).
+ROW_COUNTS_FROM = 256
 
 
 def _digest(text: str) -> int:
@@ -273,7 +275,7 @@ class SharedBootstrap:
         g = self.groups[items]
         active = [(h, s) for h, s in enumerate(self.statistics) if s.group == items and s.n_resamples > start]
         layout, F = g.features(tuple(h for h, _ in active), [s for _, s in active])
-        W = _counts(rows, g.n, F.dtype)
+        W = _row_counts(rows, g.n, F.dtype)
         G = W @ F  # exact integers (module doc)
         P = {key: _counts(cols[key], g.conditions[key].m, F.dtype) for _, s in active if s.kind == "accuracy"
              for key in s.conditions}
@@ -313,6 +315,18 @@ class SharedBootstrap:
         if s.kind == "difference":
             return difference_result(*mats, v, self.level, s.n_resamples)
         return sgr_result(*mats, v[:, 0], v[:, 1], self.level, s.n_resamples)
+
+
+def _row_counts(idx: np.ndarray, n: int, dtype) -> np.ndarray:
+    """The counts of :func:`probekit.stats.bootstrap._counts` (how often each value in [0, n) occurs in
+    each row of ``idx``), one bincount per row when rows are long: a row's n counts stay in cache,
+    measured 3.5x faster than one bincount over offset indices for 3521 items x 1136 resamples."""
+    if n < ROW_COUNTS_FROM:
+        return _counts(idx, n, dtype)
+    out = np.empty((idx.shape[0], n), dtype)
+    for i, row in enumerate(idx):
+        out[i] = np.bincount(row, minlength=n)
+    return out
 
 
 def _unit(M: np.ndarray) -> bool:
