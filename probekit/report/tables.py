@@ -425,13 +425,32 @@ def zero_weight_heads(table: pd.DataFrame) -> list[dict]:
     trained = table[table["train_level"] != ZERO_SHOT]
     keys = ["experiment", "site", "layer", "solver"]
     head = ["measure", "train_level", "draw", "n_train", "label_noise"]
-    heads = trained.groupby(keys + head, sort=False, observed=True)["zero_weights"].any().reset_index()
+    heads = _runs(trained, keys + head, "zero_weights").groupby(keys + head, sort=False, observed=True)
+    heads = heads["zero_weights"].any().reset_index()
     records = []
     for key, group in _groups(heads, keys):
         zero = group[group["zero_weights"]]
         records.append({**dict(zip(keys, key)), "heads": int(len(group)), "zero_weight_heads": int(len(zero)),
                         "which": [f"{r.measure}/{r.train_level}/draw {r.draw}" for r in zero.itertuples()]})
     return records
+
+
+def _runs(rows: pd.DataFrame, keys: list[str], flag: str) -> pd.DataFrame:
+    """``rows`` cut into runs of consecutive rows with the same ``keys`` (a head's rows are written
+    together, so a results table holds few runs): one row per run, its keys and whether ``flag`` is
+    set in any of its rows. Grouping the runs by ``keys`` groups the rows, at the cost of the runs."""
+    if rows.empty:
+        return rows[keys + [flag]]
+    change = np.zeros(len(rows), bool)
+    change[0] = True
+    for col in keys:
+        v = rows[col]
+        v = v.cat.codes.to_numpy() if isinstance(v.dtype, pd.CategoricalDtype) else v.to_numpy()
+        change[1:] |= v[1:] != v[:-1]
+    starts = np.flatnonzero(change)
+    out = rows[keys].iloc[starts].reset_index(drop=True)
+    out[flag] = np.logical_or.reduceat(rows[flag].to_numpy(bool), starts)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

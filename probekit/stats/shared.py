@@ -215,7 +215,7 @@ class SharedBootstrap:
                 raise ProbekitError(f"condition {name} holds infinite values; use NaN for missing cells")
             observed = frame.index[~np.isnan(values).all(axis=1)]
             index = observed if index is None else index.union(observed)
-        items = tuple(sorted(index))
+        items = tuple(sorted(index.tolist()))  # tolist: one conversion, not an iteration over the index
         if not items:
             raise ProbekitError(f"{' / '.join(names)}: no observed cell")
         group = self.groups.get(items)
