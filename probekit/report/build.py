@@ -39,6 +39,7 @@ from probekit.report.tables import (
     load_results,
     population_display,
     population_table,
+    row_runs,
     to_markdown,
     transfer_table,
     zero_weight_heads,
@@ -95,7 +96,7 @@ def build_report(
     res = load_results(results_dir)
     table = res.table
     zero = zero_weight_heads(table)
-    if zero_weights == "exclude":
+    if zero_weights == "exclude" and table["zero_weights"].astype(bool).any():
         table = table[~table["zero_weights"].astype(bool)]
     headline = choose_headline(table, site, layer, solver)
     experiments = sorted(table["experiment"].unique())
@@ -179,7 +180,9 @@ class _Ticker:
 
 
 def _count_tasks(table: pd.DataFrame) -> int:
-    trained = table[table["train_level"] != "zero_shot"]
+    runs = row_runs(table, ["experiment", "measure", "site", "layer", "solver", "train_level", "test_level",
+                            *(x for x, *_ in CURVES.values())])  # the same key combinations as the rows
+    trained = runs[runs["train_level"] != "zero_shot"]
 
     def groups(rows: pd.DataFrame, keys: list[str]) -> int:
         return int(rows.groupby(keys).ngroups) if len(rows) else 0

@@ -78,7 +78,7 @@ def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     """Numeric columns to their types; text columns stay categoricals (the results file's dictionaries:
     one small code per row, so selections and groupings compare integers, not millions of strings),
     with text categories and "" for a missing value."""
-    out = table.copy()
+    out = table.copy(deep=False)  # columns are replaced, never written into (copy-on-write)
     for col in TEXT_COLUMNS:
         out[col] = _text_categorical(out[col])
     try:
@@ -422,11 +422,11 @@ def zero_weight_heads(table: pd.DataFrame) -> list[dict]:
     """Per experiment, site, layer and solver: how many trained heads there are and how many have zero
     weights as their exact optimum (the ``zero_weights`` column). A head is one (measure, training
     level, draw, n_train, label noise) of a layer; a head trained on all items counts once per measure."""
-    trained = table[table["train_level"] != ZERO_SHOT]
     keys = ["experiment", "site", "layer", "solver"]
     head = ["measure", "train_level", "draw", "n_train", "label_noise"]
-    heads = _runs(trained, keys + head, "zero_weights").groupby(keys + head, sort=False, observed=True)
-    heads = heads["zero_weights"].any().reset_index()
+    runs = row_runs(table, keys + head, "zero_weights")
+    runs = runs[runs["train_level"] != ZERO_SHOT]
+    heads = runs.groupby(keys + head, sort=False, observed=True)["zero_weights"].any().reset_index()
     records = []
     for key, group in _groups(heads, keys):
         zero = group[group["zero_weights"]]
@@ -435,12 +435,13 @@ def zero_weight_heads(table: pd.DataFrame) -> list[dict]:
     return records
 
 
-def _runs(rows: pd.DataFrame, keys: list[str], flag: str) -> pd.DataFrame:
+def row_runs(rows: pd.DataFrame, keys: list[str], flag: str | None = None) -> pd.DataFrame:
     """``rows`` cut into runs of consecutive rows with the same ``keys`` (a head's rows are written
-    together, so a results table holds few runs): one row per run, its keys and whether ``flag`` is
-    set in any of its rows. Grouping the runs by ``keys`` groups the rows, at the cost of the runs."""
+    together, so a results table holds few runs): one row per run, its keys and, with ``flag``,
+    whether that column is set in any of its rows. Selecting and grouping the runs by ``keys``
+    selects and groups the rows (the same key combinations), at the cost of the runs."""
     if rows.empty:
-        return rows[keys + [flag]]
+        return rows[keys + ([flag] if flag else [])]
     change = np.zeros(len(rows), bool)
     change[0] = True
     for col in keys:
@@ -449,7 +450,8 @@ def _runs(rows: pd.DataFrame, keys: list[str], flag: str) -> pd.DataFrame:
         change[1:] |= v[1:] != v[:-1]
     starts = np.flatnonzero(change)
     out = rows[keys].iloc[starts].reset_index(drop=True)
-    out[flag] = np.logical_or.reduceat(rows[flag].to_numpy(bool), starts)
+    if flag:
+        out[flag] = np.logical_or.reduceat(rows[flag].to_numpy(bool), starts)
     return out
 
 

@@ -99,6 +99,7 @@ class _Group:
         self.seed = seed
         self.conditions: dict[tuple, Condition] = {}
         self.n_resamples = 0
+        self.handles: list[int] = []  # the statistics over these items, in registration order
         self._features: dict = {}
 
     def condition(self, frame: pd.DataFrame, name: str, n_resamples: int) -> Condition:
@@ -224,7 +225,8 @@ class SharedBootstrap:
         conds = [group.condition(f, n, n_resamples) for f, n in zip(frames, names)]
         for other in conds[1:]:
             _check_baseline(conds[0].M, other.M, f"{names[0]} vs {other.key[0]}")
-        self.statistics.append(Statistic(kind, items, tuple(c.key for c in conds), int(n_resamples)))
+        self.statistics.append(Statistic(kind, group.items, tuple(c.key for c in conds), int(n_resamples)))
+        group.handles.append(len(self.statistics) - 1)
         return len(self.statistics) - 1
 
     def accuracy(self, M: pd.DataFrame, name: str, n_resamples: int | None = None) -> int:
@@ -250,7 +252,7 @@ class SharedBootstrap:
         for items, g in self.groups.items():
             rng = g.rng_rows()
             col_rngs = {key: g.rng_cols(key) for key in g.conditions}
-            handles = tuple(h for h, st in enumerate(self.statistics) if st.group == items)
+            handles = tuple(g.handles)
             if not handles:  # only conditions of a statistic that was refused
                 continue
             width = g.features(handles, [self.statistics[h] for h in handles])[1].shape[1]
@@ -273,7 +275,7 @@ class SharedBootstrap:
         handle -> (b_s,) nanmeans for an accuracy or a difference, (b_s, 2) numerator and denominator
         for an SGR, where b_s is the number of those resamples below the statistic's count."""
         g = self.groups[items]
-        active = [(h, s) for h, s in enumerate(self.statistics) if s.group == items and s.n_resamples > start]
+        active = [(h, self.statistics[h]) for h in g.handles if self.statistics[h].n_resamples > start]
         layout, F = g.features(tuple(h for h, _ in active), [s for _, s in active])
         W = _row_counts(rows, g.n, F.dtype)
         G = W @ F  # exact integers (module doc)
