@@ -140,7 +140,7 @@ def choose_headline(table: pd.DataFrame, site: str | None = None, layer: str | N
     solver ``paper`` when present (else the first). A requested value that the results lack is
     an error.
     """
-    trained = table[table["train_level"] != ZERO_SHOT]
+    trained = table.loc[table["train_level"] != ZERO_SHOT, ["site", "layer", "solver"]]
     if trained.empty:
         return None
     site = _pick(trained["site"], site, "answer_end", "site")
@@ -242,17 +242,22 @@ def population_table(
     without hard-test rows is an error. Entries that cannot be computed (a level that was not
     run, no zero-shot rows) are None.
     """
-    pop = table[(table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT)]
+    head_keys = ["site", "layer", "solver"]
+    pop = table.loc[(table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT),
+                    ["measure", *head_keys, "train_level", "test_level", "n_train", "item_id", "draw", "correct"]]
     boot = SharedBootstrap(n_boot, seed)
     records, done = [], []
     for measure in sorted(pop["measure"].unique()):
         pm = pop[pop["measure"] == measure]
-        if not (pm["test_level"] == HARD).any():
+        hard = pm[pm["test_level"] == HARD]
+        if hard.empty:
             raise ProbekitError(f"results.parquet: no hard-test rows for measure {measure!r} in the population experiment")
         zero = zero_shot_rows(table, measure)
         zero = zero[zero["test_level"] == HARD]
         zero_frame = item_draw_frame(zero, f"{measure}/zero_shot") if len(zero) else None
-        for key, group in _groups(pm, ["site", "layer", "solver"]):
+        heads = dict(_groups(hard, head_keys))  # each head's hard-test rows, grouped once
+        for key in _ordered(row_runs(pm, head_keys).drop_duplicates().itertuples(index=False, name=None), head_keys):
+            group = heads.get(key, hard.iloc[:0])
             n_sgr = n_boot_sgr if headline is None or key == (headline.site, headline.layer, headline.solver) else n_boot
             records.append(_population_record(boot, measure, key, group, zero_frame, n_sgr))
             done.append(f"population {measure} {key[0]} layer {key[1] or '-'}")
@@ -261,8 +266,12 @@ def population_table(
 
 def _groups(rows: pd.DataFrame, keys: list[str]):
     groups = dict(tuple(rows.groupby(keys, sort=False)))
-    order = sorted(groups, key=lambda k: tuple(layer_key(v) if c == "layer" else (v,) for c, v in zip(keys, k)))
-    return [(k, groups[k]) for k in order]
+    return [(k, groups[k]) for k in _ordered(groups, keys)]
+
+
+def _ordered(key_values: Iterable[tuple], keys: list[str]) -> list[tuple]:
+    """Key tuples in display order (layers by :func:`layer_key`, other values as they sort)."""
+    return sorted(key_values, key=lambda k: tuple(layer_key(v) if c == "layer" else (v,) for c, v in zip(keys, k)))
 
 
 def condition_name(experiment: str, measure: str, site: str = "", layer: str = "", solver: str = "",
