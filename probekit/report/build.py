@@ -35,6 +35,8 @@ from probekit.report.tables import (
     curve_table,
     flatten,
     fmt_acc,
+    head_label,
+    head_method,
     headline_frame,
     load_results,
     population_display,
@@ -125,6 +127,7 @@ def build_report(
             "level": 0.95,
             "test_level": HARD,
             "headline": vars(headline) if headline else None,
+            "headline_method": head_method(table, headline) if headline else None,
             "accuracy": "crossed bootstrap over test items and training draws; point = nanmean of the "
                         "item x draw matrix, interval = percentiles of the resampled means",
             "sgr": "(easy - zero_shot) / (hard - zero_shot) on the hard test; one shared item resample, "
@@ -197,6 +200,14 @@ def _count_tasks(table: pd.DataFrame) -> int:
 
 
 def _write(out: Path, summary: dict, headline: Headline | None, population, all_to_all, curves, transfer) -> None:
+    write_report_dir(out, summary,
+                     lambda tmp: _write_files(tmp, summary, headline, population, all_to_all, curves, transfer))
+
+
+def write_report_dir(out: Path, summary: dict, write_files: Callable[[Path], list[str]]) -> None:
+    """Write a report directory: ``write_files(tmp)`` writes the files into a temporary directory
+    and returns their names; ``summary`` (with ``files`` set) goes in as ``summary.json``, moved in
+    last under ``out``'s lock (see the module docstring)."""
     with OutputDir(out, (), "report output") as d:  # refuses a report directory another writer holds
         remove_temporaries(out.parent, [out.name])  # a killed run's temporary directory
         try:
@@ -205,7 +216,7 @@ def _write(out: Path, summary: dict, headline: Headline | None, population, all_
             raise write_error(exc, out.parent) from None
         try:
             try:
-                files = _write_files(tmp, summary, headline, population, all_to_all, curves, transfer)
+                files = write_files(tmp)
                 summary["files"] = files + ["summary.json"]
                 (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
             except OSError as exc:  # a full disk or an unwritable folder: one line, nothing half-written
@@ -272,7 +283,7 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
     ]
     if headline:
         lines += [
-            f"## Headline: hard-test accuracy (site `{headline.site}`, layer `{headline.layer}`, solver `{headline.solver}`)",
+            f"## Headline: hard-test accuracy ({head_label(s['headline'], s['headline_method'], code=True)})",
             "",
             to_markdown(headline_frame(population, headline)),
         ]
