@@ -106,10 +106,11 @@ def test_methods_of_one_model_and_dataset_share_zero_shot_and_equal_their_single
 def test_single_report_of_a_finetune_run_names_the_method_not_an_empty_layer(runs, tmp_path):
     out = _report([runs / "ft", "--out", tmp_path / "rep"])
     assert out.exit_code == 0, out.output
-    assert "method finetune" in out.output and "layer ``" not in out.output and "layer ," not in out.output
+    printed = " ".join(out.output.split())  # the terminal table wraps its title
+    assert "method finetune" in printed and "layer ``" not in printed and "layer ," not in printed
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary["settings"]["headline_method"] == "finetune"
-    assert "method finetune" in (tmp_path / "rep" / "report.md").read_text()
+    assert "method `finetune`" in (tmp_path / "rep" / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -128,6 +129,9 @@ def test_two_datasets_give_sgr_per_dataset_and_spearman_matrices(runs, strategyq
     # Spearman: pandas' rank correlation over the same items as the reference
     entry = next(e for e in summary["spearman"] if e["dataset"] == sqa)
     items = Cache(strategyqa_run / "cache").items
+    tested = set(pd.read_parquet(strategyqa_run / "probe" / "results.parquet")["item_id"].astype(str))
+    items = items[items["id"].astype(str).isin(tested)]
+    assert entry["n_items"] == len(items) > 0
     ref = items[entry["measures"]].apply(pd.to_numeric, errors="coerce").corr(method="spearman")
     got = pd.DataFrame(entry["rho"], index=entry["measures"], columns=entry["measures"]).astype(float)
     np.testing.assert_allclose(got.to_numpy(), ref.to_numpy(), atol=1e-9, equal_nan=True)
@@ -145,7 +149,7 @@ def test_mismatched_runs_are_refused_and_nothing_is_written(runs, real_cache, tm
         "twice": ([runs / "probe", runs / "probe"], "given twice"),
         "two probe runs": ([runs / "probe", runs / "probe-seed1"], "both hold probe rows"),
     }
-    sweep(real_cache, tmp_path / "cut", layers="last", draws=2, cutoffs={"grade": Fixed(4, 9)}, **SMALL)
+    sweep(real_cache, tmp_path / "cut", layers="last", draws=2, cutoffs={"grade": Fixed(6, 8)}, **SMALL)
     cases["levels"] = ([tmp_path / "cut", runs / "ft"], "different levels")
     for name, (dirs, message) in cases.items():
         out = _report([*dirs, "--out", rep])

@@ -16,7 +16,7 @@ item by item by the draw function; when two such runs of one model and dataset w
 different seeds, their training items differ and the comparison is refused. Two runs giving the
 same (model, dataset, experiment, method) are refused (which one would the table show?).
 
-Written to ``REP/`` (see docs/protocol.md §9):
+Written to ``REP/`` (see docs/protocol.md §11):
 
 - ``sgr.png`` (the paper's headline figure): SGR per (dataset, measure), a bar per method, one
   panel per model; ``comparison.csv`` and the table in ``report.md``: hard-test accuracies of
