@@ -166,3 +166,29 @@ def test_model_size_from_the_record_or_the_name():
     assert model_size({"id": "meta-llama/Llama-2-7b-hf"})[0] == pytest.approx(7e9)
     assert model_size({"id": "Llama-2-70b", "n_params": 68_976_648_192}) == (68_976_648_192.0, "recorded (n_params)")
     assert model_size({"id": "my-model"}) == (None, "unknown (ordered by name)")
+
+
+def test_models_are_ordered_by_size_in_the_model_size_table_and_figure(tmp_path):
+    from probekit.report.compare import _model_order, model_size_frame
+    from probekit.report.compare_plots import plot_model_size
+
+    def rec(model: str, sgr: float, estimable: bool = True) -> dict:
+        stat = {"point": 0.3, "mean": 0.3, "lo": 0.28, "hi": 0.32, "error_bar": 0.02, "n_items": 50}
+        return {"model": model, "dataset": "arc", "measure": "grade", "method": "probe",
+                "accuracy": {"zero_shot": stat, "easy": stat, "hard": stat},
+                "sgr": {"point": sgr, "lo": sgr - 0.1, "hi": sgr + 0.1, "error_bar": 0.1, "p_value": 0.01,
+                        "n_items": 50, "estimable": estimable, "reason": None if estimable else "interval includes 0"}}
+
+    class Run:  # what _model_order reads of a run
+        def __init__(self, model, size):
+            self.model, self.size, self.size_source = model, size, "test"
+
+    models = [{"model": m, "size": s, "size_source": src}
+              for m, s, src in _model_order([Run("Llama-2-7b", 7e9), Run("SmolLM2-135M", 1.35e8), Run("x", None)])]
+    assert [m["model"] for m in models] == ["SmolLM2-135M", "Llama-2-7b", "x"]
+    records = [rec("Llama-2-7b", 0.8), rec("SmolLM2-135M", 0.5, estimable=False)]
+    frame = model_size_frame(records, models)
+    sgr_cols = [c for c in frame.columns if c.endswith("SGR")]
+    assert sgr_cols == ["SmolLM2-135M: SGR", "Llama-2-7b: SGR", "x: SGR"]
+    assert list(frame.loc[0, sgr_cols]) == ["n/e", "0.80 [0.70, 0.90] p=0.010", "–"]
+    assert plot_model_size(records, models, tmp_path / "size.png").is_file()

@@ -47,7 +47,7 @@ import pandas as pd
 import probekit
 from probekit.errors import ProbekitError
 from probekit.report import compare_plots
-from probekit.report.build import ProgressFn, _jsonable, _Ticker, write_report_dir
+from probekit.report.build import ProgressFn, ReportFiles, _jsonable, _Ticker, check_settings, write_report_dir
 from probekit.report.compare_plots import method_order
 from probekit.report.tables import (
     HARD,
@@ -267,8 +267,7 @@ def build_comparison(
     """
     if len(results_dirs) < 2:
         raise ProbekitError("a comparison needs at least two results directories")
-    if zero_weights not in ("exclude", "include"):
-        raise ProbekitError(f"zero_weights must be exclude or include, got {zero_weights!r}")
+    check_settings(n_boot, n_boot_sgr, seed, zero_weights)
     runs = _load_runs(results_dirs, zero_weights)
     heads = _heads(runs, baseline, site, layer, solver)
     base = _baselines(runs, baseline)
@@ -474,19 +473,9 @@ def spearman_frame(entry: dict) -> pd.DataFrame:
 
 
 def _write_files(tmp: Path, summary: dict) -> list[str]:
-    files: list[str] = []
+    written = ReportFiles(tmp)
+    files, csv, png = written.names, written.csv, written.png
     population, a2a = summary["population"], summary["all_to_all"]
-
-    def csv(name: str, frame: pd.DataFrame) -> None:
-        if len(frame):
-            frame.to_csv(tmp / name, index=False)
-            files.append(name)
-
-    def png(path: Path | None) -> str | None:
-        if path is not None:
-            files.append(path.name)
-            return path.name
-        return None
 
     csv("comparison.csv", flatten(comparison_order(population)))
     csv("all_to_all.csv", flatten(a2a))

@@ -3,8 +3,9 @@
 - :func:`plot_method_sgr`: the paper's headline figure: SGR per (dataset, measure) with a bar per
   method and its 95% interval, one panel per model; an SGR that is not estimable is drawn as a
   grey hollow bar labelled ``n/e``.
-- :func:`plot_model_size`: SGR (top) and easy-trained hard-test accuracy with the zero-shot
-  baseline (bottom) against the models in size order, one column per (dataset, measure).
+- :func:`plot_model_size`: SGR (left) and easy-trained hard-test accuracy with the zero-shot
+  baseline (right) against the models in size order, one row per (dataset, measure); an SGR that
+  is not estimable is a hollow grey marker on 0.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def plot_method_sgr(records: list[dict], models: list[str], path: Path) -> Path 
         return None
     methods = _methods(recs)
     groups = sorted({(r["dataset"], r["measure"]) for r in recs})
-    fig, axes = _figure(len(models), width=max(6.0, 0.45 * len(groups) * len(methods) + 2.5), height=4.4, ncols=1)
+    fig, axes = _figure(len(models), width=max(6.5, len(groups) * max(1.3, 0.45 * len(methods)) + 2.0), height=4.6,
+                        ncols=1)
     width = min(0.8 / len(methods), 0.3)
     for ax, model in zip(axes, models):
         shown = set()
@@ -63,26 +65,30 @@ def plot_method_sgr(records: list[dict], models: list[str], path: Path) -> Path 
                 if not flagged and method not in shown:
                     label, _ = method, shown.add(method)
                 elif flagged and "n/e" not in shown:
-                    label, _ = f"{NOT_ESTIMABLE}: hard − zero-shot interval not above 0", shown.add("n/e")
+                    label, _ = f"{NOT_ESTIMABLE}: hard − zero-shot interval not above 0 (no bar)", shown.add("n/e")
                 color = method_color(method, k)
-                ax.bar(x, np.clip(p, -1.5, 3.0), width * 0.9, color="none" if flagged else color,
-                       edgecolor="#999999" if flagged else color, hatch="//" if flagged else None, label=label)
-                if not flagged and lo is not None and hi is not None:  # an n/e interval is not a finding
-                    ax.errorbar(x, np.clip(p, -1.5, 3.0), yerr=[[max(p - lo, 0)], [max(hi - p, 0)]], fmt="none",
-                                ecolor="#999999" if flagged else "black", capsize=3, lw=1)
-                ax.annotate(NOT_ESTIMABLE if flagged else f"{p:.2f}", (x, float(np.clip(p, -1.5, 3.0))),
-                            textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7,
-                            color="#777777" if flagged else "black")
+                if flagged:  # not a finding: no bar, a hollow grey marker on 0 labelled n/e
+                    ax.scatter([x], [0.0], s=40, marker="o", facecolors="none", edgecolors="#999999", label=label,
+                               zorder=3)
+                    ax.annotate(NOT_ESTIMABLE, (x, 0.0), textcoords="offset points", xytext=(0, 6), ha="center",
+                                fontsize=7, color="#777777")
+                    continue
+                y = float(np.clip(p, -1.5, 3.0))
+                ax.bar(x, y, width * 0.9, color=color, label=label)
+                if lo is not None and hi is not None:
+                    ax.errorbar(x, y, yerr=[[max(p - lo, 0)], [max(hi - p, 0)]], fmt="none", ecolor="black",
+                                capsize=3, lw=1)
+                ax.annotate(f"{p:.2f}", (x, y), textcoords="offset points", xytext=(4, 3), ha="left", fontsize=7)
         ax.axhline(1.0, color=COLORS["hard"], ls="--", lw=1.0, label="1 = as good as hard training")
         ax.axhline(0.0, color=COLORS[ZERO_SHOT], ls=":", lw=1.0)
         ax.set_ylim(-1.5, 3.0)
-        ax.set_xticks(range(len(groups)), [f"{d}\n{m}" for d, m in groups])
+        ax.set_xticks(range(len(groups)), [f"{d}\n{m}" for d, m in groups], rotation=20, ha="right", fontsize=8)
         ax.set_ylabel("SGR (95% CI)")
         ax.set_title(model, fontsize=10)
         ax.set_xlim(-0.6, len(groups) - 0.4)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle("SGR = (easy − zero-shot) / (hard − zero-shot) on the hard test, shared zero-shot; bars: 95% CI",
+    fig.suptitle("SGR = (easy − zero-shot) / (hard − zero-shot), hard test\nshared zero-shot; whiskers: 95% CI",
                  fontsize=10)
     return _save(fig, path)
 
@@ -94,10 +100,10 @@ def plot_model_size(records: list[dict], models: list[dict], path: Path) -> Path
         return None
     names = [m["model"] for m in models]
     methods = _methods(records)
-    fig, axes = _figure(2 * len(groups), width=4.4, height=3.4, ncols=len(groups))
+    fig, axes = _figure(2 * len(groups), width=max(4.4, 0.9 * len(names) + 2.0), height=3.2, ncols=2)
     x = np.arange(len(names))
     for g, (dataset, measure) in enumerate(groups):
-        top, bottom = axes[g], axes[len(groups) + g]
+        top, bottom = axes[2 * g], axes[2 * g + 1]  # a row per (dataset, measure): SGR | accuracy
         zero_drawn = False
         for k, method in enumerate(methods):
             by_model = {r["model"]: r for r in records
@@ -110,8 +116,8 @@ def plot_model_size(records: list[dict], models: list[dict], path: Path) -> Path
             ok = np.array([bool(s) and not sgr_flagged(s) for s in sgr])
             top.plot(x, np.where(ok, pts, np.nan), marker="o", color=c, label=method)
             if (~ok & np.isfinite(pts)).any():
-                top.scatter(x[~ok], np.clip(pts[~ok], -1.5, 3.0), facecolors="none", edgecolors="#999999",
-                            label=NOT_ESTIMABLE if k == 0 else None)
+                top.scatter(x[~ok & np.isfinite(pts)], np.zeros(int((~ok & np.isfinite(pts)).sum())),
+                            facecolors="none", edgecolors="#999999", label=f"{method}: {NOT_ESTIMABLE} (drawn on 0)")
             acc = [by_model.get(n, {}).get("accuracy", {}) for n in names]
             easy = np.array([100 * a["easy"]["point"] if a.get("easy") else np.nan for a in acc])
             bottom.plot(x, easy, marker="o", color=c, label=f"{method} easy → hard")
@@ -122,7 +128,8 @@ def plot_model_size(records: list[dict], models: list[dict], path: Path) -> Path
         top.axhline(1.0, color=COLORS["hard"], ls="--", lw=1.0)
         top.axhline(0.0, color=COLORS[ZERO_SHOT], ls=":", lw=1.0)
         top.set_ylim(-1.5, 3.0)
-        top.set_title(f"{dataset} / {measure}", fontsize=10)
+        top.set_title(f"{dataset} / {measure}: SGR", fontsize=10)
+        bottom.set_title(f"{dataset} / {measure}: accuracy", fontsize=10)
         top.set_ylabel("SGR")
         bottom.set_ylabel("hard-test accuracy (%)")
         for ax in (top, bottom):
