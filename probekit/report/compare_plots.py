@@ -1,8 +1,8 @@
 """PNG plots of the comparison report (:mod:`probekit.report.compare`).
 
 - :func:`plot_method_sgr`: the paper's headline figure: SGR per (dataset, measure) with a bar per
-  method and its 95% interval, one panel per model; an SGR that is not estimable is drawn as a
-  grey hollow bar labelled ``n/e``.
+  method and its 95% interval, one panel per model; an SGR that is not estimable gets no bar: a
+  hollow marker on 0 labelled ``n/e``.
 - :func:`plot_model_size`: SGR (left) and easy-trained hard-test accuracy with the zero-shot
   baseline (right) against the models in size order, one row per (dataset, measure); an SGR that
   is not estimable is a hollow grey marker on 0.
@@ -67,8 +67,8 @@ def plot_method_sgr(records: list[dict], models: list[str], path: Path) -> Path 
                 elif flagged and "n/e" not in shown:
                     label, _ = f"{NOT_ESTIMABLE}: hard − zero-shot interval not above 0 (no bar)", shown.add("n/e")
                 color = method_color(method, k)
-                if flagged:  # not a finding: no bar, a hollow grey marker on 0 labelled n/e
-                    ax.scatter([x], [0.0], s=40, marker="o", facecolors="none", edgecolors="#999999", label=label,
+                if flagged:  # not a finding: no bar, a hollow marker (the method's colour) on 0 labelled n/e
+                    ax.scatter([x], [0.0], s=40, marker="o", facecolors="none", edgecolors=color, label=label,
                                zorder=3)
                     ax.annotate(NOT_ESTIMABLE, (x, 0.0), textcoords="offset points", xytext=(0, 6), ha="center",
                                 fontsize=7, color="#777777")
