@@ -1,4 +1,4 @@
-"""Answer extraction and scoring of generated chains of thought (docs/protocol.md §10).
+"""Answer extraction and scoring of generated chains of thought (docs/protocol.md §11).
 
 Two rules, chosen with ``scoring``:
 

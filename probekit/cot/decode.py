@@ -1,4 +1,4 @@
-"""Batched greedy decoding with a shared prompt prefix (docs/protocol.md §10).
+"""Batched greedy decoding with a shared prompt prefix (docs/protocol.md §11).
 
 The prompts of one draw share their demonstrations. The longest token prefix common to every
 prompt runs once (:func:`probekit.extract.capture.compute_prefix`); each batch then continues a

@@ -1,4 +1,4 @@
-"""``probekit generate``: chain-of-thought generation and scoring (docs/protocol.md §10).
+"""``probekit generate``: chain-of-thought generation and scoring (docs/protocol.md §11).
 
 For a question set and a model, every test item gets a greedy chain of thought under each
 requested condition:
@@ -196,10 +196,10 @@ def generate_cot(
         with GenerationsWriter(out, header) as writer:
             todo = [u for u in units if not writer.has_unit(*u)]
             total = sum(len(rows) - (0 if c == ZERO_SHOT else np.isin(rows, demos[(c, b)]).sum()) for c, b in todo)
+            plans = {u: _plan_unit(lm, items, rows, demos.get(u), prompt_id, max_new_tokens) for u in todo}
             with progress_bar(total, f"generate {items.name} k={k}", enabled=progress and bool(todo)) as bar:
                 for c, b in todo:
-                    unit = _run_unit(lm, items, rows, c, b, demos.get((c, b)), prompt_id, max_new_tokens,
-                                     batch_size, scoring, bar)
+                    unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
                     writer.write_unit(c, b, unit)
                     written.append(f"{c}/{b}")
                     new_tokens += int(sum(unit["new_tokens"]))
@@ -211,7 +211,8 @@ def generate_cot(
     return GenerateSummary(out, written, len(rows), new_tokens, time.perf_counter() - t0, accuracy)
 
 
-def _run_unit(lm, items, rows, condition, draw, demo, prompt_id, max_new_tokens, batch_size, scoring, bar) -> dict:
+def _plan_unit(lm, items, rows, demo, prompt_id, max_new_tokens) -> tuple:
+    """A unit's test rows, prompt texts and token ids; every prompt checked against the context."""
     table = items.table
     if demo is not None:
         rows = rows[~np.isin(rows, demo)]
@@ -224,6 +225,11 @@ def _run_unit(lm, items, rows, condition, draw, demo, prompt_id, max_new_tokens,
     ids = [str(table["id"].iat[r]) for r in rows]
     prompts = [encode_prompt(lm.tokenizer, t, lm.rules) for t in texts]
     check_lengths(lm, prompts, ids, max_new_tokens)
+    return rows, texts, ids, prompts
+
+
+def _run_unit(lm, items, condition, draw, plan, max_new_tokens, batch_size, scoring, bar) -> dict:
+    rows, texts, ids, prompts = plan
     gens, _ = generate(lm, prompts, max_new_tokens, batch_size=batch_size, stop="answer", bar=bar)
     golds = [gold_answer(items, int(r)) for r in rows]
     scored = [score(g.text, gold, numeric=bool(items.generative), scoring=scoring) for g, gold in zip(gens, golds)]

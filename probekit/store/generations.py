@@ -74,9 +74,7 @@ class GenerationsWriter:
                 if entry.startswith(".gen-") and is_temporary(entry, entry[1:].split(".parquet")[0] + ".parquet"):
                     (self.out / entry).unlink(missing_ok=True)  # a killed run's unit in flight
             recorded = read_header(self.out)
-            if recorded is None:
-                self._dir.write_json(HEADER, self.header)
-            elif recorded != self.header:
+            if recorded is not None and recorded != self.header:
                 keys = sorted(k for k in set(recorded) | set(self.header) if recorded.get(k) != self.header.get(k))
                 raise ProbekitError(f"generation folder {self.out} holds another run (it differs in {', '.join(keys)}); "
                                     "choose another --out or delete it")
@@ -93,6 +91,8 @@ class GenerationsWriter:
 
     def write_unit(self, condition: str, draw: int, rows: Mapping[str, Any]) -> Path:
         """Write one unit's rows (columns of :data:`SCHEMA`) atomically."""
+        if read_header(self.out) is None:  # written with the first unit: a run that fails earlier leaves nothing
+            self._dir.write_json(HEADER, self.header)
         name = unit_name(condition, draw)
         table = pa.Table.from_pydict({f.name: rows[f.name] for f in SCHEMA}, schema=SCHEMA)
         tmp = self._dir.temp(name)
