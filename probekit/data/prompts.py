@@ -81,3 +81,32 @@ def render_kshot(
         return test
     demos = "\n\n".join(render_example(q, c, a, template) for q, c, a in examples)
     return demos + "\n\n" + test
+
+
+# --------------------------------------------------------------------------- chain of thought
+#: The paper's instruction 5 ("5305"), its zero-shot chain-of-thought prompt for GSM8k; "0305"
+#: (StrategyQA zero-shot, and every k-shot CoT prompt) has no instruction.
+COT_INSTRUCTIONS = {
+    "5305": ("This worksheet contain math word problems. Here's an example:\nQ: [question text here].\n"
+             "A: Let's think step by step.\n1. [step one]\n2. [step two]\n...\nN. [last step]\n"
+             "Therefore, the answer is [answer here]\n\nNow you try!\n"),
+    "0305": "",
+}
+COT_TEMPLATE_TEXT = "[instruction\\n]Q: {question}\\nA: {reasoning} So the answer is {answer}\\n\\n...Q: {question}\\nA:"
+
+
+def render_cot_example(question: str, reasoning: str, answer: str) -> str:
+    """One chain-of-thought demonstration: ``Q: {question}\\nA: {reasoning} So the answer is {answer}``."""
+    return f"Q: {question}\nA: {reasoning} So the answer is {answer}"
+
+
+def render_cot(examples: Sequence[tuple[str, str, str]], question: str, prompt_id: str = "0305") -> str:
+    """A chain-of-thought prompt: the instruction of ``prompt_id`` (then a newline), k demonstrations
+    ``(question, reasoning, answer)`` joined by blank lines, a blank line, and ``Q: {question}\\nA:``."""
+    if prompt_id not in COT_INSTRUCTIONS:
+        raise ProbekitError(f"unknown chain-of-thought prompt {prompt_id!r}; known: {', '.join(COT_INSTRUCTIONS)}")
+    body = f"Q: {question}\nA:"
+    if examples:
+        body = "\n\n".join(render_cot_example(q, r, a) for q, r, a in examples) + "\n\n" + body
+    instruction = COT_INSTRUCTIONS[prompt_id]
+    return instruction + "\n" + body if instruction else body

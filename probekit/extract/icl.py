@@ -73,7 +73,8 @@ def level_pool(items, measure: str, level: str) -> np.ndarray:
     return np.flatnonzero(codes == LEVELS.index(level))
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix common to every sequence."""
     first = seqs[0]
     n = min(len(s) for s in seqs)
     for s in seqs[1:]:
@@ -115,7 +116,7 @@ def plan_draw(lm: LoadedModel, items, rows: np.ndarray, demo_rows: np.ndarray, d
         k -= 1
     if longest > max_seq_len:
         raise ProbekitError(f"a zero-shot prompt is {longest} tokens, longer than max_seq_len={max_seq_len}")
-    m = _common_prefix([e.prompt for e in encoded])
+    m = common_prefix([e.prompt for e in encoded])
     m = min(m, min(len(e.prompt) for e in encoded) - 1)  # every row keeps at least its last prompt token
     return DrawPlan(draw=draw, demo_rows=np.asarray(demo_rows), k_used=k, encoded=encoded,
                     prefix_ids=encoded[0].prompt[:m] if m > 0 else [])
