@@ -34,7 +34,7 @@ def extract_cmd(
                                 help="arc | mmlu | strategyqa | gsm8k | bundled (offline ARC sample) | FILE.jsonl/.csv"),
     data_dir: str | None = typer.Option(None, "--data-dir", help="Folder with the original files (arc/, mmlu/, ...); "
                                            "default: $PROBEKIT_DATA_DIR, else the Hugging Face hub."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local folder or FILE.gguf; "
+    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local folder, FILE.gguf or gemma3-270m (offline Gemma-3-270M, `make gemma`); "
                                         "default: the offline SmolLM2-135M-Instruct (converted once under the cache root)."),
     dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto (float16 on CUDA, float32 on CPU)."),
     quantize: str | None = typer.Option(None, "--quantize", help="bitsandbytes: 8bit | 4bit."),
