@@ -11,7 +11,7 @@ from probekit.cli.common import clean_errors, console
 
 
 def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset: str, limit: int | None,
-                 icl: int | None, demos_from: str, measure: str) -> Path:
+                 icl: int | None, demos_from: str, measure: str, template: str | None = None) -> Path:
     from probekit.extract.models import DEFAULT_NAME, model_slug
 
     slug = model_slug(model) if model else DEFAULT_NAME
@@ -20,6 +20,8 @@ def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset
     data = model_slug(dataset)
     if limit:
         data += f"-first{limit}"
+    if template:
+        data += f"-{template}"
     out = f"{slug}__{data}"
     if icl:
         out += f"__icl-k{icl}-{demos_from}-{measure}"
@@ -48,6 +50,7 @@ def extract_cmd(
     shard_size: int = typer.Option(256, "--shard-size", help="Items per HDF5 shard (the unit of resuming)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Cache directory; default cache/<model-slug>__<dataset>."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
+    template: str | None = typer.Option(None, "--template", help="Prompt template instead of the set's: cloze (\"Question: {q}\\nAnswer:\", no choices listed), 0040, 0306."),
     icl: int | None = typer.Option(None, "--icl", help="Score k-shot prompts with K demonstrations instead of caching hidden states."),
     demos_from: str = typer.Option("easy", "--demos-from", help="Level the ICL demonstrations come from: easy | medium | hard."),
     measure: str = typer.Option("grade", "--measure", help="Difficulty measure that defines the ICL level."),
@@ -58,7 +61,7 @@ def extract_cmd(
 ) -> None:
     """Run a question set through a model once; cache hidden states and choice log-probs.
 
-    Every item is rendered with its set's prompt (ARC/MMLU "0040", StrategyQA "0306"); the prompt runs once per item and all its answer choices are scored as continuations of it. Hidden states at the requested layers and token positions go to DIR/shard-NNNNN.h5 (float16) with a manifest; rerunning the same command finishes an interrupted cache. Under torchrun each rank writes its own shards into the same directory.
+    Every item is rendered with its set's prompt (ARC/MMLU "0040", StrategyQA "0306") or the --template given; the prompt runs once per item and all its answer choices are scored as continuations of it. Hidden states at the requested layers and token positions go to DIR/shard-NNNNN.h5 (float16) with a manifest; rerunning the same command finishes an interrupted cache. Under torchrun each rank writes its own shards into the same directory.
 
     With --icl K, every probe item is instead scored under K-shot prompts whose demonstrations are drawn from one difficulty level; choice log-probs per draw go to DIR/icl.json and DIR/draw-NNN.h5.
 
@@ -69,6 +72,7 @@ def extract_cmd(
       probekit extract --dataset arc --data-dir ../shared/data --model meta-llama/Llama-2-7b-hf --quantize 8bit --device cuda
       torchrun --nproc-per-node 4 --no-python probekit extract --dataset mmlu --model ./llama-13b --out cache/l13__mmlu
       probekit extract --dataset arc --data-dir ../shared/data --icl 10 --demos-from easy --measure grade --draws 5
+      probekit extract --dataset arc --data-dir ../shared/data --model gemma3-270m --template cloze
     """
     with clean_errors():
         from probekit.data import load_dataset
@@ -86,8 +90,8 @@ def extract_cmd(
         spec.validate()
         items = load_dataset(dataset, data_dir=data_dir)
         target = out or _default_out(model, quantize, bnb_4bit_type, items.name if Path(dataset).suffix == "" else Path(dataset).stem,
-                                     limit, icl, demos_from, measure)
-        common = dict(limit=limit, progress=not no_progress, batch_size=batch_size)
+                                     limit, icl, demos_from, measure, template)
+        common = dict(limit=limit, template=template, progress=not no_progress, batch_size=batch_size)
         if icl is not None:
             from probekit.extract.icl import extract_icl
 

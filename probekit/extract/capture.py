@@ -134,12 +134,17 @@ def _no_grad(fn):
 
 @_no_grad
 def compute_prefix(lm, ids: Sequence[int]) -> Prefix:
-    """Run a shared prefix once (batch of one) and keep its key/value cache."""
+    """Run a shared prefix once (batch of one) and keep its key/value cache.
+
+    The cache keeps every key of every layer (a model's own cache would keep only the last window of
+    a sliding-attention layer), so the packed rows that continue it see the keys their mask allows.
+    """
     import torch
+    from transformers import DynamicCache
 
     base, _ = _parts(lm)
     ids_t = torch.tensor([list(ids)], dtype=torch.long, device=lm.device)
-    out = base(input_ids=ids_t, use_cache=True)
+    out = base(input_ids=ids_t, use_cache=True, past_key_values=DynamicCache())
     return Prefix(ids=list(ids), cache=out.past_key_values)
 
 
@@ -176,8 +181,13 @@ def pack_batch(batch: Sequence[Encoded], pad_id: int, offset: int = 0):
     return ids, pos, seg, starts
 
 
-def packed_mask(seg, prefix_len: int, dtype):
-    """Additive 4-D mask (b, 1, S, prefix_len + S): prompt causal, each choice sees the prompt and itself."""
+def packed_mask(seg, prefix_len: int, dtype, pos=None, window: int | None = None):
+    """Additive 4-D mask (b, 1, S, prefix_len + S): prompt causal, each choice sees the prompt and itself.
+
+    With ``window`` (a sliding-attention layer's window) a query also sees only the keys whose position
+    id is less than ``window`` before its own (``pos``: the rows' position ids; the prefix holds
+    positions ``0..prefix_len-1``), as such a layer does in a plain forward.
+    """
     import torch
 
     seg_t = torch.as_tensor(seg)
@@ -189,9 +199,42 @@ def packed_mask(seg, prefix_len: int, dtype):
     allowed = torch.where(q < 0, eye, allowed)  # padding rows see only themselves (no all-masked row)
     if prefix_len:
         allowed = torch.cat([torch.ones(b, s, prefix_len, dtype=torch.bool), allowed], dim=2)
+    if window is not None:
+        pos_t = torch.as_tensor(pos)
+        keys = torch.cat([torch.arange(prefix_len).expand(b, prefix_len), pos_t], dim=1)
+        allowed = allowed & (pos_t[:, :, None] - keys[:, None, :] < window)
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def sliding_window(lm) -> tuple[int | None, bool]:
+    """(window, hybrid): the sliding-attention window of the model's layers (None: every layer attends
+    to all earlier tokens), and whether only some layers slide (the model then takes one mask per layer
+    type, as Gemma 3: five sliding layers to one full layer)."""
+    cfg = lm.model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    window = getattr(cfg, "sliding_window", None)
+    types = list(getattr(cfg, "layer_types", None) or [])
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ProbekitError(f"layer type(s) {', '.join(unknown)} of {type(lm.model).__name__}: the packed attention "
+                            "mask knows full and sliding attention only")
+    if not window or (types and "sliding_attention" not in types):
+        return None, False
+    return int(window), bool(types) and "full_attention" in types
+
+
+def attention_masks(lm, seg, pos, prefix_len: int, dtype=None):
+    """The packed mask in the form the model's forward takes: one tensor (:func:`packed_mask`, with the
+    sliding window when every layer slides), or for a model whose layers differ a mapping from layer
+    type to its mask."""
+    dtype = _compute_dtype(lm) if dtype is None else dtype
+    window, hybrid = sliding_window(lm)
+    if not hybrid:
+        return packed_mask(seg, prefix_len, dtype, pos, window).to(lm.device)
+    return {"full_attention": packed_mask(seg, prefix_len, dtype).to(lm.device),
+            "sliding_attention": packed_mask(seg, prefix_len, dtype, pos, window).to(lm.device)}
 
 
 def _targets(batch: Sequence[Encoded], p_end: Sequence[int], starts):
@@ -255,7 +298,7 @@ def packed_forward(lm, batch: Sequence[Encoded], layers: Sequence[int] = (), pre
     plen = len(prefix) if prefix is not None else 0
     ids, pos, seg, starts = pack_batch(batch, lm.pad_id, offset=plen)
     dev = lm.device
-    mask = packed_mask(seg, plen, _compute_dtype(lm)).to(dev)
+    mask = attention_masks(lm, seg, pos, plen)
     kwargs: dict[str, Any] = {}
     if prefix is not None:
         kwargs["past_key_values"] = _expanded_cache(prefix, len(batch))

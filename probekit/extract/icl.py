@@ -27,7 +27,7 @@ from probekit.errors import ProbekitError
 from probekit.extract.capture import Prefix, capture_batch, compute_prefix
 from probekit.extract.models import LoadedModel, ModelSpec
 from probekit.extract.progress import progress_bar
-from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model
+from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model, with_template
 from probekit.extract.tokens import Encoded, TokenRules, answer_text, encode_prompt
 from probekit.store.icl_scores import FORMAT, IclScoresWriter, is_icl_entry
 from probekit.store.icl_scores import load_icl as load_icl  # the reader, re-exported
@@ -160,20 +160,22 @@ def extract_icl(
     device: str = "cpu",
     device_map: Any = None,
     limit: int | None = None,
+    template: str | None = None,
     cache_root: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> IclSummary:
     """Score every probe item under ``k``-shot prompts, for ``draws`` draws of demonstrations.
 
     Draw ``b`` takes its demonstrations from the ``demos_from`` level of ``measure``; the level must
-    hold at least ``k + min_test`` probe items (the protocol's check, 50). Under
+    hold at least ``k + min_test`` probe items (the protocol's check, 50). ``template``: a prompt
+    template instead of the set's (``"cloze"``), for the demonstrations and the test item alike. Under
     ``RANK``/``WORLD_SIZE`` draws are split across ranks (``b % world_size == rank``).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ProbekitError(f"icl k must be a positive integer, got {k!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ProbekitError(f"draws must be a positive integer, got {draws!r}")
-    items = limit_items(items, limit)
+    items = with_template(limit_items(items, limit), template)
     if len(items) == 0:
         raise ProbekitError(f"dataset {items.name!r} has no items: nothing to score")
     pool = level_pool(items, measure, demos_from)

@@ -80,6 +80,15 @@ def dist_env() -> tuple[int, int, int]:
     return rank, world, local
 
 
+def with_template(items, template: str | None):
+    """``items`` rendered with ``template`` instead of its set's prompt (None: unchanged); an unknown
+    template is refused here, before any model loads."""
+    if template is None:
+        return items
+    render_prompt("q", ["a", "b"], template)
+    return dataclasses.replace(items, prompt_template=template)
+
+
 def limit_items(items, limit: int | None):
     """The first ``limit`` items of a set (a new ItemSet, its own fingerprint)."""
     if limit is None:
@@ -134,6 +143,7 @@ def extract(
     device_map: Any = None,
     store_dtype: str = "float16",
     limit: int | None = None,
+    template: str | None = None,
     cache_root: str | os.PathLike | None = None,
     progress: bool = True,
     rank: int | None = None,
@@ -147,7 +157,8 @@ def extract(
     ``bnb_4bit_type``, ``compute_dtype``, ``device``, ``device_map`` and ``cache_root`` build its
     :class:`ModelSpec` when it is neither. ``layers``: a layer spec (:mod:`probekit.layers`), e.g.
     ``"all"``, ``"middle_and_last"`` or indices into ``hidden_states``. ``sites``: ``answer_end``
-    and/or ``question_end``. Rank and world size default to the ``RANK``/``WORLD_SIZE`` environment.
+    and/or ``question_end``. ``template``: a prompt template instead of the set's (``"cloze"``;
+    recorded in the manifest). Rank and world size default to the ``RANK``/``WORLD_SIZE`` environment.
     """
     from probekit.store.manifest import read_manifest
     from probekit.store.writer import holding_cache
@@ -159,7 +170,7 @@ def extract(
         raise ProbekitError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ProbekitError(f"shard_size must be a positive integer, got {shard_size!r}")
-    items = limit_items(items, limit)
+    items = with_template(limit_items(items, limit), template)
     if len(items) == 0:
         raise ProbekitError(f"dataset {getattr(items, 'name', '?')!r} has no items: nothing to extract")
     env_rank, env_world, local_rank = dist_env()
