@@ -48,6 +48,7 @@ def extract_cmd(
     sites: str = typer.Option("answer_end,question_end", "--sites", help="Token positions: answer_end, question_end."),
     batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (all choices of an item share one row)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Items per HDF5 shard (the unit of resuming)."),
+    store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 | float32: how the cache stores hidden states (float32 for a model whose hidden states pass float16's 65504)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Cache directory; default cache/<model-slug>__<dataset>."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
     template: str | None = typer.Option(None, "--template", help="Prompt template instead of the set's: cloze (\"Question: {q}\\nAnswer:\", no choices listed), 0040, 0306."),
@@ -100,5 +101,6 @@ def extract_cmd(
         else:
             from probekit.extract.run import extract
 
-            summary = extract(items, target, spec, layers=layers, sites=sites, shard_size=shard_size, **common)
+            summary = extract(items, target, spec, layers=layers, sites=sites, shard_size=shard_size,
+                              store_dtype=store_dtype, **common)
         console.print(summary.line(), highlight=False, soft_wrap=True)

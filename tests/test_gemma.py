@@ -134,7 +134,7 @@ def test_gemma_needs_its_bos(gemma):
 # ----- exact capture -----------------------------------------------------------------------------------
 def test_gemma_capture_equals_plain_forward_with_the_projection_at_scored_positions(gemma, mixed_items):
     """Packed capture vs a plain forward whose logits cover every position; the output projection of the
-    capture runs once, over exactly the positions that predict an answer token."""
+    capture runs once, over exactly the positions that predict an answer token, each position once."""
     from probekit.extract.capture import capture_batch
 
     enc = _encode(gemma, mixed_items[3:6])  # 4, 5 and 3 choices
@@ -145,7 +145,8 @@ def test_gemma_capture_equals_plain_forward_with_the_projection_at_scored_positi
         cap = capture_batch(gemma, enc, LAYERS, ["answer_end", "question_end"], max_choices=5)
     finally:
         hook.remove()
-    assert rows == [sum(len(c) for e in enc for c in e.choices)]
+    # one row per position predicting an answer token: the last prompt token once, then each choice's own
+    assert rows == [sum(1 + sum(len(c) - 1 for c in e.choices) for e in enc)]
     _check_against_plain(gemma, enc, cap, tail_logits=False)
 
 
@@ -256,3 +257,20 @@ def test_cli_template_option(tmp_path, shared_data, monkeypatch):
     assert res.exit_code == 0, res.output
     man = json.loads((tmp_path / "SmolLM2-135M-Instruct__arc-first2-cloze" / "manifest.json").read_text())
     assert man["prompt"]["template"] == "cloze" and man["complete"]
+
+
+def test_hidden_states_beyond_the_store_dtype_are_refused(tmp_path, lm, arc):
+    """Gemma-3's residual stream reaches a few 10^4 (float16 ends at 65504): a value the cache cannot hold
+    is one error naming where it is, never an inf in the cache."""
+    from probekit.extract.run import _check_fits, extract
+
+    hidden = np.zeros((2, 3, 4, 8), dtype=np.float32)
+    _check_fits(hidden + 6.5e4, "float16", "answer_end", [6, 17], ["a", "b", "c"])  # fits
+    hidden[1, 2, 0, 5] = -7.1e4
+    with pytest.raises(ProbekitError, match=r"hidden state -7\.1e\+04 at answer_end, layer 17, item 'c' is beyond "
+                                            r"float16's range \(±65504\): extract with store dtype float32"):
+        _check_fits(hidden, "float16", "answer_end", [6, 17], ["a", "b", "c"])
+    _check_fits(hidden, "float32", "answer_end", [6, 17], ["a", "b", "c"])
+    with pytest.raises(ProbekitError, match="store dtype 'bfloat16' is not one of float16, float32"):
+        extract(arc, tmp_path / "x", lm, store_dtype="bfloat16", limit=2, progress=False)
+    assert not (tmp_path / "x").exists()

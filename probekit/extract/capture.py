@@ -102,8 +102,10 @@ def _hidden_request(layers: list[int] | None):
     return True
 
 
-def _logprobs_at(lm, head, hidden, targets):
-    """log p(target) from final hidden states (N, d) -> (N,) float32 on their device (differentiable)."""
+def _logprobs_at(lm, head, hidden, targets, rows=None):
+    """log p(target) from final hidden states: the output projection of ``hidden`` (U, d), then for
+    every target its row (``rows``, default one row per target) -> (N,) float32 on their device
+    (differentiable)."""
     import torch
 
     logits = head(hidden).float()
@@ -115,7 +117,8 @@ def _logprobs_at(lm, head, hidden, targets):
     if cap:
         logits = torch.tanh(logits / cap) * cap
     lp = torch.log_softmax(logits, dim=-1)
-    return lp.gather(1, targets.to(lp.device)[:, None])[:, 0]
+    rows = torch.arange(lp.shape[0], device=lp.device) if rows is None else rows.to(lp.device)
+    return lp[rows, targets.to(lp.device)]
 
 
 def _no_grad(fn):
@@ -254,14 +257,18 @@ def _targets(batch: Sequence[Encoded], p_end: Sequence[int], starts):
 
 def _choice_sums(lm, head, last, rows, poss, tgts, oi, oj, b, max_choices, batch):
     """(b, max_choices) float64 tensor on ``last``'s device: each choice's summed token log-probs,
-    -inf for padded choices. Differentiable: the training objective and the scores share it."""
+    -inf for padded choices. Differentiable: the training objective and the scores share it.
+
+    The output projection runs once per position that predicts an answer token: not over the whole
+    row, and once for the last prompt token that predicts every choice's first token."""
     import torch
 
     dev = last.device
     sums = torch.zeros(b * max_choices, dtype=torch.float64, device=dev)
     if rows:
-        h = last[torch.as_tensor(rows, device=dev), torch.as_tensor(poss, device=dev)]
-        lp = _logprobs_at(lm, head, h, torch.as_tensor(tgts)).double()
+        where, inverse = np.unique(np.stack([rows, poss], axis=1), axis=0, return_inverse=True)
+        h = last[torch.as_tensor(where[:, 0], device=dev), torch.as_tensor(where[:, 1], device=dev)]
+        lp = _logprobs_at(lm, head, h, torch.as_tensor(tgts), torch.as_tensor(inverse.reshape(-1))).double()
         flat = torch.as_tensor(np.asarray(oi) * max_choices + np.asarray(oj), device=dev)
         sums = sums.index_add(0, flat, lp)
     real = np.zeros((b, max_choices), dtype=bool)

@@ -34,6 +34,7 @@ from probekit.extract.progress import progress_bar
 from probekit.extract.tokens import Encoded, TokenRules, encode_item
 from probekit.layers import parse as parse_layers
 from probekit.layers import resolve_layers
+from probekit.store.layout import DTYPES as STORE_DTYPES
 
 
 @dataclass
@@ -170,6 +171,8 @@ def extract(
         raise ProbekitError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ProbekitError(f"shard_size must be a positive integer, got {shard_size!r}")
+    if store_dtype not in STORE_DTYPES:
+        raise ProbekitError(f"store dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
     items = with_template(limit_items(items, limit), template)
     if len(items) == 0:
         raise ProbekitError(f"dataset {getattr(items, 'name', '?')!r} has no items: nothing to extract")
@@ -243,6 +246,8 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
             out["choice_tokens"] = np.zeros((n, max_choices), dtype=np.int32)
             for idx in length_batches(encoded, batch_size):
                 cap = capture_batch(lm, [encoded[i] for i in idx], layer_idx, sites, max_choices)
+                for site in sites:
+                    _check_fits(getattr(cap, site), store_dtype, site, layer_idx, [encoded[i].item_id for i in idx])
                 if cap.answer_end is not None:
                     out["answer_end"][:, idx] = cap.answer_end
                 if cap.question_end is not None:
@@ -259,6 +264,21 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
                               shard_size=shard_size, dtype=store_dtype, rank=rank, world_size=world_size,
                               verify=True, on_start=start, on_damaged=on_damaged)
     return written
+
+
+def _check_fits(hidden: np.ndarray | None, store_dtype: str, site: str, layers: Sequence[int],
+                item_ids: Sequence[str]) -> None:
+    """Refuse hidden states the cache's dtype cannot hold (float16 ends at 65504; Gemma-3's residual
+    stream reaches a few 10^4), instead of writing inf."""
+    if hidden is None or not np.issubdtype(np.dtype(store_dtype), np.floating):
+        return
+    limit = float(np.finfo(store_dtype).max)
+    big = np.abs(hidden) > limit
+    if big.any():
+        at = np.argwhere(big)[0]
+        raise ProbekitError(f"hidden state {float(hidden[tuple(at)]):.4g} at {site}, layer {layers[at[0]]}, item "
+                            f"{item_ids[at[1]]!r} is beyond {store_dtype}'s range (±{limit:.6g}): extract with "
+                            "store dtype float32 (--store-dtype float32)")
 
 
 def _barrier(rank: int, world_size: int) -> None:
