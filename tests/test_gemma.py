@@ -262,15 +262,15 @@ def test_cli_template_option(tmp_path, shared_data, monkeypatch):
 def test_hidden_states_beyond_the_store_dtype_are_refused(tmp_path, lm, arc):
     """Gemma-3's residual stream reaches a few 10^4 (float16 ends at 65504): a value the cache cannot hold
     is one error naming where it is, never an inf in the cache."""
-    from probekit.extract.run import _check_fits, extract
+    from probekit.extract.run import _check_store_range, extract
 
     hidden = np.zeros((2, 3, 4, 8), dtype=np.float32)
-    _check_fits(hidden + 6.5e4, "float16", "answer_end", [6, 17], ["a", "b", "c"])  # fits
+    _check_store_range(hidden + 6.5e4, "float16", "answer_end", [6, 17], ["a", "b", "c"])  # fits
     hidden[1, 2, 0, 5] = -7.1e4
     with pytest.raises(ProbekitError, match=r"hidden state -7\.1e\+04 at answer_end, layer 17, item 'c' is beyond "
                                             r"float16's range \(±65504\): extract with store dtype float32"):
-        _check_fits(hidden, "float16", "answer_end", [6, 17], ["a", "b", "c"])
-    _check_fits(hidden, "float32", "answer_end", [6, 17], ["a", "b", "c"])
+        _check_store_range(hidden, "float16", "answer_end", [6, 17], ["a", "b", "c"])
+    _check_store_range(hidden, "float32", "answer_end", [6, 17], ["a", "b", "c"])
     with pytest.raises(ProbekitError, match="store dtype 'bfloat16' is not one of float16, float32"):
         extract(arc, tmp_path / "x", lm, store_dtype="bfloat16", limit=2, progress=False)
     assert not (tmp_path / "x").exists()

@@ -6,7 +6,9 @@ the prompt is causal, each choice attends to the whole prompt and causally to it
 another choice), and the position ids of every choice continue from the end of the prompt. Rows
 are right-padded and several items run in one forward. This is the same computation as running
 ``prompt + choice_j`` separately for every j (the tests' reference, ``tests/reference.py``), with
-the prompt's work done once instead of once per choice.
+the prompt's work done once instead of once per choice. Sliding-window layers (Gemma 3) get the
+same mask with their window applied by position id (:func:`attention_masks`); the output projection
+runs only at the positions that predict an answer token.
 
 An optional :class:`Prefix` (the k-shot demonstrations of an ICL draw) is run once; its key/value
 cache is reused by every batch that continues it.

@@ -247,7 +247,7 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
             for idx in length_batches(encoded, batch_size):
                 cap = capture_batch(lm, [encoded[i] for i in idx], layer_idx, sites, max_choices)
                 for site in sites:
-                    _check_fits(getattr(cap, site), store_dtype, site, layer_idx, [encoded[i].item_id for i in idx])
+                    _check_store_range(getattr(cap, site), store_dtype, site, layer_idx, [encoded[i].item_id for i in idx])
                 if cap.answer_end is not None:
                     out["answer_end"][:, idx] = cap.answer_end
                 if cap.question_end is not None:
@@ -266,7 +266,7 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
     return written
 
 
-def _check_fits(hidden: np.ndarray | None, store_dtype: str, site: str, layers: Sequence[int],
+def _check_store_range(hidden: np.ndarray | None, store_dtype: str, site: str, layers: Sequence[int],
                 item_ids: Sequence[str]) -> None:
     """Refuse hidden states the cache's dtype cannot hold (float16 ends at 65504; Gemma-3's residual
     stream reaches a few 10^4), instead of writing inf."""
