@@ -11,7 +11,9 @@ from probekit.cli.common import clean_errors, console
 
 
 def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset: str, limit: int | None,
-                 icl: int | None, demos_from: str, measure: str, template: str | None = None) -> Path:
+                 icl: int | None, demos_from: str, measure: str, demos: str | None = None,
+                 test_levels: list[str] | None = None, demos_measure: str | None = None,
+                 template: str | None = None) -> Path:
     from probekit.extract.models import DEFAULT_NAME, model_slug
 
     slug = model_slug(model) if model else DEFAULT_NAME
@@ -24,7 +26,10 @@ def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset
         data += f"-{template}"
     out = f"{slug}__{data}"
     if icl:
-        out += f"__icl-k{icl}-{demos_from}-{measure}"
+        pool = f"{demos_from}-{demos_measure or measure}" if demos_from != "all" else "all"
+        out += f"__icl-k{icl}-" + (f"{model_slug(demos)}-" if demos else "") + pool
+        if test_levels:
+            out += f"-test-{'+'.join(test_levels)}-{measure}"
     from probekit.extract.models import default_cache_root
 
     return default_cache_root() / out
@@ -53,8 +58,16 @@ def extract_cmd(
     limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
     template: str | None = typer.Option(None, "--template", help="Prompt template instead of the set's: cloze (\"Question: {q}\\nAnswer:\", no choices listed), 0040, 0306."),
     icl: int | None = typer.Option(None, "--icl", help="Score k-shot prompts with K demonstrations instead of caching hidden states."),
-    demos_from: str = typer.Option("easy", "--demos-from", help="Level the ICL demonstrations come from: easy | medium | hard."),
-    measure: str = typer.Option("grade", "--measure", help="Difficulty measure that defines the ICL level."),
+    demos_from: str = typer.Option("easy", "--demos-from", help="Level the ICL demonstrations come from: easy | medium | "
+                                   "hard | all (every probe item)."),
+    measure: str = typer.Option("grade", "--measure", help="Difficulty measure that defines the ICL level (and the "
+                                "test levels)."),
+    demos_dataset: str | None = typer.Option(None, "--demos-dataset", help="Take the ICL demonstrations from this "
+                                             "question set's --demos-from level (e.g. arc), scoring --dataset."),
+    demos_measure: str | None = typer.Option(None, "--demos-measure", help="Measure that cuts --demos-dataset into "
+                                             "levels (default: --measure)."),
+    test_levels: str | None = typer.Option(None, "--test-levels", help="ICL: score only the probe items at these "
+                                           "levels of --measure, e.g. hard."),
     draws: int = typer.Option(5, "--draws", help="ICL draws of demonstrations."),
     seed: int = typer.Option(0, "--seed", help="Seed of the ICL draws."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
@@ -64,7 +77,7 @@ def extract_cmd(
 
     Every item is rendered with its set's prompt (ARC/MMLU "0040", StrategyQA "0306") or the --template given; the prompt runs once per item and all its answer choices are scored as continuations of it. Hidden states at the requested layers and token positions go to DIR/shard-NNNNN.h5 (float16) with a manifest; rerunning the same command finishes an interrupted cache. Under torchrun each rank writes its own shards into the same directory.
 
-    With --icl K, every probe item is instead scored under K-shot prompts whose demonstrations are drawn from one difficulty level; choice log-probs per draw go to DIR/icl.json and DIR/draw-NNN.h5.
+    With --icl K, every probe item is instead scored under K-shot prompts whose demonstrations are drawn from one difficulty level (or, with --demos-from all, from every probe item; with --demos-dataset, from a level of another question set); choice log-probs per draw go to DIR/icl.json and DIR/draw-NNN.h5. --test-levels scores only the items of those levels.
 
     \b
     Example:
@@ -73,6 +86,8 @@ def extract_cmd(
       probekit extract --dataset arc --data-dir ../shared/data --model meta-llama/Llama-2-7b-hf --quantize 8bit --device cuda
       torchrun --nproc-per-node 4 --no-python probekit extract --dataset mmlu --model ./llama-13b --out cache/l13__mmlu
       probekit extract --dataset arc --data-dir ../shared/data --icl 10 --demos-from easy --measure grade --draws 5
+      probekit extract --dataset mmlu --data-dir ../shared/data --icl 10 --demos-dataset arc --demos-measure grade \\
+          --demos-from easy --measure human_hardness --test-levels hard
       probekit extract --dataset arc --data-dir ../shared/data --model gemma3-270m --template cloze
     """
     with clean_errors():
@@ -89,14 +104,20 @@ def extract_cmd(
         spec = ModelSpec(model=model, dtype=dtype, quantize=quantize, bnb_4bit_type=bnb_4bit_type, device=device,
                          device_map=device_map, threads=threads)  # "auto" is settled when it loads
         spec.validate()
+        if icl is None and (demos_dataset or demos_measure or test_levels):
+            raise ProbekitError("--demos-dataset, --demos-measure and --test-levels apply to --icl K only")
+        levels = [x.strip() for x in test_levels.split(",") if x.strip()] if test_levels else None
         items = load_dataset(dataset, data_dir=data_dir)
+        demos = load_dataset(demos_dataset, data_dir=data_dir) if demos_dataset else None
         target = out or _default_out(model, quantize, bnb_4bit_type, items.name if Path(dataset).suffix == "" else Path(dataset).stem,
-                                     limit, icl, demos_from, measure, template)
+                                     limit, icl, demos_from, measure, demos.name if demos else None, levels,
+                                     demos_measure, template)
         common = dict(limit=limit, template=template, progress=not no_progress, batch_size=batch_size)
         if icl is not None:
             from probekit.extract.icl import extract_icl
 
             summary = extract_icl(items, target, spec, k=icl, demos_from=demos_from, measure=measure,
+                                  demos_items=demos, demos_measure=demos_measure, test_levels=levels,
                                   draws=draws, seed=seed, **common)
         else:
             from probekit.extract.run import extract

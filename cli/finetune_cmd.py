@@ -66,7 +66,8 @@ def finetune_cmd(
     """Fine-tune fresh LoRA adapters for every measure x train level x draw x n_train (the sweep's
     training items), score the other probe items, write per-item rows (method "finetune").
 
-    A rerun into the same OUT skips the heads already finished (OUT/parts/).
+    A rerun into the same OUT skips the heads already finished (OUT/parts/). Under torchrun each rank
+    fine-tunes its own heads into OUT; the last rank to finish merges them into one table.
 
     \b
     Example:
@@ -74,6 +75,8 @@ def finetune_cmd(
           --levels easy,hard --n-train 32 --draws 1 --test-levels hard
       probekit finetune cache/llama-2-7b__arc --dataset arc --data-dir ../shared/data --out results/ft-7b \\
           --device cuda --quantize 8bit --n-train 160 --draws 5
+      torchrun --nproc-per-node 4 -m probekit.cli finetune cache/llama-2-7b__arc --data-dir ../shared/data \\
+          --out results/ft-7b --device cuda --n-train 160 --draws 5
     """
     from probekit.data import load_dataset
     from probekit.finetune import Recipe, finetune
@@ -113,6 +116,11 @@ def finetune_cmd(
                 save_adapters=save_adapters, verify=verify, progress=progress,
             )
     c = record["counts"]
+    if record.get("merged") is False:  # torchrun: another rank is still training and merges when it finishes
+        console.print(f"rank {record['rank']} of {record['world_size']}: {c['trained_now']} fine-tunes now, "
+                      f"{c['resumed']} resumed, {c['updates_now']} updates; the last rank to finish merges -> {out}",
+                      highlight=False)
+        return
     console.print(
         f"{c['heads']} fine-tunes ({c['trained_now']} now, {c['resumed']} resumed), {c['updates_now']} updates "
         f"({record['updates_per_second']} updates/s), {c['rows']:,} rows, {record['wall_seconds']:.1f} s -> {out}",

@@ -304,3 +304,147 @@ def test_quantized_bases_run_a_tiny_step_or_fail_in_one_line(questions, quantize
                 train_adapters(qlm, model, enc, labels, Recipe(max_batch=2), seed=0, quantize=quantize, max_updates=1)
     finally:
         detach_lora(qlm, model)
+
+
+# ----- real runs at tiny sizes: several ranks, SIGKILL, --model, the other experiments --------------
+#: One update of 4 easy items per fine-tune, scored on the hard items: the CLI options and the API's.
+TINY_CLI = ["--measures", "grade", "--levels", "easy", "--n-train", "4", "--draws", "2", "--test-levels", "hard",
+            "--max-batch", "4", "--micro-batch", "4", "--epochs", "1", "--min-updates", "1", "--no-verify"]
+TINY = dict(measures=["grade"], levels=["easy"], n_train=[4], draws=2, test_levels=["hard"],
+            recipe=Recipe(max_batch=4, micro_batch=4, epochs=1, min_updates=1), verify=False)
+
+
+def _cli_env():
+    import os
+
+    return {**os.environ, "PROBEKIT_CACHE": str(CACHE_ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _cli(*args: str) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", "probekit.cli", "finetune", *args]
+
+
+def _rows(path) -> pd.DataFrame:
+    from probekit.store.results import read_results
+
+    t = read_results(path).table
+    key = ["method", "measure", "train_level", "draw", "n_train", "item_id"]
+    return t.astype({c: str for c in key}).sort_values(key).reset_index(drop=True)
+
+
+def _same_rows(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    """Equal results: every column but p_gold exactly; p_gold to 1e-5 (float32, other processes)."""
+    assert len(a) == len(b) > 0
+    cols = [c for c in a.columns if c != "p_gold"]
+    pd.testing.assert_frame_equal(a[cols].astype(str), b[cols].astype(str))
+    assert np.abs(a["p_gold"].to_numpy(np.float64) - b["p_gold"].to_numpy(np.float64)).max() < 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(lm, real_cache, demo_items, tmp_path_factory):
+    """An uninterrupted one-process run of two tiny fine-tunes."""
+    from probekit.finetune import finetune
+
+    out = tmp_path_factory.mktemp("ft") / "reference"
+    record = finetune(real_cache, demo_items, out, lm, **TINY)
+    assert record["counts"]["trained_now"] == 2 and record["world_size"] == 1
+    return out
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_train_disjoint_heads_and_merge_one_table(real_cache, tiny_reference, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "dist"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "probekit.cli", "finetune", str(real_cache), "--out", str(out), *TINY_CLI]
+    res = subprocess.run(cmd, env=_cli_env(), cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["world_size"] == 2 and record["counts"]["trained_now"] == 2 and record["counts"]["resumed"] == 0
+    ranks = [json.loads((out / "parts" / f"rank-{r}-of-2.json").read_text()) for r in range(2)]
+    assert list(ranks[0]["final_loss"]) == ["population/grade/easy/0/4/0"]  # rank r: the heads i % 2 == r
+    assert list(ranks[1]["final_loss"]) == ["population/grade/easy/1/4/0"]
+    assert record["final_loss"] == {**ranks[0]["final_loss"], **ranks[1]["final_loss"]}
+    _same_rows(_rows(out), _rows(tiny_reference))
+    assert not [p.name for p in out.rglob("*.tmp")]
+
+
+@pytest.mark.slow
+def test_sigkill_after_the_first_part_then_rerun_equals_an_uninterrupted_run(real_cache, tiny_reference, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    out = tmp_path / "killed"
+    first = out / "parts" / "population__grade__easy__0__4__0.parquet"
+    proc = subprocess.Popen(_cli(str(real_cache), "--out", str(out), *TINY_CLI), env=_cli_env(), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.exists(), proc.stderr.read()[-2000:] if proc.poll() is not None else "no part in time"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (out / "results.parquet").exists() and not (out / "sweep.json").exists()  # killed mid-run
+    res = subprocess.run(_cli(str(real_cache), "--out", str(out), *TINY_CLI), env=_cli_env(), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = json.loads((out / "sweep.json").read_text())
+    assert record["counts"]["resumed"] >= 1 and record["counts"]["trained_now"] + record["counts"]["resumed"] == 2
+    _same_rows(_rows(out), _rows(tiny_reference))
+    assert not [p.name for p in out.rglob("*.tmp")]
+
+
+@pytest.mark.slow
+def test_model_override_loads_the_given_model_and_refuses_another(lm, real_cache, demo_items, tiny_reference,
+                                                                   tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from probekit.cli import app
+    from probekit.finetune import finetune
+
+    folder = CACHE_ROOT / "models" / "SmolLM2-135M-Instruct"  # the cache's model, given as a folder
+    record = finetune(real_cache, demo_items, tmp_path / "same", str(folder), **{**TINY, "draws": 1})
+    assert record["finetune_model"]["weights_sha256"] == record["model"]["weights_sha256"]
+    ref = _rows(tiny_reference)
+    _same_rows(_rows(tmp_path / "same"), ref[ref["draw"].astype(int) == 0].reset_index(drop=True))
+    # another model (a tiny random Llama with SmolLM2's tokenizer) is refused before any training
+    other = tmp_path / "other-model"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(lm.tokenizer), hidden_size=16, intermediate_size=32,
+                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)).save_pretrained(other)
+    lm.tokenizer.save_pretrained(other)
+    res = CliRunner().invoke(app, ["finetune", str(real_cache), "--out", str(tmp_path / "x"), "--model",
+                                         str(other), *TINY_CLI])
+    assert res.exit_code == 2 and "is not the model cache" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_all_to_all_learning_curve_and_label_noise_run_for_finetune(lm, real_cache, demo_items, tmp_path):
+    from probekit.finetune import finetune
+
+    tiny = Recipe(max_batch=4, micro_batch=4, epochs=1, min_updates=1)
+    kw = dict(recipe=tiny, verify=False, draws=1, measures=["grade"], zero_shot=False)
+    finetune(real_cache, demo_items, tmp_path / "lc", lm, experiment="learning_curve", n_train=[2, 4],
+             levels=["easy"], test_levels=["hard"], **kw)
+    lc = _rows(tmp_path / "lc")
+    assert set(lc["experiment"]) == {"learning_curve"} and sorted(set(lc["n_train"].astype(int))) == [2, 4]
+    by_n = lc.groupby("n_train")["item_id"].apply(lambda s: sorted(s))
+    assert by_n.iloc[0] == by_n.iloc[1] and set(lc["test_level"]) == {"hard"}  # every size on the same items
+    finetune(real_cache, demo_items, tmp_path / "noise", lm, experiment="label_noise", n_train=[4],
+             label_noise=[0.3], levels=["easy"], test_levels=["hard"], **kw)
+    noise = _rows(tmp_path / "noise")
+    assert set(noise["experiment"]) == {"label_noise"} and set(noise["label_noise"]) == {0.3}
+    assert len(noise) == len(lc) // 2
+    finetune(real_cache, demo_items, tmp_path / "a2a", lm, experiment="all_to_all", n_train=[4], **kw)
+    a2a = _rows(tmp_path / "a2a")
+    assert set(a2a["measure"]) == {"all"} and set(a2a["train_level"]) == {"all"}
+    assert len(a2a) == 180 - 4 and set(a2a["method"]) == {"finetune"}  # every probe item but the training ones

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from probekit.errors import ProbekitError
 from probekit.report import build_report, load_results
-from probekit.stats import crossed_bootstrap, paired_difference, sgr_bootstrap
+from probekit.stats.shared import SharedBootstrap
 from probekit.store.results import CACHE_HASH_KEY
 
 N_BOOT, N_BOOT_SGR, SEED = 300, 1000, 3
@@ -88,16 +88,20 @@ def matrix(df: pd.DataFrame, **where) -> np.ndarray:
     return M, ids
 
 
-def align(*pairs) -> list[np.ndarray]:
-    """Matrices over the sorted union of their item ids."""
-    union = sorted(set().union(*[ids for _, ids in pairs]))
-    out = []
-    for M, ids in pairs:
-        A = np.full((len(union), M.shape[1]), np.nan)
-        for k, item in enumerate(ids):
-            A[union.index(item)] = M[k]
-        out.append(A)
-    return out
+def frame(df: pd.DataFrame, **where) -> pd.DataFrame:
+    """:func:`matrix` as an item x draw frame (item ids as the index, draws as the columns)."""
+    M, ids = matrix(df, **where)
+    sel = df
+    for col, value in where.items():
+        sel = sel[sel[col] == value]
+    return pd.DataFrame(M, index=ids, columns=sorted(set(sel["draw"])))
+
+
+def direct(register, n_boot: int = N_BOOT) -> object:
+    """One statistic computed directly: ``register(boot)`` adds it to a fresh SharedBootstrap."""
+    boot = SharedBootstrap(n_boot, SEED)
+    h = register(boot)
+    return boot.run()[h]
 
 
 def same(summary_stat: dict, direct) -> bool:
@@ -144,17 +148,18 @@ def test_population_numbers_equal_direct_calls(full, measure):
     df, summary, _ = full
     rec = next(r for r in summary["population"] if (r["measure"], r["layer"]) == (measure, "20"))
     pop = df[(df["experiment"] == "population") & (df["measure"] == measure) & (df["test_level"] == "hard")]
-    zero = matrix(pop, train_level="zero_shot")
-    trained = {lv: matrix(pop, train_level=lv, layer="20") for lv in ("easy", "medium", "hard", "all")}
-    assert same(rec["accuracy"]["zero_shot"], crossed_bootstrap(zero[0], N_BOOT, SEED))
-    for lv, (M, _) in trained.items():
-        assert same(rec["accuracy"][lv], crossed_bootstrap(M, N_BOOT, SEED))
-    A, B, C = align(zero, trained["easy"], trained["hard"])
-    assert same(rec["sgr"], sgr_bootstrap(A, B, C, N_BOOT_SGR, SEED))
-    E, H = align(trained["easy"], trained["hard"])
-    assert same(rec["hard_minus_easy"], paired_difference(E, H, N_BOOT, SEED))
-    Z, E = align(zero, trained["easy"])
-    assert same(rec["easy_minus_zero_shot"], paired_difference(Z, E, N_BOOT, SEED))
+    # the conditions under their documented names (probekit.report.tables.condition_name)
+    zero = (frame(pop, train_level="zero_shot"), f"zero_shot/{measure}")
+    trained = {lv: (frame(pop, train_level=lv, layer="20"), f"population/{measure}/answer_end/20/paper/{lv}")
+               for lv in ("easy", "medium", "hard", "all")}
+    assert same(rec["accuracy"]["zero_shot"], direct(lambda b: b.accuracy(*zero)))
+    for lv, (M, name) in trained.items():
+        assert same(rec["accuracy"][lv], direct(lambda b: b.accuracy(M, name)))
+    (Z, z), (E, e), (H, h) = zero, trained["easy"], trained["hard"]
+    assert same(rec["sgr"], direct(lambda b: b.sgr(Z, E, H, (z, e, h), N_BOOT_SGR)))
+    assert same(rec["hard_minus_easy"], direct(lambda b: b.difference(E, H, (e, h))))
+    assert same(rec["easy_minus_zero_shot"], direct(lambda b: b.difference(Z, E, (z, e))))
+    assert rec["sgr"]["n_items"] == rec["easy_minus_zero_shot"]["n_items"] == len(set(pop["item_id"]))
 
 
 def test_training_items_are_not_test_items(full):
@@ -187,10 +192,16 @@ def test_curves_and_all_to_all_equal_direct_calls(full):
     df, summary, _ = full
     rec = next(r for r in summary["learning_curve"] if (r["measure"], r["train_level"], r["n_train"]) == ("grade", "easy", 10))
     sel = df[(df["experiment"] == "learning_curve") & (df["measure"] == "grade") & (df["n_train"] == 10)]
-    assert same(rec["accuracy"], crossed_bootstrap(matrix(sel, train_level="easy", test_level="hard")[0], N_BOOT, SEED))
+    M = frame(sel, train_level="easy", test_level="hard")
+    assert same(rec["accuracy"], direct(lambda b: b.accuracy(M, "learning_curve/grade/answer_end/20/paper/easy/n_train=10")))
     rec = next(r for r in summary["all_to_all"] if r["test_level"] == "medium")
     sel = df[df["experiment"] == "all_to_all"]
-    assert same(rec["accuracy"], crossed_bootstrap(matrix(sel, test_level="medium")[0], N_BOOT, SEED))
+    M = frame(sel, test_level="medium")
+    assert same(rec["accuracy"], direct(lambda b: b.accuracy(M, "all_to_all/all/answer_end/20/paper/all")))
+    # the zero-shot reference of the curves is the population's zero-shot accuracy: same items, same name
+    zero = next(r for r in summary["learning_curve"] if r["train_level"] == "zero_shot" and r["measure"] == "grade")
+    pop = next(r for r in summary["population"] if r["measure"] == "grade")
+    assert zero["accuracy"] == pop["accuracy"]["zero_shot"]
     transfer = {(t["measure"], t["train_level"], t["test_level"]): t["accuracy"] for t in summary["transfer"]}
     M, _ = matrix(df[(df["experiment"] == "population") & (df["measure"] == "grade")], train_level="easy",
                   layer="20", test_level="easy")
@@ -330,11 +341,11 @@ def test_zero_weight_heads_are_counted_and_left_out(tmp_path):
     assert by_layer["20"]["zero_weight_heads"] == 1 and by_layer["20"]["which"] == ["grade/hard/draw 1"]
     rec = next(r for r in out["population"] if (r["measure"], r["layer"]) == ("grade", "20"))
     where = dict(experiment="population", measure="grade", layer="20", test_level="hard")
-    hard, _ = matrix(df[~flagged], train_level="hard", **where)
-    assert hard.shape[1] == 2 and same(rec["accuracy"]["hard"], crossed_bootstrap(hard, 200, SEED))
-    (easy, e_ids), (hard2, h_ids) = (matrix(df, train_level="easy", **where), matrix(df[~flagged], train_level="hard", **where))
-    A, B = align((easy[:, [0, 2]], e_ids), (hard2, h_ids))  # paired over the draws both levels keep
-    assert same(rec["hard_minus_easy"], paired_difference(A, B, 200, SEED))
+    names = {lv: f"population/grade/answer_end/20/paper/{lv}" for lv in ("easy", "hard")}
+    hard = frame(df[~flagged], train_level="hard", **where)
+    assert hard.shape[1] == 2 and same(rec["accuracy"]["hard"], direct(lambda b: b.accuracy(hard, names["hard"]), 200))
+    easy = frame(df, train_level="easy", **where)[[0, 2]]  # paired over the draws both levels keep
+    assert same(rec["hard_minus_easy"], direct(lambda b: b.difference(easy, hard, (names["easy"], names["hard"])), 200))
     assert "## Heads with zero weights" in (tmp_path / "rep" / "report.md").read_text()
     assert rec["zero_weight_heads"] == {"easy": 0, "medium": 0, "hard": 1, "all": 0}
     csv = pd.read_csv(tmp_path / "rep" / "population.csv")
@@ -342,7 +353,8 @@ def test_zero_weight_heads_are_counted_and_left_out(tmp_path):
     kept = build_report(tmp_path / "res", tmp_path / "all", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20",
                         zero_weights="include")
     rec = next(r for r in kept["population"] if (r["measure"], r["layer"]) == ("grade", "20"))
-    assert same(rec["accuracy"]["hard"], crossed_bootstrap(matrix(df, train_level="hard", **where)[0], 200, SEED))
+    hard = frame(df, train_level="hard", **where)
+    assert same(rec["accuracy"]["hard"], direct(lambda b: b.accuracy(hard, names["hard"]), 200))
     with pytest.raises(ProbekitError, match="zero_weights must be exclude or include"):
         build_report(tmp_path / "res", tmp_path / "bad", zero_weights="drop")
 

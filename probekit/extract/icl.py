@@ -1,8 +1,11 @@
 """In-context-learning scores (docs/protocol.md §1.7, §2, §5): k-shot choice log-probs per draw.
 
 For each draw b, ``k`` demonstrations are drawn from the probe items of one difficulty level
-(``probekit.data.draws.train_draw`` with key ``"icl/{measure}/{level}"``); every probe item is then
-scored under the k-shot prompt (demonstrations with their gold answer text, then the test item).
+(``probekit.data.draws.train_draw`` with key ``"icl/{measure}/{level}"``), from every probe item
+(``demos_from="all"``, key ``"icl/all"``), or from a level of another question set
+(``demos_items``, key ``"icl/{set}/{measure}/{level}"``: ARC easy demonstrations for MMLU, say);
+every probe item (or those at ``test_levels``) is then scored under the k-shot prompt
+(demonstrations with their gold answer text, then the test item).
 All items of a draw share the demonstrations, so the longest token prefix common to every k-shot
 prompt of the draw runs once and its key/value cache is reused for every batch.
 
@@ -46,18 +49,26 @@ class DrawPlan:
     prefix_ids: list[int]
 
 
+#: ``demos_from`` value for demonstrations drawn from every probe item, whatever its level.
+ALL = "all"
+
+
 def level_pool(items, measure: str, level: str) -> np.ndarray:
-    """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of docs/protocol.md §1.6)."""
+    """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of docs/protocol.md §1.6);
+    every probe item for ``level="all"``."""
     from probekit.data.levels import LEVELS, cutoff_for, probe_levels
+
+    table = items.table.reset_index(drop=True)
+    probe = np.flatnonzero((table["pool"] == "probe").to_numpy())
+    if level == ALL:
+        return probe
 
     if measure not in items.measures:
         why = getattr(items, "not_measures", {}).get(measure)
         raise ProbekitError(f"measure {measure!r} is not a difficulty measure of {items.name} "
                             + (f"({why})" if why else f"({', '.join(items.measures)})"))
     if level not in LEVELS:
-        raise ProbekitError(f"level {level!r} is not one of {', '.join(LEVELS)}")
-    table = items.table.reset_index(drop=True)
-    probe = np.flatnonzero((table["pool"] == "probe").to_numpy())
+        raise ProbekitError(f"level {level!r} is not one of {', '.join(LEVELS)} or {ALL}")
     codes = probe_levels(table[measure].to_numpy(), probe, cutoff_for(items.name, measure))
     return np.flatnonzero(codes == LEVELS.index(level))
 
@@ -74,16 +85,19 @@ def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
 
 
 def plan_draw(lm: LoadedModel, items, rows: np.ndarray, demo_rows: np.ndarray, draw: int,
-              rules: TokenRules, max_seq_len: int) -> DrawPlan:
+              rules: TokenRules, max_seq_len: int, demos_items=None) -> DrawPlan:
     """Tokenise every row's k-shot prompt (jointly, as the reference does) and find the shared prefix.
 
-    If a prompt plus its longest choice exceeds ``max_seq_len`` tokens, demonstrations are dropped
-    from the end for the whole draw (the reference drops them per prompt).
+    ``demo_rows`` index ``demos_items`` (another question set) when given, else ``items``; the
+    prompt template is that of ``items``. If a prompt plus its longest choice exceeds
+    ``max_seq_len`` tokens, demonstrations are dropped from the end for the whole draw (the
+    reference drops them per prompt).
     """
     table = items.table.reset_index(drop=True)
     template = items.prompt_template
-    demos = [(str(table.at[r, "question"]), [str(c) for c in table.at[r, "choices"]],
-              str(table.at[r, "choices"][int(table.at[r, "label"])])) for r in demo_rows]
+    source = table if demos_items is None else demos_items.table.reset_index(drop=True)
+    demos = [(str(source.at[r, "question"]), [str(c) for c in source.at[r, "choices"]],
+              str(source.at[r, "choices"][int(source.at[r, "label"])])) for r in demo_rows]
     k = len(demos)
     while True:
         encoded = []
@@ -140,6 +154,22 @@ class IclSummary:
                 f"{'complete' if self.complete else 'incomplete'})")
 
 
+def demo_key(measure: str, demos_from: str, demos_set: str | None = None) -> str:
+    """The draw key of a demonstration pool: ``icl/grade/easy``, ``icl/all``, ``icl/arc/grade/easy``."""
+    where = f"{demos_set}/" if demos_set else ""
+    return f"icl/{where}all" if demos_from == ALL else f"icl/{where}{measure}/{demos_from}"
+
+
+def scored_rows(items, measure: str, test_levels: Sequence[str] | None) -> np.ndarray:
+    """Row indices of the probe items to score: all of them, or those at ``test_levels`` of ``measure``."""
+    if not test_levels:
+        table = items.table.reset_index(drop=True)
+        return np.flatnonzero((table["pool"] == "probe").to_numpy())
+    if ALL in test_levels:
+        raise ProbekitError(f"test level {ALL!r}: name levels (easy, medium, hard), or leave test levels out")
+    return np.sort(np.concatenate([level_pool(items, measure, lv) for lv in dict.fromkeys(test_levels)]))
+
+
 def extract_icl(
     items,
     out_dir: str | os.PathLike,
@@ -148,6 +178,9 @@ def extract_icl(
     k: int = 10,
     demos_from: str = "easy",
     measure: str = "grade",
+    demos_items=None,
+    demos_measure: str | None = None,
+    test_levels: Sequence[str] | None = None,
     draws: int = 5,
     seed: int = 0,
     batch_size: int = 8,
@@ -166,54 +199,80 @@ def extract_icl(
 ) -> IclSummary:
     """Score every probe item under ``k``-shot prompts, for ``draws`` draws of demonstrations.
 
-    Draw ``b`` takes its demonstrations from the ``demos_from`` level of ``measure``; the level must
-    hold at least ``k + min_test`` probe items (the protocol's check, 50). ``template``: a prompt
-    template instead of the set's (``"cloze"``), for the demonstrations and the test item alike. Under
+    Draw ``b`` takes its demonstrations from the ``demos_from`` level of ``measure`` (``"all"``:
+    from every probe item); the pool must hold at least ``k + min_test`` probe items (the
+    protocol's check, 50), and the demonstrations of a draw are not scored in it.
+    ``demos_items``: another question set to take the demonstrations from (its ``demos_from`` level
+    of ``demos_measure``, default ``measure``; its probe items, ``min_test`` does not apply);
+    the k-shot prompt is rendered with the template of ``items``. ``template``: a prompt template
+    instead of the set's (``"cloze"``), for the demonstrations and the test item alike.
+    ``test_levels``: score only the probe items at these levels of ``measure`` (e.g. ``["hard"]``
+    for the SGR's hard test). ``limit`` keeps the first items of ``items`` only. Under
     ``RANK``/``WORLD_SIZE`` draws are split across ranks (``b % world_size == rank``).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ProbekitError(f"icl k must be a positive integer, got {k!r}")
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ProbekitError(f"draws must be a positive integer, got {draws!r}")
+    if demos_items is None and demos_measure not in (None, measure):
+        raise ProbekitError(f"demos measure {demos_measure!r} needs demonstrations from another question set; "
+                            f"for demonstrations from {items.name} use measure={demos_measure!r}")
     items = with_template(limit_items(items, limit), template)
     if len(items) == 0:
         raise ProbekitError(f"dataset {items.name!r} has no items: nothing to score")
-    pool = level_pool(items, measure, demos_from)
+    d_measure = demos_measure or measure
+    if demos_items is None:
+        pool, key = level_pool(items, measure, demos_from), demo_key(measure, demos_from)
+    else:
+        pool, key = level_pool(demos_items, d_measure, demos_from), demo_key(d_measure, demos_from, demos_items.name)
+        min_test = 0  # the test items come from the other set
+    rows = scored_rows(items, measure, test_levels)
+    if len(rows) == 0:
+        raise ProbekitError(f"dataset {items.name!r} has no probe items at test level(s) "
+                            f"{', '.join(test_levels or [])} of {measure!r}: nothing to score")
     table = items.table.reset_index(drop=True)
-    rows = np.flatnonzero((table["pool"] == "probe").to_numpy())
     from probekit.data.draws import train_draw
 
-    demo_sets = [train_draw(pool, k, seed=seed, draw=b, key=f"icl/{measure}/{demos_from}", min_test=min_test,
+    demo_sets = [train_draw(pool, k, seed=seed, draw=b, key=key, min_test=min_test,
                             size_name="the number of demonstrations k") for b in range(draws)]
+    icl = {"k": k, "demos_from": demos_from, "measure": measure, "seed": seed, "draws": draws, "key": key,
+           "max_seq_len": max_seq_len}
+    if demos_items is not None:  # recorded only when used, so folders written before these options still resume
+        icl["demos_dataset"] = {"name": demos_items.name, "fingerprint": demos_items.fingerprint}
+        icl["demos_measure"] = d_measure
+    if test_levels:
+        icl["test_levels"] = list(dict.fromkeys(test_levels))
     rank, world, local = dist_env()
     out = Path(out_dir)
     # The folder's lock is taken before the model loads; the writer below shares it.
     with OutputDir(out, (), "ICL score folder", lock_file=lock_name(rank), own=is_icl_entry, share=True):
-        return _extract_icl_locked(items, out, model, table, rows, demo_sets, k, demos_from, measure, draws, seed,
-                                   batch_size, max_seq_len, rank, world, local, progress,
+        return _extract_icl_locked(items, out, model, table, rows, demo_sets, icl, demos_items, batch_size, rank,
+                                   world, local, progress,
                                    dict(dtype=dtype, quantize=quantize, device=device, device_map=device_map,
                                         bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype,
                                         cache_root=cache_root))
 
 
-def _extract_icl_locked(items, out: Path, model: Any, table, rows: np.ndarray, demo_sets: list, k: int,
-                        demos_from: str, measure: str, draws: int, seed: int, batch_size: int, max_seq_len: int,
-                        rank: int, world: int, local: int, progress: bool, settings: dict) -> IclSummary:
+def _extract_icl_locked(items, out: Path, model: Any, table, rows: np.ndarray, demo_sets: list, icl: dict,
+                        demos_items, batch_size: int, rank: int, world: int, local: int, progress: bool,
+                        settings: dict) -> IclSummary:
     """Load the model and score this rank's pending draws (the folder's lock is held)."""
     lm = prepare_model(model, local_rank=local, world_size=world, **settings)
     rules = lm.rules
     max_choices = int(items.max_choices)
+    k, max_seq_len = icl["k"], icl["max_seq_len"]
     header = {
         "format": FORMAT,
         "model": lm.identity,
         "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(table)},
         "prompt": {"template": items.prompt_template, "text": TEMPLATE_TEXT.get(items.prompt_template, ""),
                    "tokenization": rules.describe()},
-        "icl": {"k": k, "demos_from": demos_from, "measure": measure, "seed": seed, "draws": draws,
-                "key": f"icl/{measure}/{demos_from}", "max_seq_len": max_seq_len},
+        "icl": icl,
         "n_items": int(len(rows)),
         "max_choices": max_choices,
     }
+    source = table if demos_items is None else demos_items.table.reset_index(drop=True)
+    label = f"icl k={k} {icl['key'][len('icl/'):]}"
 
     ids = table["id"].astype(str).to_numpy()[rows]
     t0 = time.perf_counter()
@@ -221,15 +280,14 @@ def _extract_icl_locked(items, out: Path, model: Any, table, rows: np.ndarray, d
     written = []
     with IclScoresWriter(out, header, rank=rank, world_size=world) as scores:  # refuses another configuration
         todo = scores.pending()
-        with progress_bar(len(todo) * len(rows), f"icl k={k} {demos_from} {measure}",
-                          enabled=progress and bool(todo)) as bar:
+        with progress_bar(len(todo) * len(rows), label, enabled=progress and bool(todo)) as bar:
             for b in todo:
-                plan = plan_draw(lm, items, rows, demo_sets[b], b, rules, max_seq_len)
+                plan = plan_draw(lm, items, rows, demo_sets[b], b, rules, max_seq_len, demos_items)
                 csum, ctok = score_plan(lm, plan, max_choices, batch_size, bar)
-                is_demo = np.isin(rows, plan.demo_rows[: plan.k_used])
-                csum[is_demo] = np.nan
+                if demos_items is None:  # a draw's demonstrations are not scored in it
+                    csum[np.isin(rows, plan.demo_rows[: plan.k_used])] = np.nan
                 info = {"demo_rows": [int(r) for r in plan.demo_rows[: plan.k_used]],
-                        "demo_ids": [str(table.at[int(r), "id"]) for r in plan.demo_rows[: plan.k_used]],
+                        "demo_ids": [str(source.at[int(r), "id"]) for r in plan.demo_rows[: plan.k_used]],
                         "k_used": plan.k_used, "shared_prefix_tokens": len(plan.prefix_ids)}
                 scores.write_draw(b, ids, csum, ctok, info)
                 written.append(b)

@@ -11,6 +11,11 @@ The run is resumable: each finished head's rows are written atomically as ``RES/
 (:meth:`probekit.store.results.ResultsWriter.write_part`); a rerun with the same settings skips
 them, and the final commit merges every part into ``results.parquet``. A directory holding a run
 with other settings is refused.
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment; no process group is needed, each
+fine-tune is independent) rank r trains the heads ``i % world_size == r`` (rank 0 also writes the
+zero-shot part) into the same directory; the rank that finishes last merges every part into one
+table (:meth:`~probekit.store.results.ResultsWriter.merge`), and ``sweep.json`` sums the ranks' counts.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import numpy as np
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
 from probekit.extract.models import DEFAULT_NAME, LoadedModel, ModelSpec
-from probekit.extract.run import encode_rows, prepare_model
+from probekit.extract.run import dist_env, encode_rows, prepare_model
 from probekit.finetune.recipe import Recipe, schedule
 from probekit.finetune.train import attach_lora, detach_lora, score_items, train_adapters
 from probekit.probe.engine import head_seed
@@ -158,13 +163,15 @@ def finetune(
     scoring to items of those levels (e.g. ``["hard"]``). ``recipe``: the training settings
     (:class:`~probekit.finetune.recipe.Recipe`; defaults: the study's). ``save_adapters``: a folder
     that keeps each head's adapters (PEFT format). ``max_updates`` caps each fine-tune (tests).
-    Returns the contents of ``sweep.json``.
+    Returns the contents of ``sweep.json``; under torchrun, a rank that finishes while another is
+    still training returns ``{"merged": False, "rank", "world_size", "counts"}`` (its own counts).
 
     Example:
         >>> finetune("cache/smollm2__arc", load_dataset("arc"), "results/ft", measures=["grade"],
         ...          levels=["easy", "hard"], n_train=[32], draws=1)
     """
     t0 = time.perf_counter()
+    rank, world, local = dist_env()
     recipe = recipe or Recipe()
     emit = progress or (lambda event, fields: None)
     cache = open_cache(cache, verify)
@@ -188,7 +195,7 @@ def finetune(
         spec = model if isinstance(model, ModelSpec) else (
             model_for_cache(cache, dtype=dtype, quantize=q, device=device) if model is None
             else ModelSpec(model=model, dtype=dtype, quantize=q, device=device))
-        lm = prepare_model(spec)
+        lm = prepare_model(spec, local_rank=local, world_size=world)
     if not _same_weights(cache.manifest.get("model", {}), lm.identity):
         raise ProbekitError(f"model {lm.identity.get('id')!r} is not the model cache {cache.path} was extracted with "
                             f"({cache.manifest.get('model', {}).get('id')!r})")
@@ -216,13 +223,14 @@ def finetune(
 
     stats: dict[str, Any] = {"trained": 0, "skipped": 0, "updates": 0, "train_seconds": 0.0, "score_seconds": 0.0,
                              "scored_items": 0, "final_loss": {}}
-    with ResultsWriter(out, run=run) as writer:
-        todo = [h for h in heads if not writer.has_part(part_key(h))]
-        emit("start", {"heads": len(heads), "todo": len(todo),
+    mine = [h for i, h in enumerate(heads) if i % world == rank]  # each rank its own heads
+    with ResultsWriter(out, run=run, rank=rank, world_size=world) as writer:
+        todo = [h for h in mine if not writer.has_part(part_key(h))]
+        emit("start", {"heads": len(mine), "todo": len(todo),
                        "updates": sum(min(schedule(h.n_train, recipe).updates, max_updates or 1 << 30) for h in todo)})
-        if zero_shot and not writer.has_part("zero_shot"):
+        if zero_shot and rank == 0 and not writer.has_part("zero_shot"):
             writer.write_part("zero_shot", zero_shot_tables(cache, frame, zs_rows, measures, experiment))
-        for h in heads:
+        for h in mine:
             key = part_key(h)
             if writer.has_part(key):
                 stats["skipped"] += 1
@@ -259,44 +267,57 @@ def finetune(
             stats["train_seconds"] += log.seconds
             stats["final_loss"][h.name] = log.losses[-1] if log.losses else None
             emit("scored", {"name": h.name, "items": int(len(test))})
-        n_rows = 0
-        for key in (["zero_shot"] if zero_shot else []) + [part_key(h) for h in heads]:
-            part = writer.read_part(key)
-            n_rows += part.num_rows
-            writer.append(part)
-        wall = time.perf_counter() - t0
-        record = {
-            "format": FORMAT,
-            "method": "finetune",
-            "cache": str(cache.path.resolve()),
-            CACHE_HASH_KEY: cache.manifest_sha256,
-            "dataset": dataset,
-            "dataset_fingerprint": questions.fingerprint,
-            "model": cache.manifest.get("model", {}),
-            "finetune_model": lm.identity,
-            "config": {
-                "experiment": experiment, "measures": measures, "site": SITE, "solvers": [SOLVER],
-                "n_train": sorted({int(x) for x in n_train}),
-                "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
-                "draws": draws, "train_levels": sorted({h.train_level for h in heads}),
-                "test_levels": list(test_levels or []), "quantize": q or "none",
-                "optimizer": recipe.optimizer_for(q), "versions": _versions(),
-                "recipe": recipe.describe(), "zero_shot": zero_shot, "max_updates": max_updates,
-                "save_adapters": str(save_adapters) if save_adapters is not None else None,
-                "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()},
-                "schedules": {h.name: schedule(h.n_train, recipe).__dict__ for h in heads},
-            },
-            "seed": seed,
-            "counts": {"heads": len(heads), "trained_now": stats["trained"], "resumed": stats["skipped"],
-                       "updates_now": stats["updates"], "rows": n_rows,
-                       "probe_items": int(len(frame.probe)), "scored_items_now": stats["scored_items"]},
-            "final_loss": stats["final_loss"],
-            "wall_seconds": round(wall, 3),
-            "train_seconds": round(stats["train_seconds"], 3),
-            "score_seconds": round(stats["score_seconds"], 3),
-            "updates_per_second": round(stats["updates"] / stats["train_seconds"], 4) if stats["train_seconds"] else None,
-            "scored_items_per_second": (round(stats["scored_items"] / stats["score_seconds"], 3)
-                                        if stats["score_seconds"] else None),
-        }
-        record = writer.commit(record)
+        mine_counts = {"rank": rank, "trained_now": stats["trained"], "resumed": stats["skipped"],
+                       "updates_now": stats["updates"], "scored_items_now": stats["scored_items"],
+                       "train_seconds": stats["train_seconds"], "score_seconds": stats["score_seconds"],
+                       "wall_seconds": time.perf_counter() - t0, "final_loss": stats["final_loss"]}
+        if world > 1:  # the rank that merges sums every rank's counts
+            writer.write_rank_counts(mine_counts)
+        keys = (["zero_shot"] if zero_shot else []) + [part_key(h) for h in heads]
+
+        def config(n_rows: int) -> dict[str, Any]:
+            ranks = [c for c in writer.rank_counts() if c is not None] if world > 1 else [mine_counts]
+            total = {k: sum(c[k] for c in ranks) for k in ("trained_now", "resumed", "updates_now",
+                                                            "scored_items_now", "train_seconds", "score_seconds")}
+            wall = max([c["wall_seconds"] for c in ranks] + [time.perf_counter() - t0])
+            final_loss = {k: v for c in ranks for k, v in c["final_loss"].items()}
+            return {
+                "format": FORMAT,
+                "method": "finetune",
+                "cache": str(cache.path.resolve()),
+                CACHE_HASH_KEY: cache.manifest_sha256,
+                "dataset": dataset,
+                "dataset_fingerprint": questions.fingerprint,
+                "model": cache.manifest.get("model", {}),
+                "finetune_model": lm.identity,
+                "config": {
+                    "experiment": experiment, "measures": measures, "site": SITE, "solvers": [SOLVER],
+                    "n_train": sorted({int(x) for x in n_train}),
+                    "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
+                    "draws": draws, "train_levels": sorted({h.train_level for h in heads}),
+                    "test_levels": list(test_levels or []), "quantize": q or "none",
+                    "optimizer": recipe.optimizer_for(q), "versions": _versions(),
+                    "recipe": recipe.describe(), "zero_shot": zero_shot, "max_updates": max_updates,
+                    "save_adapters": str(save_adapters) if save_adapters is not None else None,
+                    "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()},
+                    "schedules": {h.name: schedule(h.n_train, recipe).__dict__ for h in heads},
+                },
+                "seed": seed,
+                "world_size": world,
+                "counts": {"heads": len(heads), "trained_now": total["trained_now"], "resumed": total["resumed"],
+                           "updates_now": total["updates_now"], "rows": n_rows,
+                           "probe_items": int(len(frame.probe)), "scored_items_now": total["scored_items_now"]},
+                "final_loss": final_loss,
+                "wall_seconds": round(wall, 3),
+                "train_seconds": round(total["train_seconds"], 3),
+                "score_seconds": round(total["score_seconds"], 3),
+                "updates_per_second": (round(total["updates_now"] / total["train_seconds"], 4) if total["train_seconds"]
+                                       else None),
+                "scored_items_per_second": (round(total["scored_items_now"] / total["score_seconds"], 3)
+                                            if total["score_seconds"] else None),
+            }
+
+        record = writer.merge(keys, config)
+    if record is None:
+        return {"merged": False, "rank": rank, "world_size": world, "counts": mine_counts}
     return record

@@ -28,7 +28,7 @@ from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, l
 from probekit.probe.solvers import DEFAULT_TOL, SOLVERS, solver_names
 from probekit.store import Cache
 from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
-from probekit.store.icl_scores import load_icl
+from probekit.store.icl_scores import demo_level, load_icl
 from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultRows, ResultsWriter
 
 SITE_HEAD = {"answer_end": "mc", "question_end": "multinomial"}
@@ -121,12 +121,17 @@ ICL_SITE = "icl"
 
 
 def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | os.PathLike) -> list[pa.Table]:
-    """Result rows of a k-shot score directory (``probekit extract --icl``), one table per draw.
+    """Result rows of a k-shot score directory (``probekit extract --icl``), one table per draw
+    (and measure).
 
     Each draw's prompts share demonstrations from one level; its rows have ``site`` and ``solver``
-    "icl", ``train_level`` the demonstrations' level, ``n_train`` k, and cover the probe items
-    scored in that draw (the demonstrations themselves are not scored), so the report treats
-    them like a trained head of that level.
+    "icl", ``train_level`` the demonstrations' level (:func:`~probekit.store.icl_scores.demo_level`:
+    ``easy``, ``all``, or ``arc:grade:easy`` for demonstrations from another question set),
+    ``n_train`` k, and cover the probe items scored in that draw (the demonstrations themselves
+    are not scored), so the report treats them like a trained head of that level. Demonstrations
+    from every probe item (``all``) scored on every probe item are reported under every measure of
+    the sweep, as the probes' "all" heads are (under "all" in the all_to_all experiment); other
+    folders under their own measure.
     """
     manifest, ids, choice_sum, _ = load_icl(icl_dir)
     if manifest["dataset"].get("name") != cache.manifest["dataset"].get("name"):
@@ -136,9 +141,14 @@ def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | o
         raise ProbekitError(f"ICL scores {icl_dir} come from another model than the cache "
                             f"({manifest['model'].get('id')!r} vs {cache.manifest['model'].get('id')!r})")
     icl = manifest["icl"]
-    if icl["measure"] not in frame.levels:
+    every = icl["demos_from"] == ALL and not icl.get("demos_dataset") and not icl.get("test_levels")
+    if every:
+        measures = [ALL] if experiment == "all_to_all" else list(frame.levels)
+    elif icl["measure"] not in frame.levels:
         raise ProbekitError(f"ICL scores {icl_dir} use measure {icl['measure']!r}, which this sweep does not cut "
                             f"(add it to --measures)")
+    else:
+        measures = [icl["measure"]]
     position = {item: i for i, item in enumerate(frame.ids)}
     missing = [item for item in ids if item not in position]
     if missing:
@@ -151,9 +161,10 @@ def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | o
         scored = probe & np.isfinite(choice_sum[b]).any(1)
         rows = rows_of[scored]
         p, c = zero_shot_p(choice_sum[b][scored], frame.n_choices[rows], frame.gold[rows])
-        tables.append(builder.table(layer="", measure=icl["measure"], train_level=icl["demos_from"], draw=b,
-                                    n_train=int(icl["k"]), noise=0.0, solver="icl", rows=rows, correct=c,
-                                    p_gold=p))
+        for m in measures:
+            tables.append(builder.table(layer="", measure=m, train_level=demo_level(icl), draw=b,
+                                        n_train=int(icl["k"]), noise=0.0, solver="icl", rows=rows, correct=c,
+                                        p_gold=p))
     return tables
 
 

@@ -18,7 +18,11 @@ Tables (each a list of plain records; :func:`flatten` turns one into a CSV-ready
 - :func:`curve_table`: accuracy on the hard test against ``n_train`` (learning curves) or
   ``label_noise`` (noisy labels), per training level.
 
-Every bootstrap call uses the same ``seed``, so each number is reproducible on its own.
+The statistics of a table are computed together by :class:`probekit.stats.shared.SharedBootstrap`:
+statistics over the same test items share their item resamples (docs/protocol.md §6.1), and every
+condition (a named item x draw matrix, :func:`condition_name`) its draw resamples. Resamples are
+keyed by ``seed``, the item set and the condition's name, so each number is reproducible on its own
+and the same condition gets the same resamples in every table.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from probekit.errors import ProbekitError
-from probekit.stats import crossed_bootstrap, paired_difference, sgr_bootstrap
+from probekit.stats.shared import SharedBootstrap
 from probekit.store.results import RESULTS, TEXT_COLUMNS, Results, read_results
 
 #: Training levels in display order; other levels found in the results follow, sorted.
@@ -131,6 +135,24 @@ def choose_headline(table: pd.DataFrame, site: str | None = None, layer: str | N
     return Headline(site, layer, solver)
 
 
+def head_method(table: pd.DataFrame, headline: Headline) -> str:
+    """The ``method`` of a head's rows ("probe", "icl", "finetune", ...; several joined by "+")."""
+    rows = table[(table["site"] == headline.site) & (table["layer"] == headline.layer)
+                 & (table["solver"] == headline.solver) & (table["train_level"] != ZERO_SHOT)]
+    return "+".join(sorted(rows["method"].astype(str).unique()))
+
+
+def head_label(head: dict, method: str | None = None, code: bool = False) -> str:
+    """How a head (a summary's ``headline``: site, layer, solver) of ``method`` is named in titles:
+    "site answer_end, layer 16+30, solver paper", or by its method when it has no layer
+    ("method finetune, site finetune, solver lora"); ``code``: values in Markdown backticks."""
+    q = "`" if code else ""
+    parts = [("site", head["site"]), ("layer", head.get("layer")), ("solver", head["solver"])]
+    if not head.get("layer"):
+        parts = [("method", method or head["site"]), parts[0], parts[2]]
+    return ", ".join(f"{name} {q}{value}{q}" for name, value in parts)
+
+
 def _pick(values: pd.Series, wanted: str | None, preferred: str | None, what: str) -> str:
     present = sorted(values.unique(), key=layer_key if what == "layer" else str)
     if wanted is not None:
@@ -206,7 +228,8 @@ def population_table(
     run, no zero-shot rows) are None.
     """
     pop = table[(table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT)]
-    records = []
+    boot = SharedBootstrap(n_boot, seed)
+    records, done = [], []
     for measure in sorted(pop["measure"].unique()):
         pm = pop[pop["measure"] == measure]
         if not (pm["test_level"] == HARD).any():
@@ -216,10 +239,9 @@ def population_table(
         zero_frame = item_draw_frame(zero, f"{measure}/zero_shot") if len(zero) else None
         for key, group in _groups(pm, ["site", "layer", "solver"]):
             n_sgr = n_boot_sgr if headline is None or key == (headline.site, headline.layer, headline.solver) else n_boot
-            records.append(_population_record(measure, key, group, zero_frame, n_boot, n_sgr, seed))
-            if progress:
-                progress(f"population {measure} {key[0]} layer {key[1] or '-'}")
-    return records
+            records.append(_population_record(boot, measure, key, group, zero_frame, n_sgr))
+            done.append(f"population {measure} {key[0]} layer {key[1] or '-'}")
+    return _run(boot, records, done, progress)
 
 
 def _groups(rows: pd.DataFrame, keys: list[str]):
@@ -228,7 +250,43 @@ def _groups(rows: pd.DataFrame, keys: list[str]):
     return [(k, groups[k]) for k in order]
 
 
-def _population_record(measure, key, group, zero_frame, n_boot, n_boot_sgr, seed) -> dict:
+def condition_name(experiment: str, measure: str, site: str = "", layer: str = "", solver: str = "",
+                   train_level: str = ZERO_SHOT, **extra) -> str:
+    """The name of a condition's item x draw matrix in :class:`SharedBootstrap` (its column resamples
+    are keyed by it): ``zero_shot/<measure>`` for the zero-shot rows of a measure (whatever the
+    experiment), else ``<experiment>/<measure>/<site>/<layer>/<solver>/<train_level>`` followed by
+    ``/<key>=<value>`` for each ``extra`` (the curves' ``n_train`` or ``label_noise``)."""
+    if train_level == ZERO_SHOT:
+        return f"{ZERO_SHOT}/{measure}"
+    return "/".join([experiment, measure, site, layer, solver, train_level, *(f"{k}={v}" for k, v in extra.items())])
+
+
+class _Pending:
+    """A statistic registered with a :class:`SharedBootstrap`, replaced by its result after ``run``."""
+
+    def __init__(self, handle: int):
+        self.handle = handle
+
+
+def _resolve(obj, results: list):
+    """``obj`` with every :class:`_Pending` replaced by its result's dict (records are nested dicts)."""
+    if isinstance(obj, _Pending):
+        return results[obj.handle].to_dict()
+    if isinstance(obj, dict):
+        return {k: _resolve(v, results) for k, v in obj.items()}
+    return obj
+
+
+def _run(boot: SharedBootstrap, records: list[dict], done: list[str], progress: Progress | None) -> list[dict]:
+    results = boot.run()
+    out = [_resolve(r, results) for r in records]
+    for what in done:
+        if progress:
+            progress(what)
+    return out
+
+
+def _population_record(boot, measure, key, group, zero_frame, n_boot_sgr) -> dict:
     site, layer, solver = key
     hard = group[group["test_level"] == HARD]
     frames: dict[str, pd.DataFrame] = {}
@@ -239,21 +297,21 @@ def _population_record(measure, key, group, zero_frame, n_boot, n_boot_sgr, seed
     for level in level_order(hard["train_level"].unique()):
         rows, n_train[level] = _largest_n_train(hard[hard["train_level"] == level])
         frames[level] = item_draw_frame(rows, f"{measure}/{site}/{layer}/{level}")
-    accuracy = {lv: crossed_bootstrap(f.to_numpy(np.float64), n_boot, seed).to_dict() for lv, f in frames.items()}
+    names = {lv: condition_name("population", measure, site, layer, solver, lv) for lv in frames}
+    accuracy = {lv: _Pending(boot.accuracy(f, names[lv])) for lv, f in frames.items()}
     record = {
         "measure": measure, "site": site, "layer": layer, "solver": solver,
         "n_train": n_train, "accuracy": accuracy, "sgr": None,
     }
     if all(lv in frames for lv in (ZERO_SHOT, "easy", HARD)):
-        A, B, C = aligned(frames[ZERO_SHOT], frames["easy"], frames[HARD])
-        record["sgr"] = sgr_bootstrap(A, B, C, n_boot_sgr, seed).to_dict()
+        levels = (ZERO_SHOT, "easy", HARD)
+        record["sgr"] = _Pending(boot.sgr(*(frames[lv] for lv in levels), tuple(names[lv] for lv in levels), n_boot_sgr))
     for name, (base, other) in DIFFERENCES.items():
         record[name] = None
         if base in frames and other in frames:
             A, B = _paired_draws(frames[base], frames[other])
             if A is not None:
-                A, B = aligned(A, B)
-                record[name] = paired_difference(A, B, n_boot, seed).to_dict()
+                record[name] = _Pending(boot.difference(A, B, (names[base], names[other])))
     return record
 
 
@@ -300,18 +358,19 @@ def all_to_all_table(table: pd.DataFrame, n_boot: int = 10_000, seed: int = 0,
                      progress: Progress | None = None) -> list[dict]:
     """Heads trained on a random split (``all_to_all``): accuracy by test level, with CIs."""
     rows = table[table["experiment"] == "all_to_all"]
-    records = []
+    boot = SharedBootstrap(n_boot, seed)
+    records, done = [], []
     for (site, layer, solver, level), group in _groups(rows, ["site", "layer", "solver", "train_level"]):
         group, n = _largest_n_train(group)
+        measure = str(group["measure"].iloc[0])
         for test in test_levels(group):
             sel = group if test == "all" else group[group["test_level"] == test]
-            M = item_draw_frame(sel, f"all_to_all/{site}/{layer}").to_numpy(np.float64)
+            M = item_draw_frame(sel, f"all_to_all/{site}/{layer}")
+            name = condition_name("all_to_all", measure, site, layer, solver, level)
             records.append({"site": site, "layer": layer, "solver": solver, "train_level": level,
-                            "n_train": n, "test_level": test,
-                            "accuracy": crossed_bootstrap(M, n_boot, seed).to_dict()})
-        if progress:
-            progress(f"all-to-all {site} layer {layer}")
-    return records
+                            "n_train": n, "test_level": test, "accuracy": _Pending(boot.accuracy(M, name))})
+        done.append(f"all-to-all {site} layer {layer}")
+    return _run(boot, records, done, progress)
 
 
 def curve_table(table: pd.DataFrame, experiment: str, x: str, n_boot: int = 10_000, seed: int = 0,
@@ -323,25 +382,25 @@ def curve_table(table: pd.DataFrame, experiment: str, x: str, n_boot: int = 10_0
     """
     rows = table[(table["experiment"] == experiment) & (table["test_level"] == HARD)
                  & (table["train_level"] != ZERO_SHOT)]
-    records = []
+    boot = SharedBootstrap(n_boot, seed)
+    records, done = [], []
     keys = ["measure", "site", "layer", "solver", "train_level", x]
     for key, group in _groups(rows, keys):
-        M = item_draw_frame(group, f"{experiment}/{'/'.join(map(str, key))}").to_numpy(np.float64)
+        M = item_draw_frame(group, f"{experiment}/{'/'.join(map(str, key))}")
         rec = dict(zip(keys, key))
         rec[x] = float(rec[x]) if x == "label_noise" else int(rec[x])
-        rec["accuracy"] = crossed_bootstrap(M, n_boot, seed).to_dict()
+        rec["accuracy"] = _Pending(boot.accuracy(M, condition_name(experiment, *key[:5], **{x: rec[x]})))
         records.append(rec)
-        if progress:
-            progress(f"{experiment} {key[0]} {key[4]} {x}={key[5]}")
+        done.append(f"{experiment} {key[0]} {key[4]} {x}={key[5]}")
     for measure in sorted(rows["measure"].unique()):
         zero = zero_shot_rows(table, measure)
         zero = zero[zero["test_level"] == HARD]
         if len(zero):
-            M = item_draw_frame(zero, f"{measure}/zero_shot").to_numpy(np.float64)
+            M = item_draw_frame(zero, f"{measure}/zero_shot")
             records.append({"measure": measure, "site": "", "layer": "", "solver": ZERO_SHOT,
                             "train_level": ZERO_SHOT, x: 0 if x == "n_train" else 0.0,
-                            "accuracy": crossed_bootstrap(M, n_boot, seed).to_dict()})
-    return records
+                            "accuracy": _Pending(boot.accuracy(M, condition_name(experiment, measure)))})
+    return _run(boot, records, done, progress)
 
 
 def zero_weight_heads(table: pd.DataFrame) -> list[dict]:

@@ -206,12 +206,12 @@ def resample_indices(
         done += b
 
 
-def _counts(idx: np.ndarray, n: int) -> np.ndarray:
-    """How often each value in [0, n) occurs in each row of ``idx``: (b, n) float64."""
+def _counts(idx: np.ndarray, n: int, dtype=np.float64) -> np.ndarray:
+    """How often each value in [0, n) occurs in each row of ``idx``: (b, n) of ``dtype``."""
     b = idx.shape[0]
-    dtype = np.int32 if b * n < 2**31 else np.int64  # int32 keeps the bincount fast
-    flat = (idx.astype(dtype, copy=False) + (np.arange(b, dtype=dtype) * n)[:, None]).ravel()
-    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
+    itype = np.int32 if b * n < 2**31 else np.int64  # int32 keeps the bincount fast
+    flat = (idx.astype(itype, copy=False) + (np.arange(b, dtype=itype) * n)[:, None]).ravel()
+    return np.bincount(flat, minlength=b * n).reshape(b, n).astype(dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,16 +237,16 @@ def _features(X: np.ndarray, A: np.ndarray | None) -> np.ndarray:
     return np.concatenate([diff.reshape(n, -1), both.reshape(n, -1).astype(np.float64)], axis=1)
 
 
-def _slot_counts(cx: np.ndarray, ca: np.ndarray | None, m_x: int, m_a: int) -> np.ndarray:
+def _slot_counts(cx: np.ndarray, ca: np.ndarray | None, m_x: int, m_a: int, dtype=np.float64) -> np.ndarray:
     """Counts of the (X column, A column) pairs that the resampled columns line up.
 
     Resampled column j of ``X`` meets resampled column j of ``A``, or A's single column when A
     has one (it is recycled across X's columns).
     """
     if ca is None:
-        return _counts(cx, m_x)
+        return _counts(cx, m_x, dtype)
     aligned = ca if ca.shape[1] == cx.shape[1] else np.repeat(ca[:, :1], cx.shape[1], axis=1)
-    return _counts(cx * m_a + aligned, m_x * m_a)
+    return _counts(cx * m_a + aligned, m_x * m_a, dtype)
 
 
 def _means(G: np.ndarray, P: np.ndarray) -> np.ndarray:
@@ -365,9 +365,14 @@ def crossed_bootstrap(M, n_resamples: int = 10_000, seed: int = 0, level: float 
         return crossed_resample_stats(M, rows, cols)
 
     stats = _collect(block, seed, n_resamples, n, [m])
+    return crossed_result(M, stats, level, n_resamples)
+
+
+def crossed_result(M: np.ndarray, stats: np.ndarray, level: float, n_resamples: int) -> CrossedBootstrap:
+    """The :class:`CrossedBootstrap` of a cleaned matrix ``M`` from its resampled statistics."""
     mean, lo, hi, kept = _summary(stats, level)
     err = float((abs(lo - mean) + abs(hi - mean)) / 2.0)
-    return CrossedBootstrap(_nanmean(M), mean, lo, hi, err, level, n, m, n_resamples, kept)
+    return CrossedBootstrap(_nanmean(M), mean, lo, hi, err, level, M.shape[0], M.shape[1], n_resamples, kept)
 
 
 def _test(point, stats, level, n_items, n_draws, n_resamples) -> BootstrapTest:
@@ -409,8 +414,14 @@ def paired_difference(A, B, n_resamples: int = 10_000, seed: int = 0, level: flo
         return difference_resample_stats(A, B, rows, ca, cb)
 
     stats = _collect(block, seed, n_resamples, n, [ma, mb])
+    return difference_result(A, B, stats, level, n_resamples)
+
+
+def difference_result(A: np.ndarray, B: np.ndarray, stats: np.ndarray, level: float,
+                      n_resamples: int) -> BootstrapTest:
+    """The :class:`BootstrapTest` of ``mean(B - A)`` (cleaned matrices) from its resampled statistics."""
     point = _nanmean(B - A)  # A broadcasts when it has one column
-    return _test(point, stats, level, n, (ma, mb), n_resamples)
+    return _test(point, stats, level, A.shape[0], (A.shape[1], B.shape[1]), n_resamples)
 
 
 def sgr_bootstrap(A, B, C, n_resamples: int = 100_000, seed: int = 0, level: float = 0.95) -> BootstrapTest:
@@ -437,14 +448,19 @@ def sgr_bootstrap(A, B, C, n_resamples: int = 100_000, seed: int = 0, level: flo
         return np.stack(sgr_resample_parts(A, B, C, rows, ca, cb, cc), axis=1)
 
     parts = _collect(block, seed, n_resamples, n, [ma, mb, mc])
-    num, den = parts[:, 0], parts[:, 1]
+    return sgr_result(A, B, C, parts[:, 0], parts[:, 1], level, n_resamples)
+
+
+def sgr_result(A: np.ndarray, B: np.ndarray, C: np.ndarray, num: np.ndarray, den: np.ndarray, level: float,
+               n_resamples: int) -> SgrTest:
+    """The :class:`SgrTest` of cleaned matrices from each resample's numerator and denominator."""
     with np.errstate(invalid="ignore", divide="ignore"):
         stats = num / den
     a = _nanmean(A)
     den_point = np.float64(_nanmean(C) - a)
     with np.errstate(invalid="ignore", divide="ignore"):
         point = np.float64(_nanmean(B) - a) / den_point
-    base = _test(point, stats, level, n, (ma, mb, mc), n_resamples)
+    base = _test(point, stats, level, A.shape[0], (A.shape[1], B.shape[1], C.shape[1]), n_resamples)
     _, den_lo, den_hi, _ = _summary(den, level)
     estimable, reason = sgr_estimable(den_lo, den_hi)
     return SgrTest(**vars(base), den_point=float(den_point), den_lo=den_lo, den_hi=den_hi,

@@ -3,7 +3,10 @@
 Folder layout::
 
     DIR/icl.json        manifest: format, model, dataset, prompt, "icl" block (k, demos_from,
-                        measure, seed, draws, key, max_seq_len), n_items, max_choices,
+                        measure, seed, draws, key, max_seq_len; demos_dataset {name,
+                        fingerprint} and demos_measure when the demonstrations come from
+                        another question set; test_levels when only those levels of
+                        measure were scored), n_items (items scored), max_choices,
                         draw_info (per draw: file, demo rows and ids, k used, shared prefix
                         length), complete
     DIR/draw-NNN.h5     per draw: items/id, logprob/choice_sum (n, C) float32 (-inf padded
@@ -49,6 +52,18 @@ def is_icl_entry(name: str) -> bool:
     """Whether a directory entry can be part of an ICL score folder (files, locks, temporaries)."""
     return bool(_ICL_ENTRY.match(name)) or is_temporary(name, MANIFEST) or (
         name.startswith(".draw-") and name.endswith(".tmp"))
+
+
+def demo_level(icl: Mapping[str, Any]) -> str:
+    """The training level an ICL folder's rows are labelled with in a results table: the level
+    the demonstrations came from (``easy``, ``all``), prefixed by their question set and measure
+    when they come from another set (``arc:grade:easy``, ``arc:all``)."""
+    other = icl.get("demos_dataset")
+    if not other:
+        return str(icl["demos_from"])
+    if icl["demos_from"] == "all":
+        return f"{other['name']}:all"
+    return f"{other['name']}:{icl.get('demos_measure', icl['measure'])}:{icl['demos_from']}"
 
 
 def draw_name(b: int) -> str:

@@ -21,6 +21,12 @@ Writing is safe against a second writer and against crashes:
   ``sweep.json`` with the table's sha256 and size, each step fsynced. A crash at any point leaves
   either the old pair, a table without ``sweep.json``, or the new pair: never new results beside
   an old configuration.
+- A resumable run (``run=`` given; ``probekit finetune``) writes each finished piece as a part
+  (:meth:`ResultsWriter.write_part`) and may run as several ranks (processes) at once: rank r holds
+  the per-rank lock ``.lock-rank{r}`` (a second writer of the same rank is refused), its part
+  temporaries carry its rank, and :meth:`ResultsWriter.merge` builds ``results.parquet`` from the
+  parts under the blocking lock ``.results.lock`` once every part is there, so whichever rank
+  finishes last merges. Under several ranks, each records its counts in ``parts/rank-R-of-W.json`` first.
 - :func:`read_results` hashes the bytes it parses and refuses a table whose size or sha256
   differs from the record in ``sweep.json`` (a swapped or rewritten file). A ``sweep.json``
   without the record (written by hand or by an older version) is read unchecked.
@@ -32,7 +38,7 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,8 +49,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probekit.errors import ProbekitError
-from probekit.store.layout import sha256_file
-from probekit.store.outdir import OutputDir, write_error
+from probekit.store.layout import lock_name, sha256_file
+from probekit.store.manifest import manifest_lock
+from probekit.store.outdir import OutputDir, remove_temporaries, write_error
 
 FORMAT = "probekit-sweep/1"
 RESULTS = "results.parquet"
@@ -77,6 +84,8 @@ REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold" and c not in FILLED
 PARTS = "parts"
 RUN_FILE = "run.json"
 _PART = "part.parquet"  # temporaries of part files: .part.parquet.<pid>-<random>.tmp
+#: The blocking lock of a resumable run's merge (and of its run record): one rank at a time.
+MERGE_LOCK = ".results.lock"
 
 
 def method_of(train_level: Any, site: Any) -> Any:
@@ -145,11 +154,17 @@ class ResultsWriter:
     """
 
     def __init__(self, out: str | os.PathLike, row_group: int = 1 << 16,
-                 run: Mapping[str, Any] | None = None) -> None:
+                 run: Mapping[str, Any] | None = None, rank: int = 0, world_size: int = 1) -> None:
         self.out = Path(out)
         self.row_group = row_group
         self.run = None if run is None else json.loads(json.dumps(run, default=str))
-        self._dir = OutputDir(self.out, (RESULTS, CONFIG, _PART), "results directory")
+        self.rank, self.world_size = rank, world_size
+        if self.run is None:
+            self._part = _PART
+            self._dir = OutputDir(self.out, (RESULTS, CONFIG, _PART), "results directory")
+        else:  # resumable, maybe one of several ranks: this rank's lock and temporaries only
+            self._part = f"rank{rank}.{_PART}"
+            self._dir = OutputDir(self.out, (self._part,), "results directory", lock_file=lock_name(rank))
         self._writer: pq.ParquetWriter | None = None
         self._tables: list[pa.Table] = []
         self._n = 0
@@ -158,16 +173,22 @@ class ResultsWriter:
         self._dir.__enter__()
         try:
             if self.run is not None:
-                self._check_run()
-            self._tmp = self._dir.temp(RESULTS)
-            try:
-                self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
-            except OSError as err:
-                raise write_error(err, self._tmp) from None
+                with manifest_lock(self.out, MERGE_LOCK):
+                    self._check_run()
+                self._rank_file.unlink(missing_ok=True)  # this rank's counts of an earlier attempt
+            else:
+                self._open()
         except BaseException as exc:
             self._dir.__exit__(type(exc), exc, exc.__traceback__)
             raise
         return self
+
+    def _open(self) -> None:
+        self._tmp = self._dir.temp(RESULTS)
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, SCHEMA, compression="zstd")
+        except OSError as err:
+            raise write_error(err, self._tmp) from None
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         try:
@@ -210,7 +231,7 @@ class ResultsWriter:
 
     def write_part(self, key: str, tables: Sequence[pa.Table]) -> None:
         """Write the rows of one finished piece atomically (``RES/parts/<key>.parquet``)."""
-        tmp = self._dir.temp(_PART)
+        tmp = self._dir.temp(self._part)
         pq.write_table(pa.concat_tables(tables) if tables else SCHEMA.empty_table(), tmp, compression="zstd")
         (self.out / PARTS).mkdir(exist_ok=True)
         self._dir.commit(tmp, f"{PARTS}/{key}.parquet")
@@ -222,6 +243,42 @@ class ResultsWriter:
             return pq.read_table(path, schema=SCHEMA)
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
             raise ProbekitError(f"cannot read {path} ({str(exc).splitlines()[0]}); delete it and rerun") from None
+
+    @property
+    def _rank_file(self) -> Path:
+        return self.out / PARTS / f"rank-{self.rank}-of-{self.world_size}.json"
+
+    def write_rank_counts(self, counts: Mapping[str, Any]) -> None:
+        """Record this rank's counts (``parts/rank-R-of-W.json``) for the merge's record."""
+        self._dir.write_json(f"{PARTS}/{self._rank_file.name}", json.loads(json.dumps(counts, default=str)))
+
+    def rank_counts(self) -> list[dict | None]:
+        """Every rank's recorded counts (None for a rank that has not recorded them)."""
+        out = []
+        for r in range(self.world_size):
+            path = self.out / PARTS / f"rank-{r}-of-{self.world_size}.json"
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                out.append(None)
+        return out
+
+    def merge(self, keys: Sequence[str], config: Callable[[int], Mapping[str, Any]]) -> dict[str, Any] | None:
+        """Resumable runs: once every part in ``keys`` is written, concatenate them (in that order)
+        into ``results.parquet`` and commit ``config(n_rows)`` as ``sweep.json``; returns the record
+        written, or None while parts are missing (another rank is still at work and merges when it
+        finishes). Runs under the blocking merge lock, so ranks merge one at a time."""
+        with manifest_lock(self.out, MERGE_LOCK):
+            if not all(self.has_part(k) for k in keys):
+                return None
+            remove_temporaries(self.out, [RESULTS, CONFIG])  # of a merge that was killed
+            self._open()
+            n = 0
+            for key in keys:
+                part = self.read_part(key)
+                n += part.num_rows
+                self.append(part)
+            return self.commit(config(n))
 
     def append(self, table: pa.Table) -> None:
         """Add rows (a :data:`SCHEMA` table)."""

@@ -1,0 +1,337 @@
+"""Shared resamples: every statistic over the same test items uses the same item resamples, and every
+condition's resampled sums come from matrix products (docs/protocol.md §6.1).
+
+:class:`SharedBootstrap` collects statistics (accuracies, paired differences, SGRs) over labelled
+item x draw frames, then computes them all in :meth:`SharedBootstrap.run`. Statistics whose rows (the
+items observed in any of their matrices) are the same item set form a **group**; a group draws its
+row resamples once, as a (resamples x items) count matrix ``W`` (how often each item is drawn), in
+blocks of resamples (a block holds about ``bootstrap.BLOCK_ELEMENTS`` counts and products, never
+resamples x items x draws; the block size does not change the numbers: each generator's stream
+continues across blocks). Each **condition** (one named item x draw matrix, e.g. the hard-trained heads of one
+layer) draws its own column (training-draw) resamples, shared by every statistic of the group that
+uses it. Per resample, a statistic is then the nanmean of its resampled (difference) matrix, exactly
+as :mod:`probekit.stats.bootstrap` defines it: what changes is only that conditions and statistics
+over the same items see the same item resamples.
+
+A block's sums come from one GEMM per group, ``W @ F``: with ``X0`` a condition's matrix with NaN set
+to 0 and ``K`` its mask of observed cells, ``F`` holds every condition's ``X0`` columns, its ``K``
+columns (none when it has no NaN: every count is then the n items, as each row of ``W`` sums to n),
+and for a pair (A, B) of a difference or an SGR the per-(draw, draw) products ``B0 * K_a``,
+``A0 * K_b`` and ``K_a * K_b`` (only those a NaN makes different from existing columns: easy-trained
+heads tested on hard items have no NaN, so a zero-shot vs easy pair costs nothing). The column (pair)
+counts then weight these sums as in :func:`probekit.stats.bootstrap.difference_resample_stats`.
+Cells that are 0/1 make every product an integer no larger than n in magnitude and every weighted
+total and count one no larger than n x m (m draws), so products and sums run in float32 when
+n x m < 2**24 (exact: every partial sum is such an integer, below 2**24, in any summation order;
+measured 1.5x the float64 GEMM rate on 2 cores) and in float64 otherwise or for cells that are not
+0/1. The final division is float64, as in the plain nanmean, so every statistic equals the plain
+per-resample nanmean bit for bit (for 0/1 cells).
+
+Randomness: a group's row resamples come from ``default_rng(SeedSequence([seed, hash(item ids)]))``,
+a condition's column resamples from ``SeedSequence([seed, hash(item ids), hash(condition key)])``;
+so the same seed gives the same numbers, and the same items and condition get the same resamples in
+any report, whatever else it computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from probekit.errors import ProbekitError
+from probekit.stats import bootstrap as _bs
+from probekit.stats.bootstrap import (
+    BootstrapTest,
+    CrossedBootstrap,
+    SgrTest,
+    _check_baseline,
+    _check_settings,
+    _counts,
+    _slot_counts,
+    crossed_result,
+    difference_result,
+    sgr_result,
+)
+
+#: A group's products and sums run in float32 when items x draws is below this (exact for 0/1 cells:
+#: every sum is an integer no larger than that, see the module doc).
+FLOAT32_EXACT = 2**24
+
+
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:16], "little")
+
+
+@dataclass
+class Condition:
+    """One item x draw matrix restricted to a group's items, with its all-NaN draws dropped."""
+
+    key: tuple  # (name, kept draw labels as text)
+    M: np.ndarray  # (n, m) float64 with NaN
+    n_resamples: int = 0  # the most resamples any statistic over it needs
+
+    @property
+    def m(self) -> int:
+        return self.M.shape[1]
+
+
+@dataclass
+class Statistic:
+    """A registered statistic: kind "accuracy" (one condition), "difference" (A, B) or "sgr" (A, B, C)."""
+
+    kind: str
+    group: tuple
+    conditions: tuple  # condition keys, in the order A, B(, C)
+    n_resamples: int
+
+
+class _Group:
+    def __init__(self, items: tuple, seed: int):
+        self.items = items
+        self.n = len(items)
+        self.h = _digest("\0".join(map(str, items)))
+        self.seed = seed
+        self.conditions: dict[tuple, Condition] = {}
+        self.n_resamples = 0
+        self._features: dict = {}
+
+    def condition(self, frame: pd.DataFrame, name: str, n_resamples: int) -> Condition:
+        M = frame.reindex(pd.Index(self.items, dtype=object)).to_numpy(dtype=np.float64)
+        keep = ~np.isnan(M).all(axis=0)
+        key = (name, tuple(str(c) for c, k in zip(frame.columns, keep) if k))  # str: 0 and np.int64(0) alike
+        M = M[:, keep]
+        if M.size == 0:
+            raise ProbekitError(f"condition {name}: no observed cell on the shared items")
+        c = self.conditions.get(key)
+        if c is None:
+            c = self.conditions[key] = Condition(key, M)
+        elif not np.array_equal(c.M, M, equal_nan=True):
+            raise ProbekitError(f"condition {name} was given twice with different cells")
+        c.n_resamples = max(c.n_resamples, n_resamples)
+        self.n_resamples = max(self.n_resamples, n_resamples)
+        return c
+
+    def features(self, active: tuple | None, stats: list) -> tuple[dict, np.ndarray]:
+        """The (items x features) matrix whose product with ``W`` gives every sum that ``stats`` need,
+        and where each sum is: ``("x", key)`` the columns of ``X0`` (NaN as 0) and ``("k", key)`` of the
+        mask ``K`` (None when a condition has no NaN: its count is the n items), and for a pair (A, B)
+        the (B draw, A draw) products ``("pb", A, B)`` = ``B0 * K_a``, ``("pa", A, B)`` = ``A0 * K_b``
+        and ``("pk", A, B)`` = ``K_a * K_b`` (an existing column where one side has no NaN). Cached per
+        set of ``active`` statistics."""
+        if active is not None and active in self._features:
+            return self._features[active]
+        blocks: list[np.ndarray] = []
+        layout: dict = {}
+        width = 0
+
+        def add(block: np.ndarray) -> slice:
+            nonlocal width
+            blocks.append(block)
+            width += block.shape[1]
+            return np.arange(width - block.shape[1], width)
+
+        x0, k = {}, {}
+        for key in dict.fromkeys(key for st in stats for key in st.conditions):
+            M = self.conditions[key].M
+            nan = np.isnan(M)
+            x0[key], k[key] = np.where(nan, 0.0, M), (None if not nan.any() else (~nan).astype(np.float64))
+            layout[("x", key)] = add(x0[key])
+            layout[("k", key)] = None if k[key] is None else add(k[key])
+        for st in stats:
+            for a, b in [(st.conditions[0], other) for other in st.conditions[1:]]:
+                if ("pb", a, b) in layout:
+                    continue
+                ma, mb = x0[a].shape[1], x0[b].shape[1]
+                xa, xb = layout[("x", a)], layout[("x", b)]
+                ka, kb = k[a], k[b]
+                # (B draw j, A draw i) -> column j * m_a + i, the order of the slot counts
+                layout[("pb", a, b)] = (np.repeat(xb, ma) if ka is None else
+                                        add((x0[b][:, :, None] * ka[:, None, :]).reshape(self.n, -1)))
+                layout[("pa", a, b)] = (np.tile(xa, mb) if kb is None else
+                                        add((kb[:, :, None] * x0[a][:, None, :]).reshape(self.n, -1)))
+                if ka is None and kb is None:
+                    layout[("pk", a, b)] = None
+                elif ka is None:
+                    layout[("pk", a, b)] = np.repeat(layout[("k", b)], ma)
+                elif kb is None:
+                    layout[("pk", a, b)] = np.tile(layout[("k", a)], mb)
+                else:
+                    layout[("pk", a, b)] = add((kb[:, :, None] * ka[:, None, :]).reshape(self.n, -1))
+        unit = all(_unit(x) for x in x0.values())
+        m = max(x.shape[1] for x in x0.values())
+        dtype = np.float32 if unit and self.n * m < FLOAT32_EXACT else np.float64
+        F = np.concatenate(blocks, axis=1).astype(dtype)
+        if active is not None:
+            self._features = {active: (layout, F)}  # the active set changes only at a statistic's last block
+        return layout, F
+
+    def rng_rows(self) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.h]))
+
+    def rng_cols(self, key: tuple) -> np.random.Generator:
+        return np.random.default_rng(np.random.SeedSequence([self.seed, self.h, _digest(repr(key))]))
+
+
+class SharedBootstrap:
+    """Accuracies, paired differences and SGRs that share their item resamples (module doc).
+
+    Register statistics with :meth:`accuracy`, :meth:`difference` and :meth:`sgr` (each returns a
+    handle), then :meth:`run` computes them all and returns the results by handle: the same result
+    types as :func:`~probekit.stats.crossed_bootstrap`, :func:`~probekit.stats.paired_difference`
+    and :func:`~probekit.stats.sgr_bootstrap`, with the same point estimates, interval rules and
+    cleaning (rows NaN in all of a statistic's matrices and then all-NaN draws are dropped).
+
+    A matrix is a frame with one row per test item (the index: item ids) and one column per training
+    draw. ``name`` names the condition it holds: frames given under the same name (and draws) within
+    one item set must hold the same cells, and share their column resamples.
+    """
+
+    def __init__(self, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95):
+        _check_settings(n_resamples, level)
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
+        self.n_resamples, self.seed, self.level = int(n_resamples), int(seed), level
+        self.groups: dict[tuple, _Group] = {}
+        self.statistics: list[Statistic] = []
+
+    # -- registration ---------------------------------------------------------------------------
+
+    def _register(self, kind: str, frames: Sequence[pd.DataFrame], names: Sequence[str],
+                  n_resamples: int | None) -> int:
+        n_resamples = self.n_resamples if n_resamples is None else n_resamples
+        _check_settings(n_resamples, self.level)
+        index = None
+        for frame, name in zip(frames, names):
+            if not isinstance(frame, pd.DataFrame):
+                raise ProbekitError(f"condition {name}: expected an item x draw frame, got {type(frame).__name__}")
+            values = frame.to_numpy(dtype=np.float64)
+            if np.isinf(values).any():
+                raise ProbekitError(f"condition {name} holds infinite values; use NaN for missing cells")
+            observed = frame.index[~np.isnan(values).all(axis=1)]
+            index = observed if index is None else index.union(observed)
+        items = tuple(sorted(index))
+        if not items:
+            raise ProbekitError(f"{' / '.join(names)}: no observed cell")
+        group = self.groups.get(items)
+        if group is None:
+            group = self.groups[items] = _Group(items, self.seed)
+        conds = [group.condition(f, n, n_resamples) for f, n in zip(frames, names)]
+        for other in conds[1:]:
+            _check_baseline(conds[0].M, other.M, f"{names[0]} vs {other.key[0]}")
+        self.statistics.append(Statistic(kind, items, tuple(c.key for c in conds), int(n_resamples)))
+        return len(self.statistics) - 1
+
+    def accuracy(self, M: pd.DataFrame, name: str, n_resamples: int | None = None) -> int:
+        """Accuracy of one condition with a crossed bootstrap interval (``crossed_bootstrap``)."""
+        return self._register("accuracy", [M], [name], n_resamples)
+
+    def difference(self, A: pd.DataFrame, B: pd.DataFrame, names: tuple[str, str],
+                   n_resamples: int | None = None) -> int:
+        """``mean(B - A)`` over the items of either, with interval and p-value (``paired_difference``)."""
+        return self._register("difference", [A, B], names, n_resamples)
+
+    def sgr(self, A: pd.DataFrame, B: pd.DataFrame, C: pd.DataFrame, names: tuple[str, str, str],
+            n_resamples: int | None = None) -> int:
+        """``(B - A) / (C - A)`` with interval, p-value and whether it is estimable (``sgr_bootstrap``)."""
+        return self._register("sgr", [A, B, C], names, n_resamples)
+
+    # -- drawing --------------------------------------------------------------------------------
+
+    def draws(self) -> Iterator[tuple[tuple, int, np.ndarray, dict[tuple, np.ndarray]]]:
+        """Yield ``(group items, start, rows, cols)`` blocks: ``rows`` (b, n) item indices of resamples
+        ``start .. start + b`` and ``cols[key]`` (b_c, m) draw indices of each condition that needs
+        resamples there (b_c <= b: a condition stops at the most resamples its statistics use)."""
+        for items, g in self.groups.items():
+            rng = g.rng_rows()
+            col_rngs = {key: g.rng_cols(key) for key in g.conditions}
+            handles = tuple(h for h, st in enumerate(self.statistics) if st.group == items)
+            if not handles:  # only conditions of a statistic that was refused
+                continue
+            width = g.features(handles, [self.statistics[h] for h in handles])[1].shape[1]
+            size = max(1, _bs.BLOCK_ELEMENTS // max(g.n, width // 2))
+            for start in range(0, g.n_resamples, size):
+                b = min(size, g.n_resamples - start)
+                rows = rng.integers(0, g.n, size=(b, g.n), dtype=np.int32)
+                cols = {}
+                for key, c in g.conditions.items():
+                    if c.n_resamples > start:
+                        bc = min(b, c.n_resamples - start)
+                        cols[key] = col_rngs[key].integers(0, c.m, size=(bc, c.m), dtype=np.int32)
+                yield items, start, rows, cols
+
+    # -- computing ------------------------------------------------------------------------------
+
+    def resample_values(self, items: tuple, rows: np.ndarray, cols: dict[tuple, np.ndarray],
+                        start: int = 0) -> dict[int, np.ndarray]:
+        """Per-resample values of the group's statistics for the given indices (resamples ``start ..``):
+        handle -> (b_s,) nanmeans for an accuracy or a difference, (b_s, 2) numerator and denominator
+        for an SGR, where b_s is the number of those resamples below the statistic's count."""
+        g = self.groups[items]
+        active = [(h, s) for h, s in enumerate(self.statistics) if s.group == items and s.n_resamples > start]
+        layout, F = g.features(tuple(h for h, _ in active), [s for _, s in active])
+        W = _counts(rows, g.n, F.dtype)
+        G = W @ F  # exact integers (module doc)
+        P = {key: _counts(cols[key], g.conditions[key].m, F.dtype) for _, s in active if s.kind == "accuracy"
+             for key in s.conditions}
+        out = {}
+        for h, s in active:
+            b = min(rows.shape[0], s.n_resamples - start)
+            if s.kind == "accuracy":
+                (key,) = s.conditions
+                total, p = G[:b, layout[("x", key)]], P[key][:b]
+                kcol = layout.get(("k", key))
+                count = G[:b, kcol] if kcol is not None else np.full_like(total, g.n)
+                out[h] = _ratio(np.einsum("bj,bj->b", total, p), np.einsum("bj,bj->b", count, p))
+            elif s.kind == "difference":
+                out[h] = _pair_means(g, layout, G, cols, *s.conditions, b)
+            else:
+                a, bb, c = s.conditions
+                out[h] = np.stack([_pair_means(g, layout, G, cols, a, bb, b),
+                                   _pair_means(g, layout, G, cols, a, c, b)], axis=1)
+        return out
+
+    def run(self, progress: Callable[[str], None] | None = None) -> list:
+        """Compute every registered statistic; results in registration order (handles index them)."""
+        values: list[list[np.ndarray]] = [[] for _ in self.statistics]
+        for items, start, rows, cols in self.draws():
+            for h, v in self.resample_values(items, rows, cols, start).items():
+                values[h].append(v)
+            if progress:
+                progress(f"resamples {start + rows.shape[0]:,} of {self.groups[items].n_resamples:,} "
+                         f"over {len(items)} items")
+        return [self._result(s, np.concatenate(v)) for s, v in zip(self.statistics, values)]
+
+    def _result(self, s: Statistic, v: np.ndarray) -> CrossedBootstrap | BootstrapTest | SgrTest:
+        g = self.groups[s.group]
+        mats = [g.conditions[k].M for k in s.conditions]
+        if s.kind == "accuracy":
+            return crossed_result(mats[0], v, self.level, s.n_resamples)
+        if s.kind == "difference":
+            return difference_result(*mats, v, self.level, s.n_resamples)
+        return sgr_result(*mats, v[:, 0], v[:, 1], self.level, s.n_resamples)
+
+
+def _unit(M: np.ndarray) -> bool:
+    """Whether every observed cell is 0 or 1 (then a group's sums are small integers)."""
+    x = M[~np.isnan(M)]
+    return bool(((x == 0) | (x == 1)).all())
+
+
+def _pair_means(g: _Group, layout: dict, G: np.ndarray, cols: dict, a: tuple, bk: tuple, b: int) -> np.ndarray:
+    """nanmean of ``B* - A*`` per resample (A recycled when it has one draw) from the products."""
+    ma, mb = g.conditions[a].m, g.conditions[bk].m
+    pb, pa, pk = (layout[(kind, a, bk)] for kind in ("pb", "pa", "pk"))
+    cnt = np.full((b, mb * ma), g.n, G.dtype) if pk is None else G[:b, pk]
+    P = _slot_counts(cols[bk][:b], cols[a][:b], mb, ma, G.dtype)
+    return _ratio(np.einsum("bq,bq->b", G[:b, pb] - G[:b, pa], P), np.einsum("bq,bq->b", cnt, P))
+
+
+def _ratio(total: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """total / count in float64 (NaN where a resample drew no observed cell): the division the plain
+    nanmean does, on the same (exact integer) sums."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total.astype(np.float64) / count.astype(np.float64)
