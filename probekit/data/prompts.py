@@ -1,6 +1,6 @@
-"""Prompt templates of the paper's code (docs/protocol.md §2), zero-shot and k-shot.
+"""Prompt templates of the paper's code (docs/protocol.md §2), zero-shot and k-shot, and a cloze template.
 
-Two templates are used:
+Two templates are the paper's:
 
 ``"0040"`` (ARC, MMLU, multiple choice from a file)::
 
@@ -18,9 +18,15 @@ paper's Llama runs saw.
 
     Q: {q}\\nA:
 
+``"cloze"`` (an option for any set, ``probekit extract --template cloze``): the question alone, no
+choices listed, the answer text scored as its continuation::
+
+    Question: {q}\\nAnswer:
+
 k-shot (``render_kshot``): each demonstration is rendered with the gold answer *text* and an extra
 space before the label line (``... \\nAnswer: {gold}`` for "0040", ``Q: {q} \\nA: {gold}`` for
-"0306"); demonstrations are joined by ``\\n\\n`` and ``\\n\\n`` precedes the test item.
+"0306"; for "cloze" ``Question: {q}\\nAnswer: {gold}``, without that space); demonstrations are joined
+by ``\\n\\n`` and ``\\n\\n`` precedes the test item.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ from collections.abc import Sequence
 
 from probekit.errors import ProbekitError
 
-TEMPLATES = ("0040", "0306")
+TEMPLATES = ("0040", "0306", "cloze")
 LETTERS = string.ascii_uppercase
 
 #: Human-readable template text recorded in cache manifests.
 TEMPLATE_TEXT = {
     "0040": "Question: {question} \\nA) {choice_0}\\nB) {choice_1}\\n...\\nAnswer:",
     "0306": "Q: {question}\\nA:",
+    "cloze": "Question: {question}\\nAnswer:",
 }
 
 
@@ -58,6 +65,8 @@ def render_prompt(question: str, choices: Sequence[str] = (), template: str = "0
         if len(choices) == 0:
             raise ProbekitError("template 0040 needs answer choices")
         return f"Question: {question} {_choices_block(choices)}\nAnswer:"
+    if template == "cloze":
+        return f"Question: {question}\nAnswer:"
     return f"Q: {question}\nA:"
 
 
@@ -66,6 +75,8 @@ def render_example(question: str, choices: Sequence[str], answer: str, template:
     _check_template(template)
     if template == "0040":
         return f"Question: {question} {_choices_block(choices)} \nAnswer: {answer}"
+    if template == "cloze":
+        return f"Question: {question}\nAnswer: {answer}"
     return f"Q: {question} \nA: {answer}"
 
 
