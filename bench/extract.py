@@ -8,6 +8,9 @@ model, one run measures:
 * bare     -- the same packed forward and choice log-probs (logits at the scored positions), with
               no hidden states captured and nothing written;
 * body     -- the packed forward of the transformer body alone (no logits at all);
+* fullhead -- bare with the output projection over every position (a plain causal-LM forward's
+              logits), the choice log-probs taken from them: what projecting at the scored positions
+              alone saves, large for a large vocabulary (Gemma-3-270M: 262k entries);
 * extract  -- the whole pipeline (tokenise, prefix-shared capture of middle+last layers at both
               sites, log-probs, float16 HDF5 shards with manifest and sha256) into a fresh directory.
 
@@ -22,6 +25,7 @@ extract <= 10% slower than bare.
 
 Example:
     python bench/extract.py --items 32 --batch-size 8 --reps 3
+    python bench/extract.py --model gemma3-270m --items 16 --reps 2 --no-memory
 """
 
 from __future__ import annotations
@@ -53,13 +57,14 @@ def load_items(n: int):
     return limit_items(items, n)
 
 
-def load_lm(threads: int | None):
+def load_lm(threads: int | None, model: str | None = None):
     from probekit.extract.models import ModelSpec, load_model
 
-    return load_model(ModelSpec(dtype="float32", device="cpu", cache_root=REPO / "cache", threads=threads or None))
+    return load_model(ModelSpec(model=model, dtype="float32", device="cpu", cache_root=REPO / "cache",
+                                threads=threads or None))
 
 
-def child(n: int, threads: int | None, shard_size: int, batch_size: int) -> None:
+def child(n: int, threads: int | None, shard_size: int, batch_size: int, model: str | None = None) -> None:
     """Run the whole pipeline on n items; print (JSON) the RSS after loading and its peak while extracting."""
     import threading
 
@@ -67,7 +72,7 @@ def child(n: int, threads: int | None, shard_size: int, batch_size: int) -> None
 
     from probekit.extract.run import extract
 
-    lm = load_lm(threads)
+    lm = load_lm(threads, model)
     items = load_items(n)
     proc = psutil.Process()
     base = proc.memory_info().rss / 2**20
@@ -95,12 +100,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--model", default=None, help="what probekit extract --model takes (default: the offline SmolLM2)")
     ap.add_argument("--shard-size", type=int, default=16, help="shard size of the pipeline and memory runs")
     ap.add_argument("--no-memory", action="store_true", help="skip the 1x/4x peak-memory child runs")
     ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child is not None:
-        child(args.child, args.threads, args.shard_size, args.batch_size)
+        child(args.child, args.threads, args.shard_size, args.batch_size, args.model)
         return
 
     import torch
@@ -108,9 +114,9 @@ def main() -> None:
     from probekit.extract.capture import capture_batch
     from probekit.extract.run import encode_rows, extract, length_batches
     from probekit.layers import resolve_layers
-    from tests.reference import bare_forward, capture_naive
+    from tests.reference import bare_forward, capture_naive, full_head_forward
 
-    lm = load_lm(args.threads)
+    lm = load_lm(args.threads, args.model)
     items = load_items(args.items)
     table = items.table
     enc = encode_rows(lm, table, items.prompt_template, lm.rules)
@@ -137,13 +143,15 @@ def main() -> None:
     capture_batch(lm, batches[0], layers, sites, C)
     bare_forward(lm, batches[0])
     capture_naive(lm, batches[0][:1], layers, sites, C)
+    full_head_forward(lm, batches[0])
     # naive / shared / bare: interleaved batch by batch (rotating order), so load from other
     # processes hits all three alike
-    per_batch = {"naive": 0.0, "shared": 0.0, "bare": 0.0, "body": 0.0}
+    per_batch = {"naive": 0.0, "shared": 0.0, "bare": 0.0, "body": 0.0, "fullhead": 0.0}
     fns = {"naive": lambda b: capture_naive(lm, b, layers, sites, C),
            "shared": lambda b: capture_batch(lm, b, layers, sites, C),
            "bare": lambda b: bare_forward(lm, b),
-           "body": lambda b: bare_forward(lm, b, scores=False)}
+           "body": lambda b: bare_forward(lm, b, scores=False),
+           "fullhead": lambda b: full_head_forward(lm, b)}
     order = list(fns)
     for rep in range(args.reps):
         for bi, b in enumerate(batches):
@@ -166,11 +174,12 @@ def main() -> None:
         ratios.append((t2 - t1) / ((t1 - t0 + t3 - t2) / 2))
         ext_times.append(t2 - t1)
     med["extract"] = statistics.median(ext_times)
-    modes = ["naive", "shared", "bare", "body", "extract"]
+    modes = ["naive", "shared", "bare", "body", "fullhead", "extract"]
     n = len(enc)
     tok = {"naive": naive_tokens, "shared": shared_tokens, "bare": shared_tokens, "body": shared_tokens,
-           "extract": shared_tokens}
-    print(f"model SmolLM2-135M-Instruct (float32, CPU, torch threads {torch.get_num_threads()}), "
+           "fullhead": shared_tokens, "extract": shared_tokens}
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    print(f"model {lm.name} (float32, CPU, torch threads {torch.get_num_threads()}, vocabulary {vocab:,}), "
           f"{n} ARC items ({items.name}), {C} choices max, batch {args.batch_size}, layers {layers}, sites {sites}, "
           f"{args.reps} reps")
     print(f"{'mode':8s} {'seconds':>8s} {'items/s':>8s} {'tokens run':>10s} {'tokens/s':>9s}")
@@ -180,13 +189,16 @@ def main() -> None:
           f"tokens run {naive_tokens / shared_tokens:.2f}x fewer")
     print(f"capture alone vs bare forward: {100 * (med['shared'] / med['bare'] - 1):+.1f}%; "
           f"choice scoring (logits) vs body alone: {100 * (med['bare'] / med['body'] - 1):+.1f}%")
+    print(f"output projection at the scored positions vs at every position (bare vs fullhead, items/s): "
+          f"{med['fullhead'] / med['bare']:.2f}x")
     print(f"capture + writing (whole pipeline) vs bare forward: {100 * (statistics.median(ratios) - 1):+.1f}% "
           f"(median of per-rep ratios {', '.join(f'{r:.2f}' for r in ratios)}; ceiling +10%)")
 
     if not args.no_memory:
         for k in (1, 4):
             cmd = [sys.executable, __file__, "--child", str(k * n), "--shard-size", str(args.shard_size),
-                   "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else [])
+                   "--batch-size", str(args.batch_size)] + (["--threads", str(args.threads)] if args.threads else []) \
+                + (["--model", args.model] if args.model else [])
             res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ})
             if res.returncode != 0:
                 print(f"memory run {k}x failed: {res.stderr[-400:]}")

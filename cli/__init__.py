@@ -35,6 +35,7 @@ from probekit.cli import extract_cmd  # noqa: E402,F401
 from probekit.cli import info_cmd  # noqa: E402,F401
 from probekit.cli import sweep_cmd  # noqa: E402,F401
 from probekit.cli import finetune_cmd  # noqa: E402,F401
+from probekit.cli import generate_cmd  # noqa: E402,F401
 from probekit.cli import report_cmd  # noqa: E402,F401
 
 __all__ = ["app", "main"]

@@ -12,7 +12,8 @@ from probekit.cli.common import clean_errors, console
 
 def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset: str, limit: int | None,
                  icl: int | None, demos_from: str, measure: str, demos: str | None = None,
-                 test_levels: list[str] | None = None, demos_measure: str | None = None) -> Path:
+                 test_levels: list[str] | None = None, demos_measure: str | None = None,
+                 template: str | None = None) -> Path:
     from probekit.extract.models import DEFAULT_NAME, model_slug
 
     slug = model_slug(model) if model else DEFAULT_NAME
@@ -21,6 +22,8 @@ def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset
     data = model_slug(dataset)
     if limit:
         data += f"-first{limit}"
+    if template:
+        data += f"-{template}"
     out = f"{slug}__{data}"
     if icl:
         pool = f"{demos_from}-{demos_measure or measure}" if demos_from != "all" else "all"
@@ -38,7 +41,7 @@ def extract_cmd(
                                 help="arc | mmlu | strategyqa | gsm8k | bundled (offline ARC sample) | FILE.jsonl/.csv"),
     data_dir: str | None = typer.Option(None, "--data-dir", help="Folder with the original files (arc/, mmlu/, ...); "
                                            "default: $PROBEKIT_DATA_DIR, else the Hugging Face hub."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local folder or FILE.gguf; "
+    model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local folder, FILE.gguf or gemma3-270m (offline Gemma-3-270M, `make gemma`); "
                                         "default: the offline SmolLM2-135M-Instruct (converted once under the cache root)."),
     dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto (float16 on CUDA, float32 on CPU)."),
     quantize: str | None = typer.Option(None, "--quantize", help="bitsandbytes: 8bit | 4bit."),
@@ -50,8 +53,10 @@ def extract_cmd(
     sites: str = typer.Option("answer_end,question_end", "--sites", help="Token positions: answer_end, question_end."),
     batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (all choices of an item share one row)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Items per HDF5 shard (the unit of resuming)."),
+    store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 | float32: how the cache stores hidden states (float32 for a model whose hidden states pass float16's 65504)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Cache directory; default cache/<model-slug>__<dataset>."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
+    template: str | None = typer.Option(None, "--template", help="Prompt template instead of the set's: cloze (\"Question: {q}\\nAnswer:\", no choices listed), 0040, 0306."),
     icl: int | None = typer.Option(None, "--icl", help="Score k-shot prompts with K demonstrations instead of caching hidden states."),
     demos_from: str = typer.Option("easy", "--demos-from", help="Level the ICL demonstrations come from: easy | medium | "
                                    "hard | all (every probe item)."),
@@ -70,7 +75,7 @@ def extract_cmd(
 ) -> None:
     """Run a question set through a model once; cache hidden states and choice log-probs.
 
-    Every item is rendered with its set's prompt (ARC/MMLU "0040", StrategyQA "0306"); the prompt runs once per item and all its answer choices are scored as continuations of it. Hidden states at the requested layers and token positions go to DIR/shard-NNNNN.h5 (float16) with a manifest; rerunning the same command finishes an interrupted cache. Under torchrun each rank writes its own shards into the same directory.
+    Every item is rendered with its set's prompt (ARC/MMLU "0040", StrategyQA "0306") or the --template given; the prompt runs once per item and all its answer choices are scored as continuations of it. Hidden states at the requested layers and token positions go to DIR/shard-NNNNN.h5 (float16) with a manifest; rerunning the same command finishes an interrupted cache. Under torchrun each rank writes its own shards into the same directory.
 
     With --icl K, every probe item is instead scored under K-shot prompts whose demonstrations are drawn from one difficulty level (or, with --demos-from all, from every probe item; with --demos-dataset, from a level of another question set); choice log-probs per draw go to DIR/icl.json and DIR/draw-NNN.h5. --test-levels scores only the items of those levels.
 
@@ -83,6 +88,7 @@ def extract_cmd(
       probekit extract --dataset arc --data-dir ../shared/data --icl 10 --demos-from easy --measure grade --draws 5
       probekit extract --dataset mmlu --data-dir ../shared/data --icl 10 --demos-dataset arc --demos-measure grade \\
           --demos-from easy --measure human_hardness --test-levels hard
+      probekit extract --dataset arc --data-dir ../shared/data --model gemma3-270m --template cloze
     """
     with clean_errors():
         from probekit.data import load_dataset
@@ -105,8 +111,8 @@ def extract_cmd(
         demos = load_dataset(demos_dataset, data_dir=data_dir) if demos_dataset else None
         target = out or _default_out(model, quantize, bnb_4bit_type, items.name if Path(dataset).suffix == "" else Path(dataset).stem,
                                      limit, icl, demos_from, measure, demos.name if demos else None, levels,
-                                     demos_measure)
-        common = dict(limit=limit, progress=not no_progress, batch_size=batch_size)
+                                     demos_measure, template)
+        common = dict(limit=limit, template=template, progress=not no_progress, batch_size=batch_size)
         if icl is not None:
             from probekit.extract.icl import extract_icl
 
@@ -116,5 +122,6 @@ def extract_cmd(
         else:
             from probekit.extract.run import extract
 
-            summary = extract(items, target, spec, layers=layers, sites=sites, shard_size=shard_size, **common)
+            summary = extract(items, target, spec, layers=layers, sites=sites, shard_size=shard_size,
+                              store_dtype=store_dtype, **common)
         console.print(summary.line(), highlight=False, soft_wrap=True)

@@ -21,7 +21,8 @@ from rich.text import Text
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
 from probekit.report import build_report
-from probekit.report.tables import NOT_ESTIMABLE, fmt_acc, fmt_p, fmt_test, level_order, sgr_flagged
+from probekit.report.compare import build_comparison, comparison_order
+from probekit.report.tables import NOT_ESTIMABLE, fmt_acc, fmt_p, fmt_test, head_label, level_order, sgr_flagged
 
 
 class _RateColumn(ProgressColumn):
@@ -33,7 +34,8 @@ class _RateColumn(ProgressColumn):
 
 @app.command("report")
 def report(
-    results_dir: Path = typer.Argument(..., help="Sweep results directory (holds results.parquet and sweep.json)."),
+    results_dirs: list[Path] = typer.Argument(..., help="Results directory (holds results.parquet and sweep.json); "
+                                                        "several: a comparison of methods, models and datasets."),
     out: Path = typer.Option(..., "--out", "-o", help="Report directory to write (created if missing)."),
     boot: int = typer.Option(10_000, "--boot", help="Bootstrap resamples per accuracy and paired difference."),
     boot_sgr: int = typer.Option(100_000, "--boot-sgr", help="Bootstrap resamples for the headline SGR (other layers' SGR use --boot)."),
@@ -45,6 +47,8 @@ def report(
     zero_weights: str = typer.Option("exclude", "--zero-weights",
                                      help="exclude | include heads whose exact optimum has zero weights (column "
                                           "zero_weights) from the statistics; counted per layer either way."),
+    baseline: str = typer.Option("zero_shot", "--baseline",
+                                 help="Comparisons: the method whose rows are the shared zero-shot baseline."),
 ) -> None:
     """Accuracies with bootstrap CIs, SGR with CIs and p-values, tables and plots.
 
@@ -52,10 +56,15 @@ def report(
 
     Prints the headline table: hard-test accuracy per difficulty measure, one layer.
 
+    Several results directories (methods, models, datasets) give a comparison report: SGR per
+    (dataset, measure) with a bar per method and a shared zero-shot baseline, the same across model
+    sizes, the all-to-all table and the Spearman correlations of each dataset's measures.
+
     \b
     Example:
       probekit report results/smollm2-135m__arc --out reports/smollm2-135m__arc
       probekit report results/run1 --out reports/run1 --layer 15+30 --seed 1
+      probekit report res/probe res/finetune --out reports/methods
     """
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn())
@@ -65,9 +74,17 @@ def report(
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=what[:48])
 
-        summary = build_report(results_dir, out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed,
-                               site=site, layer=layer, solver=solver, zero_weights=zero_weights, progress=progress)
-    _print_headline(summary)
+        if len(results_dirs) > 1:
+            summary = build_comparison(results_dirs, out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed, site=site,
+                                       layer=layer, solver=solver, baseline=baseline, zero_weights=zero_weights,
+                                       progress=progress)
+        else:
+            summary = build_report(results_dirs[0], out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed,
+                                   site=site, layer=layer, solver=solver, zero_weights=zero_weights, progress=progress)
+    if len(results_dirs) > 1:
+        _print_comparison(summary)
+    else:
+        _print_headline(summary)
     console.print(f"Report: {out / 'report.md'}  (numbers: {out / 'summary.json'}, {len(summary['files'])} files)")
 
 
@@ -80,8 +97,9 @@ def _print_headline(summary: dict) -> None:
         return
     levels = level_order({lv for r in rows for lv in r["accuracy"]} - {"zero_shot"})
     # Compact enough for an 80-column terminal: bootstrap means only; report.md has the error bars.
-    table = Table(title=f"Hard-test accuracy (%) by training level (site {head['site']}, layer {head['layer']}, "
-                        f"solver {head['solver']})", box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    label = head_label(head, summary["settings"].get("headline_method"))
+    table = Table(title=f"Hard-test accuracy (%) by training level ({label})",
+                  box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
     table.add_column("measure", style="bold", no_wrap=True)
     table.add_column("0-shot", justify="right", no_wrap=True)
     for lv in levels:
@@ -103,3 +121,29 @@ def _print_headline(summary: dict) -> None:
     for r in rows:
         if sgr_flagged(r["sgr"]):
             console.print(f"{NOT_ESTIMABLE} ({r['measure']}): SGR not estimable, {r['sgr']['reason']}", soft_wrap=True)
+
+
+def _print_comparison(summary: dict) -> None:
+    rows = summary["population"]
+    if not rows:
+        console.print("No population experiment among the results: see report.md for the all-to-all table.")
+    levels = [lv for lv in ("easy", "hard") if any(lv in r["accuracy"] for r in rows)]
+    table = Table(title="Hard-test accuracy (%) and SGR by method (shared zero-shot)", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    keys = [k for k in ("model", "dataset") if len({r[k] for r in rows}) > 1] + ["measure", "method"]
+    for name in (*keys, "0-shot", *levels, "SGR", "95% CI"):
+        table.add_column(name, justify="left" if name in keys else "right", no_wrap=True)
+    for r in comparison_order(rows):
+        cells = [fmt_acc(r["accuracy"].get(lv), error_bar=False) for lv in ("zero_shot", *levels)]
+        sgr = r["sgr"]
+        if sgr_flagged(sgr):
+            tail = [NOT_ESTIMABLE, ""]
+        elif fmt_test(sgr) == "–":
+            tail = ["–", ""]
+        else:
+            tail = [f"{sgr['point']:.2f}", f"[{sgr['lo']:.2f}, {sgr['hi']:.2f}]"]
+        table.add_row(*(str(r[k]) for k in keys), *cells, *tail)
+    if rows:
+        console.print(table)
+    for note in summary["notes"]:
+        console.print(f"note: {note}", soft_wrap=True)

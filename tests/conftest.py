@@ -20,6 +20,29 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def arc(shared_data):
+    from probekit.data import load_dataset
+
+    return load_dataset("arc", data_dir=shared_data)
+
+
+@pytest.fixture(scope="session")
+def raw_arc(shared_data):
+    import json
+
+    return {r["id"]: r for r in map(json.loads, (shared_data / "arc" / "arc_all_splits.jsonl").open())}
+
+
+@pytest.fixture(scope="session")
+def mixed_items(raw_arc):
+    """Real ARC items with 4, 5 and 3 choices and prompts of different lengths."""
+    four = [r for r in raw_arc.values() if len(r["choices"]["text"]) == 4][:4]
+    five = [r for r in raw_arc.values() if len(r["choices"]["text"]) == 5][:1]
+    three = [r for r in raw_arc.values() if len(r["choices"]["text"]) == 3][:1]
+    return four + five + three
+
+
+@pytest.fixture(scope="session")
 def demo_items():
     """A small real question set: 60 bundled ARC items per grade level (easy, medium, hard)."""
     import numpy as np

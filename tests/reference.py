@@ -3,8 +3,12 @@
 * :func:`capture_naive`: every (item, choice) runs as its own left-padded sequence
   ``prompt + choice``, the computation :func:`probekit.extract.capture.capture_batch` does with
   the prompt shared by all choices;
+* :func:`plain_forward`: a direct ``model(ids, output_hidden_states=True)`` of every
+  ``prompt + choice``, its log-probs from the model's own logits;
 * :func:`bare_forward`: the packed forward with no hidden states kept and nothing written, the
-  floor the capture and the pipeline are measured against (``bench/extract.py``).
+  floor the capture and the pipeline are measured against (``bench/extract.py``);
+* :func:`full_head_forward`: the same with the output projection over every position, as a plain
+  causal-LM forward computes it (``bench/extract.py`` measures what restricting it saves).
 
 Tests import it as ``tests.reference`` (the repository root is on pytest's path); the bench puts
 the repository root on ``sys.path`` first.
@@ -20,16 +24,41 @@ from probekit.extract.capture import (
     Captured,
     _check_fits,
     _choice_sums,
-    _compute_dtype,
     _hidden_request,
     _no_grad,
     _parts,
     _scores,
     _targets,
+    attention_masks,
     pack_batch,
-    packed_mask,
 )
 from probekit.extract.tokens import Encoded
+
+
+def plain_forward(lm, prompt, choices, tail_logits: bool = False):
+    """Reference: a plain forward of every ``prompt + choice`` (right-padded, so real tokens never see
+    padding); per choice the hidden-states tuple at its last token and at the last prompt token, and
+    its summed log-prob from the model's logits. ``tail_logits`` asks the model for the logits of the
+    positions from the last prompt token on only (``logits_to_keep``; a long prompt's logits over a
+    262k vocabulary would take gigabytes); else it computes them at every position."""
+    import torch
+
+    seqs = [prompt + c for c in choices]
+    width = max(map(len, seqs))
+    p = len(prompt)
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs], device=lm.device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=lm.device)
+    keep = {"logits_to_keep": width - p + 1} if tail_logits else {}
+    out = lm.model(ids, attention_mask=mask, output_hidden_states=True, **keep)
+    assert out.logits.shape[1] == (width - p + 1 if tail_logits else width)
+    lp = torch.log_softmax(out.logits[:, -(width - p + 1):].double(), -1)  # position p - 1 + t is row t
+    result = []
+    for j, c in enumerate(choices):
+        last = [h[j, p + len(c) - 1].float().cpu().numpy() for h in out.hidden_states]
+        q_end = [h[j, p - 1].float().cpu().numpy() for h in out.hidden_states]
+        total = sum(lp[j, t, tok].item() for t, tok in enumerate(c))
+        result.append((last, q_end, total))
+    return result
 
 
 def _naive_forward(lm, batch: Sequence[Encoded], layers: Sequence[int]):
@@ -115,7 +144,7 @@ def bare_forward(lm, batch: Sequence[Encoded], scores: bool = True) -> int:
     base, head = _parts(lm)
     ids, pos, seg, starts = pack_batch(batch, lm.pad_id)
     dev = lm.device
-    mask = packed_mask(seg, 0, _compute_dtype(lm)).to(dev)
+    mask = attention_masks(lm, seg, pos, 0)
     out = base(input_ids=torch.as_tensor(ids, device=dev), attention_mask=mask,
                position_ids=torch.as_tensor(pos, device=dev), use_cache=False)
     if scores:
@@ -123,4 +152,21 @@ def bare_forward(lm, batch: Sequence[Encoded], scores: bool = True) -> int:
         rows, poss, tgts, oi, oj = _targets(batch, p_end, starts)
         _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, len(batch),
                 max(len(e.choices) for e in batch), batch)
+    return int(sum(e.n_tokens_shared for e in batch))
+
+
+@_no_grad
+def full_head_forward(lm, batch: Sequence[Encoded]) -> int:
+    """:func:`bare_forward` with the output projection over every position of every row, as a plain
+    causal-LM forward computes it (``model(...).logits``), and the choice log-probs taken from those
+    logits: what the capture's projection at the scored positions alone saves (``bench/extract.py``)."""
+    import torch
+
+    ids, pos, seg, starts = pack_batch(batch, lm.pad_id)
+    dev = lm.device
+    out = lm.model(input_ids=torch.as_tensor(ids, device=dev), attention_mask=attention_masks(lm, seg, pos, 0),
+                   position_ids=torch.as_tensor(pos, device=dev), use_cache=False)
+    rows, poss, tgts, _, _ = _targets(batch, [len(e.prompt) - 1 for e in batch], starts)
+    logits = out.logits[torch.as_tensor(rows, device=dev), torch.as_tensor(poss, device=dev)].float()
+    torch.log_softmax(logits, -1).gather(1, torch.as_tensor(tgts, device=dev)[:, None])
     return int(sum(e.n_tokens_shared for e in batch))

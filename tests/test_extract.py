@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 
 from probekit.errors import ProbekitError
+from tests.reference import plain_forward as _direct
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_ROOT = REPO / "cache"
@@ -32,18 +33,6 @@ LAYERS = [0, 16, 30]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="session")
-def arc(shared_data):
-    from probekit.data import load_dataset
-
-    return load_dataset("arc", data_dir=shared_data)
-
-
-@pytest.fixture(scope="session")
-def raw_arc(shared_data):
-    return {r["id"]: r for r in map(json.loads, (shared_data / "arc" / "arc_all_splits.jsonl").open())}
-
-
 def _encode(lm, raw_items):
     from probekit.data.prompts import render_prompt
     from probekit.extract.tokens import encode_item
@@ -51,37 +40,6 @@ def _encode(lm, raw_items):
     rules = lm.rules
     return [encode_item(lm.tokenizer, render_prompt(r["question"], r["choices"]["text"]), r["choices"]["text"], rules, r["id"])
             for r in raw_items]
-
-
-@pytest.fixture(scope="session")
-def mixed_items(raw_arc):
-    """Real ARC items with 4, 5 and 3 choices and prompts of different lengths."""
-    four = [r for r in raw_arc.values() if len(r["choices"]["text"]) == 4][:4]
-    five = [r for r in raw_arc.values() if len(r["choices"]["text"]) == 5][:1]
-    three = [r for r in raw_arc.values() if len(r["choices"]["text"]) == 3][:1]
-    return four + five + three
-
-
-def _direct(lm, prompt, choices):
-    """Reference: a plain forward of every ``prompt + choice`` (right-padded, so real tokens never see
-    padding); per choice the hidden-states tuple at its last token and at the last prompt token, and
-    its summed log-prob."""
-    import torch
-
-    seqs = [prompt + c for c in choices]
-    width = max(map(len, seqs))
-    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
-    out = lm.model(ids, attention_mask=mask, output_hidden_states=True)
-    lp = torch.log_softmax(out.logits.double(), -1)
-    p = len(prompt)
-    result = []
-    for j, c in enumerate(choices):
-        last = [h[j, p + len(c) - 1].float().numpy() for h in out.hidden_states]
-        q_end = [h[j, p - 1].float().numpy() for h in out.hidden_states]
-        total = sum(lp[j, p - 1 + t, tok].item() for t, tok in enumerate(c))
-        result.append((last, q_end, total))
-    return result
 
 
 # ----- layers and sites ----------------------------------------------------------------------------

@@ -239,6 +239,7 @@ def test_p_value_matches_reference_formula():
         betas = rng.normal(shift, 0.3, 257)
         assert p_value(betas) == ref_p_value(betas)
     assert p_value(np.full(10, 2.0)) == 0.0
+    assert p_value(np.zeros(10)) == 1.0  # a null that holds exactly is not rejected
 
 
 # ----------------------------------------------------------------------------------------------

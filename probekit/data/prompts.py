@@ -1,6 +1,6 @@
-"""Prompt templates of the paper's code (docs/protocol.md §2), zero-shot and k-shot.
+"""Prompt templates of the paper's code (docs/protocol.md §2), zero-shot and k-shot, and a cloze template.
 
-Two templates are used:
+Two templates are the paper's:
 
 ``"0040"`` (ARC, MMLU, multiple choice from a file)::
 
@@ -18,9 +18,15 @@ paper's Llama runs saw.
 
     Q: {q}\\nA:
 
+``"cloze"`` (an option for any set, ``probekit extract --template cloze``): the question alone, no
+choices listed, the answer text scored as its continuation::
+
+    Question: {q}\\nAnswer:
+
 k-shot (``render_kshot``): each demonstration is rendered with the gold answer *text* and an extra
 space before the label line (``... \\nAnswer: {gold}`` for "0040", ``Q: {q} \\nA: {gold}`` for
-"0306"); demonstrations are joined by ``\\n\\n`` and ``\\n\\n`` precedes the test item.
+"0306"; for "cloze" ``Question: {q}\\nAnswer: {gold}``, without that space); demonstrations are joined
+by ``\\n\\n`` and ``\\n\\n`` precedes the test item.
 """
 
 from __future__ import annotations
@@ -30,13 +36,14 @@ from collections.abc import Sequence
 
 from probekit.errors import ProbekitError
 
-TEMPLATES = ("0040", "0306")
+TEMPLATES = ("0040", "0306", "cloze")
 LETTERS = string.ascii_uppercase
 
 #: Human-readable template text recorded in cache manifests.
 TEMPLATE_TEXT = {
     "0040": "Question: {question} \\nA) {choice_0}\\nB) {choice_1}\\n...\\nAnswer:",
     "0306": "Q: {question}\\nA:",
+    "cloze": "Question: {question}\\nAnswer:",
 }
 
 
@@ -58,6 +65,8 @@ def render_prompt(question: str, choices: Sequence[str] = (), template: str = "0
         if len(choices) == 0:
             raise ProbekitError("template 0040 needs answer choices")
         return f"Question: {question} {_choices_block(choices)}\nAnswer:"
+    if template == "cloze":
+        return f"Question: {question}\nAnswer:"
     return f"Q: {question}\nA:"
 
 
@@ -66,6 +75,8 @@ def render_example(question: str, choices: Sequence[str], answer: str, template:
     _check_template(template)
     if template == "0040":
         return f"Question: {question} {_choices_block(choices)} \nAnswer: {answer}"
+    if template == "cloze":
+        return f"Question: {question}\nAnswer: {answer}"
     return f"Q: {question} \nA: {answer}"
 
 
@@ -81,3 +92,32 @@ def render_kshot(
         return test
     demos = "\n\n".join(render_example(q, c, a, template) for q, c, a in examples)
     return demos + "\n\n" + test
+
+
+# --------------------------------------------------------------------------- chain of thought
+#: The paper's instruction 5 ("5305"), its zero-shot chain-of-thought prompt for GSM8k; "0305"
+#: (StrategyQA zero-shot, and every k-shot CoT prompt) has no instruction.
+COT_INSTRUCTIONS = {
+    "5305": ("This worksheet contain math word problems. Here's an example:\nQ: [question text here].\n"
+             "A: Let's think step by step.\n1. [step one]\n2. [step two]\n...\nN. [last step]\n"
+             "Therefore, the answer is [answer here]\n\nNow you try!\n"),
+    "0305": "",
+}
+COT_TEMPLATE_TEXT = "[instruction\\n]Q: {question}\\nA: {reasoning} So the answer is {answer}\\n\\n...Q: {question}\\nA:"
+
+
+def render_cot_example(question: str, reasoning: str, answer: str) -> str:
+    """One chain-of-thought demonstration: ``Q: {question}\\nA: {reasoning} So the answer is {answer}``."""
+    return f"Q: {question}\nA: {reasoning} So the answer is {answer}"
+
+
+def render_cot(examples: Sequence[tuple[str, str, str]], question: str, prompt_id: str = "0305") -> str:
+    """A chain-of-thought prompt: the instruction of ``prompt_id`` (then a newline), k demonstrations
+    ``(question, reasoning, answer)`` joined by blank lines, a blank line, and ``Q: {question}\\nA:``."""
+    if prompt_id not in COT_INSTRUCTIONS:
+        raise ProbekitError(f"unknown chain-of-thought prompt {prompt_id!r}; known: {', '.join(COT_INSTRUCTIONS)}")
+    body = f"Q: {question}\nA:"
+    if examples:
+        body = "\n\n".join(render_cot_example(q, r, a) for q, r, a in examples) + "\n\n" + body
+    instruction = COT_INSTRUCTIONS[prompt_id]
+    return instruction + "\n" + body if instruction else body

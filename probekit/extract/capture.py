@@ -6,7 +6,9 @@ the prompt is causal, each choice attends to the whole prompt and causally to it
 another choice), and the position ids of every choice continue from the end of the prompt. Rows
 are right-padded and several items run in one forward. This is the same computation as running
 ``prompt + choice_j`` separately for every j (the tests' reference, ``tests/reference.py``), with
-the prompt's work done once instead of once per choice.
+the prompt's work done once instead of once per choice. Sliding-window layers (Gemma 3) get the
+same mask with their window applied by position id (:func:`attention_masks`); the output projection
+runs only at the positions that predict an answer token.
 
 An optional :class:`Prefix` (the k-shot demonstrations of an ICL draw) is run once; its key/value
 cache is reused by every batch that continues it.
@@ -102,8 +104,10 @@ def _hidden_request(layers: list[int] | None):
     return True
 
 
-def _logprobs_at(lm, head, hidden, targets):
-    """log p(target) from final hidden states (N, d) -> (N,) float32 on their device (differentiable)."""
+def _logprobs_at(lm, head, hidden, targets, rows=None):
+    """log p(target) from final hidden states: the output projection of ``hidden`` (U, d), then for
+    every target its row (``rows``, default one row per target) -> (N,) float32 on their device
+    (differentiable)."""
     import torch
 
     logits = head(hidden).float()
@@ -115,7 +119,8 @@ def _logprobs_at(lm, head, hidden, targets):
     if cap:
         logits = torch.tanh(logits / cap) * cap
     lp = torch.log_softmax(logits, dim=-1)
-    return lp.gather(1, targets.to(lp.device)[:, None])[:, 0]
+    rows = torch.arange(lp.shape[0], device=lp.device) if rows is None else rows.to(lp.device)
+    return lp[rows, targets.to(lp.device)]
 
 
 def _no_grad(fn):
@@ -134,12 +139,17 @@ def _no_grad(fn):
 
 @_no_grad
 def compute_prefix(lm, ids: Sequence[int]) -> Prefix:
-    """Run a shared prefix once (batch of one) and keep its key/value cache."""
+    """Run a shared prefix once (batch of one) and keep its key/value cache.
+
+    The cache keeps every key of every layer (a model's own cache would keep only the last window of
+    a sliding-attention layer), so the packed rows that continue it see the keys their mask allows.
+    """
     import torch
+    from transformers import DynamicCache
 
     base, _ = _parts(lm)
     ids_t = torch.tensor([list(ids)], dtype=torch.long, device=lm.device)
-    out = base(input_ids=ids_t, use_cache=True)
+    out = base(input_ids=ids_t, use_cache=True, past_key_values=DynamicCache())
     return Prefix(ids=list(ids), cache=out.past_key_values)
 
 
@@ -176,8 +186,13 @@ def pack_batch(batch: Sequence[Encoded], pad_id: int, offset: int = 0):
     return ids, pos, seg, starts
 
 
-def packed_mask(seg, prefix_len: int, dtype):
-    """Additive 4-D mask (b, 1, S, prefix_len + S): prompt causal, each choice sees the prompt and itself."""
+def packed_mask(seg, prefix_len: int, dtype, pos=None, window: int | None = None):
+    """Additive 4-D mask (b, 1, S, prefix_len + S): prompt causal, each choice sees the prompt and itself.
+
+    With ``window`` (a sliding-attention layer's window) a query also sees only the keys whose position
+    id is less than ``window`` before its own (``pos``: the rows' position ids; the prefix holds
+    positions ``0..prefix_len-1``), as such a layer does in a plain forward.
+    """
     import torch
 
     seg_t = torch.as_tensor(seg)
@@ -189,9 +204,42 @@ def packed_mask(seg, prefix_len: int, dtype):
     allowed = torch.where(q < 0, eye, allowed)  # padding rows see only themselves (no all-masked row)
     if prefix_len:
         allowed = torch.cat([torch.ones(b, s, prefix_len, dtype=torch.bool), allowed], dim=2)
+    if window is not None:
+        pos_t = torch.as_tensor(pos)
+        keys = torch.cat([torch.arange(prefix_len).expand(b, prefix_len), pos_t], dim=1)
+        allowed = allowed & (pos_t[:, :, None] - keys[:, None, :] < window)
     mask = torch.zeros(allowed.shape, dtype=dtype)
     mask.masked_fill_(~allowed, torch.finfo(dtype).min)
     return mask[:, None]
+
+
+def sliding_window(lm) -> tuple[int | None, bool]:
+    """(window, hybrid): the sliding-attention window of the model's layers (None: every layer attends
+    to all earlier tokens), and whether only some layers slide (the model then takes one mask per layer
+    type, as Gemma 3: five sliding layers to one full layer)."""
+    cfg = lm.model.config
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    window = getattr(cfg, "sliding_window", None)
+    types = list(getattr(cfg, "layer_types", None) or [])
+    unknown = sorted(set(types) - {"full_attention", "sliding_attention"})
+    if unknown:
+        raise ProbekitError(f"layer type(s) {', '.join(unknown)} of {type(lm.model).__name__}: the packed attention "
+                            "mask knows full and sliding attention only")
+    if not window or (types and "sliding_attention" not in types):
+        return None, False
+    return int(window), bool(types) and "full_attention" in types
+
+
+def attention_masks(lm, seg, pos, prefix_len: int, dtype=None):
+    """The packed mask in the form the model's forward takes: one tensor (:func:`packed_mask`, with the
+    sliding window when every layer slides), or for a model whose layers differ a mapping from layer
+    type to its mask."""
+    dtype = _compute_dtype(lm) if dtype is None else dtype
+    window, hybrid = sliding_window(lm)
+    if not hybrid:
+        return packed_mask(seg, prefix_len, dtype, pos, window).to(lm.device)
+    return {"full_attention": packed_mask(seg, prefix_len, dtype).to(lm.device),
+            "sliding_attention": packed_mask(seg, prefix_len, dtype, pos, window).to(lm.device)}
 
 
 def _targets(batch: Sequence[Encoded], p_end: Sequence[int], starts):
@@ -211,14 +259,18 @@ def _targets(batch: Sequence[Encoded], p_end: Sequence[int], starts):
 
 def _choice_sums(lm, head, last, rows, poss, tgts, oi, oj, b, max_choices, batch):
     """(b, max_choices) float64 tensor on ``last``'s device: each choice's summed token log-probs,
-    -inf for padded choices. Differentiable: the training objective and the scores share it."""
+    -inf for padded choices. Differentiable: the training objective and the scores share it.
+
+    The output projection runs once per position that predicts an answer token: not over the whole
+    row, and once for the last prompt token that predicts every choice's first token."""
     import torch
 
     dev = last.device
     sums = torch.zeros(b * max_choices, dtype=torch.float64, device=dev)
     if rows:
-        h = last[torch.as_tensor(rows, device=dev), torch.as_tensor(poss, device=dev)]
-        lp = _logprobs_at(lm, head, h, torch.as_tensor(tgts)).double()
+        where, inverse = np.unique(np.stack([rows, poss], axis=1), axis=0, return_inverse=True)
+        h = last[torch.as_tensor(where[:, 0], device=dev), torch.as_tensor(where[:, 1], device=dev)]
+        lp = _logprobs_at(lm, head, h, torch.as_tensor(tgts), torch.as_tensor(inverse.reshape(-1))).double()
         flat = torch.as_tensor(np.asarray(oi) * max_choices + np.asarray(oj), device=dev)
         sums = sums.index_add(0, flat, lp)
     real = np.zeros((b, max_choices), dtype=bool)
@@ -255,7 +307,7 @@ def packed_forward(lm, batch: Sequence[Encoded], layers: Sequence[int] = (), pre
     plen = len(prefix) if prefix is not None else 0
     ids, pos, seg, starts = pack_batch(batch, lm.pad_id, offset=plen)
     dev = lm.device
-    mask = packed_mask(seg, plen, _compute_dtype(lm)).to(dev)
+    mask = attention_masks(lm, seg, pos, plen)
     kwargs: dict[str, Any] = {}
     if prefix is not None:
         kwargs["past_key_values"] = _expanded_cache(prefix, len(batch))

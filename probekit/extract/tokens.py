@@ -5,8 +5,10 @@ enc(answer)``, with the prompt and the answer encoded separately and without spe
 
 The space between ``Answer:`` and the answer comes from the tokenizer: a SentencePiece tokenizer
 with a dummy prefix (Llama) puts it in front of the answer's first piece; a byte-level BPE
-tokenizer (GPT-2 style: SmolLM2, Llama-3, Mistral-Nemo...) has no dummy prefix, so the answer is
-encoded as ``" " + choice``. :func:`adds_dummy_prefix` tells the two apart by comparing encodings.
+tokenizer (GPT-2 style: SmolLM2, Llama-3, Mistral-Nemo...) has no dummy prefix, and neither has
+Gemma's SentencePiece tokenizer (``" carbon"`` is ``▁carbon``, ``"carbon"`` is ``carbon``), so the
+answer is encoded as ``" " + choice``. :func:`adds_dummy_prefix` tells the two apart by comparing
+encodings. BOS is kept when the tokenizer adds it by default (Gemma needs it; SmolLM2 adds none).
 """
 
 from __future__ import annotations

@@ -35,6 +35,8 @@ from probekit.report.tables import (
     curve_table,
     flatten,
     fmt_acc,
+    head_label,
+    head_method,
     headline_frame,
     load_results,
     population_display,
@@ -86,13 +88,7 @@ def build_report(
     predictions are decided by what the last SGD steps left, not by the data; ``"include"`` keeps
     them. Either way their counts per layer are in ``summary.json`` and ``report.md``.
     """
-    for name, value in (("n_boot", n_boot), ("n_boot_sgr", n_boot_sgr)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
-    if zero_weights not in ("exclude", "include"):
-        raise ProbekitError(f"zero_weights must be exclude or include, got {zero_weights!r}")
+    check_settings(n_boot, n_boot_sgr, seed, zero_weights)
     res = load_results(results_dir)
     table = res.table
     zero = zero_weight_heads(table)
@@ -126,6 +122,7 @@ def build_report(
             "level": 0.95,
             "test_level": HARD,
             "headline": vars(headline) if headline else None,
+            "headline_method": head_method(table, headline) if headline else None,
             "accuracy": "crossed bootstrap over test items and training draws; point = nanmean of the "
                         "item x draw matrix, interval = percentiles of the resampled means",
             "sgr": "(easy - zero_shot) / (hard - zero_shot) on the hard test; one shared item resample, "
@@ -154,6 +151,17 @@ def build_report(
     summary = _jsonable(summary)
     _write(Path(out_dir), summary, headline, population, all_to_all, curves, transfer)
     return summary
+
+
+def check_settings(n_boot, n_boot_sgr, seed, zero_weights) -> None:
+    """Refuse bootstrap sizes, a seed or a zero-weights choice a report cannot use (one line)."""
+    for name, value in (("n_boot", n_boot), ("n_boot_sgr", n_boot_sgr)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
+    if zero_weights not in ("exclude", "include"):
+        raise ProbekitError(f"zero_weights must be exclude or include, got {zero_weights!r}")
 
 
 def _count_zero_weight_heads(population: list[dict], table: pd.DataFrame) -> None:
@@ -200,6 +208,14 @@ def _count_tasks(table: pd.DataFrame) -> int:
 
 
 def _write(out: Path, summary: dict, headline: Headline | None, population, all_to_all, curves, transfer) -> None:
+    write_report_dir(out, summary,
+                     lambda tmp: _write_files(tmp, summary, headline, population, all_to_all, curves, transfer))
+
+
+def write_report_dir(out: Path, summary: dict, write_files: Callable[[Path], list[str]]) -> None:
+    """Write a report directory: ``write_files(tmp)`` writes the files into a temporary directory
+    and returns their names; ``summary`` (with ``files`` set) goes in as ``summary.json``, moved in
+    last under ``out``'s lock (see the module docstring)."""
     with OutputDir(out, (), "report output") as d:  # refuses a report directory another writer holds
         remove_temporaries(out.parent, [out.name])  # a killed run's temporary directory
         try:
@@ -208,7 +224,7 @@ def _write(out: Path, summary: dict, headline: Headline | None, population, all_
             raise write_error(exc, out.parent) from None
         try:
             try:
-                files = _write_files(tmp, summary, headline, population, all_to_all, curves, transfer)
+                files = write_files(tmp)
                 summary["files"] = files + ["summary.json"]
                 (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
             except OSError as exc:  # a full disk or an unwritable folder: one line, nothing half-written
@@ -221,19 +237,28 @@ def _write(out: Path, summary: dict, headline: Headline | None, population, all_
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_files(tmp: Path, summary, headline, population, all_to_all, curves, transfer) -> list[str]:
-    files: list[str] = []
+class ReportFiles:
+    """The files written into a report's temporary directory, by name in order: ``csv`` writes a
+    non-empty table, ``png`` records a plot a plotting function wrote (None: nothing drawn)."""
 
-    def csv(name: str, frame: pd.DataFrame) -> None:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp, self.names = tmp, []
+
+    def csv(self, name: str, frame: pd.DataFrame) -> None:
         if len(frame):
-            frame.to_csv(tmp / name, index=False)
-            files.append(name)
+            frame.to_csv(self.tmp / name, index=False)
+            self.names.append(name)
 
-    def png(path: Path | None) -> str | None:
+    def png(self, path: Path | None) -> str | None:
         if path is not None:
-            files.append(path.name)
+            self.names.append(path.name)
             return path.name
         return None
+
+
+def _write_files(tmp: Path, summary, headline, population, all_to_all, curves, transfer) -> list[str]:
+    written = ReportFiles(tmp)
+    files, csv, png = written.names, written.csv, written.png
 
     csv("population.csv", flatten(population))
     csv("transfer.csv", transfer)
@@ -275,7 +300,7 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
     ]
     if headline:
         lines += [
-            f"## Headline: hard-test accuracy (site `{headline.site}`, layer `{headline.layer}`, solver `{headline.solver}`)",
+            f"## Headline: hard-test accuracy ({head_label(s['headline'], s['headline_method'], code=True)})",
             "",
             to_markdown(headline_frame(population, headline)),
         ]

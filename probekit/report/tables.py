@@ -155,6 +155,24 @@ def choose_headline(table: pd.DataFrame, site: str | None = None, layer: str | N
     return Headline(site, layer, solver)
 
 
+def head_method(table: pd.DataFrame, headline: Headline) -> str:
+    """The ``method`` of a head's rows ("probe", "icl", "finetune", ...; several joined by "+")."""
+    rows = table[(table["site"] == headline.site) & (table["layer"] == headline.layer)
+                 & (table["solver"] == headline.solver) & (table["train_level"] != ZERO_SHOT)]
+    return "+".join(sorted(rows["method"].astype(str).unique()))
+
+
+def head_label(head: dict, method: str | None = None, code: bool = False) -> str:
+    """How a head (a summary's ``headline``: site, layer, solver) of ``method`` is named in titles:
+    "site answer_end, layer 16+30, solver paper", or by its method when it has no layer
+    ("method finetune, site finetune, solver lora"); ``code``: values in Markdown backticks."""
+    q = "`" if code else ""
+    parts = [("site", head["site"]), ("layer", head.get("layer")), ("solver", head["solver"])]
+    if not head.get("layer"):
+        parts = [("method", method or head["site"]), parts[0], parts[2]]
+    return ", ".join(f"{name} {q}{value}{q}" for name, value in parts)
+
+
 def _pick(values: pd.Series, wanted: str | None, preferred: str | None, what: str) -> str:
     present = sorted(values.unique(), key=layer_key if what == "layer" else str)
     if wanted is not None:

@@ -313,13 +313,17 @@ def p_value(stats: np.ndarray) -> float:
     """Centered two-sided bootstrap p-value of H0: statistic = 0.
 
     ``p = mean(s - s̄ < -|s̄|) + mean(s - s̄ > |s̄|)`` with ``s̄`` the mean of the statistics
-    (``metrics.p_value``). NaN when ``stats`` is empty.
+    (``metrics.p_value``). NaN when ``stats`` is empty. When every resample gives exactly 0 (a
+    difference of two identical matrices, say) the formula would give 0, the strongest evidence
+    against a null that holds exactly; such a statistic gets p = 1.
     """
     s = np.asarray(stats, dtype=np.float64)
     if s.size == 0:
         return math.nan
     centre = s.mean()
     centred = s - centre
+    if centre == 0 and not centred.any():
+        return 1.0
     return float(np.mean(centred < -abs(centre)) + np.mean(centred > abs(centre)))
 
 

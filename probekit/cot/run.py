@@ -1,0 +1,261 @@
+"""``probekit generate``: chain-of-thought generation and scoring (docs/protocol.md §12).
+
+For a question set and a model, every test item gets a greedy chain of thought under each
+requested condition:
+
+- ``zero_shot``: the zero-shot CoT prompt (GSM8k: the paper's instruction "5305"; otherwise "0305",
+  no instruction), one draw (greedy decoding has nothing to redraw);
+- ``easy`` / ``medium`` / ``hard``: k demonstrations ``Q: ...\\nA: {reasoning} So the answer is
+  {answer}`` drawn per draw from that level of ``measure``, with the draws and pools ICL uses
+  (:func:`probekit.extract.icl.level_pool`, :func:`probekit.data.draws.train_draw`, key
+  ``icl/{measure}/{level}``); a draw's demonstrations are not among its test items.
+
+Test items are the probe items, or with ``n_test`` a stratified sample: about ``n_test / 3`` per
+level of ``measure`` (a whole level when it is smaller), the same for every condition and draw,
+so conditions can be compared item by item. Generation is batched with the shared prefix run once
+(:mod:`probekit.cot.decode`); answers are scored by :mod:`probekit.cot.answers`. Every generation
+is kept (:mod:`probekit.store.generations`), and the scores form a results table that
+``probekit report`` reads (methods ``zero_shot_cot`` and ``icl_cot``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from probekit.cot.answers import SCORINGS, score
+from probekit.cot.decode import check_lengths, generate
+from probekit.data.draws import MIN_TEST, rng_for, train_draw
+from probekit.data.levels import LEVELS, cutoff_for, probe_levels
+from probekit.data.prompts import COT_TEMPLATE_TEXT, render_cot
+from probekit.errors import ProbekitError
+from probekit.extract.icl import level_pool
+from probekit.extract.models import LoadedModel, ModelSpec
+from probekit.extract.progress import progress_bar
+from probekit.extract.run import prepare_model
+from probekit.extract.tokens import encode_prompt
+from probekit.store.generations import GenerationsWriter, is_generation_entry, read_generations
+from probekit.store.outdir import OutputDir
+from probekit.store.results import ResultRows, ResultsWriter
+
+ZERO_SHOT = "zero_shot"
+CONDITIONS = (ZERO_SHOT,) + LEVELS
+SITE = "cot"
+METHOD = {ZERO_SHOT: "zero_shot_cot"}  # every k-shot condition: "icl_cot"
+
+
+def default_prompt_id(items) -> str:
+    """The zero-shot CoT prompt of the paper's runs: "5305" (worksheet instruction) for GSM8k, else "0305"."""
+    return "5305" if items.name == "gsm8k" else "0305"
+
+
+def default_max_new_tokens(items) -> int:
+    """300 tokens for a generative set (GSM8k), 100 otherwise (StrategyQA), as in the paper's runs."""
+    return 300 if items.generative else 100
+
+
+def parse_conditions(text: str | list[str]) -> list[str]:
+    """``"zero_shot,easy,hard"`` -> the conditions, checked and without repeats (``none`` = ``zero_shot``)."""
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+    out = []
+    for p in parts:
+        p = ZERO_SHOT if p in ("none", "zero-shot", "0") else p
+        if p not in CONDITIONS:
+            raise ProbekitError(f"unknown condition {p!r}: choose from {', '.join(CONDITIONS)} (comma-separated)")
+        if p not in out:
+            out.append(p)
+    if not out:
+        raise ProbekitError("no condition given (e.g. zero_shot,easy,hard)")
+    return out
+
+
+def test_levels(items, measure: str) -> np.ndarray:
+    """Level codes of every row for ``measure`` (cut over the probe items; -1 elsewhere)."""
+    level_pool(items, measure, LEVELS[0])  # the measure check and its message
+    table = items.table.reset_index(drop=True)
+    probe = np.flatnonzero((table["pool"] == "probe").to_numpy())
+    return probe_levels(table[measure].to_numpy(), probe, cutoff_for(items.name, measure))
+
+
+def test_sample(items, measure: str, n_test: int | None, seed: int = 0) -> np.ndarray:
+    """Test rows: every probe item, or about ``n_test / 3`` per level of ``measure`` (sorted)."""
+    codes = test_levels(items, measure)
+    if n_test is None:
+        return np.flatnonzero(codes >= 0)
+    if isinstance(n_test, bool) or not isinstance(n_test, (int, np.integer)) or n_test < 1:
+        raise ProbekitError(f"n_test must be a positive integer, got {n_test!r}")
+    per = math.ceil(n_test / len(LEVELS))
+    rows = []
+    for k, level in enumerate(LEVELS):
+        pool = np.flatnonzero(codes == k)
+        order = rng_for(seed, 0, f"cot-test/{measure}/{level}").permutation(len(pool))
+        rows.append(pool[order[:per]])
+    return np.sort(np.concatenate(rows))
+
+
+def demo_rows(items, measure: str, level: str, k: int, seed: int, draw: int, min_test: int = MIN_TEST) -> np.ndarray:
+    """The k demonstrations of one draw: the ICL draw (same pool, same key, same seed)."""
+    pool = level_pool(items, measure, level)
+    if k > len(pool):
+        raise ProbekitError(f"k = {k} demonstrations but level {level!r} of {measure!r} has only {len(pool)} items")
+    return train_draw(pool, k, seed=seed, draw=draw, key=f"icl/{measure}/{level}", min_test=min_test,
+                      size_name="the number of demonstrations k")
+
+
+def _check_reasoning(items, rows: np.ndarray) -> None:
+    table = items.table
+    if "reasoning" not in table.columns:
+        raise ProbekitError(f"dataset {items.name} has no reasoning text; k-shot chain-of-thought demonstrations "
+                            "need it (zero-shot CoT does not)")
+    for r in rows:
+        text = table["reasoning"].iat[int(r)]
+        if not isinstance(text, str) or not text.strip():
+            raise ProbekitError(f"dataset {items.name}: demonstration item {table['id'].iat[int(r)]!r} has no "
+                                "reasoning text")
+
+
+def gold_answer(items, row: int) -> str:
+    table = items.table
+    return str(table["choices"].iat[row][int(table["label"].iat[row])])
+
+
+@dataclass
+class GenerateSummary:
+    out_dir: Path
+    units_written: list[str]
+    n_test: int
+    new_tokens: int
+    seconds: float
+    accuracy: dict
+
+    def line(self) -> str:
+        acc = ", ".join(f"{c} {a:.1%}" for c, a in self.accuracy.items())
+        rate = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+        return (f"generate: {len(self.units_written)} units written, {self.new_tokens:,} tokens generated in "
+                f"{self.seconds:.1f} s ({rate:,.1f} tok/s); {self.n_test} test items; accuracy {acc or '-'}; {self.out_dir}")
+
+
+def generate_cot(
+    items,
+    out_dir: str | os.PathLike,
+    model: str | ModelSpec | LoadedModel | None = None,
+    *,
+    conditions: str | list[str] = "zero_shot,easy,hard",
+    k: int = 8,
+    measure: str | None = None,
+    draws: int = 1,
+    seed: int = 0,
+    n_test: int | None = None,
+    max_new_tokens: int | None = None,
+    batch_size: int = 8,
+    scoring: str = "default",
+    prompt_id: str | None = None,
+    min_test: int = MIN_TEST,
+    dtype: str = "float32",
+    device: str = "cpu",
+    cache_root: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> GenerateSummary:
+    """Generate and score chains of thought into ``out_dir`` (see the module docstring); resumable."""
+    conds = parse_conditions(conditions)
+    if scoring not in SCORINGS:
+        raise ProbekitError(f"unknown scoring rule {scoring!r}: choose {' or '.join(SCORINGS)}")
+    for name, value in (("k", k), ("draws", draws), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
+    measure = measure or items.measures[0]
+    max_new_tokens = max_new_tokens or default_max_new_tokens(items)
+    prompt_id = prompt_id or default_prompt_id(items)
+    rows = test_sample(items, measure, n_test, seed)
+    codes = test_levels(items, measure)
+    demos = {(c, b): demo_rows(items, measure, c, k, seed, b, min_test)
+             for c in conds if c != ZERO_SHOT for b in range(draws)}
+    for d in demos.values():
+        _check_reasoning(items, d)
+    units = [(c, b) for b in range(draws) for c in conds if c != ZERO_SHOT or b == 0]
+    out = Path(out_dir)
+    with OutputDir(out, (), "generation folder", own=is_generation_entry, share=True):  # locked before the model loads
+        lm = prepare_model(model, dtype=dtype, device=device, cache_root=cache_root)
+        header = {
+            "model": lm.identity,
+            "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(items.table)},
+            "prompt": {"zero_shot": prompt_id, "k_shot": "0305", "text": COT_TEMPLATE_TEXT},
+            "generate": {"conditions": conds, "k": k, "measure": measure, "draws": draws, "seed": seed,
+                         "n_test": n_test, "max_new_tokens": max_new_tokens, "scoring": scoring,
+                         "stop": "answer line", "min_test": min_test},
+            "test_ids": [str(i) for i in items.table["id"].to_numpy()[rows]],
+        }
+        t0 = time.perf_counter()
+        written, new_tokens = [], 0
+        with GenerationsWriter(out, header) as writer:
+            todo = [u for u in units if not writer.has_unit(*u)]
+            total = sum(len(rows) - (0 if c == ZERO_SHOT else np.isin(rows, demos[(c, b)]).sum()) for c, b in todo)
+            plans = {u: _plan_unit(lm, items, rows, demos.get(u), prompt_id, max_new_tokens) for u in todo}
+            with progress_bar(total, f"generate {items.name} k={k}", enabled=progress and bool(todo)) as bar:
+                for c, b in todo:
+                    unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
+                    writer.write_unit(c, b, unit)
+                    written.append(f"{c}/{b}")
+                    new_tokens += int(sum(unit["new_tokens"]))
+                    write_results(out, items, codes, measure, k, header)
+            if not todo:
+                write_results(out, items, codes, measure, k, header)
+        frame = read_generations(out)
+        accuracy = {c: float(g["correct"].mean()) for c, g in frame.groupby("condition", sort=False)}
+    return GenerateSummary(out, written, len(rows), new_tokens, time.perf_counter() - t0, accuracy)
+
+
+def _plan_unit(lm, items, rows, demo, prompt_id, max_new_tokens) -> tuple:
+    """A unit's test rows, prompt texts and token ids; every prompt checked against the context."""
+    table = items.table
+    if demo is not None:
+        rows = rows[~np.isin(rows, demo)]
+        examples = [(str(table["question"].iat[r]), str(table["reasoning"].iat[r]), gold_answer(items, int(r)))
+                    for r in demo]
+        pid = "0305"
+    else:
+        examples, pid = [], prompt_id
+    texts = [render_cot(examples, str(table["question"].iat[r]), pid) for r in rows]
+    ids = [str(table["id"].iat[r]) for r in rows]
+    prompts = [encode_prompt(lm.tokenizer, t, lm.rules) for t in texts]
+    check_lengths(lm, prompts, ids, max_new_tokens)
+    return rows, texts, ids, prompts
+
+
+def _run_unit(lm, items, condition, draw, plan, max_new_tokens, batch_size, scoring, bar) -> dict:
+    rows, texts, ids, prompts = plan
+    gens, _ = generate(lm, prompts, max_new_tokens, batch_size=batch_size, stop="answer", bar=bar)
+    golds = [gold_answer(items, int(r)) for r in rows]
+    scored = [score(g.text, gold, numeric=bool(items.generative), scoring=scoring) for g, gold in zip(gens, golds)]
+    return {
+        "item_id": ids, "condition": [condition] * len(rows), "draw": [draw] * len(rows),
+        "prompt_sha256": [hashlib.sha256(t.encode()).hexdigest()[:16] for t in texts],
+        "prompt_tokens": [len(p) for p in prompts], "text": [g.text for g in gens],
+        "new_tokens": [len(g.ids) for g in gens], "stopped": [g.stopped for g in gens],
+        "answer": [a for a, _ in scored], "gold": golds, "correct": [int(ok) for _, ok in scored],
+    }
+
+
+def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, header: dict) -> None:
+    """Rebuild ``results.parquet`` + ``sweep.json`` from every finished unit of the folder."""
+    frame = read_generations(out)
+    table = items.table
+    index = {str(i): n for n, i in enumerate(table["id"].to_numpy())}
+    builder = ResultRows("population", SITE, [str(i) for i in table["id"].to_numpy()], LEVELS)
+    with ResultsWriter(out) as writer:
+        for (c, b), g in frame.groupby(["condition", "draw"], sort=True):
+            r = np.array([index[i] for i in g["item_id"]], dtype=np.int64)
+            writer.append(builder.table(
+                layer="", measure=measure, train_level=c, draw=int(b), n_train=0 if c == ZERO_SHOT else k, noise=0.0,
+                solver=SITE, rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
+                p_gold=np.full(len(r), np.nan), method=METHOD.get(c, "icl_cot")))
+        writer.commit({"format_of": "probekit generate", "generate": header["generate"], "model": header["model"],
+                       "dataset": header["dataset"], "prompt": header["prompt"]})
+
+
