@@ -127,6 +127,11 @@ def _model_label(model: dict) -> str:
     return f"{label} ({quant})" if quant else label
 
 
+def _dataset_label(dataset) -> str:
+    """A run's question set by name (a generation run records it with its fingerprint)."""
+    return str(dataset.get("name") or "?") if isinstance(dataset, dict) else str(dataset)
+
+
 def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
     seen: dict[Path, str] = {}
     runs = []
@@ -144,7 +149,7 @@ def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
             table = table[~table["zero_weights"].astype(bool)]
         size, source = model_size(res.sweep["model"])
         seed = res.sweep.get("seed")
-        runs.append(Run(i, res, table, _model_label(res.sweep["model"]), str(res.sweep["dataset"]),
+        runs.append(Run(i, res, table, _model_label(res.sweep["model"]), _dataset_label(res.sweep["dataset"]),
                         int(seed) if isinstance(seed, int) else None, size, source))
     return runs
 
@@ -498,7 +503,8 @@ def _markdown(summary: dict, figs: dict, files: list[str], size: pd.DataFrame) -
     lines = ["# probekit comparison report", "", "## Runs", ""]
     runs = pd.DataFrame([{"#": i + 1, "results": r["dir"], "model": r["model"], "dataset": r["dataset"],
                           "experiments": ", ".join(r["experiments"]), "methods": ", ".join(r["methods"]),
-                          "seed": r["seed"], "sha256": (r["sha256"] or "")[:12]} for i, r in enumerate(summary["runs"])])
+                          "seed": "–" if r["seed"] is None else str(r["seed"]),
+                          "sha256": (r["sha256"] or "")[:12]} for i, r in enumerate(summary["runs"])])
     heads = pd.DataFrame([{"model": h["model"], "dataset": h["dataset"], "experiment": h["experiment"],
                            "method": h["method"], "site": h["site"], "layer": h["layer"] or "–", "solver": h["solver"],
                            "results": h["run"]} for h in summary["heads"]])
