@@ -341,7 +341,7 @@ def sklearn_multinomial_fit(Xq, gold, rows, Cinv=1.0):
 def startup_times(cache_dir: Path, repeats: int = 3) -> None:
     """Time ``open_cache`` (what every sweep runs before its first fit) with no verification stamp
     (the first sweep: every shard hashed, the stamp written), then again (the repeated sweep: each
-    shard's size, mtime and inode against the stamp, its shapes checked), and ``Cache.verify()``
+    shard's size, mtime and inode against the stamp, the file not opened), and ``Cache.verify()``
     (``probekit info CACHE --verify``: every shard hashed)."""
     from probekit.probe.sweep import open_cache
     from probekit.store import Cache

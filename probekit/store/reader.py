@@ -160,8 +160,8 @@ class Cache:
 
         Every shard that passes is noted in the verification stamp (:mod:`probekit.store.stamp`).
         With ``since_stamp=True`` a shard whose size, mtime and inode are what the stamp recorded
-        for this manifest is not re-hashed (its size and shapes are still checked); without it,
-        every shard is hashed.
+        for this manifest is not opened at all (the stamp was written after the file passed every
+        check, hash, size and shapes, for these manifest bytes); without it, every shard is hashed.
         """
         stamp_sha, stamp = read_stamp(self.path)
         if stamp_sha != self.manifest_sha256:
@@ -180,7 +180,8 @@ class Cache:
                 path = self.path / entry["file"]
                 before = file_stat(path)
                 known = stamped(trusted.get(entry["file"]), before, entry.get("sha256"))
-                problem = check_shard(path, entry, self.layout, full=not known)
+                # a stamped shard passed every check (hash, size, shapes) for this manifest, as this file
+                problem = None if known else check_shard(path, entry, self.layout, full=True)
                 if problem is None and before is not None and file_stat(path) == before:
                     fresh[entry["file"]] = {**before, "sha256": entry["sha256"]}
             if problem:
