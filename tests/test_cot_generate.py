@@ -78,6 +78,9 @@ def test_generate_is_deterministic_and_reported(tmp_path, lm, gsm8k):
     assert set(res["method"]) == {"zero_shot_cot", "icl_cot"}
     assert set(res["train_level"]) == {"zero_shot", "easy", "hard"} and set(res["test_level"]) == {"easy", "medium", "hard"}
     assert res["correct"].sum() == fa["correct"].sum()
+    # sweep.json names the question set as the sweep's does, so a comparison groups the runs together
+    sweep = read_results(tmp_path / "a").sweep
+    assert sweep["dataset"] == gsm8k.name and sweep["dataset_fingerprint"] == gsm8k.fingerprint
     # the report reads it like any other method: accuracy per condition, SGR with the zero-shot CoT baseline
     summary = build_report(tmp_path / "a", tmp_path / "rep", n_boot=200, n_boot_sgr=200)
     pop = summary["population"][0] if isinstance(summary.get("population"), list) else None

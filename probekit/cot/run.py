@@ -256,6 +256,7 @@ def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, hea
                 solver=SITE, rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
                 p_gold=np.full(len(r), np.nan), method=METHOD.get(c, "icl_cot")))
         writer.commit({"format_of": "probekit generate", "generate": header["generate"], "model": header["model"],
-                       "dataset": header["dataset"], "prompt": header["prompt"]})
+                       "dataset": header["dataset"]["name"], "dataset_fingerprint": header["dataset"]["fingerprint"],
+                       "prompt": header["prompt"]})
 
 

@@ -127,11 +127,6 @@ def _model_label(model: dict) -> str:
     return f"{label} ({quant})" if quant else label
 
 
-def _dataset_label(dataset) -> str:
-    """A run's question set by name (a generation run records it with its fingerprint)."""
-    return str(dataset.get("name") or "?") if isinstance(dataset, dict) else str(dataset)
-
-
 def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
     seen: dict[Path, str] = {}
     runs = []
@@ -149,7 +144,7 @@ def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
             table = table[~table["zero_weights"].astype(bool)]
         size, source = model_size(res.sweep["model"])
         seed = res.sweep.get("seed")
-        runs.append(Run(i, res, table, _model_label(res.sweep["model"]), _dataset_label(res.sweep["dataset"]),
+        runs.append(Run(i, res, table, _model_label(res.sweep["model"]), str(res.sweep["dataset"]),
                         int(seed) if isinstance(seed, int) else None, size, source))
     return runs
 
