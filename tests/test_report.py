@@ -392,3 +392,12 @@ def test_sgr_not_estimable_is_flagged_and_shown_as_n_e(tmp_path):
     assert re.search(r"grade .* n/e", out.output)
     assert f"n/e (grade): SGR not estimable, {flagged['reason']}" in out.output
     assert (tmp_path / "rep" / "sgr.png").exists()
+
+
+def test_p_value_labels():
+    from probekit.report.tables import fmt_p, fmt_test, p_label
+
+    assert (fmt_p(0.0004), p_label(0.0004)) == ("<0.001", "p<0.001")
+    assert (fmt_p(0.0125), p_label(0.0125)) == ("0.013", "p=0.013")
+    stat = {"point": 0.861, "lo": 0.571, "hi": 1.26, "p_value": 0.0}
+    assert fmt_test(stat) == "0.86 [0.57, 1.26] p<0.001"

@@ -21,7 +21,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from probekit.report.tables import NOT_ESTIMABLE, ZERO_SHOT, Headline, fmt_p, layer_key, level_order, sgr_flagged
+from probekit.report.tables import NOT_ESTIMABLE, ZERO_SHOT, Headline, layer_key, level_order, p_label, sgr_flagged
 
 COLORS = {"zero_shot": "#555555", "easy": "#009E73", "medium": "#0072B2", "hard": "#D55E00", "all": "#CC79A7"}
 EXTRA_COLORS = ["#E69F00", "#56B4E9", "#3E3938", "#999999"]
@@ -141,7 +141,7 @@ def plot_sgr(records: list[dict], headline: Headline, path: Path) -> Path | None
             text, color = f"{NOT_ESTIMABLE} ({p:.2f})\n{reason}", "#777777"
         else:
             sgr = r["sgr"]
-            text, color = f"{p:.2f} [{sgr['lo']:.2f}, {sgr['hi']:.2f}]\np={fmt_p(sgr['p_value'])}", "black"
+            text, color = f"{p:.2f} [{sgr['lo']:.2f}, {sgr['hi']:.2f}]\n{p_label(sgr['p_value'])}", "black"
         ax.annotate(text, (xi, float(np.clip(p, *ylim))), textcoords="offset points",
                     xytext=(8, -4), fontsize=7, color=color)
     ax.set_xticks(x, [r["measure"] for r in recs], rotation=15, ha="right")

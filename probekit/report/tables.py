@@ -543,8 +543,7 @@ def fmt_test(stat: dict | None, percent: bool = False) -> str:
     if not stat or not _finite(stat["point"]) or not _finite(stat["lo"]):
         return "–"
     k, d = (100, 1) if percent else (1, 2)
-    p = fmt_p(stat["p_value"])
-    return f"{k * stat['point']:.{d}f} [{k * stat['lo']:.{d}f}, {k * stat['hi']:.{d}f}] p{'' if p[0] == '<' else '='}{p}"
+    return f"{k * stat['point']:.{d}f} [{k * stat['lo']:.{d}f}, {k * stat['hi']:.{d}f}] {p_label(stat['p_value'])}"
 
 
 #: How a display table shows an SGR that is not estimable (its reason goes in a note column).
@@ -564,6 +563,12 @@ def fmt_sgr(stat: dict | None) -> str:
 def fmt_p(p: float) -> str:
     """A p-value to three decimals, ``<0.001`` below that."""
     return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def p_label(p: float) -> str:
+    """A p-value as a label: ``p=0.012``, or ``p<0.001``."""
+    text = fmt_p(p)
+    return f"p{text}" if text[0] == "<" else f"p={text}"
 
 
 def headline_frame(records: list[dict], headline: Headline | None) -> pd.DataFrame:
