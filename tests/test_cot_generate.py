@@ -58,6 +58,40 @@ def test_batched_shared_prefix_equals_plain_generate_per_item(lm, gsm8k):
 
 
 
+@pytest.mark.slow
+def test_rows_that_end_early_leave_the_batch_without_changing_the_others(lm, gsm8k):
+    """Rows whose answer line completes in a few tokens leave the batch mid-way; every row still equals
+    its own plain ``generate`` call, the early ones stopped at their answer line."""
+    import torch
+
+    from probekit.cot.decode import answer_complete, generate
+    from probekit.cot.run import demo_rows, gold_answer, test_sample
+    from probekit.data.prompts import render_cot
+    from probekit.extract.tokens import encode_prompt
+
+    table = gsm8k.table
+    rows = test_sample(gsm8k, "num_steps", 4, seed=1)[:4]
+    demo = demo_rows(gsm8k, "num_steps", "easy", 2, seed=1, draw=0)
+    examples = [(table["question"].iat[r], table["reasoning"].iat[r], gold_answer(gsm8k, r)) for r in demo]
+    texts = [render_cot(examples, table["question"].iat[r]) for r in rows]
+    # rows 0 and 2 already hold their reasoning: they state the answer within a few tokens, 1 and 3 run on
+    texts = [t + (f" {table['reasoning'].iat[r]}" if i % 2 == 0 else "") for i, (t, r) in enumerate(zip(texts, rows))]
+    prompts = [encode_prompt(lm.tokenizer, t, lm.rules) for t in texts]
+    n = 32
+    gens, _ = generate(lm, prompts, n, batch_size=4, stop="answer")
+    assert [g.stopped for g in gens[0::2]] == ["answer", "answer"] and all(len(g.ids) < n for g in gens[0::2])
+    assert [len(g.ids) for g in gens[1::2]] == [n, n]
+    for p, g in zip(prompts, gens):
+        ids = torch.tensor([p])
+        with torch.inference_mode():
+            full = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                     pad_token_id=lm.pad_id)
+        plain = full[0, len(p):].tolist()
+        assert g.ids == plain[:len(g.ids)]
+        if g.stopped == "answer":
+            assert answer_complete(g.text) and not answer_complete(lm.tokenizer.decode(g.ids[:-1]))
+
+
 
 @pytest.mark.slow
 def test_generate_is_deterministic_and_reported(tmp_path, lm, gsm8k):

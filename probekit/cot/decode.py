@@ -4,7 +4,8 @@ The prompts of one draw share their demonstrations. The longest token prefix com
 prompt runs once (:func:`probekit.extract.capture.compute_prefix`); each batch then continues a
 copy of its key/value cache: ``[prefix][left padding][rest of the prompt]`` with the padding
 masked out, so every row sees exactly its own prompt at the positions a lone run gives it, and
-``model.generate`` decodes greedily from there. Rows are grouped by prompt length (little padding).
+decoding is greedy from there, step by step as ``model.generate`` does, each row leaving the batch
+(and its keys the cache) as soon as it ends. Rows are grouped by prompt length (little padding).
 
 A row stops at the end-of-sequence token, after ``max_new_tokens``, or, with ``stop="answer"``,
 at the first newline after "the answer is": the scoring rules cut the answer there
@@ -13,14 +14,13 @@ at the first newline after "the answer is": the scoring rules cut the answer the
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from probekit.cot.answers import TRIGGER
 from probekit.errors import ProbekitError
-from probekit.extract.capture import compute_prefix
+from probekit.extract.capture import compute_prefix, expanded_cache
 from probekit.extract.icl import common_prefix
 from probekit.extract.run import length_batches
 from probekit.extract.tokens import Encoded
@@ -44,20 +44,53 @@ def answer_complete(text: str) -> bool:
     return at >= 0 and "\n" in low[at + len(TRIGGER):]
 
 
-class _AnswerLineStop:
-    """Stopping criterion: a row is done once its continuation completes the answer line."""
+def _greedy(lm, ids, mask, cache, max_new_tokens: int, stop: str, ends: set[int]) -> list[list[int]]:
+    """Greedy continuations of a left-padded batch, each row's tokens up to and including its last.
 
-    def __init__(self, tokenizer, start: int) -> None:
-        self.tokenizer, self.start = tokenizer, start
+    The steps of ``model.generate(do_sample=False)`` (positions from the attention mask, one token
+    per step on the key/value cache), except that a finished row leaves the batch at once: its keys
+    are dropped from the cache, so the rows still running do not pay for the finished ones (with a
+    long shared prefix, copying and attending over the cache is most of a step's cost). A row ends
+    at a token of ``ends`` (end of sequence, padding), after ``max_new_tokens``, or, with
+    ``stop="answer"``, at the token that completes its answer line.
+    """
+    import torch
 
-    def __call__(self, input_ids, scores, **kwargs):
-        import torch
+    model, tok = lm.model, lm.tokenizer
+    b = ids.shape[0]
+    out: list[list[int]] = [[] for _ in range(b)]
+    live = torch.arange(b)
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    if cache is None:
+        from transformers import DynamicCache
 
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for i in range(input_ids.shape[0]):
-            if "\n" in self.tokenizer.decode(input_ids[i, -1:]):
-                done[i] = answer_complete(self.tokenizer.decode(input_ids[i, self.start:], skip_special_tokens=True))
-        return done
+        cache = DynamicCache()
+    done_len = cache.get_seq_length()  # the shared prefix, already run
+    step_ids, step_pos = ids[:, done_len:], positions[:, done_len:]
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1, :]
+            nxt = logits.argmax(-1)
+            keep = []
+            for j, t in enumerate(nxt.tolist()):
+                row = out[int(live[j])]
+                row.append(t)
+                done = t in ends or len(row) >= max_new_tokens
+                if not done and stop == "answer" and "\n" in tok.decode([t]):
+                    done = answer_complete(tok.decode(row, skip_special_tokens=True))
+                if not done:
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(live):
+                sel = torch.tensor(keep, device=mask.device)
+                live, nxt, mask, positions = live[keep], nxt[sel], mask[sel], positions[sel]
+                cache.batch_select_indices(sel)
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            step_ids, step_pos = nxt[:, None], positions
+    return out
 
 
 def context_limit(lm) -> int | None:
@@ -116,19 +149,8 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch
             ids[row, m + width - len(p):] = torch.tensor(p, dtype=torch.long)
             mask[row, m + width - len(p):] = 1
             counts["prompt_tokens"] += len(p)
-        kwargs = {}
-        if prefix is not None:
-            cache = copy.deepcopy(prefix.cache)
-            if b > 1:
-                cache.batch_repeat_interleave(b)
-            kwargs["past_key_values"] = cache
-        criteria = [_AnswerLineStop(lm.tokenizer, m + width)] if stop == "answer" else []
-        with torch.inference_mode():
-            seqs = lm.model.generate(
-                input_ids=ids.to(lm.device), attention_mask=mask.to(lm.device), max_new_tokens=max_new_tokens,
-                do_sample=False, num_beams=1, pad_token_id=lm.pad_id, eos_token_id=eos,
-                stopping_criteria=criteria, **kwargs)
-        new = seqs[:, m + width:].tolist()
+        cache = expanded_cache(prefix, b) if prefix is not None else None
+        new = _greedy(lm, ids.to(lm.device), mask.to(lm.device), cache, max_new_tokens, stop, ends)
         n_new = 0
         for row, i in enumerate(idx):
             toks = new[row]
@@ -136,7 +158,7 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch
             kept = toks[:cut]
             text = lm.tokenizer.decode(kept, skip_special_tokens=True)
             if stop == "answer" and answer_complete(text):
-                why = "answer"  # checked first: a stopped row is padded with the pad id, often the eos id
+                why = "answer"
             elif cut < len(toks) and toks[cut] == eos:
                 why = "eos"
             else:

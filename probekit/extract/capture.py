@@ -153,7 +153,8 @@ def compute_prefix(lm, ids: Sequence[int]) -> Prefix:
     return Prefix(ids=list(ids), cache=out.past_key_values)
 
 
-def _expanded_cache(prefix: Prefix, b: int):
+def expanded_cache(prefix: Prefix, b: int):
+    """A copy of a prefix's key/value cache for a batch of ``b`` rows."""
     cache = copy.deepcopy(prefix.cache)
     if b > 1:
         cache.batch_repeat_interleave(b)
@@ -310,7 +311,7 @@ def packed_forward(lm, batch: Sequence[Encoded], layers: Sequence[int] = (), pre
     mask = attention_masks(lm, seg, pos, plen)
     kwargs: dict[str, Any] = {}
     if prefix is not None:
-        kwargs["past_key_values"] = _expanded_cache(prefix, len(batch))
+        kwargs["past_key_values"] = expanded_cache(prefix, len(batch))
         kwargs["use_cache"] = True
     else:
         kwargs["use_cache"] = False
