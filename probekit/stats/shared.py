@@ -109,9 +109,27 @@ class _Group:
         self.n_resamples = 0
         self.handles: list[int] = []  # the statistics over these items, in registration order
         self._features: dict = {}
+        self._index: dict = {}
 
-    def condition(self, frame: pd.DataFrame, name: str, n_resamples: int) -> Condition:
-        M = frame.reindex(pd.Index(self.items, dtype=object)).to_numpy(dtype=np.float64)
+    def index(self, dtype) -> pd.Index:
+        """The group's items as an index of ``dtype`` (comparing indexes of one dtype is fast), or of
+        objects when ``dtype`` does not hold them as they are."""
+        if dtype not in self._index:
+            try:
+                index = pd.Index(self.items, dtype=dtype)
+            except (TypeError, ValueError):
+                index = None
+            if index is None or tuple(index.tolist()) != self.items:
+                index = pd.Index(self.items, dtype=object)
+            self._index[dtype] = index
+        return self._index[dtype]
+
+    def condition(self, frame: pd.DataFrame, values: np.ndarray, name: str, n_resamples: int) -> Condition:
+        """The condition of ``frame`` (its cells ``values``) on the group's items."""
+        if len(frame.index) == self.n and frame.index.equals(self.index(frame.index.dtype)):
+            M = values  # the usual case: the frame is on the group's items already
+        else:
+            M = frame.reindex(self.index(object)).to_numpy(dtype=np.float64)
         keep = ~np.isnan(M).all(axis=0)
         key = (name, tuple(str(c) for c, k in zip(frame.columns, keep) if k))  # str: 0 and np.int64(0) alike
         M = M[:, keep]
@@ -215,22 +233,28 @@ class SharedBootstrap:
                   n_resamples: int | None) -> int:
         n_resamples = self.n_resamples if n_resamples is None else n_resamples
         _check_settings(n_resamples, self.level)
-        index = None
+        index, cells = None, []
         for frame, name in zip(frames, names):
             if not isinstance(frame, pd.DataFrame):
                 raise ProbekitError(f"condition {name}: expected an item x draw frame, got {type(frame).__name__}")
             values = frame.to_numpy(dtype=np.float64)
             if np.isinf(values).any():
                 raise ProbekitError(f"condition {name} holds infinite values; use NaN for missing cells")
-            observed = frame.index[~np.isnan(values).all(axis=1)]
-            index = observed if index is None else index.union(observed)
-        items = tuple(sorted(index.tolist()))  # tolist: one conversion, not an iteration over the index
+            cells.append(values)
+            seen = ~np.isnan(values).all(axis=1)
+            observed = frame.index if seen.all() else frame.index[seen]
+            if index is None:
+                index = observed
+            elif not (observed is index or (len(observed) == len(index) and observed.equals(index))):
+                index = index.union(observed)
+        listed = index.tolist()  # one conversion, not an iteration over the index
+        items = tuple(listed) if index.is_unique and index.is_monotonic_increasing else tuple(sorted(listed))
         if not items:
             raise ProbekitError(f"{' / '.join(names)}: no observed cell")
         group = self.groups.get(items)
         if group is None:
             group = self.groups[items] = _Group(items, self.seed)
-        conds = [group.condition(f, n, n_resamples) for f, n in zip(frames, names)]
+        conds = [group.condition(f, v, n, n_resamples) for f, v, n in zip(frames, cells, names)]
         for other in conds[1:]:
             _check_baseline(conds[0].M, other.M, f"{names[0]} vs {other.key[0]}")
         self.statistics.append(Statistic(kind, group.items, tuple(c.key for c in conds), int(n_resamples)))
