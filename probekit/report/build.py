@@ -89,7 +89,7 @@ def build_report(
     them. Either way their counts per layer are in ``summary.json`` and ``report.md``.
     """
     check_settings(n_boot, n_boot_sgr, seed, zero_weights)
-    res = load_results(results_dir)
+    res = load_results(results_dir, columns=())  # the report does not use p_gold
     table = res.table
     zero = zero_weight_heads(table)
     if zero_weights == "exclude" and table["zero_weights"].astype(bool).any():

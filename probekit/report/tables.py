@@ -64,10 +64,11 @@ class Headline:
 # Loading
 
 
-def load_results(results_dir: str | Path) -> Results:
+def load_results(results_dir: str | Path, columns: Sequence[str] | None = None) -> Results:
     """Read a results directory (:func:`probekit.store.results.read_results`: the table must belong
-    to its ``sweep.json`` and have every column) and normalise the column types."""
-    res = read_results(results_dir)
+    to its ``sweep.json`` and have every column; ``columns``: the optional columns to read, None for
+    all) and normalise the column types."""
+    res = read_results(results_dir, columns)
     path = res.path / RESULTS
     if res.table.empty:
         raise ProbekitError(f"{path} has no rows")
