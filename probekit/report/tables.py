@@ -262,20 +262,24 @@ def population_table(
     run, no zero-shot rows) are None.
     """
     head_keys = ["site", "layer", "solver"]
-    pop = table.loc[(table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT),
+    trained = (table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT)
+    # the heads from the runs of rows (few), the rows themselves only where they are tested on hard items
+    runs = row_runs(table, ["experiment", "train_level", "measure", *head_keys])
+    runs = runs[(runs["experiment"] == "population") & (runs["train_level"] != ZERO_SHOT)]
+    pop = table.loc[trained & (table["test_level"] == HARD),
                     ["measure", *head_keys, "train_level", "test_level", "n_train", "item_id", "draw", "correct"]]
     boot = SharedBootstrap(n_boot, seed)
     records, done = [], []
-    for measure in sorted(pop["measure"].unique()):
-        pm = pop[pop["measure"] == measure]
-        hard = pm[pm["test_level"] == HARD]
+    for measure in sorted(runs["measure"].unique()):
+        hard = pop[pop["measure"] == measure]
         if hard.empty:
             raise ProbekitError(f"results.parquet: no hard-test rows for measure {measure!r} in the population experiment")
         zero = zero_shot_rows(table, measure)
         zero = zero[zero["test_level"] == HARD]
         zero_frame = item_draw_frame(zero, f"{measure}/zero_shot") if len(zero) else None
         heads = dict(_groups(hard, head_keys))  # each head's hard-test rows, grouped once
-        for key in _ordered(row_runs(pm, head_keys).drop_duplicates().itertuples(index=False, name=None), head_keys):
+        heads_run = runs.loc[runs["measure"] == measure, head_keys].drop_duplicates()
+        for key in _ordered(heads_run.itertuples(index=False, name=None), head_keys):
             group = heads.get(key, hard.iloc[:0])
             n_sgr = n_boot_sgr if headline is None or key == (headline.site, headline.layer, headline.solver) else n_boot
             records.append(_population_record(boot, measure, key, group, zero_frame, n_sgr))
