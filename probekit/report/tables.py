@@ -199,10 +199,16 @@ def item_draw_frame(rows: pd.DataFrame, what: str = "condition") -> pd.DataFrame
         codes, labels = items.cat.codes.to_numpy(), items.cat.categories
     else:
         codes, labels = pd.factorize(items)
-    used, item_pos = np.unique(codes, return_inverse=True)
+    if len(codes) and codes.min() >= 0:  # codes index the labels: count them rather than sort them
+        present = np.zeros(len(labels), bool)
+        present[codes] = True
+        used = np.flatnonzero(present)
+        item_pos = (np.cumsum(present) - 1)[codes]
+    else:
+        used, item_pos = np.unique(codes, return_inverse=True)
     draws, draw_pos = np.unique(rows["draw"].to_numpy(), return_inverse=True)
     cell = item_pos.reshape(-1) * len(draws) + draw_pos.reshape(-1)
-    if len(np.unique(cell)) < len(cell):
+    if len(cell) and np.bincount(cell).max() > 1:
         r = rows[rows.duplicated(["item_id", "draw"])].iloc[0]
         raise ProbekitError(f"results.parquet: item {r['item_id']!r} appears twice in draw {r['draw']} of {what}")
     values = np.full(len(used) * len(draws), np.nan)
