@@ -154,7 +154,6 @@ def test_failed_writer_leaves_nothing_it_created(tmp_path):
 KILLED_WRITER = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
-import pandas as pd
     sys.path.insert(0, {tests!r})
     from test_outputs import rows_table
     from probekit.store.results import ResultsWriter
