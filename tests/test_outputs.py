@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from probekit.errors import ProbekitError
@@ -71,6 +72,19 @@ def test_results_round_trip_records_the_table(tmp_path):
     assert on_disk[RESULTS_FILE_KEY]["bytes"] == (tmp_path / "res" / RESULTS).stat().st_size
     assert res.sweep == {"format": "probekit-sweep/1", CACHE_HASH_KEY: "cd" * 32, "seed": 0}  # record left out
     assert leftovers(tmp_path / "res") == []
+
+
+def test_results_read_without_optional_columns(tmp_path):
+    write_results(tmp_path / "res")
+    whole = read_results(tmp_path / "res")
+    res = read_results(tmp_path / "res", columns=())
+    assert list(res.table.columns) == [c for c in COLUMNS if c != "p_gold"] and res.sha256 == whole.sha256
+    pd.testing.assert_frame_equal(res.table, whole.table.drop(columns="p_gold"))
+    assert list(read_results(tmp_path / "res", columns=("p_gold",)).table.columns) == list(COLUMNS)
+    write_results(tmp_path / "other", draws=3)  # the hash is still checked against sweep.json
+    shutil.copy(tmp_path / "other" / RESULTS, tmp_path / "res" / RESULTS)
+    with pytest.raises(ProbekitError, match="does not belong"):
+        read_results(tmp_path / "res", columns=())
 
 
 def test_second_writer_is_refused_and_the_first_stays_whole(tmp_path):

@@ -219,6 +219,15 @@ def test_report_is_reproducible(full, tmp_path):
 # Partial results, headline choice, bad input
 
 
+def test_progress_total_counts_every_unit_of_work(full, tmp_path):
+    calls = []
+    build_report(full[2].parent / "res", tmp_path / "rep", n_boot=20, n_boot_sgr=20, layer="20",
+                 progress=lambda done, total, what: calls.append((done, total, what)))
+    assert calls and {total for _, total, _ in calls} == {len(calls)}  # the total announced is the work done
+    assert [done for done, _, _ in calls] == list(range(1, len(calls) + 1))
+    assert {what.split()[0] for _, _, what in calls} == {"population", "all-to-all", "learning_curve", "label_noise"}
+
+
 def test_only_population(tmp_path):
     make_results(tmp_path / "res", experiments=("population",), n_items=90, draws=2)
     summary = build_report(tmp_path / "res", tmp_path / "rep", n_boot=50, n_boot_sgr=100, layer="10+20")

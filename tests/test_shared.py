@@ -200,6 +200,18 @@ def test_same_seed_same_numbers_whatever_else_is_computed(monkeypatch):
     assert other.run()[h3] != first
 
 
+def test_groups_in_threads_give_the_numbers_of_one_thread(small_blocks, monkeypatch):
+    results = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(shared, "THREADS", threads)
+        boot = SharedBootstrap(150, seed=6)
+        handles = register(boot)
+        assert len(boot.groups) >= 3  # several groups run at once
+        results[threads] = [r.to_dict() for r in boot.run()]
+        assert [results[threads][h]["n_resamples"] for h in handles.values()] == [150] * 8 + [333]
+    assert results[1] == results[3]
+
+
 def test_float_cells_use_float64_and_match_loop_to_rounding():
     rng = np.random.default_rng(3)
     A, B = rng.random((N, 1)), rng.random((N, 5))

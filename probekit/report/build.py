@@ -89,7 +89,7 @@ def build_report(
     them. Either way their counts per layer are in ``summary.json`` and ``report.md``.
     """
     check_settings(n_boot, n_boot_sgr, seed, zero_weights)
-    res = load_results(results_dir)
+    res = load_results(results_dir, columns=())  # the report does not use p_gold
     table = res.table
     zero = zero_weight_heads(table)
     if zero_weights == "exclude" and table["zero_weights"].astype(bool).any():
@@ -188,9 +188,12 @@ class _Ticker:
 
 
 def _count_tasks(table: pd.DataFrame) -> int:
-    runs = row_runs(table, ["experiment", "measure", "site", "layer", "solver", "train_level", "test_level",
-                            *(x for x, *_ in CURVES.values())])  # the same key combinations as the rows
-    trained = runs[runs["train_level"] != "zero_shot"]
+    keys = ["experiment", "measure", "site", "layer", "solver", "train_level", *(x for x, *_ in CURVES.values())]
+    runs = row_runs(table, keys)  # the same key combinations as the rows (test levels alternate item by item,
+    trained = runs[runs["train_level"] != "zero_shot"]  # so they are left out of the runs but for the curves)
+    curves = table[table["experiment"].isin(list(CURVES)) & (table["test_level"] == HARD)
+                   & (table["train_level"] != "zero_shot")]
+    curves = row_runs(curves, keys)
 
     def groups(rows: pd.DataFrame, keys: list[str]) -> int:
         return int(rows.groupby(keys).ngroups) if len(rows) else 0
@@ -198,8 +201,7 @@ def _count_tasks(table: pd.DataFrame) -> int:
     n = groups(trained[trained["experiment"] == "population"], ["measure", "site", "layer", "solver"])
     n += groups(trained[trained["experiment"] == "all_to_all"], ["site", "layer", "solver", "train_level"])
     for exp, (x, *_) in CURVES.items():
-        rows = trained[(trained["experiment"] == exp) & (trained["test_level"] == HARD)]
-        n += groups(rows, ["measure", "site", "layer", "solver", "train_level", x])
+        n += groups(curves[curves["experiment"] == exp], ["measure", "site", "layer", "solver", "train_level", x])
     return n
 
 

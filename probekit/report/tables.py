@@ -64,10 +64,11 @@ class Headline:
 # Loading
 
 
-def load_results(results_dir: str | Path) -> Results:
+def load_results(results_dir: str | Path, columns: Sequence[str] | None = None) -> Results:
     """Read a results directory (:func:`probekit.store.results.read_results`: the table must belong
-    to its ``sweep.json`` and have every column) and normalise the column types."""
-    res = read_results(results_dir)
+    to its ``sweep.json`` and have every column; ``columns``: the optional columns to read, None for
+    all) and normalise the column types."""
+    res = read_results(results_dir, columns)
     path = res.path / RESULTS
     if res.table.empty:
         raise ProbekitError(f"{path} has no rows")
@@ -198,10 +199,16 @@ def item_draw_frame(rows: pd.DataFrame, what: str = "condition") -> pd.DataFrame
         codes, labels = items.cat.codes.to_numpy(), items.cat.categories
     else:
         codes, labels = pd.factorize(items)
-    used, item_pos = np.unique(codes, return_inverse=True)
+    if len(codes) and codes.min() >= 0:  # codes index the labels: count them rather than sort them
+        present = np.zeros(len(labels), bool)
+        present[codes] = True
+        used = np.flatnonzero(present)
+        item_pos = (np.cumsum(present) - 1)[codes]
+    else:
+        used, item_pos = np.unique(codes, return_inverse=True)
     draws, draw_pos = np.unique(rows["draw"].to_numpy(), return_inverse=True)
     cell = item_pos.reshape(-1) * len(draws) + draw_pos.reshape(-1)
-    if len(np.unique(cell)) < len(cell):
+    if len(cell) and np.bincount(cell).max() > 1:
         r = rows[rows.duplicated(["item_id", "draw"])].iloc[0]
         raise ProbekitError(f"results.parquet: item {r['item_id']!r} appears twice in draw {r['draw']} of {what}")
     values = np.full(len(used) * len(draws), np.nan)
@@ -261,20 +268,24 @@ def population_table(
     run, no zero-shot rows) are None.
     """
     head_keys = ["site", "layer", "solver"]
-    pop = table.loc[(table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT),
+    trained = (table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT)
+    # the heads from the runs of rows (few), the rows themselves only where they are tested on hard items
+    runs = row_runs(table, ["experiment", "train_level", "measure", *head_keys])
+    runs = runs[(runs["experiment"] == "population") & (runs["train_level"] != ZERO_SHOT)]
+    pop = table.loc[trained & (table["test_level"] == HARD),
                     ["measure", *head_keys, "train_level", "test_level", "n_train", "item_id", "draw", "correct"]]
     boot = SharedBootstrap(n_boot, seed)
     records, done = [], []
-    for measure in sorted(pop["measure"].unique()):
-        pm = pop[pop["measure"] == measure]
-        hard = pm[pm["test_level"] == HARD]
+    for measure in sorted(runs["measure"].unique()):
+        hard = pop[pop["measure"] == measure]
         if hard.empty:
             raise ProbekitError(f"results.parquet: no hard-test rows for measure {measure!r} in the population experiment")
         zero = zero_shot_rows(table, measure)
         zero = zero[zero["test_level"] == HARD]
         zero_frame = item_draw_frame(zero, f"{measure}/zero_shot") if len(zero) else None
         heads = dict(_groups(hard, head_keys))  # each head's hard-test rows, grouped once
-        for key in _ordered(row_runs(pm, head_keys).drop_duplicates().itertuples(index=False, name=None), head_keys):
+        heads_run = runs.loc[runs["measure"] == measure, head_keys].drop_duplicates()
+        for key in _ordered(heads_run.itertuples(index=False, name=None), head_keys):
             group = heads.get(key, hard.iloc[:0])
             n_sgr = n_boot_sgr if headline is None or key == (headline.site, headline.layer, headline.solver) else n_boot
             records.append(_population_record(boot, measure, key, group, zero_frame, n_sgr))

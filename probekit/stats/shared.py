@@ -19,13 +19,18 @@ columns (none when it has no NaN: every count is then the n items, as each row o
 and for a pair (A, B) of a difference or an SGR the per-(draw, draw) products ``B0 * K_a``,
 ``A0 * K_b`` and ``K_a * K_b`` (only those a NaN makes different from existing columns: easy-trained
 heads tested on hard items have no NaN, so a zero-shot vs easy pair costs nothing). The column (pair)
-counts then weight these sums as in :func:`probekit.stats.bootstrap.difference_resample_stats`.
+counts then weight these sums as in :func:`probekit.stats.bootstrap.difference_resample_stats`; rather
+than counting them, each resample adds up the sums of its m resampled draws (slots) directly
+(:func:`_slot_sums`: the same integer totals).
 Cells that are 0/1 make every product an integer no larger than n in magnitude and every weighted
 total and count one no larger than n x m (m draws), so products and sums run in float32 when
 n x m < 2**24 (exact: every partial sum is such an integer, below 2**24, in any summation order;
 measured 1.5x the float64 GEMM rate on 2 cores) and in float64 otherwise or for cells that are not
 0/1. The final division is float64, as in the plain nanmean, so every statistic equals the plain
 per-resample nanmean bit for bit (for 0/1 cells).
+
+Groups are independent, so :meth:`SharedBootstrap.run` computes up to :data:`THREADS` of them at once
+(numpy's draws, counts and products release the GIL); the numbers do not depend on it.
 
 Randomness: a group's row resamples come from ``default_rng(SeedSequence([seed, hash(item ids)]))``,
 a condition's column resamples from ``SeedSequence([seed, hash(item ids), hash(condition key)])``;
@@ -36,7 +41,9 @@ any report, whatever else it computes.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,7 +58,6 @@ from probekit.stats.bootstrap import (
     _check_baseline,
     _check_settings,
     _counts,
-    _slot_counts,
     crossed_result,
     difference_result,
     sgr_result,
@@ -62,6 +68,10 @@ from probekit.stats.bootstrap import (
 FLOAT32_EXACT = 2**24
 #: Count matrices of at least this many items are counted one resample (row) at a time (:func:`_row_counts`).
 ROW_COUNTS_FROM = 256
+#: Groups computed at once (:meth:`SharedBootstrap.run`): one more than the CPUs, so that the last
+#: groups share the cores rather than one of them finishing alone (on 2 cores, 3 threads took 0.84-0.94x
+#: the wall time of 2 for a full-ARC report's groups). Each holds one block in memory.
+THREADS = min(8, (os.cpu_count() or 1) + 1)
 
 
 def _digest(text: str) -> int:
@@ -101,9 +111,27 @@ class _Group:
         self.n_resamples = 0
         self.handles: list[int] = []  # the statistics over these items, in registration order
         self._features: dict = {}
+        self._index: dict = {}
 
-    def condition(self, frame: pd.DataFrame, name: str, n_resamples: int) -> Condition:
-        M = frame.reindex(pd.Index(self.items, dtype=object)).to_numpy(dtype=np.float64)
+    def index(self, dtype) -> pd.Index:
+        """The group's items as an index of ``dtype`` (comparing indexes of one dtype is fast), or of
+        objects when ``dtype`` does not hold them as they are."""
+        if dtype not in self._index:
+            try:
+                index = pd.Index(self.items, dtype=dtype)
+            except (TypeError, ValueError):
+                index = None
+            if index is None or tuple(index.tolist()) != self.items:
+                index = pd.Index(self.items, dtype=object)
+            self._index[dtype] = index
+        return self._index[dtype]
+
+    def condition(self, frame: pd.DataFrame, values: np.ndarray, name: str, n_resamples: int) -> Condition:
+        """The condition of ``frame`` (its cells ``values``) on the group's items."""
+        if len(frame.index) == self.n and frame.index.equals(self.index(frame.index.dtype)):
+            M = values  # the usual case: the frame is on the group's items already
+        else:
+            M = frame.reindex(self.index(object)).to_numpy(dtype=np.float64)
         keep = ~np.isnan(M).all(axis=0)
         key = (name, tuple(str(c) for c, k in zip(frame.columns, keep) if k))  # str: 0 and np.int64(0) alike
         M = M[:, keep]
@@ -207,22 +235,28 @@ class SharedBootstrap:
                   n_resamples: int | None) -> int:
         n_resamples = self.n_resamples if n_resamples is None else n_resamples
         _check_settings(n_resamples, self.level)
-        index = None
+        index, cells = None, []
         for frame, name in zip(frames, names):
             if not isinstance(frame, pd.DataFrame):
                 raise ProbekitError(f"condition {name}: expected an item x draw frame, got {type(frame).__name__}")
             values = frame.to_numpy(dtype=np.float64)
             if np.isinf(values).any():
                 raise ProbekitError(f"condition {name} holds infinite values; use NaN for missing cells")
-            observed = frame.index[~np.isnan(values).all(axis=1)]
-            index = observed if index is None else index.union(observed)
-        items = tuple(sorted(index.tolist()))  # tolist: one conversion, not an iteration over the index
+            cells.append(values)
+            seen = ~np.isnan(values).all(axis=1)
+            observed = frame.index if seen.all() else frame.index[seen]
+            if index is None:
+                index = observed
+            elif not (observed is index or (len(observed) == len(index) and observed.equals(index))):
+                index = index.union(observed)
+        listed = index.tolist()  # one conversion, not an iteration over the index
+        items = tuple(listed) if index.is_unique and index.is_monotonic_increasing else tuple(sorted(listed))
         if not items:
             raise ProbekitError(f"{' / '.join(names)}: no observed cell")
         group = self.groups.get(items)
         if group is None:
             group = self.groups[items] = _Group(items, self.seed)
-        conds = [group.condition(f, n, n_resamples) for f, n in zip(frames, names)]
+        conds = [group.condition(f, v, n, n_resamples) for f, v, n in zip(frames, cells, names)]
         for other in conds[1:]:
             _check_baseline(conds[0].M, other.M, f"{names[0]} vs {other.key[0]}")
         self.statistics.append(Statistic(kind, group.items, tuple(c.key for c in conds), int(n_resamples)))
@@ -249,23 +283,28 @@ class SharedBootstrap:
         """Yield ``(group items, start, rows, cols)`` blocks: ``rows`` (b, n) item indices of resamples
         ``start .. start + b`` and ``cols[key]`` (b_c, m) draw indices of each condition that needs
         resamples there (b_c <= b: a condition stops at the most resamples its statistics use)."""
-        for items, g in self.groups.items():
-            rng = g.rng_rows()
-            col_rngs = {key: g.rng_cols(key) for key in g.conditions}
-            handles = tuple(g.handles)
-            if not handles:  # only conditions of a statistic that was refused
-                continue
-            width = g.features(handles, [self.statistics[h] for h in handles])[1].shape[1]
-            size = max(1, _bs.BLOCK_ELEMENTS // max(g.n, width // 2))
-            for start in range(0, g.n_resamples, size):
-                b = min(size, g.n_resamples - start)
-                rows = rng.integers(0, g.n, size=(b, g.n), dtype=np.int32)
-                cols = {}
-                for key, c in g.conditions.items():
-                    if c.n_resamples > start:
-                        bc = min(b, c.n_resamples - start)
-                        cols[key] = col_rngs[key].integers(0, c.m, size=(bc, c.m), dtype=np.int32)
-                yield items, start, rows, cols
+        for items in self.groups:
+            yield from self._group_draws(items)
+
+    def _group_draws(self, items: tuple) -> Iterator[tuple[tuple, int, np.ndarray, dict[tuple, np.ndarray]]]:
+        """The blocks of :meth:`draws` of one group (its own generators: groups are independent)."""
+        g = self.groups[items]
+        handles = tuple(g.handles)
+        if not handles:  # only conditions of a statistic that was refused
+            return
+        rng = g.rng_rows()
+        col_rngs = {key: g.rng_cols(key) for key in g.conditions}
+        width = g.features(handles, [self.statistics[h] for h in handles])[1].shape[1]
+        size = max(1, _bs.BLOCK_ELEMENTS // max(g.n, width // 2))
+        for start in range(0, g.n_resamples, size):
+            b = min(size, g.n_resamples - start)
+            rows = rng.integers(0, g.n, size=(b, g.n), dtype=np.int32)
+            cols = {}
+            for key, c in g.conditions.items():
+                if c.n_resamples > start:
+                    bc = min(b, c.n_resamples - start)
+                    cols[key] = col_rngs[key].integers(0, c.m, size=(bc, c.m), dtype=np.int32)
+            yield items, start, rows, cols
 
     # -- computing ------------------------------------------------------------------------------
 
@@ -279,17 +318,14 @@ class SharedBootstrap:
         layout, F = g.features(tuple(h for h, _ in active), [s for _, s in active])
         W = _row_counts(rows, g.n, F.dtype)
         G = W @ F  # exact integers (module doc)
-        P = {key: _counts(cols[key], g.conditions[key].m, F.dtype) for _, s in active if s.kind == "accuracy"
-             for key in s.conditions}
         out = {}
         for h, s in active:
             b = min(rows.shape[0], s.n_resamples - start)
             if s.kind == "accuracy":
                 (key,) = s.conditions
-                total, p = G[:b, layout[("x", key)]], P[key][:b]
-                kcol = layout.get(("k", key))
-                count = G[:b, kcol] if kcol is not None else np.full_like(total, g.n)
-                out[h] = _ratio(np.einsum("bj,bj->b", total, p), np.einsum("bj,bj->b", count, p))
+                c, kcol = cols[key][:b], layout.get(("k", key))
+                count = np.full(b, g.n * c.shape[1], G.dtype) if kcol is None else _slot_sums(G, kcol, c)
+                out[h] = _ratio(_slot_sums(G, layout[("x", key)], c), count)
             elif s.kind == "difference":
                 out[h] = _pair_means(g, layout, G, cols, *s.conditions, b)
             else:
@@ -299,15 +335,29 @@ class SharedBootstrap:
         return out
 
     def run(self, progress: Callable[[str], None] | None = None) -> list:
-        """Compute every registered statistic; results in registration order (handles index them)."""
+        """Compute every registered statistic; results in registration order (handles index them).
+
+        Groups are independent (their own generators, their own statistics), so up to
+        :data:`THREADS` of them run at once, the largest first: numpy's draws, counts and products
+        release the GIL. The numbers do not depend on the order or the threads."""
         values: list[list[np.ndarray]] = [[] for _ in self.statistics]
-        for items, start, rows, cols in self.draws():
-            for h, v in self.resample_values(items, rows, cols, start).items():
-                values[h].append(v)
-            if progress:
-                progress(f"resamples {start + rows.shape[0]:,} of {self.groups[items].n_resamples:,} "
-                         f"over {len(items)} items")
+        order = sorted(self.groups, key=lambda items: -self.groups[items].n * self.groups[items].n_resamples)
+        workers = max(1, min(THREADS, len(order)))
+        with ThreadPoolExecutor(workers) as pool:
+            for items, got in zip(order, pool.map(self._run_group, order)):
+                for h, v in got.items():
+                    values[h] = v
+                if progress:
+                    progress(f"{self.groups[items].n_resamples:,} resamples over {len(items)} items")
         return [self._result(s, np.concatenate(v)) for s, v in zip(self.statistics, values)]
+
+    def _run_group(self, items: tuple) -> dict[int, list[np.ndarray]]:
+        """Per-resample values of one group's statistics, by handle, in blocks."""
+        values: dict[int, list[np.ndarray]] = {}
+        for _, start, rows, cols in self._group_draws(items):
+            for h, v in self.resample_values(items, rows, cols, start).items():
+                values.setdefault(h, []).append(v)
+        return values
 
     def _result(self, s: Statistic, v: np.ndarray) -> CrossedBootstrap | BootstrapTest | SgrTest:
         g = self.groups[s.group]
@@ -339,11 +389,21 @@ def _unit(M: np.ndarray) -> bool:
 
 def _pair_means(g: _Group, layout: dict, G: np.ndarray, cols: dict, a: tuple, bk: tuple, b: int) -> np.ndarray:
     """nanmean of ``B* - A*`` per resample (A recycled when it has one draw) from the products."""
-    ma, mb = g.conditions[a].m, g.conditions[bk].m
+    ma = g.conditions[a].m
     pb, pa, pk = (layout[(kind, a, bk)] for kind in ("pb", "pa", "pk"))
-    cnt = np.full((b, mb * ma), g.n, G.dtype) if pk is None else G[:b, pk]
-    P = _slot_counts(cols[bk][:b], cols[a][:b], mb, ma, G.dtype)
-    return _ratio(np.einsum("bq,bq->b", G[:b, pb] - G[:b, pa], P), np.einsum("bq,bq->b", cnt, P))
+    cb, ca = cols[bk][:b], cols[a][:b]
+    slots = cb * ma + (ca if ca.shape[1] == cb.shape[1] else ca[:, :1])  # the slots of _slot_counts
+    count = np.full(b, g.n * cb.shape[1], G.dtype) if pk is None else _slot_sums(G, pk, slots)
+    return _ratio(_slot_sums(G, pb, slots) - _slot_sums(G, pa, slots), count)
+
+
+def _slot_sums(G: np.ndarray, columns: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """Per resample r, the sum over its resampled slots t of ``G[r, columns[slots[r, t]]]``: the product
+    of ``G``'s columns with the slot counts (:func:`probekit.stats.bootstrap._slot_counts`) without
+    counting them. Exact for integer sums, as the products are (module doc)."""
+    b, width = slots.shape[0], G.shape[1]
+    flat = columns[slots] + np.arange(0, b * width, width)[:, None]
+    return G.reshape(-1).take(flat).sum(axis=1)
 
 
 def _ratio(total: np.ndarray, count: np.ndarray) -> np.ndarray:

@@ -323,9 +323,13 @@ class Results:
     sha256: str | None = None
 
 
-def read_results(results_dir: str | os.PathLike) -> Results:
+def read_results(results_dir: str | os.PathLike, columns: Sequence[str] | None = None) -> Results:
     """Read ``results.parquet`` and ``sweep.json``; refuse a table that does not belong to its
-    ``sweep.json`` and one that lacks a :data:`REQUIRED_COLUMNS` column."""
+    ``sweep.json`` and one that lacks a :data:`REQUIRED_COLUMNS` column.
+
+    ``columns``: read only these optional columns (e.g. ``()``: leave ``p_gold`` out), besides the
+    required and :data:`FILLED` ones, which are always read; None reads every column. The whole
+    file is still hashed against ``sweep.json``."""
     root = Path(results_dir)
     path = root / RESULTS
     if root.exists() and not root.is_dir():
@@ -337,7 +341,12 @@ def read_results(results_dir: str | os.PathLike) -> Results:
     sweep = read_config(root)
     try:
         raw = path.read_bytes()
-        table = pd.read_parquet(io.BytesIO(raw))
+        if columns is None:
+            table = pd.read_parquet(io.BytesIO(raw))
+        else:
+            wanted = {*REQUIRED_COLUMNS, *FILLED, *columns}
+            names = pq.ParquetFile(io.BytesIO(raw)).schema_arrow.names
+            table = pd.read_parquet(io.BytesIO(raw), columns=[c for c in names if c in wanted])
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise ProbekitError(f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
     found = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
