@@ -195,3 +195,43 @@ def test_finetune_errors_are_one_line(tmp_path, lm, gsm8k):
     with pytest.raises(ProbekitError, match="no condition given"):
         generate_cot(gsm8k, tmp_path / "z", lm, conditions=None, n_test=3, progress=False)
     assert not any((tmp_path / d).exists() for d in "xyz")
+
+
+@pytest.fixture(scope="module")
+def cot_runs(tmp_path_factory, lm, gsm8k, one_torch_thread):
+    """Two real GSM8k runs on one test sample: zero-shot and k-shot CoT (k=1), and CoT fine-tuning
+    (one update per level) with a zero-shot CoT unit of its own."""
+    from probekit.cot.run import generate_cot
+    from probekit.finetune.recipe import Recipe
+
+    d = tmp_path_factory.mktemp("cot")
+    common = dict(n_test=9, max_new_tokens=4, batch_size=8, progress=False)
+    generate_cot(gsm8k, d / "prompted", lm, conditions="zero_shot,easy,hard", k=1, **common)
+    generate_cot(gsm8k, d / "tuned", lm, conditions="zero_shot", finetune="easy,hard", n_train=2, max_updates=1,
+                 recipe=Recipe(micro_batch=2, min_updates=150), **common)
+    return d
+
+
+@pytest.mark.slow
+def test_reports_set_cot_methods_against_zero_shot_cot(cot_runs, tmp_path):
+    from probekit.report import build_report
+    from probekit.report.compare import build_comparison
+
+    single = build_report(cot_runs / "tuned", tmp_path / "single", n_boot=200, n_boot_sgr=200)
+    by_solver = {r["solver"]: r for r in single["population"]}
+    assert set(by_solver) == {"lora"} and by_solver["lora"]["accuracy"]["zero_shot"] is not None
+    both = build_report(cot_runs / "prompted", tmp_path / "single2", n_boot=200, n_boot_sgr=200)
+    assert {r["solver"] for r in both["population"]} == {"cot"}
+    assert both["population"][0]["accuracy"]["zero_shot"] is not None
+
+    dirs = [cot_runs / "prompted", cot_runs / "tuned"]
+    summary = build_comparison(dirs, tmp_path / "cmp", n_boot=200, n_boot_sgr=200)
+    recs = {r["method"]: r for r in summary["population"]}
+    assert set(recs) == {"icl_cot", "finetune_cot"}
+    assert {r["baseline"] for r in recs.values()} == {"zero_shot_cot"}
+    assert all(r["accuracy"]["zero_shot"] is not None and r["sgr"] is not None for r in recs.values())
+    assert recs["finetune_cot"]["accuracy"]["zero_shot"] == single["population"][0]["accuracy"]["zero_shot"]
+    assert summary["settings"]["baseline"].startswith("per method")
+    forced = build_comparison(dirs, tmp_path / "cmp2", n_boot=200, n_boot_sgr=200, baseline="zero_shot")
+    assert all(r["accuracy"].get("zero_shot") is None for r in forced["population"])
+    assert sum("no zero_shot rows" in n for n in forced["notes"]) == 2

@@ -307,14 +307,15 @@ def _run_unit(lm, items, condition, draw, plan, max_new_tokens, batch_size, scor
     }
 
 
-def condition_row(condition: str, k: int, header: dict) -> tuple[str, str, int]:
-    """A condition's ``train_level``, ``method`` and ``n_train`` in the results table."""
+def condition_row(condition: str, k: int, header: dict) -> tuple[str, str, int, str]:
+    """A condition's ``train_level``, ``method``, ``n_train`` and ``solver`` in the results table (the
+    solver tells a report's heads apart: "cot" for prompting, "lora" for fine-tuned units)."""
     level = tune.tuned_level(condition)
     if level is not None:
-        return level, tune.METHOD, int(header["generate"]["finetune"]["n_train"])
+        return level, tune.METHOD, int(header["generate"]["finetune"]["n_train"]), tune.SOLVER
     if condition == ZERO_SHOT:
-        return ZERO_SHOT, METHOD[ZERO_SHOT], 0
-    return condition, "icl_cot", k
+        return ZERO_SHOT, METHOD[ZERO_SHOT], 0, SITE
+    return condition, "icl_cot", k, SITE
 
 
 def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, header: dict) -> None:
@@ -326,10 +327,10 @@ def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, hea
     with ResultsWriter(out) as writer:
         for (c, b), g in frame.groupby(["condition", "draw"], sort=True):
             r = np.array([index[i] for i in g["item_id"]], dtype=np.int64)
-            level, method, n = condition_row(c, k, header)
+            level, method, n, solver = condition_row(c, k, header)
             writer.append(builder.table(
                 layer="", measure=measure, train_level=level, draw=int(b), n_train=n, noise=0.0,
-                solver=SITE, rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
+                solver=solver, rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
                 p_gold=np.full(len(r), np.nan), method=method))
         writer.commit({"format_of": "probekit generate", "generate": header["generate"], "model": header["model"],
                        "dataset": header["dataset"]["name"], "dataset_fingerprint": header["dataset"]["fingerprint"],
