@@ -155,6 +155,8 @@ def test_finetune_cot_run_writes_rows_repeats_exactly_and_skips_finished_units(t
     for level in ("easy", "hard"):  # training items are the ICL draw's and are not tested
         train = gsm8k.table["id"].to_numpy()[demo_rows(gsm8k, "num_steps", level, 4, 0, 0)]
         assert not set(train) & set(tuned[tuned["train_level"] == level]["item_id"].astype(str))
+        log = json.loads((tmp_path / "a" / f"log-tuned_{level}-000.json").read_text())
+        assert log["train_items"] == list(train) and log["updates"] == 1 and len(log["losses"]) == 1
     header = read_header(tmp_path / "a")
     ft = header["generate"]["finetune"]
     assert ft["levels"] == ["easy", "hard"] and ft["n_train"] == 4 and ft["objective"] == "seq2seq"
@@ -162,6 +164,8 @@ def test_finetune_cot_run_writes_rows_repeats_exactly_and_skips_finished_units(t
     assert header["prompt"]["finetune"] == "0305"
     config = json.loads((tmp_path / "a" / "sweep.json").read_text())
     assert config["generate"]["finetune"]["n_train"] == 4
+    assert set(config["training"]) == {"tuned_easy/0", "tuned_hard/0"}
+    assert config["training"]["tuned_easy/0"]["updates"] == 1
 
 
 def test_levels_and_recipe_settings_are_checked():

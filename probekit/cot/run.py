@@ -46,7 +46,7 @@ from probekit.extract.progress import progress_bar
 from probekit.extract.run import prepare_model
 from probekit.extract.tokens import encode_prompt
 from probekit.finetune.recipe import SEQ2SEQ_MIN_UPDATES, Recipe, schedule
-from probekit.store.generations import GenerationsWriter, is_generation_entry, read_generations
+from probekit.store.generations import GenerationsWriter, is_generation_entry, read_generations, read_logs
 from probekit.store.outdir import OutputDir
 from probekit.store.results import ResultRows, ResultsWriter
 
@@ -243,6 +243,7 @@ def generate_cot(
             plans = {u: _plan_unit(lm, items, rows, excluded.get(u), prompt_id, max_new_tokens, u[0]) for u in todo}
             with progress_bar(total, f"generate {items.name} k={k}", enabled=progress and bool(todo)) as bar:
                 for c, b in todo:
+                    log = None
                     if tune.tuned_level(c) is None:
                         unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
                     else:
@@ -252,10 +253,17 @@ def generate_cot(
                             bar.describe(f"train {c} update {done}/{total} loss {loss:.3f}")
 
                         with tune.tuned(lm, train, recipe, head_seed(seed, f"cot/{measure}/{c}/{b}/n{n_train}"),
-                                        quantize=quantize, max_updates=max_updates, on_update=shown):
+                                        quantize=quantize, max_updates=max_updates, on_update=shown) as trained:
                             bar.describe(f"generate {items.name} {c}")
+                            t1 = time.perf_counter()
                             unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
-                    writer.write_unit(c, b, unit)
+                        log = {"train_items": [str(i) for i in items.table["id"].to_numpy()[trains[(c, b)]]],
+                               "updates": trained.updates, "epochs": trained.epochs,
+                               "effective_batch": trained.effective_batch, "optimizer": trained.optimizer,
+                               "losses": [x if math.isfinite(x) else None for x in trained.losses],
+                               "train_seconds": round(trained.seconds, 3),
+                               "generate_seconds": round(time.perf_counter() - t1, 3)}
+                    writer.write_unit(c, b, unit, log)
                     written.append(f"{c}/{b}")
                     new_tokens += int(sum(unit["new_tokens"]))
                     write_results(out, items, codes, measure, k, header)
@@ -332,8 +340,14 @@ def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, hea
                 layer="", measure=measure, train_level=level, draw=int(b), n_train=n, noise=0.0,
                 solver=solver, rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
                 p_gold=np.full(len(r), np.nan), method=method))
-        writer.commit({"format_of": "probekit generate", "generate": header["generate"], "model": header["model"],
-                       "dataset": header["dataset"]["name"], "dataset_fingerprint": header["dataset"]["fingerprint"],
-                       "prompt": header["prompt"]})
+        config = {"format_of": "probekit generate", "generate": header["generate"], "model": header["model"],
+                  "dataset": header["dataset"]["name"], "dataset_fingerprint": header["dataset"]["fingerprint"],
+                  "prompt": header["prompt"]}
+        logs = read_logs(out)
+        if logs:  # fine-tuned units: updates, first and last loss, seconds (every loss: DIR/log-*.json)
+            config["training"] = {u: {"updates": g["updates"], "first_loss": (g["losses"] or [None])[0],
+                                      "last_loss": (g["losses"] or [None])[-1], "train_seconds": g["train_seconds"],
+                                      "generate_seconds": g["generate_seconds"]} for u, g in logs.items()}
+        writer.commit(config)
 
 
