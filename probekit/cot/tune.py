@@ -1,4 +1,4 @@
-"""Fine-tuning on chains of thought ("QLoRA-CoT", docs/protocol.md §12.6), scored by generation.
+"""Fine-tuning on chains of thought ("QLoRA-CoT", docs/protocol.md §12.1), scored by generation.
 
 For one level of a measure and one draw, fresh LoRA adapters (:func:`probekit.finetune.attach_lora`,
 the study's recipe) are trained on that draw's items with the authors' ``seq2seq`` objective: the
