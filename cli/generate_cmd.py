@@ -46,8 +46,7 @@ def generate_cmd(
           --out results/gsm8k-qlora-cot
     """
     with clean_errors():
-        from probekit.cot.run import generate_cot
-        from probekit.cot.tune import parse_levels
+        from probekit.cot.run import generate_cot, parse_levels
         from probekit.data import load_dataset
         from probekit.extract.models import ModelSpec
         from probekit.finetune.recipe import recipe_with

@@ -169,7 +169,8 @@ def test_finetune_cot_run_writes_rows_repeats_exactly_and_skips_finished_units(t
 
 
 def test_levels_and_recipe_settings_are_checked():
-    from probekit.cot.tune import condition, parse_levels, tuned_level
+    from probekit.cot.run import parse_levels
+    from probekit.cot.tune import condition, tuned_level
     from probekit.finetune.recipe import recipe_with
 
     assert parse_levels("easy, hard,easy") == ["easy", "hard"] and parse_levels(None) == []

@@ -66,20 +66,34 @@ def default_max_new_tokens(items) -> int:
     return 300 if items.generative else 100
 
 
+def comma_choices(text: str | list[str] | None, known: tuple[str, ...], what: str,
+                  aliases: dict[str, str] | None = None) -> list[str]:
+    """``"a,b,a"`` -> ``["a", "b"]``: each checked against ``known`` (one error naming ``what``), repeats dropped."""
+    parts = [p.strip() for p in ((text or "").split(",") if isinstance(text, str) or text is None else text)
+             if p.strip()]
+    out = []
+    for p in parts:
+        p = (aliases or {}).get(p, p)
+        if p not in known:
+            raise ProbekitError(f"unknown {what} {p!r}: choose from {', '.join(known)} (comma-separated)")
+        if p not in out:
+            out.append(p)
+    return out
+
+
 def parse_conditions(text: str | list[str], allow_none: bool = False) -> list[str]:
     """``"zero_shot,easy,hard"`` -> the conditions, checked and without repeats (``none`` = ``zero_shot``);
     with ``allow_none`` an empty list is accepted."""
-    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
-    out = []
-    for p in parts:
-        p = ZERO_SHOT if p in ("none", "zero-shot", "0") else p
-        if p not in CONDITIONS:
-            raise ProbekitError(f"unknown condition {p!r}: choose from {', '.join(CONDITIONS)} (comma-separated)")
-        if p not in out:
-            out.append(p)
+    out = comma_choices(text, CONDITIONS, "condition", {"none": ZERO_SHOT, "zero-shot": ZERO_SHOT, "0": ZERO_SHOT})
     if not out and not allow_none:
         raise ProbekitError("no condition given (e.g. zero_shot,easy,hard)")
     return out
+
+
+def parse_levels(text: str | list[str] | None) -> list[str]:
+    """``"easy,hard"`` -> the levels to fine-tune on (:data:`probekit.cot.tune.TUNE_LEVELS`), checked,
+    without repeats (None or "" -> none)."""
+    return comma_choices(text, tune.TUNE_LEVELS, "fine-tuning level")
 
 
 def test_levels(items, measure: str) -> np.ndarray:
@@ -184,7 +198,7 @@ def generate_cot(
     settings, default the study's with at least 150 updates; ``max_updates`` caps a fine-tune, for
     tests) before the adapted model generates. With ``finetune``, ``conditions`` may be empty.
     """
-    tune_levels = tune.parse_levels(finetune)
+    tune_levels = parse_levels(finetune)
     conds = parse_conditions(conditions or [], allow_none=bool(tune_levels))
     if scoring not in SCORINGS:
         raise ProbekitError(f"unknown scoring rule {scoring!r}: choose {' or '.join(SCORINGS)}")

@@ -47,20 +47,6 @@ def tuned_level(cond: str) -> str | None:
     return cond[len(PREFIX):] if cond.startswith(PREFIX) else None
 
 
-def parse_levels(text: str | Sequence[str] | None) -> list[str]:
-    """``"easy,hard"`` -> the levels to fine-tune on, checked, without repeats (None or "" -> none)."""
-    if not text:
-        return []
-    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
-    out = []
-    for p in parts:
-        if p not in TUNE_LEVELS:
-            raise ProbekitError(f"unknown fine-tuning level {p!r}: choose from {', '.join(TUNE_LEVELS)} (comma-separated)")
-        if p not in out:
-            out.append(p)
-    return out
-
-
 def encode_targets(lm, items, rows: np.ndarray, gold) -> list[Encoded]:
     """Each row as (prompt "0305", one continuation: its worked answer then end-of-sequence).
 
