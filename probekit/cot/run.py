@@ -224,7 +224,6 @@ def generate_cot(
     out = Path(out_dir)
     with OutputDir(out, (), "generation folder", own=is_generation_entry, share=True):  # locked before the model loads
         lm = prepare_model(model, dtype=dtype, device=device, cache_root=cache_root)
-        quantize = loaded_quantize(lm)
         header = {
             "model": lm.identity,
             "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(items.table)},
@@ -235,10 +234,11 @@ def generate_cot(
             "test_ids": [str(i) for i in items.table["id"].to_numpy()[rows]],
         }
         if tune_levels:  # only then: a folder of prompting conditions keeps the header it had
-            from probekit.finetune.run import _versions
+            from probekit.finetune.run import _versions, loaded_quantize
             from probekit.finetune.train import check_targets, check_trainable
             from probekit.probe.engine import head_seed
 
+            quantize = loaded_quantize(lm)
             check_trainable(quantize, lm.device)
             check_targets(lm.model, recipe.target_modules)
             header["prompt"]["finetune"] = tune.PROMPT_ID
@@ -258,6 +258,8 @@ def generate_cot(
             with progress_bar(total, f"generate {items.name} k={k}", enabled=progress and bool(todo)) as bar:
                 for c, b in todo:
                     log = None
+                    if tune_levels:
+                        bar.describe(f"generate {items.name} {c}")
                     if tune.tuned_level(c) is None:
                         unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
                     else:
@@ -286,12 +288,6 @@ def generate_cot(
         frame = read_generations(out)
         accuracy = {c: float(g["correct"].mean()) for c, g in frame.groupby("condition", sort=False)}
     return GenerateSummary(out, written, len(rows), new_tokens, time.perf_counter() - t0, accuracy)
-
-
-def loaded_quantize(lm) -> str | None:
-    """``"8bit"`` / ``"4bit"`` for a bitsandbytes-quantized loaded model, else None."""
-    bits = (lm.identity.get("quantization") or {}).get("bits")
-    return None if bits is None else f"{bits}bit"
 
 
 def _plan_unit(lm, items, rows, excluded, prompt_id, max_new_tokens, condition: str = "") -> tuple:
