@@ -29,7 +29,7 @@ def generate_cmd(
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together."),
     scoring: str = typer.Option("default", "--scoring", help="default (numbers compared as numbers) | reference (the paper's exact rule)."),
     finetune: str | None = typer.Option(None, "--finetune", help="Comma-separated levels (easy, medium, hard, all) to fine-tune LoRA adapters on chains of thought, per draw, then generate with them (method finetune_cot)."),
-    n_train: int = typer.Option(50, "--n-train", help="Fine-tuning items per draw (--finetune)."),
+    n_train: int = typer.Option(160, "--n-train", help="Fine-tuning items per draw (--finetune; the study uses 160)."),
     min_updates: int = typer.Option(150, "--min-updates", help="Least optimizer updates per fine-tune (epochs raised to reach it)."),
     recipe: list[str] = typer.Option([], "--recipe", help="Another fine-tuning setting KEY=VALUE (lr, r, alpha, dropout, target_modules, weight_decay, final_lr_fraction, max_grad_norm, max_batch, epochs, micro_batch, optimizer); repeatable."),
     quantize: str = typer.Option("auto", "--quantize", help="auto (8bit on CUDA with --finetune, else none) | none | 8bit | 4bit."),
@@ -42,7 +42,7 @@ def generate_cmd(
     \b
     Example:
       probekit generate -d gsm8k --data-dir ../shared/data --n-test 150 --out results/gsm8k-cot
-      probekit generate -d gsm8k --data-dir ../shared/data --n-test 150 --finetune easy,hard --n-train 50 \\
+      probekit generate -d gsm8k --data-dir ../shared/data --n-test 150 --finetune easy,hard --n-train 8 \\
           --out results/gsm8k-qlora-cot
     """
     with clean_errors():

@@ -183,7 +183,7 @@ def generate_cot(
     prompt_id: str | None = None,
     min_test: int = MIN_TEST,
     finetune: str | list[str] | None = None,
-    n_train: int = 50,
+    n_train: int = 160,
     recipe: Recipe | None = None,
     max_updates: int | None = None,
     dtype: str = "float32",
