@@ -18,8 +18,8 @@ def generate_cmd(
     model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local folder or FILE.gguf; default: the offline SmolLM2-135M-Instruct."),
     dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto."),
-    conditions: str = typer.Option("zero_shot,easy,hard", "--demos-from",
-                                   help="Comma-separated conditions: zero_shot (zero-shot CoT) and/or the level k-shot demonstrations come from (easy, medium, hard)."),
+    conditions: str | None = typer.Option(None, "--demos-from",
+                                          help="Comma-separated conditions: zero_shot (zero-shot CoT) and/or the level k-shot demonstrations come from (easy, medium, hard); default zero_shot,easy,hard, none with --finetune."),
     k: int = typer.Option(8, "--k", help="Demonstrations per k-shot prompt."),
     measure: str | None = typer.Option(None, "--measure", help="Difficulty measure of the levels (default: the set's first, num_steps for GSM8k and StrategyQA)."),
     draws: int = typer.Option(1, "--draws", help="Draws of demonstrations (zero-shot CoT runs once)."),
@@ -28,18 +28,38 @@ def generate_cmd(
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Default 300 for GSM8k, 100 otherwise."),
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts decoded together."),
     scoring: str = typer.Option("default", "--scoring", help="default (numbers compared as numbers) | reference (the paper's exact rule)."),
+    finetune: str | None = typer.Option(None, "--finetune", help="Comma-separated levels (easy, medium, hard, all) to fine-tune LoRA adapters on chains of thought, per draw, then generate with them (method finetune_cot)."),
+    n_train: int = typer.Option(160, "--n-train", help="Fine-tuning items per draw (--finetune; the study uses 160)."),
+    min_updates: int = typer.Option(150, "--min-updates", help="Least optimizer updates per fine-tune (epochs raised to reach it)."),
+    recipe: list[str] = typer.Option([], "--recipe", help="Another fine-tuning setting KEY=VALUE (lr, r, alpha, dropout, target_modules, weight_decay, final_lr_fraction, max_grad_norm, max_batch, epochs, micro_batch, optimizer); repeatable."),
+    quantize: str = typer.Option("auto", "--quantize", help="auto (8bit on CUDA with --finetune, else none) | none | 8bit | 4bit."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
-    """Generate a chain of thought for every test item (zero-shot CoT and k-shot CoT) and score its answer."""
+    """Generate a chain of thought for every test item (zero-shot CoT, k-shot CoT, or after fine-tuning
+    on chains of thought) and score its answer.
+
+    \b
+    Example:
+      probekit generate -d gsm8k --data-dir ../shared/data --n-test 150 --out results/gsm8k-cot
+      probekit generate -d gsm8k --data-dir ../shared/data --n-test 150 --finetune easy,hard --n-train 8 \\
+          --out results/gsm8k-qlora-cot
+    """
     with clean_errors():
-        from probekit.cot.run import generate_cot
+        from probekit.cot.run import generate_cot, parse_levels
         from probekit.data import load_dataset
         from probekit.extract.models import ModelSpec
+        from probekit.finetune.recipe import recipe_with
+        from probekit.finetune.run import _resolve_quantize
 
+        tuned = parse_levels(finetune)
+        settings = recipe_with(recipe, min_updates=min_updates)
+        q = _resolve_quantize(quantize if tuned or quantize != "auto" else "none", device)
+        if conditions is None:
+            conditions = "" if tuned else "zero_shot,easy,hard"
         items = load_dataset(dataset, data_dir)
-        spec = ModelSpec(model=model, dtype=dtype, device=device, threads=threads)  # "auto" is settled when it loads
+        spec = ModelSpec(model=model, dtype=dtype, device=device, threads=threads, quantize=q)  # "auto" is settled when it loads
         summary = generate_cot(items, out, spec, conditions=conditions, k=k, measure=measure, draws=draws, seed=seed,
                                n_test=n_test, max_new_tokens=max_new_tokens, batch_size=batch_size, scoring=scoring,
-                               progress=not no_progress)
+                               finetune=tuned, n_train=n_train, recipe=settings, progress=not no_progress)
     console.print(summary.line())

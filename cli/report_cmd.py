@@ -47,8 +47,10 @@ def report(
     zero_weights: str = typer.Option("exclude", "--zero-weights",
                                      help="exclude | include heads whose exact optimum has zero weights (column "
                                           "zero_weights) from the statistics; counted per layer either way."),
-    baseline: str = typer.Option("zero_shot", "--baseline",
-                                 help="Comparisons: the method whose rows are the shared zero-shot baseline."),
+    baseline: str | None = typer.Option(None, "--baseline",
+                                        help="Comparisons: the method whose rows are the shared zero-shot baseline "
+                                             "of every method (default: zero_shot_cot for chain-of-thought methods "
+                                             "when present, zero_shot otherwise)."),
 ) -> None:
     """Accuracies with bootstrap CIs, SGR with CIs and p-values, tables and plots.
 

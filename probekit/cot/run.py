@@ -8,14 +8,18 @@ requested condition:
 - ``easy`` / ``medium`` / ``hard``: k demonstrations ``Q: ...\\nA: {reasoning} So the answer is
   {answer}`` drawn per draw from that level of ``measure``, with the draws and pools ICL uses
   (:func:`probekit.extract.icl.level_pool`, :func:`probekit.data.draws.train_draw`, key
-  ``icl/{measure}/{level}``); a draw's demonstrations are not among its test items.
+  ``icl/{measure}/{level}``); a draw's demonstrations are not among its test items;
+- ``tuned_easy`` / ``tuned_medium`` / ``tuned_hard`` / ``tuned_all`` (``finetune``): LoRA adapters
+  trained on ``n_train`` items of that draw and level with the seq2seq objective, then zero-shot
+  generation with the adapted model (:mod:`probekit.cot.tune`); the training items are not among
+  the unit's test items.
 
 Test items are the probe items, or with ``n_test`` a stratified sample: about ``n_test / 3`` per
 level of ``measure`` (a whole level when it is smaller), the same for every condition and draw,
 so conditions can be compared item by item. Generation is batched with the shared prefix run once
 (:mod:`probekit.cot.decode`); answers are scored by :mod:`probekit.cot.answers`. Every generation
 is kept (:mod:`probekit.store.generations`), and the scores form a results table that
-``probekit report`` reads (methods ``zero_shot_cot`` and ``icl_cot``).
+``probekit report`` reads (methods ``zero_shot_cot``, ``icl_cot`` and ``finetune_cot``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from probekit.cot import tune
 from probekit.cot.answers import SCORINGS, score
 from probekit.cot.decode import check_lengths, generate
 from probekit.data.draws import MIN_TEST, rng_for, train_draw
@@ -40,7 +45,8 @@ from probekit.extract.models import LoadedModel, ModelSpec
 from probekit.extract.progress import progress_bar
 from probekit.extract.run import prepare_model
 from probekit.extract.tokens import encode_prompt
-from probekit.store.generations import GenerationsWriter, is_generation_entry, read_generations
+from probekit.finetune.recipe import SEQ2SEQ_MIN_UPDATES, Recipe, schedule
+from probekit.store.generations import GenerationsWriter, is_generation_entry, read_generations, read_logs
 from probekit.store.outdir import OutputDir
 from probekit.store.results import ResultRows, ResultsWriter
 
@@ -60,19 +66,34 @@ def default_max_new_tokens(items) -> int:
     return 300 if items.generative else 100
 
 
-def parse_conditions(text: str | list[str]) -> list[str]:
-    """``"zero_shot,easy,hard"`` -> the conditions, checked and without repeats (``none`` = ``zero_shot``)."""
-    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text) if p.strip()]
+def comma_choices(text: str | list[str] | None, known: tuple[str, ...], what: str,
+                  aliases: dict[str, str] | None = None) -> list[str]:
+    """``"a,b,a"`` -> ``["a", "b"]``: each checked against ``known`` (one error naming ``what``), repeats dropped."""
+    parts = [p.strip() for p in ((text or "").split(",") if isinstance(text, str) or text is None else text)
+             if p.strip()]
     out = []
     for p in parts:
-        p = ZERO_SHOT if p in ("none", "zero-shot", "0") else p
-        if p not in CONDITIONS:
-            raise ProbekitError(f"unknown condition {p!r}: choose from {', '.join(CONDITIONS)} (comma-separated)")
+        p = (aliases or {}).get(p, p)
+        if p not in known:
+            raise ProbekitError(f"unknown {what} {p!r}: choose from {', '.join(known)} (comma-separated)")
         if p not in out:
             out.append(p)
-    if not out:
+    return out
+
+
+def parse_conditions(text: str | list[str], allow_none: bool = False) -> list[str]:
+    """``"zero_shot,easy,hard"`` -> the conditions, checked and without repeats (``none`` = ``zero_shot``);
+    with ``allow_none`` an empty list is accepted."""
+    out = comma_choices(text, CONDITIONS, "condition", {"none": ZERO_SHOT, "zero-shot": ZERO_SHOT, "0": ZERO_SHOT})
+    if not out and not allow_none:
         raise ProbekitError("no condition given (e.g. zero_shot,easy,hard)")
     return out
+
+
+def parse_levels(text: str | list[str] | None) -> list[str]:
+    """``"easy,hard"`` -> the levels to fine-tune on (:data:`probekit.cot.tune.TUNE_LEVELS`), checked,
+    without repeats (None or "" -> none)."""
+    return comma_choices(text, tune.TUNE_LEVELS, "fine-tuning level")
 
 
 def test_levels(items, measure: str) -> np.ndarray:
@@ -99,24 +120,28 @@ def test_sample(items, measure: str, n_test: int | None, seed: int = 0) -> np.nd
     return np.sort(np.concatenate(rows))
 
 
-def demo_rows(items, measure: str, level: str, k: int, seed: int, draw: int, min_test: int = MIN_TEST) -> np.ndarray:
-    """The k demonstrations of one draw: the ICL draw (same pool, same key, same seed)."""
+def demo_rows(items, measure: str, level: str, k: int, seed: int, draw: int, min_test: int = MIN_TEST,
+              what: str = "demonstrations") -> np.ndarray:
+    """The k demonstrations (or, ``what="training items"``, the k fine-tuning items) of one draw: the
+    ICL draw (same pool, same key, same seed)."""
     pool = level_pool(items, measure, level)
+    name = "k" if what == "demonstrations" else "n_train"
     if k > len(pool):
-        raise ProbekitError(f"k = {k} demonstrations but level {level!r} of {measure!r} has only {len(pool)} items")
+        raise ProbekitError(f"{name} = {k} {what} but level {level!r} of {measure!r} has only {len(pool)} items")
     return train_draw(pool, k, seed=seed, draw=draw, key=f"icl/{measure}/{level}", min_test=min_test,
-                      size_name="the number of demonstrations k")
+                      size_name=f"the number of {what} {name}")
 
 
-def _check_reasoning(items, rows: np.ndarray) -> None:
+def _check_reasoning(items, rows: np.ndarray, what: str = "demonstration") -> None:
     table = items.table
     if "reasoning" not in table.columns:
-        raise ProbekitError(f"dataset {items.name} has no reasoning text; k-shot chain-of-thought demonstrations "
-                            "need it (zero-shot CoT does not)")
+        need = ("k-shot chain-of-thought demonstrations need" if what == "demonstration"
+                else "fine-tuning on chains of thought needs")
+        raise ProbekitError(f"dataset {items.name} has no reasoning text; {need} it (zero-shot CoT does not)")
     for r in rows:
         text = table["reasoning"].iat[int(r)]
         if not isinstance(text, str) or not text.strip():
-            raise ProbekitError(f"dataset {items.name}: demonstration item {table['id'].iat[int(r)]!r} has no "
+            raise ProbekitError(f"dataset {items.name}: {what} item {table['id'].iat[int(r)]!r} has no "
                                 "reasoning text")
 
 
@@ -146,7 +171,7 @@ def generate_cot(
     out_dir: str | os.PathLike,
     model: str | ModelSpec | LoadedModel | None = None,
     *,
-    conditions: str | list[str] = "zero_shot,easy,hard",
+    conditions: str | list[str] | None = "zero_shot,easy,hard",
     k: int = 8,
     measure: str | None = None,
     draws: int = 1,
@@ -157,18 +182,30 @@ def generate_cot(
     scoring: str = "default",
     prompt_id: str | None = None,
     min_test: int = MIN_TEST,
+    finetune: str | list[str] | None = None,
+    n_train: int = 160,
+    recipe: Recipe | None = None,
+    max_updates: int | None = None,
     dtype: str = "float32",
     device: str = "cpu",
     cache_root: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> GenerateSummary:
-    """Generate and score chains of thought into ``out_dir`` (see the module docstring); resumable."""
-    conds = parse_conditions(conditions)
+    """Generate and score chains of thought into ``out_dir`` (see the module docstring); resumable.
+
+    ``finetune``: levels (``easy,hard``; ``all`` = every probe item) whose ``n_train`` items per draw
+    train fresh LoRA adapters on chains of thought (:mod:`probekit.cot.tune`; ``recipe``: the
+    settings, default the study's with at least 150 updates; ``max_updates`` caps a fine-tune, for
+    tests) before the adapted model generates. With ``finetune``, ``conditions`` may be empty.
+    """
+    tune_levels = parse_levels(finetune)
+    conds = parse_conditions(conditions or [], allow_none=bool(tune_levels))
     if scoring not in SCORINGS:
         raise ProbekitError(f"unknown scoring rule {scoring!r}: choose {' or '.join(SCORINGS)}")
-    for name, value in (("k", k), ("draws", draws), ("batch_size", batch_size)):
+    for name, value in (("k", k), ("draws", draws), ("batch_size", batch_size), ("n_train", n_train)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
+    recipe = recipe or Recipe(min_updates=SEQ2SEQ_MIN_UPDATES)
     measure = measure or items.measures[0]
     max_new_tokens = max_new_tokens or default_max_new_tokens(items)
     prompt_id = prompt_id or default_prompt_id(items)
@@ -178,7 +215,12 @@ def generate_cot(
              for c in conds if c != ZERO_SHOT for b in range(draws)}
     for d in demos.values():
         _check_reasoning(items, d)
+    trains = {(tune.condition(lv), b): demo_rows(items, measure, lv, n_train, seed, b, min_test, what="training items")
+              for lv in tune_levels for b in range(draws)}
+    for d in trains.values():
+        _check_reasoning(items, d, "training")
     units = [(c, b) for b in range(draws) for c in conds if c != ZERO_SHOT or b == 0]
+    units += [(tune.condition(lv), b) for b in range(draws) for lv in tune_levels]
     out = Path(out_dir)
     with OutputDir(out, (), "generation folder", own=is_generation_entry, share=True):  # locked before the model loads
         lm = prepare_model(model, dtype=dtype, device=device, cache_root=cache_root)
@@ -191,16 +233,53 @@ def generate_cot(
                          "stop": "answer line", "min_test": min_test},
             "test_ids": [str(i) for i in items.table["id"].to_numpy()[rows]],
         }
+        if tune_levels:  # only then: a folder of prompting conditions keeps the header it had
+            from probekit.finetune.run import _versions, loaded_quantize
+            from probekit.finetune.train import check_targets, check_trainable
+            from probekit.probe.engine import head_seed
+
+            quantize = loaded_quantize(lm)
+            check_trainable(quantize, lm.device)
+            check_targets(lm.model, recipe.target_modules)
+            header["prompt"]["finetune"] = tune.PROMPT_ID
+            header["generate"]["finetune"] = {
+                "levels": tune_levels, "n_train": n_train, "objective": "seq2seq", "draws": "icl/{measure}/{level}",
+                "quantize": quantize or "none", "optimizer": recipe.optimizer_for(quantize),
+                "recipe": recipe.describe("seq2seq"), "max_updates": max_updates,
+                "schedule": schedule(n_train, recipe).__dict__, "versions": _versions(),
+            }
         t0 = time.perf_counter()
         written, new_tokens = [], 0
         with GenerationsWriter(out, header) as writer:
             todo = [u for u in units if not writer.has_unit(*u)]
-            total = sum(len(rows) - (0 if c == ZERO_SHOT else np.isin(rows, demos[(c, b)]).sum()) for c, b in todo)
-            plans = {u: _plan_unit(lm, items, rows, demos.get(u), prompt_id, max_new_tokens) for u in todo}
+            excluded = {**demos, **trains}
+            total = sum(len(rows) - (0 if c == ZERO_SHOT else np.isin(rows, excluded[(c, b)]).sum()) for c, b in todo)
+            plans = {u: _plan_unit(lm, items, rows, excluded.get(u), prompt_id, max_new_tokens, u[0]) for u in todo}
             with progress_bar(total, f"generate {items.name} k={k}", enabled=progress and bool(todo)) as bar:
                 for c, b in todo:
-                    unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
-                    writer.write_unit(c, b, unit)
+                    log = None
+                    if tune_levels:
+                        bar.describe(f"generate {items.name} {c}")
+                    if tune.tuned_level(c) is None:
+                        unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
+                    else:
+                        train = tune.encode_targets(lm, items, trains[(c, b)], lambda r: gold_answer(items, r))
+
+                        def shown(done: int, total: int, loss: float, c=c) -> None:
+                            bar.describe(f"train {c} update {done}/{total} loss {loss:.3f}")
+
+                        with tune.tuned(lm, train, recipe, head_seed(seed, f"cot/{measure}/{c}/{b}/n{n_train}"),
+                                        quantize=quantize, max_updates=max_updates, on_update=shown) as trained:
+                            bar.describe(f"generate {items.name} {c}")
+                            t1 = time.perf_counter()
+                            unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
+                        log = {"train_items": [str(i) for i in items.table["id"].to_numpy()[trains[(c, b)]]],
+                               "updates": trained.updates, "epochs": trained.epochs,
+                               "effective_batch": trained.effective_batch, "optimizer": trained.optimizer,
+                               "losses": [x if math.isfinite(x) else None for x in trained.losses],
+                               "train_seconds": round(trained.seconds, 3),
+                               "generate_seconds": round(time.perf_counter() - t1, 3)}
+                    writer.write_unit(c, b, unit, log)
                     written.append(f"{c}/{b}")
                     new_tokens += int(sum(unit["new_tokens"]))
                     write_results(out, items, codes, measure, k, header)
@@ -211,13 +290,17 @@ def generate_cot(
     return GenerateSummary(out, written, len(rows), new_tokens, time.perf_counter() - t0, accuracy)
 
 
-def _plan_unit(lm, items, rows, demo, prompt_id, max_new_tokens) -> tuple:
-    """A unit's test rows, prompt texts and token ids; every prompt checked against the context."""
+def _plan_unit(lm, items, rows, excluded, prompt_id, max_new_tokens, condition: str = "") -> tuple:
+    """A unit's test rows (without the draw's ``excluded`` rows), prompt texts and token ids; every
+    prompt checked against the context. A k-shot unit shows its excluded rows as demonstrations."""
     table = items.table
-    if demo is not None:
-        rows = rows[~np.isin(rows, demo)]
+    if excluded is not None:
+        rows = rows[~np.isin(rows, excluded)]
+    if tune.tuned_level(condition) is not None:
+        examples, pid = [], tune.PROMPT_ID
+    elif excluded is not None:
         examples = [(str(table["question"].iat[r]), str(table["reasoning"].iat[r]), gold_answer(items, int(r)))
-                    for r in demo]
+                    for r in excluded]
         pid = "0305"
     else:
         examples, pid = [], prompt_id
@@ -242,6 +325,17 @@ def _run_unit(lm, items, condition, draw, plan, max_new_tokens, batch_size, scor
     }
 
 
+def condition_row(condition: str, k: int, header: dict) -> tuple[str, str, int, str]:
+    """A condition's ``train_level``, ``method``, ``n_train`` and ``solver`` in the results table (the
+    solver tells a report's heads apart: "cot" for prompting, "lora" for fine-tuned units)."""
+    level = tune.tuned_level(condition)
+    if level is not None:
+        return level, tune.METHOD, int(header["generate"]["finetune"]["n_train"]), tune.SOLVER
+    if condition == ZERO_SHOT:
+        return ZERO_SHOT, METHOD[ZERO_SHOT], 0, SITE
+    return condition, "icl_cot", k, SITE
+
+
 def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, header: dict) -> None:
     """Rebuild ``results.parquet`` + ``sweep.json`` from every finished unit of the folder."""
     frame = read_generations(out)
@@ -251,12 +345,19 @@ def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, hea
     with ResultsWriter(out) as writer:
         for (c, b), g in frame.groupby(["condition", "draw"], sort=True):
             r = np.array([index[i] for i in g["item_id"]], dtype=np.int64)
+            level, method, n, solver = condition_row(c, k, header)
             writer.append(builder.table(
-                layer="", measure=measure, train_level=c, draw=int(b), n_train=0 if c == ZERO_SHOT else k, noise=0.0,
-                solver=SITE, rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
-                p_gold=np.full(len(r), np.nan), method=METHOD.get(c, "icl_cot")))
-        writer.commit({"format_of": "probekit generate", "generate": header["generate"], "model": header["model"],
-                       "dataset": header["dataset"]["name"], "dataset_fingerprint": header["dataset"]["fingerprint"],
-                       "prompt": header["prompt"]})
+                layer="", measure=measure, train_level=level, draw=int(b), n_train=n, noise=0.0,
+                solver=solver, rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
+                p_gold=np.full(len(r), np.nan), method=method))
+        config = {"format_of": "probekit generate", "generate": header["generate"], "model": header["model"],
+                  "dataset": header["dataset"]["name"], "dataset_fingerprint": header["dataset"]["fingerprint"],
+                  "prompt": header["prompt"]}
+        logs = read_logs(out)
+        if logs:  # fine-tuned units: updates, first and last loss, seconds (every loss: DIR/log-*.json)
+            config["training"] = {u: {"updates": g["updates"], "first_loss": (g["losses"] or [None])[0],
+                                      "last_loss": (g["losses"] or [None])[-1], "train_seconds": g["train_seconds"],
+                                      "generate_seconds": g["generate_seconds"]} for u, g in logs.items()}
+        writer.commit(config)
 
 

@@ -106,9 +106,15 @@ COT_INSTRUCTIONS = {
 COT_TEMPLATE_TEXT = "[instruction\\n]Q: {question}\\nA: {reasoning} So the answer is {answer}\\n\\n...Q: {question}\\nA:"
 
 
+def cot_answer(reasoning: str, answer: str) -> str:
+    """A worked answer: ``{reasoning} So the answer is {answer}`` (a demonstration's answer, and the
+    target of fine-tuning on chains of thought)."""
+    return f"{reasoning} So the answer is {answer}"
+
+
 def render_cot_example(question: str, reasoning: str, answer: str) -> str:
     """One chain-of-thought demonstration: ``Q: {question}\\nA: {reasoning} So the answer is {answer}``."""
-    return f"Q: {question}\nA: {reasoning} So the answer is {answer}"
+    return f"Q: {question}\nA: {cot_answer(reasoning, answer)}"
 
 
 def render_cot(examples: Sequence[tuple[str, str, str]], question: str, prompt_id: str = "0305") -> str:

@@ -40,6 +40,11 @@ class Bar:
         if self._progress is not None:
             self._progress.update(self._task, advance=items, tokens=self.tokens)
 
+    def describe(self, text: str) -> None:
+        """Change the bar's description (e.g. the current phase of a unit)."""
+        if self._progress is not None:
+            self._progress.update(self._task, description=text)
+
 
 @contextmanager
 def progress_bar(total: int, description: str, enabled: bool = True) -> Iterator[Bar]:

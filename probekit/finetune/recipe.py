@@ -22,6 +22,16 @@ from typing import Any
 from probekit.errors import ProbekitError
 
 OPTIMIZERS = ("auto", "adamw", "adam8bit")
+#: The least updates of a fine-tune on chains of thought (the ``seq2seq`` objective): the authors
+#: multiply their minimum of 10 by 15 for their CoT runs (``run_jobs.py``).
+SEQ2SEQ_MIN_UPDATES = 150
+OBJECTIVE_TEXT = {
+    "choices": "NLL of the gold choice under a softmax over the item's choices, each scored by the summed log-prob "
+               "of its answer tokens given the prompt (packed: prompt once, choices as continuations under a 4-D "
+               "mask); no L2",
+    "seq2seq": "summed NLL of the target's tokens (' {reasoning} So the answer is {answer}' then end-of-sequence) "
+               "given the prompt, prompt tokens not scored; an update averages it over items; no L2",
+}
 
 
 @dataclass(frozen=True)
@@ -72,16 +82,14 @@ class Recipe:
             return self.optimizer
         return "adam8bit" if quantize == "8bit" else "adamw"
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, objective: str = "choices") -> dict[str, Any]:
         """The settings as recorded in a run's JSON, with the fixed parts of the recipe spelled out."""
         out = dataclasses.asdict(self)
         out["target_modules"] = list(self.target_modules)
         out.update({
             "lora_bias": "none", "warmup_updates": 0, "schedule": "linear decay to final_lr_fraction * lr",
             "decay_exempt": "parameters whose name contains 'norm' or 'bias'",
-            "objective": "NLL of the gold choice under a softmax over the item's choices, each scored by the "
-                         "summed log-prob of its answer tokens given the prompt (packed: prompt once, choices "
-                         "as continuations under a 4-D mask); no L2",
+            "objective": OBJECTIVE_TEXT[objective],
             "batch": "an update averages over min(n_train, max_batch) items; micro batches accumulate",
             "epochs_rule": "epochs raised until updates >= min_updates",
         })
@@ -108,3 +116,21 @@ def schedule(n_train: int, recipe: Recipe) -> Schedule:
     if per_epoch * epochs < recipe.min_updates:
         epochs = math.ceil(recipe.min_updates / per_epoch)
     return Schedule(batch, per_epoch, epochs, per_epoch * epochs)
+
+
+def recipe_with(pairs: list[str] | tuple[str, ...] = (), **defaults: Any) -> Recipe:
+    """A :class:`Recipe` from ``defaults`` and ``KEY=VALUE`` overrides (``lr=2e-4``, ``micro_batch=4``,
+    ``target_modules=q_proj,k_proj``); one clear error for an unknown key or a bad value."""
+    fields = {f.name: f for f in dataclasses.fields(Recipe)}
+    values = dict(defaults)
+    for pair in pairs:
+        key, sep, text = str(pair).partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in fields:
+            raise ProbekitError(f"recipe setting {pair!r}: write KEY=VALUE with KEY one of {', '.join(fields)}")
+        kind = type(fields[key].default)
+        try:
+            values[key] = text.strip() if kind in (str, tuple) else kind(text.strip())
+        except ValueError:
+            raise ProbekitError(f"recipe setting {pair!r}: {text!r} is not a valid {kind.__name__}") from None
+    return Recipe(**values)

@@ -99,6 +99,12 @@ def _resolve_quantize(quantize: str | None, device: str) -> str | None:
     return None if q == "none" else q
 
 
+def loaded_quantize(lm: LoadedModel) -> str | None:
+    """``"8bit"`` / ``"4bit"`` for a loaded model quantized by bitsandbytes, else None."""
+    bits = (lm.identity.get("quantization") or {}).get("bits")
+    return None if bits is None else f"{bits}bit"
+
+
 def _cuda() -> bool:
     import torch
 
@@ -188,8 +194,7 @@ def finetune(
     questions = cache_questions(items, cache)
     template = cache.manifest.get("prompt", {}).get("template", questions.prompt_template)
     if isinstance(model, LoadedModel):
-        lm, q = model, (model.identity.get("quantization") or {}).get("bits")
-        q = None if q is None else f"{q}bit"
+        lm, q = model, loaded_quantize(model)
     else:
         q = _resolve_quantize(quantize, device if not isinstance(model, ModelSpec) else model.device)
         spec = model if isinstance(model, ModelSpec) else (

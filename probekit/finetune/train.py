@@ -25,6 +25,8 @@ from probekit.extract.run import length_batches
 from probekit.extract.tokens import Encoded
 from probekit.finetune.recipe import Recipe, schedule
 
+#: Training objectives: the gold choice's NLL over the item's choices, or a target sequence's token NLL.
+OBJECTIVES = ("choices", "seq2seq")
 #: Called after every optimizer update: (updates done, updates in all, that update's loss).
 OnUpdate = Callable[[int, int, float], None]
 
@@ -144,9 +146,20 @@ def gold_nll(scores, labels):
     return -logp[torch.arange(len(gold), device=scores.device), gold]
 
 
-def item_nll(lm, batch: Sequence[Encoded], labels, max_choices: int | None = None):
-    """Per-item training loss of a batch from one packed forward (differentiable)."""
-    return gold_nll(score_choices(lm, batch, max_choices), labels)
+def item_nll(lm, batch: Sequence[Encoded], labels, max_choices: int | None = None, objective: str = "choices"):
+    """Per-item training loss of a batch from one packed forward (differentiable).
+
+    ``objective="choices"``: NLL of the gold choice under a softmax over the item's choices.
+    ``objective="seq2seq"``: each item has one continuation, its target (e.g. a chain of thought
+    with its answer, :mod:`probekit.cot.tune`); the loss is the summed NLL of the target's tokens
+    given the prompt, the prompt's own tokens not scored (``labels`` unused).
+    """
+    if objective not in OBJECTIVES:
+        raise ProbekitError(f"unknown objective {objective!r}: choose {' or '.join(OBJECTIVES)}")
+    scores = score_choices(lm, batch, max_choices)
+    if objective == "seq2seq":
+        return -scores[:, 0]
+    return gold_nll(scores, labels)
 
 
 @dataclass
@@ -163,17 +176,20 @@ class TrainLog:
 
 def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe, seed: int, *,
                    quantize: str | None = None, on_update: OnUpdate | None = None,
-                   max_updates: int | None = None) -> TrainLog:
+                   max_updates: int | None = None, objective: str = "choices") -> TrainLog:
     """Train the adapters of ``model`` (from :func:`attach_lora`) on ``encoded`` items with ``labels``.
 
     Each epoch visits the items in an order drawn from ``seed``; every update averages the loss
-    over :func:`~probekit.finetune.recipe.schedule`'s effective batch. ``max_updates`` stops early
+    (:func:`item_nll` with ``objective``; ``labels`` may be None for "seq2seq") over
+    :func:`~probekit.finetune.recipe.schedule`'s effective batch. ``max_updates`` stops early
     (tests, benchmarks); the learning-rate schedule still spans the full run.
     """
     import torch
 
     check_trainable(quantize, lm.device)
-    labels = np.asarray(labels, dtype=np.int64)
+    if objective not in OBJECTIVES:
+        raise ProbekitError(f"unknown objective {objective!r}: choose {' or '.join(OBJECTIVES)}")
+    labels = np.zeros(len(encoded), dtype=np.int64) if labels is None else np.asarray(labels, dtype=np.int64)
     if len(labels) != len(encoded):
         raise ProbekitError(f"{len(encoded)} items but {len(labels)} labels")
     plan = schedule(len(encoded), recipe)
@@ -197,7 +213,8 @@ def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe
                     total = 0.0
                     for part in length_batches([encoded[i] for i in chunk], recipe.micro_batch):
                         idx = chunk[part]  # micro batches of similar length: less padding, same sum
-                        loss = item_nll(lm, [encoded[i] for i in idx], labels[idx], max_choices).sum() / len(chunk)
+                        loss = item_nll(lm, [encoded[i] for i in idx], labels[idx], max_choices,
+                                        objective).sum() / len(chunk)
                         loss.backward()
                         total += float(loss.detach())
                     if log.updates == 0:

@@ -8,13 +8,18 @@ head). Every number is computed by the single-run machinery (:func:`population_t
 :func:`all_to_all_table`) on that head's rows beside the zero-shot baseline, so a run's numbers
 in the comparison are the numbers of its own report with that head as the headline.
 
-The zero-shot baseline (the rows of method ``baseline``, "zero_shot" by default) is shared by
-the methods of one (model, dataset), as in the paper: the runs of one model and dataset that hold
-baseline rows must agree on them item by item (same items, levels and correctness per measure),
-else the comparison is refused. Runs whose heads are training draws (probe, finetune) are paired
-item by item by the draw function; when two such runs of one model and dataset were run with
-different seeds, their training items differ and the comparison is refused. Two runs giving the
-same (model, dataset, experiment, method) are refused (which one would the table show?).
+The zero-shot baseline (the rows of method ``baseline``) is shared by the methods of one (model,
+dataset), as in the paper. By default each method gets its own: a chain-of-thought method
+(``*_cot``: ``icl_cot``, ``finetune_cot``) is set against zero-shot chain of thought
+(``zero_shot_cot``) when some run of its model and dataset holds those rows (GSM8k has no other
+zero-shot baseline; the paper scores its CoT methods against zero-shot CoT), every other method
+against ``zero_shot``; ``baseline`` names one method for all. Each baseline is checked across runs:
+the runs of one model and dataset that hold baseline rows must agree on them item by item (same
+items, levels and correctness per measure), else the comparison is refused. Runs whose heads are
+training draws (probe, finetune) are paired item by item by the draw function; when two such runs of
+one model and dataset were run with different seeds, their training items differ and the comparison
+is refused. Two runs giving the same (model, dataset, experiment, method) are refused (which one
+would the table show?).
 
 Written to ``REP/`` (see docs/protocol.md §11):
 
@@ -72,6 +77,9 @@ FORMAT = "probekit-comparison/1"
 #: Methods whose heads are training draws of :func:`probekit.probe.plan.plan`: runs of these
 #: methods pair item by item only when they share the seed.
 PAIRED = ("probe", "finetune")
+#: The baseline of chain-of-thought methods (``*_cot``) when no single baseline is given.
+COT_BASELINE = "zero_shot_cot"
+BASELINE_RULE = f"per method: {COT_BASELINE} for *_cot methods when present, else {ZERO_SHOT}"
 _SIZE = re.compile(r"(?<![0-9.])(\d+(?:\.\d+)?)\s*([kKmMbBtT])(?![a-zA-Z])")
 _UNIT = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
@@ -149,14 +157,15 @@ def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
     return runs
 
 
-def _heads(runs: list[Run], baseline: str, site: str | None, layer: str | None, solver: str | None) -> list[Head]:
+def _heads(runs: list[Run], baselines: Sequence[str], site: str | None, layer: str | None,
+           solver: str | None) -> list[Head]:
     """One head per (run, experiment, trained method); two runs giving the same (model, dataset,
     experiment, method) are refused."""
     heads: list[Head] = []
     owner: dict[tuple, Run] = {}
     for run in runs:
         t = run.table
-        trained = t[(t["method"] != baseline) & (t["train_level"] != ZERO_SHOT)]
+        trained = t[~t["method"].isin(list(baselines)) & (t["train_level"] != ZERO_SHOT)]
         for (experiment, method), rows in trained.groupby(["experiment", "method"], sort=True, observed=True):
             key = (run.model, run.dataset, experiment, method)
             if key in owner:
@@ -194,6 +203,16 @@ def _baselines(runs: list[Run], baseline: str) -> dict[tuple, tuple[Run, pd.Data
             for experiment, part in rows.groupby("experiment", observed=True):
                 out.setdefault((model, dataset, str(experiment)), (run, part))
     return out
+
+
+def baseline_of(method: str, key: tuple, baseline: str | None, bases: dict[str, dict]) -> str:
+    """The baseline method of ``method``'s head for ``key`` = (model, dataset, experiment): ``baseline``
+    when given, else :data:`COT_BASELINE` for a ``*_cot`` method when present for ``key``, else zero_shot."""
+    if baseline:
+        return baseline
+    if method.endswith("_cot") and key in bases.get(COT_BASELINE, {}):
+        return COT_BASELINE
+    return ZERO_SHOT
 
 
 def _check_same_baseline(a: Run, ra: pd.DataFrame, b: Run, rb: pd.DataFrame, baseline: str) -> None:
@@ -252,7 +271,7 @@ def build_comparison(
     site: str | None = None,
     layer: str | None = None,
     solver: str | None = None,
-    baseline: str = ZERO_SHOT,
+    baseline: str | None = None,
     zero_weights: str = "exclude",
     progress: ProgressFn | None = None,
 ) -> dict:
@@ -261,7 +280,8 @@ def build_comparison(
     ``n_boot`` resamples per accuracy, difference and all-to-all cell; ``n_boot_sgr`` per SGR of
     every method's head; every bootstrap uses ``seed``. ``site``, ``layer`` and ``solver`` pick the
     probe head (defaults as in a single-run report); other methods' heads take their defaults.
-    ``baseline``: the method whose rows are the zero-shot baseline (e.g. "zero_shot_cot").
+    ``baseline``: the method whose rows are the zero-shot baseline of every method (e.g.
+    "zero_shot_cot"); None: per method (:func:`baseline_of`, see the module docstring).
     ``zero_weights``: as in :func:`probekit.report.build.build_report`. Bad, incomplete or
     mismatched runs raise :class:`ProbekitError` before anything is written.
     """
@@ -269,34 +289,36 @@ def build_comparison(
         raise ProbekitError("a comparison needs at least two results directories")
     check_settings(n_boot, n_boot_sgr, seed, zero_weights)
     runs = _load_runs(results_dirs, zero_weights)
-    heads = _heads(runs, baseline, site, layer, solver)
-    base = _baselines(runs, baseline)
+    names = [baseline] if baseline else [ZERO_SHOT, COT_BASELINE]
+    heads = _heads(runs, names, site, layer, solver)
+    bases = {b: _baselines(runs, b) for b in names}
     notes = _check_pairing(heads)
     pop_heads = [h for h in heads if h.experiment == "population"]
     a2a_heads = [h for h in heads if h.experiment == "all_to_all"]
-    a2a_base = [(k, v) for k, v in base.items() if k[2] == "all_to_all"]
+    a2a_base = [(b, k, v) for b in names for k, v in bases[b].items() if k[2] == "all_to_all"]
     tick = _Ticker(progress, len(pop_heads) + len(a2a_heads) + len(a2a_base))
 
     population: list[dict] = []
     for h in pop_heads:
         key = (h.run.model, h.run.dataset, "population")
-        zero_run, zero = base.get(key, (None, h.rows.iloc[:0]))
+        used = baseline_of(h.method, key, baseline, bases)
+        zero_run, zero = bases[used].get(key, (None, h.rows.iloc[:0]))
         if zero_run is None:
-            notes.append(f"{h.run.res.path} ({h.method}): no {baseline} rows for {h.run.model} on {h.run.dataset}; "
+            notes.append(f"{h.run.res.path} ({h.method}): no {used} rows for {h.run.model} on {h.run.dataset}; "
                          "its SGR is not computed")
         sub = pd.concat([zero[zero["measure"].isin(set(h.rows["measure"]))], h.rows], ignore_index=True)
         for rec in population_table(sub, n_boot, n_boot_sgr, seed):
             population.append({"model": h.run.model, "dataset": h.run.dataset, "method": h.method,
-                               "run": h.run.dir, "run_sha256": h.run.res.sha256,
+                               "run": h.run.dir, "run_sha256": h.run.res.sha256, "baseline": used,
                                "baseline_run": zero_run.dir if zero_run else None, **rec})
         tick(f"{h.method} {h.run.model} {h.run.dataset}")
 
     all_to_all: list[dict] = []
-    for (model, dataset, _), (run, zero) in a2a_base:
+    for name, (model, dataset, _), (run, zero) in a2a_base:
         for rec in all_to_all_table(zero, n_boot, seed):
-            all_to_all.append({"model": model, "dataset": dataset, "method": baseline, "run": run.dir,
+            all_to_all.append({"model": model, "dataset": dataset, "method": name, "run": run.dir,
                                "run_sha256": run.res.sha256, **rec})
-        tick(f"{baseline} all-to-all {model} {dataset}")
+        tick(f"{name} all-to-all {model} {dataset}")
     for h in a2a_heads:
         for rec in all_to_all_table(h.rows, n_boot, seed):
             all_to_all.append({"model": h.run.model, "dataset": h.run.dataset, "method": h.method,
@@ -319,7 +341,7 @@ def build_comparison(
         "models": [{"model": m, "size": s, "size_source": src} for m, s, src in models],
         "settings": {
             "n_boot": int(n_boot), "n_boot_sgr": int(n_boot_sgr), "seed": int(seed), "level": 0.95,
-            "test_level": HARD, "baseline": baseline, "zero_weights": zero_weights,
+            "test_level": HARD, "baseline": baseline or BASELINE_RULE, "zero_weights": zero_weights,
             "probe_head": {"site": site, "layer": layer, "solver": solver},
             "rule": "each method's head is computed by the single-run report's functions on its own rows beside "
                     "the shared baseline of its model and dataset; every head's SGR gets n_boot_sgr resamples",

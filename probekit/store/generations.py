@@ -7,6 +7,9 @@ Folder layout::
                                       one file per unit (a condition, ``zero_shot`` or the level the
                                       demonstrations come from, and a draw), one row per test item:
                                       :data:`SCHEMA`
+    DIR/log-{condition}-{draw:03d}.json
+                                      a fine-tuned unit's training log (updates, the loss of every
+                                      update, seconds), written just before its unit file
     DIR/results.parquet, DIR/sweep.json
                                       the scores in the common results contract
                                       (:mod:`probekit.store.results`), rebuilt from the unit files
@@ -41,6 +44,7 @@ SCHEMA = pa.schema([
     ("answer", pa.string()), ("gold", pa.string()), ("correct", pa.int8()),
 ])
 _UNIT = re.compile(r"^gen-([a-z_]+)-(\d{3,})\.parquet$")
+_LOG = re.compile(r"^log-([a-z_]+)-(\d{3,})\.json$")
 
 
 def unit_name(condition: str, draw: int) -> str:
@@ -48,11 +52,16 @@ def unit_name(condition: str, draw: int) -> str:
     return f"gen-{condition}-{draw:03d}.parquet"
 
 
+def log_name(condition: str, draw: int) -> str:
+    """File name of one unit's training log: ``log-tuned_easy-000.json``."""
+    return f"log-{condition}-{draw:03d}.json"
+
+
 def is_generation_entry(name: str) -> bool:
     """Whether a directory entry can belong to a generation folder (files, locks, temporaries)."""
-    if name in (HEADER, RESULTS, CONFIG, ".lock", "parts") or _UNIT.match(name):
+    if name in (HEADER, RESULTS, CONFIG, ".lock", "parts") or _UNIT.match(name) or _LOG.match(name):
         return True
-    return name.startswith((".gen-", f".{HEADER}.", f".{RESULTS}.", ".part.parquet.")) and ".tmp" in name
+    return name.startswith((".gen-", ".log-", f".{HEADER}.", f".{RESULTS}.", ".part.parquet.")) and ".tmp" in name
 
 
 class GenerationsWriter:
@@ -73,6 +82,8 @@ class GenerationsWriter:
             for entry in os.listdir(self.out):
                 if entry.startswith(".gen-") and is_temporary(entry, entry[1:].split(".parquet")[0] + ".parquet"):
                     (self.out / entry).unlink(missing_ok=True)  # a killed run's unit in flight
+                elif entry.startswith(".log-") and is_temporary(entry, entry[1:].split(".json")[0] + ".json"):
+                    (self.out / entry).unlink(missing_ok=True)
             recorded = read_header(self.out)
             if recorded is not None and recorded != self.header:
                 keys = sorted(k for k in set(recorded) | set(self.header) if recorded.get(k) != self.header.get(k))
@@ -89,10 +100,13 @@ class GenerationsWriter:
     def has_unit(self, condition: str, draw: int) -> bool:
         return (self.out / unit_name(condition, draw)).is_file()
 
-    def write_unit(self, condition: str, draw: int, rows: Mapping[str, Any]) -> Path:
-        """Write one unit's rows (columns of :data:`SCHEMA`) atomically."""
+    def write_unit(self, condition: str, draw: int, rows: Mapping[str, Any], log: Mapping[str, Any] | None = None) -> Path:
+        """Write one unit's rows (columns of :data:`SCHEMA`) atomically, after its training ``log``
+        (a fine-tuned unit's), so a unit file always has its log."""
         if read_header(self.out) is None:  # written with the first unit: a run that fails earlier leaves nothing
             self._dir.write_json(HEADER, self.header)
+        if log is not None:
+            self._dir.write_json(log_name(condition, draw), json.loads(json.dumps(log, default=str)))
         name = unit_name(condition, draw)
         table = pa.Table.from_pydict({f.name: rows[f.name] for f in SCHEMA}, schema=SCHEMA)
         tmp = self._dir.temp(name)
@@ -109,6 +123,20 @@ def read_header(folder: str | os.PathLike) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise ProbekitError(f"cannot read {path}: {exc}") from None
+
+
+def read_logs(folder: str | os.PathLike) -> dict[str, dict]:
+    """The training logs of a generation folder's finished units: ``{"tuned_easy/0": {...}}``."""
+    root = Path(folder)
+    out = {}
+    for path in sorted(root.glob("log-*.json")):
+        m = _LOG.match(path.name)
+        if m and (root / unit_name(m.group(1), int(m.group(2)))).is_file():
+            try:
+                out[f"{m.group(1)}/{int(m.group(2))}"] = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ProbekitError(f"cannot read {path}: {exc}") from None
+    return out
 
 
 def read_generations(folder: str | os.PathLike) -> pd.DataFrame:

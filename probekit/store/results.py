@@ -71,7 +71,7 @@ SCHEMA = pa.schema([
 ])
 COLUMNS = tuple(SCHEMA.names)
 #: The supervision methods a row can come from (the ``method`` column).
-METHODS = ("probe", "icl", "finetune", "zero_shot", "zero_shot_cot", "icl_cot")
+METHODS = ("probe", "icl", "finetune", "zero_shot", "zero_shot_cot", "icl_cot", "finetune_cot")
 #: Columns a reader fills when a table lacks them (tables written before they existed): name -> value,
 #: or a function of the table (``method``: :func:`method_of` its train level and site).
 FILLED = {
