@@ -27,29 +27,40 @@ def gsm8k(shared_data):
     return load_dataset("gsm8k", shared_data)
 
 
-@pytest.mark.slow
-def test_batched_shared_prefix_equals_plain_generate_per_item(lm, gsm8k):
-    import torch
-
-    from probekit.cot.decode import generate
+def kshot_texts(gsm8k, seed: int) -> list[str]:
+    """2-shot CoT prompts (easy demonstrations) for 4 sampled GSM8k items."""
     from probekit.cot.run import demo_rows, gold_answer, test_sample
     from probekit.data.prompts import render_cot
-    from probekit.extract.tokens import encode_prompt
 
     table = gsm8k.table
-    rows = test_sample(gsm8k, "num_steps", 4, seed=0)[:4]
-    demo = demo_rows(gsm8k, "num_steps", "easy", 2, seed=0, draw=0)
+    rows = test_sample(gsm8k, "num_steps", 4, seed=seed)[:4]
+    demo = demo_rows(gsm8k, "num_steps", "easy", 2, seed=seed, draw=0)
     examples = [(table["question"].iat[r], table["reasoning"].iat[r], gold_answer(gsm8k, r)) for r in demo]
-    prompts = [encode_prompt(lm.tokenizer, render_cot(examples, table["question"].iat[r]), lm.rules) for r in rows]
+    return [render_cot(examples, table["question"].iat[r]) for r in rows]
+
+
+def plain_generate(lm, prompt: list[int], n: int) -> list[int]:
+    """One plain greedy ``model.generate`` call: the new tokens."""
+    import torch
+
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        full = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 pad_token_id=lm.pad_id)
+    return full[0, len(prompt):].tolist()
+
+
+@pytest.mark.slow
+def test_batched_shared_prefix_equals_plain_generate_per_item(lm, gsm8k):
+    from probekit.cot.decode import generate
+    from probekit.extract.tokens import encode_prompt
+
+    prompts = [encode_prompt(lm.tokenizer, t, lm.rules) for t in kshot_texts(gsm8k, seed=0)]
     n = 8
     gens, counts = generate(lm, prompts, n, batch_size=3)  # two batches, left-padded, one shared prefix
     assert counts["prefix_tokens"] > 300  # the two demonstrations
     for p, g in zip(prompts, gens):
-        ids = torch.tensor([p])
-        with torch.inference_mode():
-            full = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                     pad_token_id=lm.pad_id)
-        plain = full[0, len(p):].tolist()
+        plain = plain_generate(lm, p, n)
         plain = plain[:plain.index(lm.tokenizer.eos_token_id)] if lm.tokenizer.eos_token_id in plain else plain
         assert g.ids == plain[:len(g.ids)]
         if g.stopped == "length":
@@ -57,37 +68,25 @@ def test_batched_shared_prefix_equals_plain_generate_per_item(lm, gsm8k):
         assert g.text == lm.tokenizer.decode(g.ids, skip_special_tokens=True)
 
 
-
 @pytest.mark.slow
 def test_rows_that_end_early_leave_the_batch_without_changing_the_others(lm, gsm8k):
     """Rows whose answer line completes in a few tokens leave the batch mid-way; every row still equals
     its own plain ``generate`` call, the early ones stopped at their answer line."""
-    import torch
-
     from probekit.cot.decode import answer_complete, generate
-    from probekit.cot.run import demo_rows, gold_answer, test_sample
-    from probekit.data.prompts import render_cot
+    from probekit.cot.run import test_sample
     from probekit.extract.tokens import encode_prompt
 
-    table = gsm8k.table
     rows = test_sample(gsm8k, "num_steps", 4, seed=1)[:4]
-    demo = demo_rows(gsm8k, "num_steps", "easy", 2, seed=1, draw=0)
-    examples = [(table["question"].iat[r], table["reasoning"].iat[r], gold_answer(gsm8k, r)) for r in demo]
-    texts = [render_cot(examples, table["question"].iat[r]) for r in rows]
     # rows 0 and 2 already hold their reasoning: they state the answer within a few tokens, 1 and 3 run on
-    texts = [t + (f" {table['reasoning'].iat[r]}" if i % 2 == 0 else "") for i, (t, r) in enumerate(zip(texts, rows))]
+    texts = [t + (f" {gsm8k.table['reasoning'].iat[r]}" if i % 2 == 0 else "")
+             for i, (t, r) in enumerate(zip(kshot_texts(gsm8k, seed=1), rows))]
     prompts = [encode_prompt(lm.tokenizer, t, lm.rules) for t in texts]
     n = 32
     gens, _ = generate(lm, prompts, n, batch_size=4, stop="answer")
     assert [g.stopped for g in gens[0::2]] == ["answer", "answer"] and all(len(g.ids) < n for g in gens[0::2])
     assert [len(g.ids) for g in gens[1::2]] == [n, n]
     for p, g in zip(prompts, gens):
-        ids = torch.tensor([p])
-        with torch.inference_mode():
-            full = lm.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                                     pad_token_id=lm.pad_id)
-        plain = full[0, len(p):].tolist()
-        assert g.ids == plain[:len(g.ids)]
+        assert g.ids == plain_generate(lm, p, n)[:len(g.ids)]
         if g.stopped == "answer":
             assert answer_complete(g.text) and not answer_complete(lm.tokenizer.decode(g.ids[:-1]))
 
