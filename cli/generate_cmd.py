@@ -50,11 +50,11 @@ def generate_cmd(
         from probekit.data import load_dataset
         from probekit.extract.models import ModelSpec
         from probekit.finetune.recipe import recipe_with
-        from probekit.finetune.run import _resolve_quantize
+        from probekit.finetune.run import resolve_quantize
 
         tuned = parse_levels(finetune)
         settings = recipe_with(recipe, min_updates=min_updates)
-        q = _resolve_quantize(quantize if tuned or quantize != "auto" else "none", device)
+        q = resolve_quantize(quantize if tuned or quantize != "auto" else "none", device)
         if conditions is None:
             conditions = "" if tuned else "zero_shot,easy,hard"
         items = load_dataset(dataset, data_dir)

@@ -90,7 +90,8 @@ def _same_weights(cache_model: Mapping[str, Any], loaded: Mapping[str, Any]) -> 
     return cache_model.get("id") == loaded.get("id")
 
 
-def _resolve_quantize(quantize: str | None, device: str) -> str | None:
+def resolve_quantize(quantize: str | None, device: str) -> str | None:
+    """The quantization a --quantize setting means on ``device`` ("auto": 8-bit on CUDA, none elsewhere)."""
     q = "none" if quantize is None else str(quantize)
     if q not in QUANTIZE:
         raise ProbekitError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
@@ -196,7 +197,7 @@ def finetune(
     if isinstance(model, LoadedModel):
         lm, q = model, loaded_quantize(model)
     else:
-        q = _resolve_quantize(quantize, device if not isinstance(model, ModelSpec) else model.device)
+        q = resolve_quantize(quantize, device if not isinstance(model, ModelSpec) else model.device)
         spec = model if isinstance(model, ModelSpec) else (
             model_for_cache(cache, dtype=dtype, quantize=q, device=device) if model is None
             else ModelSpec(model=model, dtype=dtype, quantize=q, device=device))
