@@ -139,6 +139,38 @@ def test_two_datasets_give_sgr_per_dataset_and_spearman_matrices(runs, strategyq
 
 
 @pytest.mark.slow
+def test_a_cloze_run_is_its_own_dataset_against_its_own_zero_shot(runs, demo_items, lm, tmp_path):
+    from probekit.extract.run import extract
+    from probekit.probe import sweep
+
+    extract(demo_items, tmp_path / "cloze", lm, layers="last", sites=["answer_end"], template="cloze",
+            batch_size=16, progress=False)
+    sweep(tmp_path / "cloze", tmp_path / "cloze-probe", layers="last", draws=2, **SMALL)
+    rep = tmp_path / "rep"
+    out = _report([runs / "probe", tmp_path / "cloze-probe", "--out", rep])
+    assert out.exit_code == 0, out.output
+    summary = json.loads((rep / "summary.json").read_text())
+    name = json.loads((runs / "probe" / "sweep.json").read_text())["dataset"]
+    assert [(r["dataset"], r["prompt"]) for r in summary["runs"]] == [(name, "0040"), (f"{name} (cloze)", "cloze")]
+    for results, dataset in ((runs / "probe", name), (tmp_path / "cloze-probe", f"{name} (cloze)")):
+        rec = [{k: r[k] for k in STATS} for r in summary["population"]
+               if r["dataset"] == dataset and r["method"] == "probe"]
+        assert rec == _headline_records(_single(results, tmp_path / dataset)), dataset
+    zero = {r["dataset"]: r["accuracy"]["zero_shot"]["point"] for r in summary["population"] if r["method"] == "probe"}
+    assert zero[name] != zero[f"{name} (cloze)"]  # each against the zero-shot of its own prompt
+    assert [e["dataset"] for e in summary["spearman"]] == [name]  # one set of items, one matrix
+
+
+def test_dataset_label_names_a_prompt_other_than_the_sets_own():
+    from probekit.report.compare import dataset_label, prompt_template
+
+    assert dataset_label("arc", "0040") == "arc" and dataset_label("strategyqa", "0306") == "strategyqa"
+    assert dataset_label("arc", "cloze") == "arc (cloze)" and dataset_label("mmlu", None) == "mmlu"
+    assert prompt_template({"prompt": {"template": "cloze", "k_shot": 0}}) == "cloze"
+    assert prompt_template({"prompt": {"zero_shot": "0305"}}) is None and prompt_template({}) is None
+
+
+@pytest.mark.slow
 def test_mismatched_runs_are_refused_and_nothing_is_written(runs, real_cache, tmp_path):
     from probekit.data.levels import Fixed
     from probekit.probe import sweep

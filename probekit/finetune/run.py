@@ -295,6 +295,7 @@ def finetune(
                 "dataset": dataset,
                 "dataset_fingerprint": questions.fingerprint,
                 "model": cache.manifest.get("model", {}),
+                "prompt": cache.manifest.get("prompt", {}),
                 "finetune_model": lm.identity,
                 "config": {
                     "experiment": experiment, "measures": measures, "site": SITE, "solvers": [SOLVER],

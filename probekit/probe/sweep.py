@@ -304,6 +304,7 @@ def sweep(
             CACHE_HASH_KEY: cache.manifest_sha256,
             "dataset": dataset,
             "model": cache.manifest.get("model", {}),
+            "prompt": cache.manifest.get("prompt", {}),
             "config": {
                 "experiment": experiment, "measures": measures, "layers": [layer_label(s) for s in sets],
                 "layers_spec": layers if isinstance(layers, str) else list(layers), "site": site,

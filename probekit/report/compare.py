@@ -19,7 +19,9 @@ items, levels and correctness per measure), else the comparison is refused. Runs
 training draws (probe, finetune) are paired item by item by the draw function; when two such runs of
 one model and dataset were run with different seeds, their training items differ and the comparison
 is refused. Two runs giving the same (model, dataset, experiment, method) are refused (which one
-would the table show?).
+would the table show?). A run scored with another prompt template than its set's own (``extract
+--template cloze``, recorded in sweep.json) counts as its own dataset, labelled "arc (cloze)", with
+its own zero-shot baseline.
 
 Written to ``REP/`` (see docs/protocol.md §11):
 
@@ -50,6 +52,7 @@ import numpy as np
 import pandas as pd
 
 import probekit
+from probekit.data.sets import SETS
 from probekit.errors import ProbekitError
 from probekit.report import compare_plots
 from probekit.report.build import ProgressFn, ReportFiles, _jsonable, _Ticker, check_settings, write_report_dir
@@ -93,6 +96,8 @@ class Run:
     table: pd.DataFrame
     model: str
     dataset: str
+    dataset_name: str
+    prompt: str | None
     seed: int | None
     size: float | None
     size_source: str
@@ -135,6 +140,24 @@ def _model_label(model: dict) -> str:
     return f"{label} ({quant})" if quant else label
 
 
+def prompt_template(sweep: dict) -> str | None:
+    """The prompt template a run's rows were scored with, as its sweep.json records it (the cache's
+    ``prompt.template``); None for runs that do not record one."""
+    prompt = sweep.get("prompt")
+    template = prompt.get("template") if isinstance(prompt, dict) else None
+    return template if isinstance(template, str) else None
+
+
+def dataset_label(dataset: str, template: str | None) -> str:
+    """``dataset``, with the prompt template in brackets when the run used another than the set's own
+    ("arc (cloze)"): the comparison keeps a cloze run apart from the paper's prompt on the same set,
+    each against its own zero-shot baseline."""
+    spec = SETS.get(dataset)
+    if template is None or (spec is not None and template == spec.prompt_template):
+        return dataset
+    return f"{dataset} ({template})"
+
+
 def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
     seen: dict[Path, str] = {}
     runs = []
@@ -152,8 +175,9 @@ def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
             table = table[~table["zero_weights"].astype(bool)]
         size, source = model_size(res.sweep["model"])
         seed = res.sweep.get("seed")
-        runs.append(Run(i, res, table, _model_label(res.sweep["model"]), str(res.sweep["dataset"]),
-                        int(seed) if isinstance(seed, int) else None, size, source))
+        dataset, template = str(res.sweep["dataset"]), prompt_template(res.sweep)
+        runs.append(Run(i, res, table, _model_label(res.sweep["model"]), dataset_label(dataset, template),
+                        dataset, template, int(seed) if isinstance(seed, int) else None, size, source))
     return runs
 
 
@@ -331,7 +355,7 @@ def build_comparison(
     summary = {
         "format": FORMAT,
         "probekit_version": probekit.__version__,
-        "runs": [{"dir": r.dir, "sha256": r.res.sha256, "model": r.model, "dataset": r.dataset,
+        "runs": [{"dir": r.dir, "sha256": r.res.sha256, "model": r.model, "dataset": r.dataset, "prompt": r.prompt,
                   "experiments": sorted(r.table["experiment"].unique()),
                   "methods": method_order(r.table["method"].unique()), "seed": r.seed,
                   "cache_manifest_sha256": cache_hash(r.res.sweep), "n_rows": int(len(r.table)),
@@ -380,7 +404,7 @@ def _spearman(runs: list[Run]) -> tuple[list[dict], list[str]]:
     out, notes = [], []
     by_dataset: dict[str, list[Run]] = {}
     for r in runs:
-        by_dataset.setdefault(r.dataset, []).append(r)
+        by_dataset.setdefault(r.dataset_name, []).append(r)
     for dataset, rs in sorted(by_dataset.items()):
         found = None
         for r in rs:
@@ -519,7 +543,8 @@ def _markdown(summary: dict, figs: dict, files: list[str], size: pd.DataFrame) -
     s = summary["settings"]
     lines = ["# probekit comparison report", "", "## Runs", ""]
     runs = pd.DataFrame([{"#": i + 1, "results": r["dir"], "model": r["model"], "dataset": r["dataset"],
-                          "experiments": ", ".join(r["experiments"]), "methods": ", ".join(r["methods"]),
+                          "prompt": r.get("prompt") or "–", "experiments": ", ".join(r["experiments"]),
+                          "methods": ", ".join(r["methods"]),
                           "seed": "–" if r["seed"] is None else str(r["seed"]),
                           "sha256": (r["sha256"] or "")[:12]} for i, r in enumerate(summary["runs"])])
     heads = pd.DataFrame([{"model": h["model"], "dataset": h["dataset"], "experiment": h["experiment"],
