@@ -539,6 +539,13 @@ def _write_files(tmp: Path, summary: dict) -> list[str]:
     return files
 
 
+def _baseline_words(baseline: str) -> str:
+    if baseline == BASELINE_RULE:
+        return (f"the zero-shot baseline is method `{ZERO_SHOT}`, or `{COT_BASELINE}` for chain-of-thought "
+                "methods (`*_cot`) when a run holds it")
+    return f"the zero-shot baseline is method `{baseline}` for every method"
+
+
 def _markdown(summary: dict, figs: dict, files: list[str], size: pd.DataFrame) -> str:
     s = summary["settings"]
     lines = ["# probekit comparison report", "", "## Runs", ""]
@@ -553,8 +560,8 @@ def _markdown(summary: dict, figs: dict, files: list[str], size: pd.DataFrame) -
     lines += [to_markdown(runs), "Heads compared (one per model, dataset, experiment and method):", "",
               to_markdown(heads),
               f"- Bootstrap: {s['n_boot']} resamples per accuracy and difference, {s['n_boot_sgr']} per SGR, seed "
-              f"{s['seed']}, 95% percentile intervals; the zero-shot baseline (method `{s['baseline']}`) is shared "
-              "by every method of a model and dataset and checked equal item by item across its runs.",
+              f"{s['seed']}, 95% percentile intervals; {_baseline_words(s['baseline'])}, shared by the methods of a "
+              "model and dataset and checked equal item by item across its runs.",
               "- Each number equals the one the run's own `probekit report` gives for that head as its headline.",
               "- SGR `n/e`: the 95% interval of hard − zero-shot does not lie above 0, so the ratio has no meaning; "
               "its numbers stay in `summary.json` and `comparison.csv` with `estimable` false.", ""]
