@@ -95,9 +95,7 @@ class Run:
     res: Results
     table: pd.DataFrame
     model: str
-    dataset: str
-    dataset_name: str
-    prompt: str | None
+    dataset: str  # the set's name, with the prompt template when it is not the set's own (dataset_label)
     seed: int | None
     size: float | None
     size_source: str
@@ -105,6 +103,15 @@ class Run:
     @property
     def dir(self) -> str:
         return str(self.res.path.resolve())
+
+    @property
+    def dataset_name(self) -> str:
+        """The question set's name as sweep.json records it, whatever the prompt."""
+        return str(self.res.sweep["dataset"])
+
+    @property
+    def prompt(self) -> str | None:
+        return prompt_template(self.res.sweep)
 
 
 @dataclass
@@ -175,9 +182,9 @@ def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
             table = table[~table["zero_weights"].astype(bool)]
         size, source = model_size(res.sweep["model"])
         seed = res.sweep.get("seed")
-        dataset, template = str(res.sweep["dataset"]), prompt_template(res.sweep)
-        runs.append(Run(i, res, table, _model_label(res.sweep["model"]), dataset_label(dataset, template),
-                        dataset, template, int(seed) if isinstance(seed, int) else None, size, source))
+        dataset = dataset_label(str(res.sweep["dataset"]), prompt_template(res.sweep))
+        runs.append(Run(i, res, table, _model_label(res.sweep["model"]), dataset,
+                        int(seed) if isinstance(seed, int) else None, size, source))
     return runs
 
 
