@@ -71,6 +71,7 @@ def test_sweep_is_reproducible_from_the_seed(swept, real_cache, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(swept / "results.parquet"), pd.read_parquet(again / "results.parquet"))
     config = json.loads((swept / "sweep.json").read_text())
     assert config["seed"] == 0 and Cache(real_cache).manifest_sha256 in json.dumps(config)
+    assert config["prompt"] == Cache(real_cache).manifest["prompt"]  # the template a comparison keeps apart
 
 
 def test_report_from_a_real_sweep(swept, tmp_path):
