@@ -269,7 +269,14 @@ def test_pipeline_writes_what_the_capture_computes(tmp_path, lm, arc):
     assert items["pool"].tolist() == table["pool"].tolist() and items["source"].tolist() == table["source"].tolist()
     for m in arc.measures:
         np.testing.assert_array_equal(items[m].to_numpy(), table[m].to_numpy(np.float64))
+    # the choices' surface features: plain word and character counts of each choice's text, 0 on padding
+    surface = c.choice_surface()
+    for i, choices in enumerate(table["choices"]):
+        words = [len(x.split()) for x in choices] + [0] * (arc.max_choices - len(choices))
+        chars = [len(x) for x in choices] + [0] * (arc.max_choices - len(choices))
+        assert surface["choice_words"][i].tolist() == words and surface["choice_chars"][i].tolist() == chars
     man = c.manifest
+    assert man["choice_surface"] is True
     assert man["model"]["id"] == "SmolLM2-135M-Instruct" and man["dataset"]["fingerprint"]
     assert man["prompt"]["template"] == "0040" and man["layers"] == [5, 30]
     # reference: one capture of all ten items in a single batch (per-choice equality is tested above)

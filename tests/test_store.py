@@ -143,6 +143,41 @@ def test_round_trip_every_field(tmp_path, data):
         assert list(f["hidden/answer_end"].attrs["layers"]) == LAYERS
 
 
+def test_choice_surface_round_trip_and_refusals(tmp_path, data):
+    items, arrays = data
+    rng = np.random.default_rng(1)
+    words = [rng.integers(1, 9, k).tolist() for k in items["n_choices"]]
+    chars = [rng.integers(1, 60, k).tolist() for k in items["n_choices"]]
+    with_surface = items.assign(choice_words=words, choice_chars=chars)
+    out = tmp_path / "s"
+    write_all(out, with_surface, arrays, choice_surface=True)
+    cache = Cache(out)
+    assert cache.has_surface and cache.manifest["choice_surface"] is True
+    got = cache.choice_surface()
+    for name, lists in (("choice_words", words), ("choice_chars", chars)):
+        assert got[name].shape == (N, C) and got[name].dtype == np.int32
+        assert got[name].tolist() == [v + [0] * (C - len(v)) for v in lists]
+    assert Cache(out).verify() == []
+    # a cache without them says so in one line; the writer refuses counts it would not store
+    plain = tmp_path / "p"
+    write_all(plain, items, arrays)
+    assert not Cache(plain).has_surface and Cache(plain).manifest["choice_surface"] is False
+    with pytest.raises(ProbekitError, match="holds no choice surface features"):
+        Cache(plain).choice_surface()
+    with pytest.raises(ProbekitError, match="lacks columns"):
+        write_all(tmp_path / "m", items, arrays, choice_surface=True)
+    bad = with_surface.assign(choice_words=[[-1] * k for k in items["n_choices"]])
+    with pytest.raises(ProbekitError, match="non-negative"):
+        write_all(tmp_path / "n", bad, arrays, choice_surface=True)
+    # a cache written before the field existed is resumed as one without surface features
+    manifest = json.loads((plain / "manifest.json").read_text())
+    del manifest["choice_surface"]
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    assert write_all(plain, items, arrays) == []
+    with pytest.raises(ProbekitError, match="choice_surface"):
+        write_all(plain, with_surface, arrays, choice_surface=True)
+
+
 def test_write_cache_from_callable_equals_from_arrays(tmp_path, data):
     items, arrays = data
     calls = []

@@ -73,6 +73,15 @@ def word_count(text: str) -> int:
     return len(str(text).split())
 
 
+def choice_surface(choices: pd.Series) -> dict[str, list[list[int]]]:
+    """Each item's choices' surface features: whitespace words and characters per choice, the
+    counts the answer-length measures take of the gold choice (``answer_num_words``, ``answer_num_chars``)."""
+    return {
+        "choice_words": [[word_count(c) for c in cs] for cs in choices],
+        "choice_chars": [[len(str(c)) for c in cs] for cs in choices],
+    }
+
+
 def build_table(records: list[dict], measures: tuple[str, ...], where: str) -> pd.DataFrame:
     """Validate normalised records and add the common measures.
 

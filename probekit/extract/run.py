@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from probekit.data.prompts import TEMPLATE_TEXT, render_prompt
+from probekit.data.schema import choice_surface
 from probekit.errors import ProbekitError
 from probekit.extract.capture import capture_batch, resolve_sites
 from probekit.extract.models import LoadedModel, ModelSpec, load_model
@@ -223,7 +224,8 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
                    "tokenization": lm.rules.describe()},
         "capture": {"prefix_shared": True},
     }
-    meta = table[["id", "label", "pool", "source", *measures]].assign(n_choices=table["choices"].map(len))
+    meta = table[["id", "label", "pool", "source", *measures]].assign(
+        n_choices=table["choices"].map(len), **choice_surface(table["choices"]))
     desc = "extract" if world_size == 1 else f"extract rank {rank}/{world_size}"
     with ExitStack() as stack:
         bar = None
@@ -262,7 +264,7 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
         written = write_cache(out_dir, header, meta, compute, layers=layer_idx, sites=sites,
                               hidden_size=lm.hidden_size, max_choices=max_choices, measures=measures,
                               shard_size=shard_size, dtype=store_dtype, rank=rank, world_size=world_size,
-                              verify=True, on_start=start, on_damaged=on_damaged)
+                              choice_surface=True, verify=True, on_start=start, on_damaged=on_damaged)
     return written
 
 

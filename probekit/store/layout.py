@@ -13,8 +13,12 @@ shard. A shard of ``n`` items holds::
     hidden/question_end      (n_layers, n, d)     float16, chunk (1, n, d)
     logprob/choice_sum       (n, C)               float32, -inf on padded choices
     logprob/choice_tokens    (n, C)               int32
+    items/choice_words       (n, C)               int32, whitespace words of each choice (0 on padding)
+    items/choice_chars       (n, C)               int32, characters of each choice (0 on padding)
 
-Only the sites the cache was written with are present under ``hidden/``.
+Only the sites the cache was written with are present under ``hidden/``. The two ``choice_*``
+datasets (the choices' surface features, for the shortcut control of a sweep) are present when the
+manifest says ``"choice_surface": true``; caches written before they existed lack them.
 """
 
 from __future__ import annotations
@@ -48,6 +52,9 @@ ITEM_FIELDS: dict[str, Any] = {
     "source": h5py.string_dtype("utf-8"),
 }
 
+#: Per-choice surface features a shard holds when the layout has ``surface`` (name -> dtype).
+SURFACE_FIELDS: dict[str, Any] = {"choice_words": np.int32, "choice_chars": np.int32}
+
 #: HDF5 refuses chunks of 4 GiB or more.
 MAX_CHUNK_BYTES = 2**32 - 1
 
@@ -77,6 +84,8 @@ class Layout:
     max_choices: int
     measures: tuple[str, ...]
     dtype: str = "float16"
+    #: Whether shards hold the choices' surface features (``items/choice_words``, ``items/choice_chars``).
+    surface: bool = False
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any]) -> Layout:
@@ -88,6 +97,7 @@ class Layout:
             max_choices=int(manifest["max_choices"]),
             measures=tuple(manifest["measures"]),
             dtype=manifest.get("dtype", "float16"),
+            surface=bool(manifest.get("choice_surface", False)),
         )
 
     def hidden_shape(self, site: str, n: int) -> tuple[int, ...]:
@@ -102,6 +112,8 @@ class Layout:
             f"items/{name}": ((n,), dtype) for name, dtype in ITEM_FIELDS.items()
         }
         out.update({f"items/difficulty/{m}": ((n,), np.float64) for m in self.measures})
+        if self.surface:
+            out.update({f"items/{name}": ((n, self.max_choices), dtype) for name, dtype in SURFACE_FIELDS.items()})
         out.update({f"hidden/{s}": (self.hidden_shape(s, n), np.dtype(self.dtype)) for s in self.sites})
         out["logprob/choice_sum"] = ((n, self.max_choices), np.float32)
         out["logprob/choice_tokens"] = ((n, self.max_choices), np.int32)

@@ -31,10 +31,13 @@ IDENTITY_FIELDS = (
     "max_choices",
     "measures",
     "dtype",
+    "choice_surface",
     "n_items",
     "shard_size",
     "world_size",
 )
+#: What an identity field means in a manifest written before the field existed.
+IDENTITY_DEFAULTS = {"choice_surface": False}
 
 
 def manifest_bytes(cache_dir: Path) -> bytes | None:
@@ -126,7 +129,8 @@ def _short(value: Any, limit: int = 80) -> str:
 def check_same_cache(cache_dir: Path, old: Mapping[str, Any], new: Mapping[str, Any]) -> None:
     """Refuse to add to a cache written for another model, dataset, prompt or layout."""
     for field in IDENTITY_FIELDS:
-        diff = first_difference(old.get(field), new.get(field), field)
+        default = IDENTITY_DEFAULTS.get(field)
+        diff = first_difference(old.get(field, default), new.get(field, default), field)
         if diff:
             name, was, now = diff
             raise ProbekitError(

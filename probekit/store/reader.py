@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from probekit.errors import ProbekitError
-from probekit.store.layout import ITEM_FIELDS, MANIFEST, Layout, check_shard, shard_name
+from probekit.store.layout import ITEM_FIELDS, MANIFEST, SURFACE_FIELDS, Layout, check_shard, shard_name
 from probekit.store.manifest import manifest_bytes, parse_manifest, sha256_bytes
 from probekit.store.stamp import file_stat, read_stamp, stamped, write_stamp
 
@@ -145,6 +145,20 @@ class Cache:
 
         self._each_shard(read)
         return out
+
+    @property
+    def has_surface(self) -> bool:
+        """Whether the cache holds the choices' surface features (:meth:`choice_surface`)."""
+        return self.layout.surface
+
+    def choice_surface(self) -> dict[str, np.ndarray]:
+        """The choices' surface features: ``{"choice_words": (n_items, C), "choice_chars": (n_items, C)}``
+        int32 counts, 0 on padded choices. Refused for a cache written before they existed."""
+        if not self.layout.surface:
+            raise ProbekitError(f"cache {self.path} holds no choice surface features (written by an older probekit); "
+                                "extract it again to get them")
+        parts = self._each_shard(lambda f, rows: {name: f[f"items/{name}"][:] for name in SURFACE_FIELDS})
+        return {name: np.concatenate([p[name] for p in parts]) for name in SURFACE_FIELDS}
 
     def logprobs(self) -> tuple[np.ndarray, np.ndarray]:
         """``(choice_sum, choice_tokens)``: (n_items, C) float32 (-inf on padding) and int32."""

@@ -45,6 +45,7 @@ from probekit.store.layout import (
     MANIFEST_LOCK,
     MAX_CHUNK_BYTES,
     SITES,
+    SURFACE_FIELDS,
     Layout,
     check_shard,
     lock_name,
@@ -119,7 +120,7 @@ def shard_bytes(layout: Layout, n: int) -> int:
 
 #: Manifest keys the writer fills in itself; a header may not set them.
 _RESERVED = frozenset(
-    {"format", "sites", "layers", "hidden_size", "max_choices", "measures", "dtype", "n_items",
+    {"format", "sites", "layers", "hidden_size", "max_choices", "measures", "dtype", "choice_surface", "n_items",
      "shard_size", "n_shards", "world_size", "shards", "complete"}
 )
 
@@ -149,6 +150,8 @@ class CacheWriter:
     ``header`` holds ``model`` (id or path, revision or file hash, dtype, quantization),
     ``dataset`` (name, fingerprint) and ``prompt`` (template id and text); further keys are stored
     as given and not compared. ``layers`` are indices into the model's ``hidden_states`` tuple.
+    ``choice_surface`` adds the choices' surface features to every shard (``items/choice_words``,
+    ``items/choice_chars``; :meth:`ShardWriter.write_items` then needs them).
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class CacheWriter:
         dtype: str = "float16",
         rank: int = 0,
         world_size: int = 1,
+        choice_surface: bool = False,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.n_items = _positive_int("n_items", n_items)
@@ -175,7 +179,7 @@ class CacheWriter:
             raise ProbekitError(f"rank must be in 0..{world_size - 1}, got {rank!r}")
         self.rank = int(rank)
         self.n_shards = math.ceil(self.n_items / self.shard_size)
-        self.layout = _make_layout(layers, sites, hidden_size, max_choices, measures, dtype)
+        self.layout = _make_layout(layers, sites, hidden_size, max_choices, measures, dtype, choice_surface)
         self._check_chunk_size()
         self.header = self._make_header(header)
         self._lock_fd: int | None = None
@@ -214,6 +218,7 @@ class CacheWriter:
             "max_choices": lay.max_choices,
             "measures": list(lay.measures),
             "dtype": lay.dtype,
+            "choice_surface": lay.surface,
             "n_items": self.n_items,
             "shard_size": self.shard_size,
             "n_shards": self.n_shards,
@@ -361,7 +366,7 @@ class CacheWriter:
 
 def _make_layout(
     layers: Sequence[int], sites: Sequence[str], hidden_size: int, max_choices: int,
-    measures: Sequence[str], dtype: str,
+    measures: Sequence[str], dtype: str, surface: bool = False,
 ) -> Layout:
     """Validate the writer's layout arguments."""
     layers = list(layers)
@@ -386,6 +391,7 @@ def _make_layout(
         max_choices=_positive_int("max_choices", max_choices),
         measures=tuple(measures),
         dtype=dtype,
+        surface=bool(surface),
     )
 
 
@@ -465,10 +471,14 @@ class ShardWriter:
         pool: Sequence[str],
         source: Sequence[str],
         difficulty: Mapping[str, Sequence[float]] | None = None,
+        choice_words: Any = None,
+        choice_chars: Any = None,
     ) -> None:
         """Item metadata for rows ``offset:offset+b``.
 
         ``difficulty`` maps every measure of the cache to ``b`` floats (NaN where unknown).
+        ``choice_words`` and ``choice_chars`` are (b, C) counts (0 on padded choices), given exactly
+        when the cache holds the choices' surface features.
         """
         b = len(ids)
         columns = {
@@ -487,6 +497,7 @@ class ShardWriter:
             )
         for m in measures:
             columns[f"difficulty/{m}"] = self._column(f"difficulty[{m!r}]", difficulty[m], b, np.float64)
+        columns.update(self._surface(columns["n_choices"], b, choice_words=choice_words, choice_chars=choice_chars))
         rows = self._rows("items", offset, b)
         for name, values in columns.items():
             self._file[f"items/{name}"][rows] = values
@@ -540,6 +551,27 @@ class ShardWriter:
         if arr.shape != (b,):
             raise ProbekitError(f"{self.name}: {name} has shape {arr.shape} for {b} items")
         return arr
+
+    def _surface(self, n_choices: np.ndarray, b: int, **given: Any) -> dict[str, np.ndarray]:
+        """The surface-feature columns to write: (b, C) non-negative counts, 0 beyond each item's choices."""
+        if not self.writer.layout.surface:
+            extra = [name for name, value in given.items() if value is not None]
+            if extra:
+                raise ProbekitError(f"{self.name}: {', '.join(extra)} given, but the cache holds no surface features")
+            return {}
+        C = self.writer.layout.max_choices
+        out = {}
+        for name in SURFACE_FIELDS:
+            if given[name] is None:
+                raise ProbekitError(f"{self.name}: {name} is required (the cache holds the choices' surface features)")
+            arr = np.asarray(given[name])
+            if arr.shape != (b, C) or not np.issubdtype(arr.dtype, np.integer) or (arr < 0).any():
+                raise ProbekitError(f"{self.name}: {name} must be ({b}, {C}) non-negative integers, got {arr.shape} "
+                                    f"{arr.dtype}")
+            if (arr[np.arange(C)[None, :] >= n_choices[:, None]] != 0).any():
+                raise ProbekitError(f"{self.name}: {name} is not 0 on padded choices")
+            out[name] = arr.astype(SURFACE_FIELDS[name])
+        return out
 
     def _strings(self, name: str, values: Sequence[Any], b: int) -> np.ndarray:
         if len(values) != b:
@@ -645,6 +677,7 @@ def write_cache(
     dtype: str = "float16",
     rank: int = 0,
     world_size: int = 1,
+    choice_surface: bool = False,
     verify: bool = False,
     on_start: Callable[[list[tuple[int, int]]], None] | None = None,
     on_shard: Callable[[int], None] | None = None,
@@ -653,7 +686,8 @@ def write_cache(
     """Write (or finish) a cache from item rows and arrays; returns the shard indices written.
 
     ``items`` has one row per item with columns ``id, label, n_choices, pool, source`` and one per
-    measure. ``arrays`` maps each site to its hidden states (``(n_layers, n_items, C, d)`` /
+    measure (with ``choice_surface``, also ``choice_words`` and ``choice_chars``: per item, one count per
+    choice, padded with 0 here). ``arrays`` maps each site to its hidden states (``(n_layers, n_items, C, d)`` /
     ``(n_layers, n_items, d)``, anything sliceable along the item axis such as a memmap or an h5py
     dataset) and ``"choice_sum"``, ``"choice_tokens"`` to ``(n_items, C)`` arrays; or it is a
     callable ``(lo, hi) -> mapping`` returning those arrays for rows ``lo:hi`` only, so a cache
@@ -666,7 +700,7 @@ def write_cache(
     the directory lock.
     """
     items = items.reset_index(drop=True)
-    needed = [*ITEM_FIELDS, *measures]
+    needed = [*ITEM_FIELDS, *measures, *(SURFACE_FIELDS if choice_surface else ())]
     missing = [c for c in needed if c not in items.columns]
     if missing:
         raise ProbekitError(f"items table lacks columns {missing}")
@@ -674,7 +708,7 @@ def write_cache(
     writer = CacheWriter(
         out_dir, header, n_items=len(items), shard_size=shard_size, layers=layers, sites=sites,
         hidden_size=hidden_size, max_choices=max_choices, measures=measures, dtype=dtype,
-        rank=rank, world_size=world_size,
+        rank=rank, world_size=world_size, choice_surface=choice_surface,
     )
     written = []
     with writer:
@@ -696,6 +730,7 @@ def write_cache(
                     0, ids=rows["id"].tolist(), labels=rows["label"], n_choices=rows["n_choices"],
                     pool=rows["pool"].tolist(), source=rows["source"].tolist(),
                     difficulty={m: rows[m].to_numpy(np.float64) for m in measures},
+                    **({name: _padded(rows[name], max_choices) for name in SURFACE_FIELDS} if choice_surface else {}),
                 )
                 for site in sites:
                     sw.write_hidden(0, site, data[site])
@@ -705,6 +740,14 @@ def write_cache(
             if on_shard is not None:
                 on_shard(k)
     return written
+
+
+def _padded(lists: pd.Series, width: int) -> np.ndarray:
+    """Per-item lists of counts as a (n, width) int64 array, 0 beyond each list."""
+    out = np.zeros((len(lists), width), dtype=np.int64)
+    for i, values in enumerate(lists):
+        out[i, : len(values)] = values
+    return out
 
 
 def _slice_rows(arrays: Mapping[str, Any], sites: Sequence[str], lo: int, hi: int) -> dict[str, Any]:
