@@ -22,7 +22,17 @@ from probekit.cli import app
 from probekit.cli.common import clean_errors, console
 from probekit.report import build_report
 from probekit.report.compare import build_comparison, comparison_order
-from probekit.report.tables import NOT_ESTIMABLE, fmt_acc, fmt_p, fmt_test, head_label, level_order, sgr_flagged
+from probekit.report.tables import (
+    NOT_ESTIMABLE,
+    control_verdict,
+    fmt_acc,
+    fmt_p,
+    fmt_q,
+    fmt_test,
+    head_label,
+    level_order,
+    sgr_flagged,
+)
 
 
 class _RateColumn(ProgressColumn):
@@ -44,9 +54,14 @@ def report(
     layer: str | None = typer.Option(None, "--layer", help='Headline layer or layer set, e.g. "30" or "15+30" '
                                                               "(default: the middle+last concatenation, else the last single layer)."),
     solver: str | None = typer.Option(None, "--solver", help="Headline solver (default: paper when present)."),
-    zero_weights: str = typer.Option("exclude", "--zero-weights",
-                                     help="exclude | include heads whose exact optimum has zero weights (column "
-                                          "zero_weights) from the statistics; counted per layer either way."),
+    zero_weights: str = typer.Option("chance", "--zero-weights",
+                                     help="Heads whose exact optimum has zero weights (column zero_weights): chance "
+                                          "(kept, each counts 1/number of choices on an item: what they are at their "
+                                          "optimum) | exclude (left out) | include (their SGD predictions). "
+                                          "summary.json has the headline under all three."),
+    p_value: str = typer.Option("percentile", "--p-value",
+                                help="percentile (read off the interval's own resamples: p < 0.05 exactly when the "
+                                     "95% interval excludes 0) | centred (the reference code's centred bootstrap test)."),
     baseline: str | None = typer.Option(None, "--baseline",
                                         help="Comparisons: the method whose rows are the shared zero-shot baseline "
                                              "of every method (default: zero_shot_cot for chain-of-thought methods "
@@ -79,10 +94,11 @@ def report(
         if len(results_dirs) > 1:
             summary = build_comparison(results_dirs, out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed, site=site,
                                        layer=layer, solver=solver, baseline=baseline, zero_weights=zero_weights,
-                                       progress=progress)
+                                       p_value=p_value, progress=progress)
         else:
             summary = build_report(results_dirs[0], out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed,
-                                   site=site, layer=layer, solver=solver, zero_weights=zero_weights, progress=progress)
+                                   site=site, layer=layer, solver=solver, zero_weights=zero_weights, p_value=p_value,
+                                   progress=progress)
     if len(results_dirs) > 1:
         _print_comparison(summary)
     else:
@@ -98,7 +114,7 @@ def _print_headline(summary: dict) -> None:
         console.print(f"No population experiment in the results (have: {', '.join(summary['results']['experiments'])}).")
         return
     levels = level_order({lv for r in rows for lv in r["accuracy"]} - {"zero_shot"})
-    # Compact enough for an 80-column terminal: bootstrap means only; report.md has the error bars.
+    # Compact enough for a terminal: point estimates only; report.md has their intervals.
     label = head_label(head, summary["settings"].get("headline_method"))
     table = Table(title=f"Hard-test accuracy (%) by training level ({label})",
                   box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
@@ -110,7 +126,7 @@ def _print_headline(summary: dict) -> None:
     table.add_column("95% CI", justify="right", no_wrap=True)
     table.add_column("p", justify="right", no_wrap=True, min_width=6)
     for r in rows:
-        cells = [fmt_acc(r["accuracy"].get(lv), error_bar=False) for lv in ("zero_shot", *levels)]
+        cells = [fmt_acc(r["accuracy"].get(lv), interval=False) for lv in ("zero_shot", *levels)]
         sgr = r["sgr"]
         if sgr_flagged(sgr):
             table.add_row(r["measure"], *cells, NOT_ESTIMABLE, "", "")
@@ -120,9 +136,27 @@ def _print_headline(summary: dict) -> None:
             table.add_row(r["measure"], *cells, f"{sgr['point']:.2f}", f"[{sgr['lo']:.2f}, {sgr['hi']:.2f}]",
                           fmt_p(sgr["p_value"]))
     console.print(table)
+    checks = Table(title="Hard test: multiplicity and shortcut controls (hard-trained heads)", box=box.SIMPLE_HEAD,
+                   show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for name in ("measure", "SGR q", "probe", "surface", "majority", "probe vs controls"):
+        checks.add_column(name, justify="left" if name in ("measure", "probe vs controls") else "right",
+                          no_wrap=True)
+    for r in rows:
+        controls = r.get("controls") or {}
+        checks.add_row(r["measure"], fmt_q(r["sgr"]).removeprefix("q=").removeprefix("q"),
+                       fmt_acc(r["accuracy"].get("hard"), interval=False),
+                       *[fmt_acc((controls.get(site) or {}).get("accuracy", {}).get("hard"), interval=False)
+                         for site in ("surface", "majority")], control_verdict(r))
+    console.print(checks)
+    console.print(f"Accuracies: point estimates (intervals in report.md); p: from the SGR's own resamples "
+                  f"({summary['settings']['p_value']}); q: Benjamini-Hochberg over these SGRs; controls: a probe on "
+                  "the choices' surface features and the training draw's majority position, on the same draws.",
+                  soft_wrap=True)
     for r in rows:
         if sgr_flagged(r["sgr"]):
             console.print(f"{NOT_ESTIMABLE} ({r['measure']}): SGR not estimable, {r['sgr']['reason']}", soft_wrap=True)
+    for w in summary.get("warnings", []):
+        console.print(f"warning: {w}", soft_wrap=True)
 
 
 def _print_comparison(summary: dict) -> None:
@@ -136,7 +170,7 @@ def _print_comparison(summary: dict) -> None:
     for name in (*keys, "0-shot", *levels, "SGR", "95% CI"):
         table.add_column(name, justify="left" if name in keys else "right", no_wrap=True)
     for r in comparison_order(rows):
-        cells = [fmt_acc(r["accuracy"].get(lv), error_bar=False) for lv in ("zero_shot", *levels)]
+        cells = [fmt_acc(r["accuracy"].get(lv), interval=False) for lv in ("zero_shot", *levels)]
         sgr = r["sgr"]
         if sgr_flagged(sgr):
             tail = [NOT_ESTIMABLE, ""]

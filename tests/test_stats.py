@@ -12,12 +12,16 @@ from scipy import stats as sps
 
 from probekit.errors import ProbekitError
 from probekit.stats import (
+    bh_qvalues,
     bootstrap,
+    centred_p_value,
     crossed_bootstrap,
     crossed_resample_stats,
     difference_resample_stats,
+    fieller_interval,
     p_value,
     paired_difference,
+    percentile_p_value,
     resample_indices,
     sgr_bootstrap,
     sgr_estimable,
@@ -68,9 +72,40 @@ def ref_sgr_loop(A, B, C, rows, ca, cb, cc):
 
 
 def ref_p_value(betas):
+    """The reference code's centred two-sided bootstrap p-value (``metrics.p_value``)."""
     abs_mean = abs(np.mean(betas))
     centred = [b - np.mean(betas) for b in betas]
     return sum(c < -abs_mean for c in centred) / len(betas) + sum(c > abs_mean for c in centred) / len(betas)
+
+
+def excludes_zero(stats, level) -> bool:
+    """Whether the percentile interval at ``level`` (numpy's linear quantiles) excludes 0."""
+    lo, hi = np.quantile(stats, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return bool(lo > 0 or hi < 0)
+
+
+def ref_percentile_p_value(stats, tol: float = 1e-13) -> float:
+    """The smallest alpha whose 1 - alpha percentile interval excludes 0, by bisection over alpha."""
+    if excludes_zero(stats, 1 - 1e-15):  # excluded at every level
+        return 0.0
+    if not excludes_zero(stats, 1e-15):  # never excluded
+        return 1.0
+    lo, hi = 1e-15, 1.0 - 1e-15  # alpha = 1 - level: excluded at hi, not at lo
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        if excludes_zero(stats, 1 - mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+def ref_bh(p):
+    """Benjamini-Hochberg adjusted p-values by their definition, one test at a time."""
+    m = len(p)
+    ranked = sorted(range(m), key=lambda i: p[i])
+    rank = {i: r + 1 for r, i in enumerate(ranked)}
+    return [min(1.0, min(m * p[j] / rank[j] for j in range(m) if rank[j] >= rank[i])) for i in range(m)]
 
 
 def ref_summary(stats, level=0.95):
@@ -214,7 +249,9 @@ def test_sgr_bootstrap_equals_reference(small_blocks):
     mean, lo, hi, kept = ref_summary(stats)
     assert (res.mean, res.lo, res.hi, res.n_kept) == (mean, lo, hi, kept)
     assert res.error_bar == (hi - lo) / 2
-    assert res.p_value == ref_p_value([s for s in stats if np.isfinite(s)])
+    kept = np.array([s for s in stats if np.isfinite(s)])
+    assert res.p_value == pytest.approx(ref_percentile_p_value(kept), abs=1e-9)
+    assert sgr_bootstrap(A, B, C, n_resamples=1000, seed=7, p_method="centred").p_value == ref_p_value(kept)
     a = ref_nanmean(A)
     assert res.point == (ref_nanmean(B) - a) / (ref_nanmean(C) - a)
     assert res.n_draws == (1, 5, 4)
@@ -229,17 +266,93 @@ def test_paired_difference_equals_reference(small_blocks, m_a):
     stats = ref_all_stats(ref_diff_loop, 9, 500, [Ac, Bc])
     mean, lo, hi, kept = ref_summary(stats)
     assert (res.mean, res.lo, res.hi, res.n_kept) == (mean, lo, hi, kept)
-    assert res.p_value == ref_p_value(stats[np.isfinite(stats)])
+    assert res.p_value == pytest.approx(ref_percentile_p_value(stats[np.isfinite(stats)]), abs=1e-9)
+    assert paired_difference(A, B, 500, seed=9, p_method="centred").p_value == ref_p_value(stats[np.isfinite(stats)])
     assert res.point == ref_nanmean(B - A)
 
 
-def test_p_value_matches_reference_formula():
+def test_centred_p_value_matches_reference_formula():
     rng = np.random.default_rng(10)
     for shift in (0.0, 0.1, 1.0, -0.5):
         betas = rng.normal(shift, 0.3, 257)
-        assert p_value(betas) == ref_p_value(betas)
-    assert p_value(np.full(10, 2.0)) == 0.0
-    assert p_value(np.zeros(10)) == 1.0  # a null that holds exactly is not rejected
+        assert centred_p_value(betas) == ref_p_value(betas) == p_value(betas, "centred")
+    assert centred_p_value(np.full(10, 2.0)) == 0.0
+    assert centred_p_value(np.zeros(10)) == 1.0  # a null that holds exactly is not rejected
+    with pytest.raises(ProbekitError, match="p-value method must be one of percentile, centred"):
+        p_value(np.zeros(3), "exact")
+
+
+def test_percentile_p_value_inverts_the_interval():
+    """The default p-value is the smallest alpha at which the percentile interval excludes 0 (a plain
+    bisection over alpha with numpy's quantiles), so p < 1 - level exactly when the interval excludes 0."""
+    rng = np.random.default_rng(11)
+    cases = [rng.normal(shift, 0.3, n) for shift in (0.0, 0.05, 0.3, 0.6, 1.0, -0.4) for n in (2, 7, 200, 1001)]
+    cases += [np.array([0.0, 0.0, 1.0, 2.0]), np.array([-1.0, 0.0, 0.0, 0.0, 3.0]), np.full(10, 2.0),
+              np.full(10, -1.0), np.zeros(10), np.array([-3.0, 5.0]), rng.integers(-2, 5, 40).astype(float)]
+    for stats in cases:
+        p = percentile_p_value(stats)
+        assert p == pytest.approx(ref_percentile_p_value(stats), abs=1e-9), stats[:5]
+        assert p == p_value(stats)
+        for level in (0.5, 0.8, 0.9, 0.95, 0.99, 0.999):
+            assert excludes_zero(stats, level) == (percentile_p_value(stats, level) < 1 - level), (stats[:5], level)
+    assert percentile_p_value(np.full(10, 2.0)) == 0.0 and percentile_p_value(np.zeros(10)) == 1.0
+    assert np.isnan(percentile_p_value(np.array([])))
+
+
+@given(st.lists(st.floats(-5, 5, allow_nan=False), min_size=2, max_size=60), st.floats(0.5, 0.999))
+@settings(max_examples=300, deadline=None)
+def test_interval_and_p_value_never_disagree(values, level):
+    stats = np.asarray(values)
+    assert excludes_zero(stats, level) == (percentile_p_value(stats, level) < 1 - level)
+
+
+def test_bh_qvalues_equal_the_definition():
+    rng = np.random.default_rng(13)
+    for m in (1, 2, 5, 29):
+        p = list(rng.uniform(0, 0.2, m))
+        if m > 2:
+            p[1] = p[0]  # ties
+        np.testing.assert_allclose(bh_qvalues(p), ref_bh(p), rtol=0, atol=1e-15)
+    # a NaN p-value stays in the family as 1
+    np.testing.assert_allclose(bh_qvalues([0.01, np.nan, 0.04]), ref_bh([0.01, 1.0, 0.04]))
+    assert bh_qvalues([]).size == 0
+    # 3 of 14 survive at 5%: the family size is every test given
+    p = [0.001, 0.004, 0.006, 0.02, 0.03, 0.045, 0.05, 0.1, 0.2, 0.3, 0.5, 0.6, 0.8, 0.9]
+    assert int((bh_qvalues(p) < 0.05).sum()) == 3
+
+
+def ref_fieller_set(n, d, vnn, vdd, vnd, z, grid):
+    """Which values of the grid satisfy Fieller's inequality, point by point."""
+    return (n - grid * d) ** 2 <= z * z * (vnn - 2 * grid * vnd + grid * grid * vdd)
+
+
+@pytest.mark.parametrize("case, kind", [
+    ((2.0, 4.0, 0.25, 0.25, 0.05), "bounded"),      # denominator far from 0
+    ((1.0, 0.5, 0.04, 0.25, 0.0), "exclusive"),     # denominator within noise, numerator not
+    ((0.1, 0.2, 0.25, 0.25, 0.0), "unbounded"),     # neither is away from 0
+    ((-1.5, 3.0, 0.3, 0.2, -0.1), "bounded"),
+])
+def test_fieller_interval_equals_the_closed_form(case, kind):
+    z = sps.norm.ppf(0.975)
+    n, d, vnn, vdd, vnd = case
+    f = fieller_interval(n, d, vnn, vdd, vnd, 0.95)
+    assert f.kind == kind
+    a, b, c = d * d - z * z * vdd, -2 * (n * d - z * z * vnd), n * n - z * z * vnn
+    if kind != "unbounded":
+        roots = sorted(np.roots([a, b, c]).real)
+        assert (f.lo, f.hi) == pytest.approx(tuple(roots), rel=1e-12)
+    grid = np.linspace(-60, 60, 240_001)
+    inside = ref_fieller_set(n, d, vnn, vdd, vnd, z, grid)
+    if kind == "bounded":
+        claimed = (grid >= f.lo) & (grid <= f.hi)
+    elif kind == "exclusive":
+        claimed = (grid <= f.lo) | (grid >= f.hi)
+    else:
+        claimed = np.ones_like(grid, bool)
+    near = np.isclose(grid, f.lo, atol=1e-3) | np.isclose(grid, f.hi, atol=1e-3)
+    assert np.array_equal(inside[~near], claimed[~near])
+    assert fieller_interval(np.nan, d, vnn, vdd, vnd).kind == "undefined"
+    assert fieller_interval(1.0, np.sqrt(z * z * 0.25), 0.04, 0.25, 0.0).kind in ("below", "above")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,13 +23,22 @@ import pyarrow as pa
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
+from probekit.probe.controls import SURFACE_FEATURES, control_tables
 from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, head_seed, prepare
 from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan, tested_rows
 from probekit.probe.solvers import DEFAULT_TOL, SOLVERS, solver_names
 from probekit.store import Cache
 from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
 from probekit.store.icl_scores import demo_level, load_icl
-from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultRows, ResultsWriter
+from probekit.store.results import (
+    CACHE_HASH_KEY,
+    FORMAT,
+    MAJORITY_SITE,
+    SURFACE_SITE,
+    SURFACE_SOLVER,
+    ResultRows,
+    ResultsWriter,
+)
 
 SITE_HEAD = {"answer_end": "mc", "question_end": "multinomial"}
 
@@ -109,7 +118,7 @@ class FrameRows(ResultRows):
     """Result rows of one experiment at one site; test levels are the item frame's levels."""
 
     def __init__(self, frame: ItemFrame, experiment: str, site: str) -> None:
-        super().__init__(experiment, site, frame.ids, LEVELS)
+        super().__init__(experiment, site, frame.ids, LEVELS, frame.n_choices)
         self.frame = frame
 
     def table(self, *, measure: str, rows: np.ndarray, **fields: Any) -> pa.Table:
@@ -199,6 +208,7 @@ def sweep(
     cutoffs: Mapping[str, Cutoff] | None = None,
     zero_shot: bool = True,
     icl: Sequence[str | os.PathLike] = (),
+    controls: bool = True,
     verify: bool = True,
     devices: Sequence[jax.Device] | None = None,
     progress: Progress | None = None,
@@ -207,6 +217,9 @@ def sweep(
 
     ``icl``: k-shot score directories of ``probekit extract --icl`` for the same model and
     dataset; their rows join the table as heads with site and solver "icl" (see :func:`icl_tables`).
+    ``controls``: also fit the shortcut controls of every head on its draw (:mod:`probekit.probe.controls`:
+    the probe recipe on the choices' surface features when the cache holds them, and the majority
+    position), rows with site "surface" and "majority".
 
     ``experiment``: population | all_to_all | learning_curve | label_noise (see
     :func:`probekit.probe.plan.plan`). ``layers``: a layer spec (:mod:`probekit.layers`): all | last |
@@ -249,7 +262,12 @@ def sweep(
     groups: dict[int, list[Head]] = {}
     for h in heads:
         groups.setdefault(h.n_train, []).append(h)
-    n_fits = len(heads) * len(sets) * len(solvers)
+    builders = {}
+    if controls:
+        builders = {MAJORITY_SITE: FrameRows(frame, experiment, MAJORITY_SITE)}
+        if cache.has_surface:
+            builders[SURFACE_SITE] = FrameRows(frame, experiment, SURFACE_SITE)
+    n_fits = len(heads) * len(sets) * len(solvers) + len(heads) * (SURFACE_SITE in builders)
     done = 0
 
     def tick(label: str) -> Callable[[int], None]:
@@ -271,6 +289,12 @@ def sweep(
         for icl_dir in icl:
             for t in icl_tables(cache, frame, experiment, icl_dir):
                 batch.append(t)
+        t1 = time.perf_counter()
+        tables, surface_zero = control_tables(cache, frame, builders, list(groups.values()),
+                                              next(iter(configs.values())), seed, devices, tick(SURFACE_SITE))
+        fit_seconds += time.perf_counter() - t1
+        for t in tables:
+            batch.append(t)
         for fs in sets:
             label = layer_label(fs)
             Xs = prepare((read_features(cache, site, layer, frame.ids) for layer in fs), devices)
@@ -315,13 +339,20 @@ def sweep(
                 "objectives": {name: spec.objective for name, spec in SOLVERS.items()},
                 "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "zero_shot": zero_shot,
                 "icl": [str(Path(d).resolve()) for d in icl],
+                "controls": {"sites": list(builders),
+                             "surface_features": [*SURFACE_FEATURES, "position"] if SURFACE_SITE in builders else None,
+                             "surface_solver": SURFACE_SOLVER,
+                             "surface_skipped": (None if not controls or SURFACE_SITE in builders else
+                                                 "the cache holds no choice surface features (extract it again)")},
                 "normalisation": "z-score with training statistics (unbiased std)",
             },
             "seed": seed,
             "counts": {
-                "heads": len(heads), "feature_sets": len(sets), "fits": n_fits, "rows": rows.n_rows,
+                "heads": len(heads), "feature_sets": len(sets), "fits": n_fits,
+                "rows": rows.n_rows + sum(b.n_rows for b in builders.values()),
                 "probe_items": int(len(frame.probe)), "not_converged": not_converged,
                 "zero_weight_fits": sum(zero_fits.values()), "zero_weight_fits_by_layer": zero_fits,
+                "surface_zero_weight_fits": surface_zero,
                 "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
                            for m in measures},
             },

@@ -28,24 +28,31 @@ from probekit.errors import ProbekitError
 from probekit.report import plots
 from probekit.report.tables import (
     HARD,
+    POPULATION_NOTES,
     ZERO_SHOT,
+    ZERO_WEIGHTS,
     Headline,
+    add_qvalues,
     all_to_all_table,
     choose_headline,
     curve_table,
+    few_draws,
     flatten,
     fmt_acc,
     head_label,
     head_method,
     headline_frame,
+    headline_records,
     load_results,
     population_display,
     population_table,
     row_runs,
     to_markdown,
     transfer_table,
+    treat_zero_weights,
     zero_weight_heads,
 )
+from probekit.stats.bootstrap import P_VALUES
 from probekit.store.outdir import OutputDir, remove_temporaries, write_error
 from probekit.store.results import cache_hash
 
@@ -69,7 +76,8 @@ def build_report(
     site: str | None = None,
     layer: str | None = None,
     solver: str | None = None,
-    zero_weights: str = "exclude",
+    zero_weights: str = "chance",
+    p_value: str = "percentile",
     progress: ProgressFn | None = None,
 ) -> dict:
     """Build the report of a sweep's results directory and return the summary.
@@ -83,23 +91,31 @@ def build_report(
     work. Bad or incomplete results raise :class:`ProbekitError` before anything is written.
 
     ``zero_weights``: what to do with heads whose exact optimum has zero weights (the results'
-    ``zero_weights`` column, :func:`probekit.probe.solvers.zero_is_optimal`): ``"exclude"`` (the
-    default) leaves their rows out of every accuracy, SGR, difference, table and plot, since their
-    predictions are decided by what the last SGD steps left, not by the data; ``"include"`` keeps
-    them. Either way their counts per layer are in ``summary.json`` and ``report.md``.
+    ``zero_weights`` column, :func:`probekit.probe.solvers.zero_is_optimal`;
+    :func:`probekit.report.tables.treat_zero_weights`): ``"chance"`` (the default) keeps them, scored
+    as what they are at their optimum (expected accuracy 1 / n_choices per item); ``"exclude"`` leaves
+    their rows out (a selection on the training draw); ``"include"`` keeps their SGD predictions. Their
+    counts per layer and per (measure, training level) are in ``summary.json`` and ``report.md``, and
+    ``summary.json`` holds the headline numbers under all three treatments (``zero_weight_treatments``).
+    ``p_value``: "percentile" (the default: read off the interval's own resamples, so a p below 0.05
+    and an interval excluding 0 always agree) or "centred" (the reference code's centred test).
+    Every headline SGR gets a Benjamini-Hochberg q-value over the headline's SGRs, and conditions
+    with fewer than 3 training draws are listed in ``warnings``.
     """
-    check_settings(n_boot, n_boot_sgr, seed, zero_weights)
+    check_settings(n_boot, n_boot_sgr, seed, zero_weights, p_value)
     res = load_results(results_dir, columns=())  # the report does not use p_gold
-    table = res.table
-    zero = zero_weight_heads(table)
-    if zero_weights == "exclude" and table["zero_weights"].astype(bool).any():
-        table = table[~table["zero_weights"].astype(bool)]
+    zero = zero_weight_heads(res.table)
+    table = treat_zero_weights(res.table, zero_weights)
     headline = choose_headline(table, site, layer, solver)
     experiments = sorted(table["experiment"].unique())
 
     tick = _Ticker(progress, _count_tasks(table))
-    population = population_table(table, n_boot, n_boot_sgr, seed, tick, headline)
+    population = population_table(table, n_boot, n_boot_sgr, seed, tick, headline, p_value)
     _count_zero_weight_heads(population, res.table)
+    chosen = headline_records(population, headline)
+    family = add_qvalues(chosen)
+    warnings = few_draws(chosen, lambda r: r["measure"])
+    treatments = _treatments(res.table, headline, zero_weights, population, n_boot, n_boot_sgr, seed, p_value)
     all_to_all = all_to_all_table(table, n_boot, seed, tick)
     curves = {exp: curve_table(table, exp, spec[0], n_boot, seed, tick) for exp, spec in CURVES.items()}
     transfer = transfer_table(table, headline) if headline else pd.DataFrame()
@@ -125,23 +141,38 @@ def build_report(
             "headline_method": head_method(table, headline) if headline else None,
             "accuracy": "crossed bootstrap over test items and training draws; point = nanmean of the "
                         "item x draw matrix, interval = percentiles of the resampled means",
+            "p_value": p_value,
+            "zero_weights": zero_weights,
             "sgr": "(easy - zero_shot) / (hard - zero_shot) on the hard test; one shared item resample, "
-                   "independent draw resamples; p-value: centered two-sided bootstrap test of 0",
+                   "independent draw resamples; point = the ratio of the observed matrices' means, interval = "
+                   "percentiles of the resampled ratios, p-value: " + _P_WORDS[p_value] + "; fieller = the "
+                   "Fieller-type set of the ratio from the resamples' numerator and denominator covariance; "
+                   "q_value = Benjamini-Hochberg over the headline's SGRs (not estimable ones counted as p = 1)",
+            "multiplicity": {"method": "benjamini-hochberg", "family": "the headline head's SGRs, one per measure",
+                             "size": family},
             "sgr_estimable": "an SGR is estimable only when the 95% interval of hard - zero-shot (from the "
                              "same resamples) lies above 0; otherwise its numbers are kept with "
                              "estimable = false and the reason, and tables show it as n/e",
-            "differences": {"hard_minus_easy": "hard-trained minus easy-trained",
+            "differences": {"hard_minus_easy": "hard-trained minus easy-trained, paired: per training draw, over "
+                                               "the test items both were tested on",
                             "easy_minus_zero_shot": "easy-trained minus zero-shot"},
+            "controls": "shortcut controls trained on the same draws: the probe recipe on the choices' surface "
+                        "features (site surface) and the training draw's majority position (site majority); "
+                        "hard_minus_control = the hard-trained probe minus the hard-trained control on the hard "
+                        "test, paired by draw; beats_controls when every such interval lies above 0",
         },
+        "warnings": warnings,
         "zero_weight_heads": {
             "rule": "zero weights are the exact optimum of the head's objective: the NLL gradient at zero "
                     "weights has norm <= the unsquared penalty l2 (standardised units)",
+            "treatment": zero_weights,
             "excluded": zero_weights == "exclude",
             "heads": sum(r["heads"] for r in zero),
             "zero_weight_heads": sum(r["zero_weight_heads"] for r in zero),
             "by_layer": zero,
         },
         "population": population,
+        "zero_weight_treatments": treatments,
         "transfer": transfer.to_dict(orient="records"),
         "all_to_all": all_to_all,
         "learning_curve": curves["learning_curve"],
@@ -153,15 +184,51 @@ def build_report(
     return summary
 
 
-def check_settings(n_boot, n_boot_sgr, seed, zero_weights) -> None:
-    """Refuse bootstrap sizes, a seed or a zero-weights choice a report cannot use (one line)."""
+#: How each p-value rule is described in a summary.
+_P_WORDS = {
+    "percentile": "the smallest alpha whose 1 - alpha percentile interval (from the same resamples) excludes 0, "
+                  "so p < 0.05 exactly when the 95% interval excludes 0",
+    "centred": "the centred two-sided bootstrap test of 0 (the reference code's metrics.p_value)",
+}
+
+
+def _treatments(raw: pd.DataFrame, headline: Headline | None, chosen: str, population: list[dict], n_boot: int,
+                n_boot_sgr: int, seed: int, p_value: str) -> dict:
+    """The headline head's accuracies and SGR under each zero-weight treatment (the chosen one from
+    ``population``, the others computed on the headline's rows alone), so a reader sees how much they move."""
+    if headline is None:
+        return {}
+    keep = ((raw["site"] == headline.site) & (raw["layer"] == headline.layer) & (raw["solver"] == headline.solver)
+            | (raw["train_level"] == ZERO_SHOT))
+    rows = raw[keep & (raw["experiment"] == "population")]
+    out = {}
+    for treatment in ZERO_WEIGHTS:
+        if treatment == chosen:
+            recs = headline_records(population, headline)
+        else:
+            try:
+                table = treat_zero_weights(rows, treatment)
+            except ProbekitError as exc:
+                out[treatment] = {"error": str(exc)}
+                continue
+            recs = headline_records(population_table(table, n_boot, n_boot_sgr, seed, None, headline, p_value),
+                                    headline)
+            add_qvalues(recs)
+        out[treatment] = {r["measure"]: {"accuracy": r["accuracy"], "sgr": r["sgr"]} for r in recs}
+    return out
+
+
+def check_settings(n_boot, n_boot_sgr, seed, zero_weights, p_value="percentile") -> None:
+    """Refuse bootstrap sizes, a seed, a zero-weights treatment or a p-value rule a report cannot use (one line)."""
     for name, value in (("n_boot", n_boot), ("n_boot_sgr", n_boot_sgr)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
-    if zero_weights not in ("exclude", "include"):
-        raise ProbekitError(f"zero_weights must be exclude or include, got {zero_weights!r}")
+    if zero_weights not in ZERO_WEIGHTS:
+        raise ProbekitError(f"zero_weights must be one of {', '.join(ZERO_WEIGHTS)}, got {zero_weights!r}")
+    if p_value not in P_VALUES:
+        raise ProbekitError(f"p_value must be one of {', '.join(P_VALUES)}, got {p_value!r}")
 
 
 def _count_zero_weight_heads(population: list[dict], table: pd.DataFrame) -> None:
@@ -290,16 +357,25 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
         f"experiments: {', '.join(summary['results']['experiments'])}; sha256 `{summary['results']['sha256'][:16]}…`)",
         f"- Cache manifest sha256: `{summary['cache_manifest_sha256'] or 'not recorded'}`",
         f"- Bootstrap: {s['n_boot']} resamples per accuracy and difference, {s['n_boot_sgr']} per SGR, "
-        f"seed {s['seed']}, 95% percentile intervals.",
-        "- Accuracy cells: bootstrap mean ± error bar in % (crossed bootstrap over test items and training "
-        "draws). SGR = (easy − zero-shot) / (hard − zero-shot) on the hard test, with its 95% interval and "
-        "bootstrap p-value against 0. Differences in percentage points.",
-        "- SGR `n/e` (not estimable): the 95% interval of hard − zero-shot, from the same resamples, does not "
-        "lie above 0, so hard training does not beat zero-shot and the ratio has no meaning; its numbers are in "
-        "`summary.json` and `population.csv` with `estimable` false and the reason (`sgr_reason`; here the "
-        "`SGR note` column).",
+        f"seed {s['seed']}, 95% percentile intervals (crossed: test items and training draws).",
+        *[f"- {note}" for note in POPULATION_NOTES],
+        f"- p-values: {_P_WORDS[s['p_value']]}.",
+        "- SGR = (easy − zero-shot) / (hard − zero-shot) on the hard test. `n/e` (not estimable): the 95% "
+        "interval of hard − zero-shot, from the same resamples, does not lie above 0, so hard training does not "
+        "beat zero-shot and the ratio has no meaning; its numbers are in `summary.json` and `population.csv` "
+        "with `estimable` false and the reason (here the `SGR note` column). Each SGR's Fieller-type interval "
+        "is in `population.csv` (`sgr_fieller*`).",
+        f"- Heads with zero weights as their exact optimum: {_ZERO_WORDS[s['zero_weights']]} "
+        "(`--zero-weights`; `summary.json` holds the headline under all three treatments).",
+        "- Shortcut controls (trained on the same draws, scored on the same items): a probe on the choices' "
+        "surface features (length in words and characters, position) and the training draw's majority "
+        "position. `vs controls`: `beats` when the hard-trained probe's paired lead over each control has a "
+        "95% interval above 0, else the controls it does not beat: such a row's gain may be read off the "
+        "surface, not the hidden states.",
         "",
     ]
+    if summary["warnings"]:
+        lines += ["**Warnings**", "", *[f"- {w}" for w in summary["warnings"]], ""]
     if headline:
         lines += [
             f"## Headline: hard-test accuracy ({head_label(s['headline'], s['headline_method'], code=True)})",
@@ -310,7 +386,7 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
                          ("transfer", "Accuracy by training and test level")):
             if figs.get(key):
                 lines += [f"![{alt}]({figs[key]})", ""]
-    lines += _zero_weight_lines(summary["zero_weight_heads"])
+    lines += _zero_weight_lines(summary["zero_weight_heads"], population, headline)
     if population:
         lines += ["## Population table, every site, layer and solver", "",
                   to_markdown(population_display(population)), "Numbers: `population.csv`.", ""]
@@ -335,21 +411,43 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
     return "\n".join(lines)
 
 
-def _zero_weight_lines(zero: dict) -> list[str]:
-    """The report's section on heads whose exact optimum has zero weights: counts per layer."""
+#: What each zero-weight treatment does, in the report's words.
+_ZERO_WORDS = {
+    "chance": "kept in every statistic and scored as what they are at their optimum: every choice scores the "
+              "same, so each counts 1 / (number of choices) on an item",
+    "exclude": "left out of every accuracy, SGR, difference, table and plot (a selection on the training draw)",
+    "include": "kept in every statistic with the predictions the last SGD steps left",
+}
+
+
+def _zero_weight_lines(zero: dict, population: list[dict], headline: Headline | None) -> list[str]:
+    """The report's section on heads whose exact optimum has zero weights: counts per (measure, training
+    level) of the headline head, then per layer."""
     if not zero["zero_weight_heads"]:
         return []
     rows = [r for r in zero["by_layer"] if r["zero_weight_heads"]]
     frame = pd.DataFrame([{"experiment": r["experiment"], "site": r["site"], "layer": r["layer"],
                            "solver": r["solver"], "zero-weight heads": f"{r['zero_weight_heads']} of {r['heads']}",
                            "heads (measure/level/draw)": ", ".join(r["which"])} for r in rows])
-    what = ("left out of every accuracy, SGR, difference, table and plot in this report" if zero["excluded"]
-            else "included in the statistics of this report (`--zero-weights include`)")
-    return ["## Heads with zero weights", "",
-            f"{zero['zero_weight_heads']} of {zero['heads']} trained heads have zero weights as the exact optimum of "
-            "their objective (the NLL's gradient at zero weights is within the unsquared L2 penalty): every "
-            "choice scores the same, and what the last SGD steps left decides their predictions. They are "
-            f"{what}.", "", to_markdown(frame), ""]
+    lines = ["## Heads with zero weights", "",
+             f"{zero['zero_weight_heads']} of {zero['heads']} trained heads have zero weights as the exact optimum "
+             "of their objective (the NLL's gradient at zero weights is within the unsquared L2 penalty). In this "
+             f"report they are {_ZERO_WORDS[zero['treatment']]}.", ""]
+    chosen = headline_records(population, headline)
+    if chosen:
+        levels = [lv for lv in chosen[0]["accuracy"] if lv != ZERO_SHOT]
+        per = pd.DataFrame([{"measure": r["measure"],
+                             **{lv: _of_draws(r, lv, zero["excluded"]) for lv in levels}} for r in chosen])
+        lines += ["Headline head, zero-weight heads per training level (of its draws):", "", to_markdown(per)]
+    return lines + ["Every layer:", "", to_markdown(frame), ""]
+
+
+def _of_draws(record: dict, level: str, excluded: bool) -> str:
+    """``"2 of 5"``: a level's zero-weight heads of all its draws (excluded ones are not in ``n_draws``)."""
+    zero, acc = record["zero_weight_heads"].get(level, 0), record["accuracy"].get(level)
+    if not acc:
+        return f"{zero} of {zero}" if zero else "–"
+    return f"{zero} of {acc['n_draws'] + (zero if excluded else 0)}"
 
 
 def _curve_display(records: list[dict], x: str) -> pd.DataFrame:

@@ -60,21 +60,28 @@ from probekit.report.compare_plots import method_order
 from probekit.report.tables import (
     HARD,
     NOT_ESTIMABLE,
+    POPULATION_NOTES,
     ZERO_SHOT,
     Headline,
+    add_qvalues,
     all_to_all_table,
     choose_headline,
+    control_verdict,
+    few_draws,
     flatten,
     fmt_acc,
+    fmt_q,
     fmt_sgr,
     fmt_test,
+    headline_records,
     level_order,
     load_results,
     population_table,
     sgr_flagged,
     to_markdown,
+    treat_zero_weights,
 )
-from probekit.store.results import Results, cache_hash
+from probekit.store.results import CONTROL_SITES, Results, cache_hash
 
 FORMAT = "probekit-comparison/1"
 #: Methods whose heads are training draws of :func:`probekit.probe.plan.plan`: runs of these
@@ -123,6 +130,8 @@ class Head:
     method: str
     headline: Headline
     rows: pd.DataFrame = field(repr=False)
+    #: The shortcut controls' rows of a probe head (empty for other methods).
+    controls: pd.DataFrame = field(repr=False, default=None)
 
 
 def model_size(model: dict) -> tuple[float | None, str]:
@@ -177,9 +186,10 @@ def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
         if not res.sweep or not res.sweep.get("model") or not res.sweep.get("dataset"):
             raise ProbekitError(f"{res.path}: its sweep.json does not record the model and dataset, "
                                 "so it cannot be compared with other runs")
-        table = res.table
-        if zero_weights == "exclude":
-            table = table[~table["zero_weights"].astype(bool)]
+        try:
+            table = treat_zero_weights(res.table, zero_weights)
+        except ProbekitError as exc:
+            raise ProbekitError(f"{res.path}: {exc}") from None
         size, source = model_size(res.sweep["model"])
         seed = res.sweep.get("seed")
         dataset = dataset_label(str(res.sweep["dataset"]), prompt_template(res.sweep))
@@ -210,7 +220,7 @@ def _heads(runs: list[Run], baselines: Sequence[str], site: str | None, layer: s
             except ProbekitError as exc:
                 raise ProbekitError(f"{run.res.path} ({method}): {exc}") from None
             at = rows[(rows["site"] == head.site) & (rows["layer"] == head.layer) & (rows["solver"] == head.solver)]
-            heads.append(Head(run, str(experiment), str(method), head, at))
+            heads.append(Head(run, str(experiment), str(method), head, at, rows[rows["site"].isin(CONTROL_SITES)]))
     if not heads:
         raise ProbekitError("none of the results directories holds trained heads to compare")
     return heads
@@ -303,7 +313,8 @@ def build_comparison(
     layer: str | None = None,
     solver: str | None = None,
     baseline: str | None = None,
-    zero_weights: str = "exclude",
+    zero_weights: str = "chance",
+    p_value: str = "percentile",
     progress: ProgressFn | None = None,
 ) -> dict:
     """Compare several results directories (see the module docstring) and return the summary.
@@ -313,12 +324,14 @@ def build_comparison(
     probe head (defaults as in a single-run report); other methods' heads take their defaults.
     ``baseline``: the method whose rows are the zero-shot baseline of every method (e.g.
     "zero_shot_cot"); None: per method (:func:`baseline_of`, see the module docstring).
-    ``zero_weights``: as in :func:`probekit.report.build.build_report`. Bad, incomplete or
-    mismatched runs raise :class:`ProbekitError` before anything is written.
+    ``zero_weights``, ``p_value``: as in :func:`probekit.report.build.build_report`. Every SGR of the
+    comparison gets a Benjamini-Hochberg q-value over all of them (one family), a probe head its
+    shortcut controls. Bad, incomplete or mismatched runs raise :class:`ProbekitError` before anything
+    is written.
     """
     if len(results_dirs) < 2:
         raise ProbekitError("a comparison needs at least two results directories")
-    check_settings(n_boot, n_boot_sgr, seed, zero_weights)
+    check_settings(n_boot, n_boot_sgr, seed, zero_weights, p_value)
     runs = _load_runs(results_dirs, zero_weights)
     names = [baseline] if baseline else [ZERO_SHOT, COT_BASELINE]
     heads = _heads(runs, names, site, layer, solver)
@@ -337,12 +350,19 @@ def build_comparison(
         if zero_run is None:
             notes.append(f"{h.run.res.path} ({h.method}): no {used} rows for {h.run.model} on {h.run.dataset}; "
                          "its SGR is not computed")
-        sub = pd.concat([zero[zero["measure"].isin(set(h.rows["measure"]))], h.rows], ignore_index=True)
-        for rec in population_table(sub, n_boot, n_boot_sgr, seed):
+        parts = [zero[zero["measure"].isin(set(h.rows["measure"]))], h.rows]
+        if h.controls is not None and len(h.controls):
+            parts.append(h.controls)
+        sub = pd.concat(parts, ignore_index=True)
+        for rec in headline_records(population_table(sub, n_boot, n_boot_sgr, seed, None, h.headline, p_value),
+                                    h.headline):
             population.append({"model": h.run.model, "dataset": h.run.dataset, "method": h.method,
+                               "method_label": method_label(h.method, h.run.res.sweep),
                                "run": h.run.dir, "run_sha256": h.run.res.sha256, "baseline": used,
                                "baseline_run": zero_run.dir if zero_run else None, **rec})
         tick(f"{h.method} {h.run.model} {h.run.dataset}")
+    family = add_qvalues(population)
+    warnings = few_draws(population, lambda r: f"{r['model']} {r['dataset']} {r['measure']} {r['method']}")
 
     all_to_all: list[dict] = []
     for name, (model, dataset, _), (run, zero) in a2a_base:
@@ -373,6 +393,9 @@ def build_comparison(
         "settings": {
             "n_boot": int(n_boot), "n_boot_sgr": int(n_boot_sgr), "seed": int(seed), "level": 0.95,
             "test_level": HARD, "baseline": baseline or BASELINE_RULE, "zero_weights": zero_weights,
+            "p_value": p_value,
+            "multiplicity": {"method": "benjamini-hochberg", "family": "every SGR of the comparison (not estimable "
+                             "ones counted as p = 1)", "size": family},
             "probe_head": {"site": site, "layer": layer, "solver": solver},
             "rule": "each method's head is computed by the single-run report's functions on its own rows beside "
                     "the shared baseline of its model and dataset; every head's SGR gets n_boot_sgr resamples",
@@ -383,11 +406,30 @@ def build_comparison(
         "all_to_all": all_to_all,
         "spearman": spearman,
         "notes": notes,
+        "warnings": warnings,
         "files": [],
     }
     summary = _jsonable(summary)
     write_report_dir(Path(out_dir), summary, lambda tmp: _write_files(tmp, summary))
     return summary
+
+
+def method_label(method: str, sweep: dict | None) -> str:
+    """How a method is named in tables, by what ran: a fine-tuning run's base ("LoRA (float32 base)" on a
+    model that was not quantized, "QLoRA (8-bit base)"), as its sweep.json records it; else the method."""
+    if not method.startswith("finetune") or not isinstance(sweep, dict):
+        return method
+    config = sweep.get("config") or {}
+    tune = (sweep.get("generate") or {}).get("finetune") or {}
+    quantize = config.get("quantize") or tune.get("quantize")
+    if quantize in ("8bit", "4bit"):
+        base = f"QLoRA ({quantize[0]}-bit base)"
+    elif quantize == "none":
+        dtype = (sweep.get("finetune_model") or sweep.get("model") or {}).get("dtype") or "unquantized"
+        base = f"LoRA ({dtype} base)"
+    else:
+        return method
+    return f"{method}: {base}"
 
 
 def _model_order(runs: list[Run]) -> list[tuple[str, float | None, str]]:
@@ -461,12 +503,14 @@ def comparison_frame(population: list[dict]) -> pd.DataFrame:
     rows = []
     levels = level_order({lv for r in population for lv in r["accuracy"]} - {ZERO_SHOT})
     for r in comparison_order(population):
-        row = {"model": r["model"], "dataset": r["dataset"], "measure": r["measure"], "method": r["method"],
-               "zero-shot": fmt_acc(r["accuracy"].get(ZERO_SHOT))}
+        row = {"model": r["model"], "dataset": r["dataset"], "measure": r["measure"],
+               "method": r.get("method_label") or r["method"], "zero-shot": fmt_acc(r["accuracy"].get(ZERO_SHOT))}
         for lv in levels:
             row[f"{lv}→hard"] = fmt_acc(r["accuracy"].get(lv))
         row["SGR [95% CI]"] = fmt_sgr(r["sgr"])
-        row["hard−easy (pts)"] = fmt_test(r.get("hard_minus_easy"), percent=True)
+        row["q"] = fmt_q(r["sgr"])
+        row["hard−easy (pts, paired)"] = fmt_test(r.get("hard_minus_easy"), percent=True)
+        row["vs controls"] = control_verdict(r)
         row["SGR note"] = f"{NOT_ESTIMABLE}: {r['sgr']['reason']}" if sgr_flagged(r["sgr"]) else ""
         rows.append(row)
     return pd.DataFrame(rows)
@@ -489,9 +533,9 @@ def model_size_frame(population: list[dict], models: list[dict]) -> pd.DataFrame
             rec = next((r for r in population if (r["model"], r["dataset"], r["measure"], r["method"])
                         == (m["model"], dataset, measure, method)), None)
             acc = rec["accuracy"] if rec else {}
-            row[f"{m['model']}: zero-shot"] = fmt_acc(acc.get(ZERO_SHOT), error_bar=False)
-            row[f"{m['model']}: easy→hard"] = fmt_acc(acc.get("easy"), error_bar=False)
-            row[f"{m['model']}: hard→hard"] = fmt_acc(acc.get(HARD), error_bar=False)
+            row[f"{m['model']}: zero-shot"] = fmt_acc(acc.get(ZERO_SHOT), interval=False)
+            row[f"{m['model']}: easy→hard"] = fmt_acc(acc.get("easy"), interval=False)
+            row[f"{m['model']}: hard→hard"] = fmt_acc(acc.get(HARD), interval=False)
             row[f"{m['model']}: SGR"] = fmt_sgr(rec["sgr"]) if rec else "–"
         rows.append(row)
     return pd.DataFrame(rows)
@@ -569,11 +613,18 @@ def _markdown(summary: dict, figs: dict, files: list[str], size: pd.DataFrame) -
               f"- Bootstrap: {s['n_boot']} resamples per accuracy and difference, {s['n_boot_sgr']} per SGR, seed "
               f"{s['seed']}, 95% percentile intervals; {_baseline_words(s['baseline'])}, shared by the methods of a "
               "model and dataset and checked equal item by item across its runs.",
-              "- Each number equals the one the run's own `probekit report` gives for that head as its headline.",
+              "- Each number equals the one the run's own `probekit report` gives for that head as its headline "
+              "(but q, which is over every SGR of this comparison).",
+              *[f"- {note}" for note in POPULATION_NOTES],
               "- SGR `n/e`: the 95% interval of hard − zero-shot does not lie above 0, so the ratio has no meaning; "
-              "its numbers stay in `summary.json` and `comparison.csv` with `estimable` false.", ""]
+              "its numbers stay in `summary.json` and `comparison.csv` with `estimable` false.",
+              "- `vs controls` (probe heads): `beats` when the hard-trained probe's paired lead over each shortcut "
+              "control (a probe on the choices' surface features; the training draw's majority position) has a 95% "
+              "interval above 0, else the controls it does not beat.", ""]
     if summary["notes"]:
         lines += ["Notes:", "", *[f"- {n}" for n in summary["notes"]], ""]
+    if summary["warnings"]:
+        lines += ["**Warnings**", "", *[f"- {w}" for w in summary["warnings"]], ""]
     if summary["population"]:
         lines += ["## SGR and hard-test accuracy by method", ""]
         if figs.get("sgr"):

@@ -36,8 +36,16 @@ import numpy as np
 import pandas as pd
 
 from probekit.errors import ProbekitError
+from probekit.stats.bootstrap import Fieller, bh_qvalues
 from probekit.stats.shared import SharedBootstrap
-from probekit.store.results import RESULTS, TEXT_COLUMNS, Results, read_results
+from probekit.store.results import (
+    CONTROL_HEADS,
+    CONTROL_SITES,
+    RESULTS,
+    TEXT_COLUMNS,
+    Results,
+    read_results,
+)
 
 #: Training levels in display order; other levels found in the results follow, sorted.
 TRAIN_LEVELS = ("zero_shot", "easy", "medium", "hard", "all")
@@ -47,6 +55,10 @@ ZERO_SHOT = "zero_shot"
 #: Population-table comparisons: name -> (baseline level, compared level); the statistic is
 #: mean(compared - baseline).
 DIFFERENCES = {"hard_minus_easy": ("easy", "hard"), "easy_minus_zero_shot": (ZERO_SHOT, "easy")}
+#: What a report does with the rows of heads whose exact optimum has zero weights (:func:`treat_zero_weights`).
+ZERO_WEIGHTS = ("chance", "exclude", "include")
+#: Fewer training draws than this and a condition's draw variance is not estimable (a warning).
+MIN_DRAWS = 3
 
 Progress = Callable[[str], None]
 
@@ -87,13 +99,45 @@ def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         out["n_train"] = out["n_train"].astype(np.int64)
         out["label_noise"] = out["label_noise"].astype(np.float64)
         out["correct"] = out["correct"].astype(np.float64)
+        out["n_choices"] = out["n_choices"].astype(np.int64)
     except (TypeError, ValueError) as exc:
-        raise ProbekitError(f"{path}: non-numeric draw, n_train, label_noise or correct ({exc})") from None
+        raise ProbekitError(f"{path}: non-numeric draw, n_train, label_noise, correct or n_choices ({exc})") from None
     bad = ~out["correct"].isin([0.0, 1.0])
     if bad.any():
         row = out[bad].iloc[0]
         raise ProbekitError(f"{path}: correct must be 0 or 1, got {row['correct']!r} for item {row['item_id']!r}")
     return out
+
+
+def treat_zero_weights(table: pd.DataFrame, treatment: str) -> pd.DataFrame:
+    """The rows a report computes on, given what it does with heads whose exact optimum has zero weights
+    (the ``zero_weights`` column; :func:`probekit.probe.solvers.zero_is_optimal`):
+
+    - ``"chance"``: kept, scored as what they are at their optimum: every choice scores the same, so
+      the head's expected accuracy on an item is ``1 / n_choices`` (its ``correct`` cells become that);
+    - ``"exclude"``: their rows are left out (a selection on the training draw: a draw with a weak
+      linear signal is dropped);
+    - ``"include"``: kept as the last SGD steps left them (their argmax decides ``correct``).
+
+    ``"chance"`` needs each row's ``n_choices`` (results written before the column existed lack it:
+    rerun the sweep, or choose another treatment).
+    """
+    if treatment not in ZERO_WEIGHTS:
+        raise ProbekitError(f"zero_weights must be one of {', '.join(ZERO_WEIGHTS)}, got {treatment!r}")
+    zero = table["zero_weights"].to_numpy(bool)
+    if treatment == "include" or not zero.any():
+        return table
+    if treatment == "exclude":
+        return table[~zero]
+    k = table["n_choices"].to_numpy(np.int64)
+    unknown = zero & (k < 1)
+    if unknown.any():
+        row = table[unknown].iloc[0]
+        raise ProbekitError(f"results rows of zero-weight heads lack n_choices (item {row['item_id']!r}; written by "
+                            "an older probekit): rerun the sweep, or report with --zero-weights exclude or include")
+    correct = table["correct"].to_numpy(np.float64).copy()
+    correct[zero] = 1.0 / k[zero]
+    return table.assign(correct=correct)
 
 
 def _text_categorical(values: pd.Series) -> pd.Series:
@@ -139,9 +183,10 @@ def choose_headline(table: pd.DataFrame, site: str | None = None, layer: str | N
     Defaults: site ``answer_end`` when present (else the first); the protocol's middle+last
     concatenation (a two-layer set such as "16+30") when present, else the last single layer;
     solver ``paper`` when present (else the first). A requested value that the results lack is
-    an error.
+    an error. The shortcut controls (sites "surface" and "majority") are never the headline.
     """
-    trained = table.loc[table["train_level"] != ZERO_SHOT, ["site", "layer", "solver"]]
+    trained = table.loc[(table["train_level"] != ZERO_SHOT) & ~table["site"].isin(CONTROL_SITES),
+                        ["site", "layer", "solver"]]
     if trained.empty:
         return None
     site = _pick(trained["site"], site, "answer_end", "site")
@@ -256,6 +301,7 @@ def population_table(
     seed: int = 0,
     progress: Progress | None = None,
     headline: Headline | None = None,
+    p_method: str = "percentile",
 ) -> list[dict]:
     """Hard-test accuracies, SGR and paired differences per measure, site, layer and solver.
 
@@ -265,7 +311,14 @@ def population_table(
     p-value resolution), which keeps a 30-layer report to about a minute.
     When a training level holds several ``n_train`` values, the largest is used. A measure
     without hard-test rows is an error. Entries that cannot be computed (a level that was not
-    run, no zero-shot rows) are None.
+    run, no zero-shot rows) are None. ``p_method``: the p-values' rule
+    (:func:`probekit.stats.bootstrap.p_value`).
+
+    The headline head's records also get ``controls``: for each shortcut control in the table
+    (:mod:`probekit.probe.controls`; the surface-feature probe, the majority position), its
+    accuracies and the paired difference ``hard_minus_control`` (the hidden-state probe trained on
+    hard items minus the control trained on the same draws, on the hard test), and ``beats_controls``:
+    whether every such difference's interval lies above 0 (None without controls).
     """
     head_keys = ["site", "layer", "solver"]
     trained = (table["experiment"] == "population") & (table["train_level"] != ZERO_SHOT)
@@ -274,8 +327,8 @@ def population_table(
     runs = runs[(runs["experiment"] == "population") & (runs["train_level"] != ZERO_SHOT)]
     pop = table.loc[trained & (table["test_level"] == HARD),
                     ["measure", *head_keys, "train_level", "test_level", "n_train", "item_id", "draw", "correct"]]
-    boot = SharedBootstrap(n_boot, seed)
-    records, done = [], []
+    boot = SharedBootstrap(n_boot, seed, p_method=p_method)
+    records, done, frames_of = [], [], {}
     for measure in sorted(runs["measure"].unique()):
         hard = pop[pop["measure"] == measure]
         if hard.empty:
@@ -288,9 +341,49 @@ def population_table(
         for key in _ordered(heads_run.itertuples(index=False, name=None), head_keys):
             group = heads.get(key, hard.iloc[:0])
             n_sgr = n_boot_sgr if headline is None or key == (headline.site, headline.layer, headline.solver) else n_boot
-            records.append(_population_record(boot, measure, key, group, zero_frame, n_sgr))
+            record, frames_of[(measure, *key)] = _population_record(boot, measure, key, group, zero_frame, n_sgr)
+            records.append(record)
             done.append(f"population {measure} {key[0]} layer {key[1] or '-'}")
-    return _run(boot, records, done, progress)
+    if headline is not None:
+        _add_controls(boot, records, frames_of, headline)
+    out = _run(boot, records, done, progress)
+    for r in out:
+        if "controls" in r:
+            r["beats_controls"] = beats_controls(r["controls"])
+    return out
+
+
+def _add_controls(boot: SharedBootstrap, records: list[dict], frames_of: dict, headline: Headline) -> None:
+    """Attach the shortcut controls to the headline head's records (see :func:`population_table`)."""
+    by_key = {(r["measure"], r["site"], r["layer"], r["solver"]): r for r in records}
+    for r in records:
+        if (r["site"], r["layer"], r["solver"]) != (headline.site, headline.layer, headline.solver):
+            continue
+        frames, names = frames_of[(r["measure"], r["site"], r["layer"], r["solver"])]
+        controls = {}
+        for site, solver in CONTROL_HEADS:
+            key = (r["measure"], site, "", solver)
+            if key not in by_key:
+                continue
+            other, other_names = frames_of[key]
+            entry = {"site": site, "solver": solver, "accuracy": {lv: a for lv, a in by_key[key]["accuracy"].items()
+                                                                   if lv != ZERO_SHOT},
+                     "hard_minus_control": None}
+            if HARD in frames and HARD in other:
+                A, B = _paired_draws(other[HARD], frames[HARD])
+                if A is not None:
+                    entry["hard_minus_control"] = _Pending(boot.difference(A, B, (other_names[HARD], names[HARD])))
+            controls[site] = entry
+        r["controls"] = controls
+
+
+def beats_controls(controls: dict) -> bool | None:
+    """Whether the hidden-state probe beats every shortcut control: each ``hard_minus_control`` interval
+    lies above 0 (None when there is no control to compare with)."""
+    tests = [c["hard_minus_control"] for c in controls.values() if c.get("hard_minus_control")]
+    if not tests:
+        return None
+    return all(t["lo"] > 0 for t in tests)
 
 
 def _groups(rows: pd.DataFrame, keys: list[str]):
@@ -339,7 +432,8 @@ def _run(boot: SharedBootstrap, records: list[dict], done: list[str], progress: 
     return out
 
 
-def _population_record(boot, measure, key, group, zero_frame, n_boot_sgr) -> dict:
+def _population_record(boot, measure, key, group, zero_frame, n_boot_sgr) -> tuple[dict, tuple[dict, dict]]:
+    """A head's population record (statistics pending) and its (frames, condition names) by level."""
     site, layer, solver = key
     hard = group[group["test_level"] == HARD]
     frames: dict[str, pd.DataFrame] = {}
@@ -365,7 +459,7 @@ def _population_record(boot, measure, key, group, zero_frame, n_boot_sgr) -> dic
             A, B = _paired_draws(frames[base], frames[other])
             if A is not None:
                 record[name] = _Pending(boot.difference(A, B, (names[base], names[other])))
-    return record
+    return record, (frames, names)
 
 
 def _paired_draws(A: pd.DataFrame, B: pd.DataFrame) -> tuple[pd.DataFrame | None, pd.DataFrame | None]:
@@ -514,6 +608,11 @@ def flatten(records: list[dict]) -> pd.DataFrame:
                     flat.update(_stat_columns(f"acc_{level}", stat))
             elif key == "accuracy":
                 flat.update(_stat_columns("acc", value))
+            elif key == "controls":
+                for site, c in (value or {}).items():
+                    for level, stat in c["accuracy"].items():
+                        flat.update(_stat_columns(f"{site}_acc_{level}", stat))
+                    flat.update(_stat_columns(f"hard_minus_{site}", c["hard_minus_control"]))
             elif key in ("n_train", "zero_weight_heads") and isinstance(value, dict):
                 flat.update({f"{key}_{lv}": n for lv, n in value.items()})
             elif isinstance(value, dict) or (value is None and key in ("sgr", *DIFFERENCES)):
@@ -534,6 +633,11 @@ def _stat_columns(name: str, stat: dict | None) -> dict:
     if "estimable" in stat:  # an SGR: its numbers stay, with the flag and the reason beside them
         out[f"{name}_estimable"] = stat["estimable"]
         out[f"{name}_reason"] = stat["reason"] or ""
+        fieller = stat.get("fieller") or {}
+        out.update({f"{name}_fieller": fieller.get("kind"), f"{name}_fieller_lo": fieller.get("lo"),
+                    f"{name}_fieller_hi": fieller.get("hi")})
+    if "q_value" in stat:
+        out[f"{name}_q"] = stat["q_value"]
     return out
 
 
@@ -541,12 +645,15 @@ def _finite(v) -> bool:
     return v is not None and math.isfinite(v)
 
 
-def fmt_acc(stat: dict | None, error_bar: bool = True) -> str:
-    """``78.3 ± 1.2`` (percent, bootstrap mean ± error bar; ``78.3`` without), or ``–`` when missing."""
-    if not stat or not _finite(stat["mean"]):
+def fmt_acc(stat: dict | None, interval: bool = True) -> str:
+    """``78.3 [76.1, 80.4]`` (percent: the point estimate, the accuracy of the observed item x draw
+    matrix, and its 95% bootstrap percentile interval; ``78.3`` without), or ``–`` when missing."""
+    if not stat or not _finite(stat["point"]):
         return "–"
-    mean = f"{100 * stat['mean']:.1f}"
-    return f"{mean} ± {100 * stat['error_bar']:.1f}" if error_bar else mean
+    point = f"{100 * stat['point']:.1f}"
+    if not interval or not _finite(stat["lo"]):
+        return point
+    return f"{point} [{100 * stat['lo']:.1f}, {100 * stat['hi']:.1f}]"
 
 
 def fmt_test(stat: dict | None, percent: bool = False) -> str:
@@ -571,6 +678,30 @@ def fmt_sgr(stat: dict | None) -> str:
     return NOT_ESTIMABLE if sgr_flagged(stat) else fmt_test(stat)
 
 
+def fmt_q(stat: dict | None) -> str:
+    """An SGR's Benjamini-Hochberg q-value (``q=0.012``, ``q<0.001``), or ``–`` when it has none."""
+    q = (stat or {}).get("q_value")
+    return "–" if q is None or not math.isfinite(q) else p_label(q).replace("p", "q", 1)
+
+
+def fmt_fieller(stat: dict | None) -> str:
+    """An SGR's Fieller-type interval as text (``[0.52, 1.31]``, ``(-inf, -0.4] U [2.1, inf)``), or ``–``."""
+    f = (stat or {}).get("fieller")
+    return Fieller(**f).text() if f else "–"
+
+
+def control_verdict(record: dict) -> str:
+    """How a headline record's hidden-state probe fares against its shortcut controls: ``beats`` when
+    every ``hard − control`` interval lies above 0, else ``≤ surface`` / ``≤ majority`` naming each
+    control it does not beat; ``–`` without controls."""
+    controls = record.get("controls") or {}
+    tests = {site: c["hard_minus_control"] for site, c in controls.items() if c.get("hard_minus_control")}
+    if not tests:
+        return "–"
+    below = [site for site, t in tests.items() if not t["lo"] > 0]
+    return "≤ " + ", ".join(below) if below else "beats"
+
+
 def fmt_p(p: float) -> str:
     """A p-value to three decimals, ``<0.001`` below that."""
     return "<0.001" if p < 0.001 else f"{p:.3f}"
@@ -582,16 +713,57 @@ def p_label(p: float) -> str:
     return f"p{text}" if text[0] == "<" else f"p={text}"
 
 
+def headline_records(records: list[dict], headline: Headline | None) -> list[dict]:
+    """The population records of the headline head, one per measure."""
+    return [r for r in records if headline and (r["site"], r["layer"], r["solver"])
+            == (headline.site, headline.layer, headline.solver)]
+
+
 def headline_frame(records: list[dict], headline: Headline | None) -> pd.DataFrame:
     """The headline population table as display strings, one row per measure."""
-    chosen = [r for r in records if headline and (r["site"], r["layer"], r["solver"])
-              == (headline.site, headline.layer, headline.solver)]
-    return population_display(chosen, with_head=False)
+    return population_display(headline_records(records, headline), with_head=False)
+
+
+def add_qvalues(records: list[dict]) -> int:
+    """Benjamini-Hochberg q-values over the SGRs of ``records`` (one family), stored as each SGR's
+    ``q_value``. An SGR that is not estimable enters the family with p = 1 (it is never a finding, and
+    leaving it out would choose the family by its outcome). Returns the family's size."""
+    family = [r["sgr"] for r in records if r.get("sgr")]
+    p = [1.0 if sgr_flagged(s) else s["p_value"] for s in family]
+    for s, q in zip(family, bh_qvalues(p)):
+        s["q_value"] = float(q)
+    return len(family)
+
+
+def few_draws(records: list[dict], label: Callable[[dict], str]) -> list[str]:
+    """One warning per condition of ``records`` trained on fewer than :data:`MIN_DRAWS` draws: its draw
+    variance is not estimable, so its interval reflects the test items and those draws only."""
+    out = []
+    for r in records:
+        for lv, a in r["accuracy"].items():
+            if lv != ZERO_SHOT and a and a["n_draws"] < MIN_DRAWS:
+                out.append(f"{label(r)} {lv}: {a['n_draws']} training draw(s); the draw variance is not estimable, "
+                           "so its intervals reflect item resampling over these draws only")
+    return out
+
+
+#: Footnotes of a table printed by :func:`population_display` (the estimator of each column).
+POPULATION_NOTES = (
+    "Accuracies: point estimate (accuracy of the observed item x draw matrix) [95% bootstrap percentile "
+    "interval], in %.",
+    "SGR: point [95% percentile interval] and the p-value read off the same resamples (it is below 0.05 "
+    "exactly when the interval excludes 0); q: Benjamini-Hochberg over the table's SGRs (n/e counted as p = 1).",
+    "hard−easy is paired: per training draw, over the test items both heads were tested on, so it can differ "
+    "from the difference of the two accuracy columns.",
+)
 
 
 def population_display(records: list[dict], with_head: bool = True) -> pd.DataFrame:
-    """Population records as display strings (accuracies in %, SGR, differences in points)."""
+    """Population records as display strings (accuracies in %, SGR, differences in points); the
+    columns' estimators are :data:`POPULATION_NOTES`. Records with shortcut controls get their
+    hard-trained accuracy and the verdict (:func:`control_verdict`)."""
     rows = []
+    controls = sorted({site for r in records for site in (r.get("controls") or {})}, key=CONTROL_SITES.index)
     for r in records:
         row = {"measure": r["measure"]}
         if with_head:
@@ -600,8 +772,15 @@ def population_display(records: list[dict], with_head: bool = True) -> pd.DataFr
         for lv in level_order(set(r["accuracy"]) - {ZERO_SHOT}):
             row[f"{lv}→hard"] = fmt_acc(r["accuracy"][lv])
         row["SGR [95% CI]"] = fmt_sgr(r["sgr"])
-        row["hard−easy (pts)"] = fmt_test(r["hard_minus_easy"], percent=True)
+        if any((x["sgr"] or {}).get("q_value") is not None for x in records):
+            row["q"] = fmt_q(r["sgr"])
+        row["hard−easy (pts, paired)"] = fmt_test(r["hard_minus_easy"], percent=True)
         row["easy−zero-shot (pts)"] = fmt_test(r["easy_minus_zero_shot"], percent=True)
+        for site in controls:
+            c = (r.get("controls") or {}).get(site)
+            row[f"{site} control hard→hard"] = fmt_acc((c or {}).get("accuracy", {}).get(HARD))
+        if controls:
+            row["vs controls"] = control_verdict(r)
         if any(sgr_flagged(x["sgr"]) for x in records):
             row["SGR note"] = f"{NOT_ESTIMABLE}: {r['sgr']['reason']}" if sgr_flagged(r["sgr"]) else ""
         rows.append(row)

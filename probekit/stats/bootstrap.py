@@ -11,6 +11,15 @@ draw (it was in the training set). Three statistics share one resampling scheme:
   paired, each matrix gets its own column indices (``bootstrapBminusAoverCminusA``).
 - :func:`paired_difference`: ``mean(B - A)`` with the same scheme (``bootstrapDiff``).
 
+p-values: by default (``"percentile"``) the p-value of a test of 0 is read off the same resampled
+statistics as the percentile interval, by inverting it: ``p`` is the smallest ``alpha`` at which the
+``1 - alpha`` percentile interval (numpy's "linear" quantiles, the interval's own rule) excludes 0
+(:func:`percentile_p_value`), so "the 95% interval excludes 0" and "p < 0.05" always agree. The
+reference code's centred bootstrap test (``metrics.p_value``) is :func:`centred_p_value`
+(``"centred"``); it can disagree with the percentile interval. An SGR also carries a Fieller-type
+interval (:func:`fieller_interval`) from the same resamples' numerator and denominator; multiplicity
+is handled by Benjamini-Hochberg q-values over a family of tests (:func:`bh_qvalues`).
+
 When SGR is estimable: the ratio means something only when hard training beats zero-shot. From
 the same paired resamples as the SGR, :func:`sgr_bootstrap` takes the percentile interval of the
 denominator ``C - A`` (hard - zero-shot); when its lower end is not above 0 (the interval includes
@@ -35,6 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from statistics import NormalDist
 
 import numpy as np
 
@@ -43,6 +53,8 @@ from probekit.errors import ProbekitError
 #: Upper bound on (resamples x rows) per block. A block's working memory is about 25 bytes per
 #: element (int32 indices, int64 bincount, float64 counts): 100 MB at this setting.
 BLOCK_ELEMENTS = 4_000_000
+#: How a p-value of a test of 0 is computed from the resampled statistics (module doc).
+P_VALUES = ("percentile", "centred")
 
 
 @dataclass(frozen=True)
@@ -76,9 +88,10 @@ class BootstrapTest:
 
     ``point`` is the statistic on the original matrices, ``mean`` the mean of the finite
     resampled statistics, ``[lo, hi]`` their percentile interval at ``level``,
-    ``error_bar = (hi - lo) / 2`` and ``p_value`` the centered two-sided bootstrap p-value of
-    H0: statistic = 0 (:func:`p_value`). ``n_draws`` holds the column count of each matrix after
-    all-NaN columns are dropped; ``n_kept`` counts resamples with a finite statistic.
+    ``error_bar = (hi - lo) / 2`` and ``p_value`` the two-sided p-value of H0: statistic = 0 by the
+    rule ``p_method`` (:func:`p_value`; "percentile": agrees with ``[lo, hi]``). ``n_draws`` holds
+    the column count of each matrix after all-NaN columns are dropped; ``n_kept`` counts resamples
+    with a finite statistic.
     """
 
     point: float
@@ -92,6 +105,7 @@ class BootstrapTest:
     n_draws: tuple[int, ...]
     n_resamples: int
     n_kept: int
+    p_method: str = "percentile"
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -106,7 +120,8 @@ class SgrTest(BootstrapTest):
     ``den_point`` is ``mean C - mean A`` (hard - zero-shot) on the original matrices and
     ``[den_lo, den_hi]`` its percentile interval at ``level`` over the same resamples as the
     ratio. ``estimable`` is False when ``den_lo <= 0`` (or the denominator is undefined);
-    ``reason`` then says why, and is None otherwise.
+    ``reason`` then says why, and is None otherwise. ``fieller`` is the Fieller-type interval of the
+    ratio at ``level`` (:func:`fieller_interval`, as a dict).
     """
 
     den_point: float = math.nan
@@ -114,6 +129,82 @@ class SgrTest(BootstrapTest):
     den_hi: float = math.nan
     estimable: bool = True
     reason: str | None = None
+    fieller: dict | None = None
+
+
+@dataclass(frozen=True)
+class Fieller:
+    """A Fieller-type confidence set for a ratio ``N / D`` at ``level``.
+
+    ``kind``: "bounded" (the interval ``[lo, hi]``; the denominator is significantly away from 0),
+    "exclusive" (the complement of an interval: ``(-inf, lo] U [hi, inf)``), "unbounded" (every real
+    number), "below" (``(-inf, hi]``) or "above" (``[lo, inf)``), or "undefined" (no finite
+    resamples). The set is ``{t : (n - t d)^2 <= z^2 (v_nn - 2 t v_nd + t^2 v_dd)}`` with ``n``, ``d``
+    the point numerator and denominator and the v's their covariance over the resamples.
+    """
+
+    kind: str
+    lo: float = math.nan
+    hi: float = math.nan
+    level: float = 0.95
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self, digits: int = 2) -> str:
+        """The set as text: ``[0.52, 1.31]``, ``(-inf, -0.4] U [2.1, inf)``, ``(-inf, inf)``."""
+        f = f"{{:.{digits}f}}"
+        return {
+            "bounded": lambda: f"[{f.format(self.lo)}, {f.format(self.hi)}]",
+            "exclusive": lambda: f"(-inf, {f.format(self.lo)}] U [{f.format(self.hi)}, inf)",
+            "unbounded": lambda: "(-inf, inf)",
+            "below": lambda: f"(-inf, {f.format(self.hi)}]",
+            "above": lambda: f"[{f.format(self.lo)}, inf)",
+        }.get(self.kind, lambda: "undefined")()
+
+
+def fieller_interval(n: float, d: float, v_nn: float, v_dd: float, v_nd: float, level: float = 0.95) -> Fieller:
+    """The Fieller-type confidence set of ``n / d`` given the variances and covariance of the estimates
+    ``n`` and ``d`` (normal quantile ``z`` of ``level``); see :class:`Fieller`."""
+    if not all(math.isfinite(x) for x in (n, d, v_nn, v_dd, v_nd)):
+        return Fieller("undefined", level=level)
+    z2 = NormalDist().inv_cdf(0.5 + level / 2) ** 2
+    a = d * d - z2 * v_dd
+    b = -2.0 * (n * d - z2 * v_nd)
+    c = n * n - z2 * v_nn
+    disc = b * b - 4.0 * a * c
+    if abs(a) <= 1e-12 * max(d * d, z2 * v_dd):  # the denominator sits exactly at the edge of significance
+        a = 0.0
+    if a == 0.0:
+        if b == 0.0:
+            return Fieller("unbounded" if c <= 0 else "undefined", level=level)
+        root = -c / b
+        return Fieller("below", hi=root, level=level) if b > 0 else Fieller("above", lo=root, level=level)
+    if disc < 0:
+        return Fieller("unbounded", level=level) if a < 0 else Fieller("undefined", level=level)
+    r = math.sqrt(disc)
+    lo, hi = sorted(((-b - r) / (2.0 * a), (-b + r) / (2.0 * a)))
+    return Fieller("bounded" if a > 0 else "exclusive", lo, hi, level)
+
+
+def bh_qvalues(p_values: Sequence[float]) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (q-values) of a family of tests, in the given order.
+
+    ``q_(i) = min over j >= i of m p_(j) / j`` over the p-values sorted ascending, capped at 1; ``m``
+    counts every test of the family. A NaN p-value (a test that could not be computed) counts as 1:
+    it stays in the family and is never declared significant.
+    """
+    p = np.asarray(p_values, dtype=np.float64)
+    p = np.where(np.isnan(p), 1.0, p)
+    m = p.size
+    if m == 0:
+        return p
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(scaled[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out
 
 
 def sgr_estimable(den_lo: float, den_hi: float) -> tuple[bool, str | None]:
@@ -149,11 +240,13 @@ def as_matrix(x, name: str = "matrix") -> np.ndarray:
     return m
 
 
-def _check_settings(n_resamples: int, level: float) -> None:
+def _check_settings(n_resamples: int, level: float, p_method: str = "percentile") -> None:
     if isinstance(n_resamples, bool) or not isinstance(n_resamples, (int, np.integer)) or n_resamples < 1:
         raise ProbekitError(f"n_resamples must be a positive integer, got {n_resamples!r}")
     if not (isinstance(level, (int, float)) and 0 < level < 1):
         raise ProbekitError(f"level must be in (0, 1), got {level!r}")
+    if p_method not in P_VALUES:
+        raise ProbekitError(f"p-value method must be one of {', '.join(P_VALUES)}, got {p_method!r}")
 
 
 def drop_empty(*mats: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -309,8 +402,57 @@ def sgr_resample_parts(A: np.ndarray, B: np.ndarray, C: np.ndarray, rows: np.nda
 # Summaries
 
 
-def p_value(stats: np.ndarray) -> float:
-    """Centered two-sided bootstrap p-value of H0: statistic = 0.
+def p_value(stats: np.ndarray, method: str = "percentile", level: float = 0.95) -> float:
+    """Two-sided p-value of H0: statistic = 0 from resampled statistics, by ``method`` (:data:`P_VALUES`):
+    :func:`percentile_p_value` (agrees with the percentile interval at ``level``) or :func:`centred_p_value`."""
+    if method == "percentile":
+        return percentile_p_value(stats, level)
+    if method == "centred":
+        return centred_p_value(stats)
+    raise ProbekitError(f"p-value method must be one of {', '.join(P_VALUES)}, got {method!r}")
+
+
+def percentile_p_value(stats: np.ndarray, level: float = 0.95) -> float:
+    """The smallest ``alpha`` at which the ``1 - alpha`` percentile interval of ``stats`` excludes 0.
+
+    With ``q(t)`` numpy's "linear" quantile of the sorted statistics (the rule of the intervals),
+    ``t0 = sup{t : q(t) <= 0}`` and ``t1 = inf{t : q(t) >= 0}``: the interval ``[q(alpha/2),
+    q(1 - alpha/2)]`` excludes 0 exactly when ``alpha > 2 t0`` or ``alpha > 2 (1 - t1)``, so
+    ``p = min(1, 2 t0, 2 (1 - t1))`` and ``p < 1 - level`` exactly when the interval at ``level``
+    excludes 0. 0 when every statistic lies on one side of 0 (report it as below ``1 / len(stats)``);
+    NaN when ``stats`` is empty. At ``level`` (the interval a report prints) the agreement is exact even
+    where rounding meets the boundary: the p-value is then set to the side numpy's own quantiles give.
+    """
+    s = np.sort(np.asarray(stats, dtype=np.float64))
+    n = s.size
+    if n == 0:
+        return math.nan
+    if n == 1:
+        return 1.0 if s[0] == 0 else 0.0
+    if s[0] > 0:
+        t0 = 0.0
+    elif s[-1] <= 0:
+        t0 = 1.0
+    else:
+        i = int(np.searchsorted(s, 0.0, side="right")) - 1  # last s[i] <= 0; s[i + 1] > 0
+        t0 = (i - s[i] / (s[i + 1] - s[i])) / (n - 1)
+    if s[-1] < 0:
+        t1 = 1.0
+    elif s[0] >= 0:
+        t1 = 0.0
+    else:
+        j = int(np.searchsorted(s, 0.0, side="left"))  # first s[j] >= 0; s[j - 1] < 0
+        t1 = (j - 1 - s[j - 1] / (s[j] - s[j - 1])) / (n - 1)
+    p = float(min(1.0, 2.0 * t0, 2.0 * (1.0 - t1)))
+    alpha = 1.0 - level
+    lo, hi = np.quantile(s, [alpha / 2, 1.0 - alpha / 2])
+    if (lo > 0 or hi < 0) != (p < alpha):  # rounding at the boundary: numpy's quantiles decide
+        p = float(np.nextafter(alpha, 0.0)) if (lo > 0 or hi < 0) else alpha
+    return p
+
+
+def centred_p_value(stats: np.ndarray) -> float:
+    """Centered two-sided bootstrap p-value of H0: statistic = 0 (the reference code's test).
 
     ``p = mean(s - s̄ < -|s̄|) + mean(s - s̄ > |s̄|)`` with ``s̄`` the mean of the statistics
     (``metrics.p_value``). NaN when ``stats`` is empty. When every resample gives exactly 0 (a
@@ -379,12 +521,12 @@ def crossed_result(M: np.ndarray, stats: np.ndarray, level: float, n_resamples: 
     return CrossedBootstrap(_nanmean(M), mean, lo, hi, err, level, M.shape[0], M.shape[1], n_resamples, kept)
 
 
-def _test(point, stats, level, n_items, n_draws, n_resamples) -> BootstrapTest:
+def _test(point, stats, level, n_items, n_draws, n_resamples, p_method) -> BootstrapTest:
     kept = stats[np.isfinite(stats)]
     mean, lo, hi, n_kept = _summary(kept, level)
     return BootstrapTest(
-        float(point), mean, lo, hi, float((hi - lo) / 2.0), p_value(kept), level,
-        n_items, tuple(n_draws), n_resamples, n_kept,
+        float(point), mean, lo, hi, float((hi - lo) / 2.0), p_value(kept, p_method, level), level,
+        n_items, tuple(n_draws), n_resamples, n_kept, p_method,
     )
 
 
@@ -400,16 +542,17 @@ def _prepare(names: str, *mats) -> tuple[np.ndarray, ...]:
     return arrays
 
 
-def paired_difference(A, B, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> BootstrapTest:
+def paired_difference(A, B, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95,
+                      p_method: str = "percentile") -> BootstrapTest:
     """Difference ``mean(B - A)`` of two conditions on the same items, with interval and p-value.
 
     Rows NaN in both matrices are dropped, then each matrix's all-NaN columns. Each resample
     draws one row index vector for both and independent column indices per matrix, and takes
     the nanmean of the elementwise difference (``bootstrapDiff``); A with one column is
     recycled across B's columns, otherwise A and B need the same number of draws. ``point`` is
-    the same statistic on the original matrices.
+    the same statistic on the original matrices; ``p_method``: see :func:`p_value`.
     """
-    _check_settings(n_resamples, level)
+    _check_settings(n_resamples, level, p_method)
     A, B = _prepare("AB", A, B)
     _check_baseline(A, B, "paired_difference")
     n, ma, mb = A.shape[0], A.shape[1], B.shape[1]
@@ -418,17 +561,18 @@ def paired_difference(A, B, n_resamples: int = 10_000, seed: int = 0, level: flo
         return difference_resample_stats(A, B, rows, ca, cb)
 
     stats = _collect(block, seed, n_resamples, n, [ma, mb])
-    return difference_result(A, B, stats, level, n_resamples)
+    return difference_result(A, B, stats, level, n_resamples, p_method)
 
 
 def difference_result(A: np.ndarray, B: np.ndarray, stats: np.ndarray, level: float,
-                      n_resamples: int) -> BootstrapTest:
+                      n_resamples: int, p_method: str = "percentile") -> BootstrapTest:
     """The :class:`BootstrapTest` of ``mean(B - A)`` (cleaned matrices) from its resampled statistics."""
     point = _nanmean(B - A)  # A broadcasts when it has one column
-    return _test(point, stats, level, A.shape[0], (A.shape[1], B.shape[1]), n_resamples)
+    return _test(point, stats, level, A.shape[0], (A.shape[1], B.shape[1]), n_resamples, p_method)
 
 
-def sgr_bootstrap(A, B, C, n_resamples: int = 100_000, seed: int = 0, level: float = 0.95) -> BootstrapTest:
+def sgr_bootstrap(A, B, C, n_resamples: int = 100_000, seed: int = 0, level: float = 0.95,
+                  p_method: str = "percentile") -> BootstrapTest:
     """Supervision gap recovered ``(B - A) / (C - A)`` with interval and p-value.
 
     A is the zero-shot matrix (items x 1), B easy-trained and C hard-trained (items x draws), on
@@ -440,9 +584,10 @@ def sgr_bootstrap(A, B, C, n_resamples: int = 100_000, seed: int = 0, level: flo
 
     The result (:class:`SgrTest`) also holds the denominator ``C - A`` with its percentile
     interval from the same resamples, and ``estimable = False`` with a reason when that interval
-    does not lie above 0 (:func:`sgr_estimable`).
+    does not lie above 0 (:func:`sgr_estimable`), and the Fieller-type interval of the ratio
+    (:func:`fieller_interval`) from the numerator's and denominator's covariance over the resamples.
     """
-    _check_settings(n_resamples, level)
+    _check_settings(n_resamples, level, p_method)
     A, B, C = _prepare("ABC", A, B, C)
     _check_baseline(A, B, "sgr_bootstrap (A vs B)")
     _check_baseline(A, C, "sgr_bootstrap (A vs C)")
@@ -452,20 +597,27 @@ def sgr_bootstrap(A, B, C, n_resamples: int = 100_000, seed: int = 0, level: flo
         return np.stack(sgr_resample_parts(A, B, C, rows, ca, cb, cc), axis=1)
 
     parts = _collect(block, seed, n_resamples, n, [ma, mb, mc])
-    return sgr_result(A, B, C, parts[:, 0], parts[:, 1], level, n_resamples)
+    return sgr_result(A, B, C, parts[:, 0], parts[:, 1], level, n_resamples, p_method)
 
 
 def sgr_result(A: np.ndarray, B: np.ndarray, C: np.ndarray, num: np.ndarray, den: np.ndarray, level: float,
-               n_resamples: int) -> SgrTest:
+               n_resamples: int, p_method: str = "percentile") -> SgrTest:
     """The :class:`SgrTest` of cleaned matrices from each resample's numerator and denominator."""
     with np.errstate(invalid="ignore", divide="ignore"):
         stats = num / den
     a = _nanmean(A)
+    num_point = np.float64(_nanmean(B) - a)
     den_point = np.float64(_nanmean(C) - a)
     with np.errstate(invalid="ignore", divide="ignore"):
-        point = np.float64(_nanmean(B) - a) / den_point
-    base = _test(point, stats, level, A.shape[0], (A.shape[1], B.shape[1], C.shape[1]), n_resamples)
+        point = num_point / den_point
+    base = _test(point, stats, level, A.shape[0], (A.shape[1], B.shape[1], C.shape[1]), n_resamples, p_method)
     _, den_lo, den_hi, _ = _summary(den, level)
     estimable, reason = sgr_estimable(den_lo, den_hi)
+    both = np.isfinite(num) & np.isfinite(den)
+    if both.sum() > 1:
+        cov = np.cov(num[both], den[both])
+        fieller = fieller_interval(float(num_point), float(den_point), cov[0, 0], cov[1, 1], cov[0, 1], level)
+    else:
+        fieller = Fieller("undefined", level=level)
     return SgrTest(**vars(base), den_point=float(den_point), den_lo=den_lo, den_hi=den_hi,
-                   estimable=estimable, reason=reason)
+                   estimable=estimable, reason=reason, fieller=fieller.to_dict())

@@ -218,11 +218,13 @@ class SharedBootstrap:
 
     A matrix is a frame with one row per test item (the index: item ids) and one column per training
     draw. ``name`` names the condition it holds: frames given under the same name (and draws) within
-    one item set must hold the same cells, and share their column resamples.
+    one item set must hold the same cells, and share their column resamples. ``p_method``: how the
+    p-values of differences and SGRs are computed (:func:`probekit.stats.bootstrap.p_value`).
     """
 
-    def __init__(self, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95):
-        _check_settings(n_resamples, level)
+    def __init__(self, n_resamples: int = 10_000, seed: int = 0, level: float = 0.95, p_method: str = "percentile"):
+        _check_settings(n_resamples, level, p_method)
+        self.p_method = p_method
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
             raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
         self.n_resamples, self.seed, self.level = int(n_resamples), int(seed), level
@@ -365,8 +367,8 @@ class SharedBootstrap:
         if s.kind == "accuracy":
             return crossed_result(mats[0], v, self.level, s.n_resamples)
         if s.kind == "difference":
-            return difference_result(*mats, v, self.level, s.n_resamples)
-        return sgr_result(*mats, v[:, 0], v[:, 1], self.level, s.n_resamples)
+            return difference_result(*mats, v, self.level, s.n_resamples, self.p_method)
+        return sgr_result(*mats, v[:, 0], v[:, 1], self.level, s.n_resamples, self.p_method)
 
 
 def _row_counts(idx: np.ndarray, n: int, dtype) -> np.ndarray:

@@ -6,7 +6,9 @@ Every method that scores items (the probe sweep, and any later method) writes th
 ``results.parquet`` has one row per (head, test item), in :data:`SCHEMA` (text columns
 dictionary-encoded). Build row batches with :class:`ResultRows`. ``zero_weights`` (bool) marks the
 rows of heads whose exact optimum has zero weights; a reader fills it with False for tables
-written without it. ``sweep.json`` holds the run's
+written without it. ``n_choices`` is the test item's number of answer choices (what a head that scores
+every choice alike expects to get right: 1 / n_choices), 0 where it has none (free-text answers) or
+for tables written without it. ``sweep.json`` holds the run's
 configuration: ``format`` (:data:`FORMAT`), the cache's manifest hash under
 :data:`CACHE_HASH_KEY`, and whatever else the writer records; the writer adds
 :data:`RESULTS_FILE_KEY` = ``{"name", "bytes", "sha256"}`` of the results file it belongs to.
@@ -68,6 +70,7 @@ SCHEMA = pa.schema([
     ("item_id", _STR), ("test_level", _STR), ("correct", pa.int8()), ("p_gold", pa.float32()),
     ("method", _STR),
     ("zero_weights", pa.bool_()),
+    ("n_choices", pa.int16()),
 ])
 COLUMNS = tuple(SCHEMA.names)
 #: The supervision methods a row can come from (the ``method`` column).
@@ -77,6 +80,7 @@ METHODS = ("probe", "icl", "finetune", "zero_shot", "zero_shot_cot", "icl_cot", 
 FILLED = {
     "method": lambda t: method_of(t["train_level"].astype(str), t["site"].astype(str)),
     "zero_weights": lambda t: False,
+    "n_choices": lambda t: 0,
 }
 #: Columns a results table must have to be read (``p_gold`` is optional).
 REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold" and c not in FILLED)
@@ -94,6 +98,15 @@ def method_of(train_level: Any, site: Any) -> Any:
     level, where = np.asarray(train_level, dtype=object), np.asarray(site, dtype=object)
     out = np.where(level == "zero_shot", "zero_shot", np.where(where == "icl", "icl", "probe"))
     return out.item() if out.ndim == 0 else out
+#: The ``site`` of the shortcut controls' rows (:mod:`probekit.probe.controls`): a probe on the choices'
+#: surface features, and the training draw's majority position. Never a headline head.
+SURFACE_SITE = "surface"
+MAJORITY_SITE = "majority"
+CONTROL_SITES = (SURFACE_SITE, MAJORITY_SITE)
+#: The ``solver`` of each control's rows: the surface probe is fitted by the ``converged`` solver.
+SURFACE_SOLVER = "converged"
+MAJORITY_SOLVER = "majority"
+CONTROL_HEADS = ((SURFACE_SITE, SURFACE_SOLVER), (MAJORITY_SITE, MAJORITY_SOLVER))
 #: The text (dictionary-encoded) columns.
 TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_dictionary(f.type))
 
@@ -102,12 +115,16 @@ class ResultRows:
     """Builds :data:`SCHEMA` batches of one experiment at one site; counts the rows built.
 
     ``item_ids`` are the items rows point into; ``level_names`` the names of test-level codes
-    0, 1, ... (a negative code is an unknown level, written as "").
+    0, 1, ... (a negative code is an unknown level, written as ""); ``n_choices`` each item's number
+    of answer choices (None: free-text items, 0).
     """
 
-    def __init__(self, experiment: str, site: str, item_ids: Sequence[str], level_names: Sequence[str]) -> None:
+    def __init__(self, experiment: str, site: str, item_ids: Sequence[str], level_names: Sequence[str],
+                 n_choices: Sequence[int] | None = None) -> None:
         self.experiment, self.site = experiment, site
         self.item_dict = pa.array(item_ids, pa.string())
+        self.n_choices = (np.zeros(len(item_ids), np.int16) if n_choices is None
+                          else np.asarray(n_choices).astype(np.int16))
         self.level_names = list(level_names) + [""]
         self.n_rows = 0
 
@@ -140,6 +157,7 @@ class ResultRows:
             self._levels(test_levels), pa.array(correct.astype(np.int8)), pa.array(p_gold.astype(np.float32)),
             self._const(method, n),
             pa.array(np.full(n, bool(zero_weights))),
+            pa.array(self.n_choices[rows]),
         ]
         return pa.Table.from_arrays(cols, schema=SCHEMA)
 
