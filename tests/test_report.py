@@ -105,8 +105,10 @@ def direct(register, n_boot: int = N_BOOT) -> object:
 
 
 def same(summary_stat: dict, direct) -> bool:
-    """A summary entry (after its JSON round trip) equals a direct statistics call."""
-    return summary_stat == json.loads(json.dumps(direct.to_dict()))
+    """A summary entry (after its JSON round trip) equals a direct statistics call (an SGR's q-value
+    belongs to its family, not to the statistic, and is checked on its own)."""
+    stat = {k: v for k, v in summary_stat.items() if k != "q_value"}
+    return stat == json.loads(json.dumps(direct.to_dict()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -332,40 +334,76 @@ def test_cli_report(tmp_path):
     assert "Example:" in help_text
 
 
-def test_zero_weight_heads_are_counted_and_left_out(tmp_path):
-    """Heads flagged in the zero_weights column (exact optimum at zero weights) are counted per layer
-    and, by default, left out of the statistics; `zero_weights="include"` keeps them. Tables written
-    without the column read as having no such heads."""
+def test_zero_weight_heads_under_each_treatment(tmp_path):
+    """Heads flagged in the zero_weights column (exact optimum at zero weights) are counted per layer and
+    per (measure, training level). By default (chance) they stay in every statistic, each cell their
+    expected accuracy 1 / n_choices; `exclude` leaves them out (the draws of a paired difference are then
+    those both levels keep); `include` keeps their SGD predictions. summary.json holds the headline under
+    all three. Tables written without the column read as having no such heads."""
     df = make_results(tmp_path / "res", experiments=("population",))
     plain = build_report(tmp_path / "res", tmp_path / "plain", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20")
     assert plain["zero_weight_heads"]["zero_weight_heads"] == 0
-    assert "zero weights" not in (tmp_path / "plain" / "report.md").read_text()
+    assert "## Heads with zero weights" not in (tmp_path / "plain" / "report.md").read_text()
     flagged = (df.layer == "20") & (df.measure == "grade") & (df.train_level == "hard") & (df.draw == 1)
-    df["zero_weights"] = flagged
+    k = 3 + df["item_id"].str[-1].astype(int) % 3  # 3, 4 or 5 choices
+    df["zero_weights"], df["n_choices"] = flagged, k.astype(np.int16)
     df.to_parquet(tmp_path / "res" / "results.parquet")
-    out = build_report(tmp_path / "res", tmp_path / "rep", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20")
-    zero = out["zero_weight_heads"]
-    assert zero["excluded"] and zero["zero_weight_heads"] == 1
-    by_layer = {r["layer"]: r for r in zero["by_layer"]}
-    assert by_layer["20"]["zero_weight_heads"] == 1 and by_layer["20"]["which"] == ["grade/hard/draw 1"]
-    rec = next(r for r in out["population"] if (r["measure"], r["layer"]) == ("grade", "20"))
     where = dict(experiment="population", measure="grade", layer="20", test_level="hard")
     names = {lv: f"population/grade/answer_end/20/paper/{lv}" for lv in ("easy", "hard")}
-    hard = frame(df[~flagged], train_level="hard", **where)
-    assert hard.shape[1] == 2 and same(rec["accuracy"]["hard"], direct(lambda b: b.accuracy(hard, names["hard"]), 200))
-    easy = frame(df, train_level="easy", **where)[[0, 2]]  # paired over the draws both levels keep
-    assert same(rec["hard_minus_easy"], direct(lambda b: b.difference(easy, hard, (names["easy"], names["hard"])), 200))
-    assert "## Heads with zero weights" in (tmp_path / "rep" / "report.md").read_text()
+
+    def grade_20(summary):
+        return next(r for r in summary["population"] if (r["measure"], r["layer"]) == ("grade", "20"))
+
+    # chance (the default): the flagged head's cells become 1 / n_choices, a plain numpy computation
+    out = build_report(tmp_path / "res", tmp_path / "rep", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20")
+    zero = out["zero_weight_heads"]
+    assert zero["treatment"] == "chance" and not zero["excluded"] and zero["zero_weight_heads"] == 1
+    by_layer = {r["layer"]: r for r in zero["by_layer"]}
+    assert by_layer["20"]["zero_weight_heads"] == 1 and by_layer["20"]["which"] == ["grade/hard/draw 1"]
+    rec = grade_20(out)
+    chance = df.assign(correct=np.where(flagged, 1.0 / k, df["correct"]))
+    M, _ = matrix(chance, train_level="hard", **where)
+    assert M.shape[1] == 3 and rec["accuracy"]["hard"]["point"] == pytest.approx(np.nanmean(M), abs=1e-15)
+    hard = frame(chance, train_level="hard", **where)
+    assert same(rec["accuracy"]["hard"], direct(lambda b: b.accuracy(hard, names["hard"]), 200))
     assert rec["zero_weight_heads"] == {"easy": 0, "medium": 0, "hard": 1, "all": 0}
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Heads with zero weights" in md and "| grade | 0 of 3 | 0 of 3 | 1 of 3 | 0 of 3 |" in md
     csv = pd.read_csv(tmp_path / "rep" / "population.csv")
     assert csv[(csv.measure == "grade") & (csv.layer.astype(str) == "20")]["zero_weight_heads_hard"].tolist() == [1]
+
+    # exclude: today's numbers, the paired difference over the draws both levels keep
+    ex = build_report(tmp_path / "res", tmp_path / "ex", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20",
+                      zero_weights="exclude")
+    rec = grade_20(ex)
+    hard = frame(df[~flagged], train_level="hard", **where)
+    assert hard.shape[1] == 2 and same(rec["accuracy"]["hard"], direct(lambda b: b.accuracy(hard, names["hard"]), 200))
+    easy = frame(df, train_level="easy", **where)[[0, 2]]
+    assert same(rec["hard_minus_easy"], direct(lambda b: b.difference(easy, hard, (names["easy"], names["hard"])), 200))
+    assert "| grade | 0 of 3 | 0 of 3 | 1 of 3 | 0 of 3 |" in (tmp_path / "ex" / "report.md").read_text()
+
+    # include: the SGD predictions as they are
     kept = build_report(tmp_path / "res", tmp_path / "all", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20",
                         zero_weights="include")
-    rec = next(r for r in kept["population"] if (r["measure"], r["layer"]) == ("grade", "20"))
     hard = frame(df, train_level="hard", **where)
-    assert same(rec["accuracy"]["hard"], direct(lambda b: b.accuracy(hard, names["hard"]), 200))
-    with pytest.raises(ProbekitError, match="zero_weights must be exclude or include"):
+    assert same(grade_20(kept)["accuracy"]["hard"], direct(lambda b: b.accuracy(hard, names["hard"]), 200))
+
+    # every report keeps the headline under all three treatments, each equal to that treatment's own report
+    for summary in (out, ex, kept):
+        t = summary["zero_weight_treatments"]
+        assert set(t) == {"chance", "exclude", "include"}
+        for name, own in (("chance", out), ("exclude", ex), ("include", kept)):
+            assert t[name]["grade"]["accuracy"] == grade_20(own)["accuracy"]
+            assert t[name]["grade"]["sgr"] == grade_20(own)["sgr"]
+    with pytest.raises(ProbekitError, match="zero_weights must be one of chance, exclude, include"):
         build_report(tmp_path / "res", tmp_path / "bad", zero_weights="drop")
+    # results without n_choices (written before the column): chance is refused in one line, exclude works
+    df.drop(columns=["n_choices"]).to_parquet(tmp_path / "res" / "results.parquet")
+    with pytest.raises(ProbekitError, match="lack n_choices .*--zero-weights exclude or include"):
+        build_report(tmp_path / "res", tmp_path / "old", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20")
+    assert not (tmp_path / "old").exists()
+    build_report(tmp_path / "res", tmp_path / "old", n_boot=200, n_boot_sgr=200, seed=SEED, layer="20",
+                 zero_weights="exclude")
 
 
 def test_sgr_not_estimable_is_flagged_and_shown_as_n_e(tmp_path):

@@ -23,7 +23,7 @@ from probekit.probe import RESULTS, SWEEP_JSON, hardness, sweep
 from probekit.store import Cache, write_cache
 
 COLUMNS = ["experiment", "site", "layer", "measure", "train_level", "draw", "n_train", "label_noise", "solver",
-           "item_id", "test_level", "correct", "p_gold", "method", "zero_weights"]
+           "item_id", "test_level", "correct", "p_gold", "method", "zero_weights", "n_choices"]
 LAYERS = [2, 3, 4]  # a 4-layer model: middle = ceil(5/2) = 3, last = 4
 D, C = 24, 5
 
@@ -84,7 +84,9 @@ def test_population_table(cache_dir, population):
     # heads: 2 measures x (easy, medium, hard) + one "all" head serving both measures, x 2 draws
     assert rec["counts"]["heads"] == (2 * 3 + 1) * 2
     assert set(df.layer) == {"3+4", "4", ""}
-    assert set(df.solver) == {"paper", "converged", "zero_shot"}
+    assert set(df.solver) == {"paper", "converged", "zero_shot", "majority"}  # no surface features: majority only
+    # every row records its test item's number of choices
+    assert (df.n_choices.to_numpy() == df.item_id.astype(str).map(items.set_index("id")["n_choices"]).to_numpy()).all()
     assert set(df.train_level) == {"easy", "medium", "hard", "all", "zero_shot"}
     assert rec["cache_manifest_sha256"] == cache.manifest_sha256
     # the test set of a head is every probe item except its training draw (drawn as the planner does)
@@ -152,8 +154,8 @@ def test_question_end_multinomial(cache_dir, tmp_path):
     rec = sweep(cache_dir, tmp_path / "q", site="question_end", measures=["grade"], layers="4", n_train=[60],
                 draws=1, solver="both", zero_shot=False)
     q = pd.read_parquet(tmp_path / "q" / RESULTS)
-    assert rec["config"]["head"] == "multinomial" and set(q.site) == {"question_end"}
-    assert q.correct.mean() > 0.4
+    assert rec["config"]["head"] == "multinomial" and set(q.site) == {"question_end", "majority"}
+    assert q[q.site == "question_end"].correct.mean() > 0.4
 
 
 def test_hardness_then_mdl_sweep(cache_dir, tmp_path):
@@ -222,7 +224,7 @@ def test_second_sweep_into_the_same_out_is_refused(cache_dir, tmp_path):
     assert len(refused) == 1 and "\n" not in refused[0]
     assert f"results directory {out} is being written by another process" in refused[0]
     df = pd.read_parquet(out / RESULTS)  # the first sweep's output is whole and its own
-    assert len(df) == first["counts"]["rows"] and set(df.solver) == {"paper", "zero_shot"}
+    assert len(df) == first["counts"]["rows"] and set(df.solver) == {"paper", "zero_shot", "majority"}
     assert json.loads((out / SWEEP_JSON).read_text())["config"]["solvers"] == ["paper"]
     assert not list(out.glob(".*tmp"))
 
