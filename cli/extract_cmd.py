@@ -13,7 +13,7 @@ from probekit.cli.common import clean_errors, console
 def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset: str, limit: int | None,
                  icl: int | None, demos_from: str, measure: str, demos: str | None = None,
                  test_levels: list[str] | None = None, demos_measure: str | None = None,
-                 template: str | None = None) -> Path:
+                 template: str | None = None, demos_cutoff: str | None = None) -> Path:
     from probekit.extract.models import DEFAULT_NAME, model_slug
 
     slug = model_slug(model) if model else DEFAULT_NAME
@@ -27,6 +27,8 @@ def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset
     out = f"{slug}__{data}"
     if icl:
         pool = f"{demos_from}-{demos_measure or measure}" if demos_from != "all" else "all"
+        if demos_cutoff:
+            pool += "-cut" + demos_cutoff.partition("=")[2].replace(",", "-")
         out += f"__icl-k{icl}-" + (f"{model_slug(demos)}-" if demos else "") + pool
         if test_levels:
             out += f"-test-{'+'.join(test_levels)}-{measure}"
@@ -64,6 +66,10 @@ def extract_cmd(
                                 "test levels)."),
     demos_dataset: str | None = typer.Option(None, "--demos-dataset", help="Take the ICL demonstrations from this "
                                              "question set's --demos-from level (e.g. arc), scoring --dataset."),
+    demos_cutoff: str | None = typer.Option(None, "--demos-cutoff", help="ICL: cut the demonstrations' measure "
+                                            "with this rule instead of its default, MEASURE=EASY_MAX,HARD_MIN or "
+                                            "MEASURE=qLO,qHI (e.g. grade=3,8: third-grade ARC demonstrations, as the "
+                                            "paper's Figure 1); their rows' level names it (easy@grade=3,8)."),
     demos_measure: str | None = typer.Option(None, "--demos-measure", help="Measure that cuts --demos-dataset into "
                                              "levels (default: --measure)."),
     test_levels: str | None = typer.Option(None, "--test-levels", help="ICL: score only the probe items at these "
@@ -104,20 +110,29 @@ def extract_cmd(
         spec = ModelSpec(model=model, dtype=dtype, quantize=quantize, bnb_4bit_type=bnb_4bit_type, device=device,
                          device_map=device_map, threads=threads)  # "auto" is settled when it loads
         spec.validate()
-        if icl is None and (demos_dataset or demos_measure or test_levels):
-            raise ProbekitError("--demos-dataset, --demos-measure and --test-levels apply to --icl K only")
+        if icl is None and (demos_dataset or demos_measure or test_levels or demos_cutoff):
+            raise ProbekitError("--demos-dataset, --demos-measure, --demos-cutoff and --test-levels apply to --icl K only")
+        cut = None
+        if demos_cutoff is not None:
+            from probekit.data.levels import parse_cutoff
+
+            name, eq, rule = demos_cutoff.partition("=")
+            if not eq or name.strip() != (demos_measure or measure):
+                raise ProbekitError(f"--demos-cutoff {demos_cutoff!r}: expected {demos_measure or measure}=EASY_MAX,"
+                                    "HARD_MIN or =qLO,qHI, naming the demonstrations' measure")
+            cut = parse_cutoff(rule)
         levels = [x.strip() for x in test_levels.split(",") if x.strip()] if test_levels else None
         items = load_dataset(dataset, data_dir=data_dir)
         demos = load_dataset(demos_dataset, data_dir=data_dir) if demos_dataset else None
         target = out or _default_out(model, quantize, bnb_4bit_type, items.name if Path(dataset).suffix == "" else Path(dataset).stem,
                                      limit, icl, demos_from, measure, demos.name if demos else None, levels,
-                                     demos_measure, template)
+                                     demos_measure, template, demos_cutoff)
         common = dict(limit=limit, template=template, progress=not no_progress, batch_size=batch_size)
         if icl is not None:
             from probekit.extract.icl import extract_icl
 
             summary = extract_icl(items, target, spec, k=icl, demos_from=demos_from, measure=measure,
-                                  demos_items=demos, demos_measure=demos_measure, test_levels=levels,
+                                  demos_items=demos, demos_measure=demos_measure, demos_cutoff=cut, test_levels=levels,
                                   draws=draws, seed=seed, **common)
         else:
             from probekit.extract.run import extract

@@ -416,6 +416,33 @@ def test_icl_draws_end_to_end(tmp_path, lm, arc):
         extract_icl(items, out, lm, k=2, demos_from="easy", measure="grade", draws=2, min_test=4, progress=False)
 
 
+def test_icl_demonstrations_cut_by_another_rule(tmp_path, lm, arc):
+    """--demos-cutoff: third-grade demonstrations (grade <= 3, the paper's Figure 1) are drawn from the items
+    that rule calls easy, recorded, and labelled so they are never read as the default easy level."""
+    from probekit.data.levels import Fixed
+    from probekit.extract.icl import extract_icl, level_pool, load_icl
+    from probekit.store.icl_scores import demo_level
+
+    table = arc.table.reset_index(drop=True)
+    third = level_pool(arc, "grade", "easy", Fixed(3, 8))
+    assert len(third) and (table.loc[third, "grade"] <= 3).all()
+    assert set(third) < set(level_pool(arc, "grade", "easy"))
+    probe = table[table["pool"] == "probe"]
+    sub = pd.concat([probe[probe["grade"] <= 3].iloc[:3], probe[probe["grade"] >= 8].iloc[:3]]).reset_index(drop=True)
+    items = dataclasses.replace(arc, table=sub)
+    s = extract_icl(items, tmp_path / "icl", lm, k=1, demos_from="easy", measure="grade", demos_cutoff=Fixed(3, 8),
+                    draws=2, min_test=2, progress=False)
+    man, ids, _, _ = load_icl(tmp_path / "icl")
+    assert s.complete and man["icl"]["demos_cutoff"] == "3,8" and man["icl"]["key"] == "icl/grade/easy@3,8"
+    for b in range(2):
+        assert sub.set_index("id").loc[man["draw_info"][str(b)]["demo_ids"], "grade"].max() <= 3
+    assert demo_level(man["icl"]) == "easy@grade=3,8"
+    assert demo_level({"demos_from": "easy", "measure": "human_hardness", "demos_measure": "grade",
+                       "demos_dataset": {"name": "arc"}, "demos_cutoff": "3,8"}) == "arc:grade@3,8:easy"
+    with pytest.raises(ProbekitError, match="applies to a level"):
+        extract_icl(items, tmp_path / "all", lm, k=1, demos_from="all", measure="grade", demos_cutoff=Fixed(3, 8))
+
+
 def test_second_icl_writer_into_one_folder_is_refused(tmp_path, lm, arc):
     import fcntl
 

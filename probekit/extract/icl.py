@@ -53,9 +53,9 @@ class DrawPlan:
 ALL = "all"
 
 
-def level_pool(items, measure: str, level: str) -> np.ndarray:
-    """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of docs/protocol.md §1.6);
-    every probe item for ``level="all"``."""
+def level_pool(items, measure: str, level: str, cutoff=None) -> np.ndarray:
+    """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of docs/protocol.md §1.6, or
+    ``cutoff``); every probe item for ``level="all"``."""
     from probekit.data.levels import LEVELS, cutoff_for, probe_levels
 
     table = items.table.reset_index(drop=True)
@@ -69,8 +69,18 @@ def level_pool(items, measure: str, level: str) -> np.ndarray:
                             + (f"({why})" if why else f"({', '.join(items.measures)})"))
     if level not in LEVELS:
         raise ProbekitError(f"level {level!r} is not one of {', '.join(LEVELS)} or {ALL}")
-    codes = probe_levels(table[measure].to_numpy(), probe, cutoff_for(items.name, measure))
+    codes = probe_levels(table[measure].to_numpy(), probe,
+                         cutoff_for(items.name, measure, {measure: cutoff} if cutoff is not None else None))
     return np.flatnonzero(codes == LEVELS.index(level))
+
+
+def cutoff_text(rule) -> str:
+    """A cut-off as the command line writes it: ``"3,8"`` or ``"q20,q80"``."""
+    from probekit.data.levels import Quantile
+
+    if isinstance(rule, Quantile):
+        return f"q{100 * rule.lo:g},q{100 * rule.hi:g}"
+    return f"{rule.easy_max:g},{rule.hard_min:g}"
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
@@ -181,6 +191,7 @@ def extract_icl(
     measure: str = "grade",
     demos_items=None,
     demos_measure: str | None = None,
+    demos_cutoff=None,
     test_levels: Sequence[str] | None = None,
     draws: int = 5,
     seed: int = 0,
@@ -205,7 +216,11 @@ def extract_icl(
     protocol's check, 50), and the demonstrations of a draw are not scored in it.
     ``demos_items``: another question set to take the demonstrations from (its ``demos_from`` level
     of ``demos_measure``, default ``measure``; its probe items, ``min_test`` does not apply);
-    the k-shot prompt is rendered with the template of ``items``. ``template``: a prompt template
+    the k-shot prompt is rendered with the template of ``items``. ``demos_cutoff``: the rule that cuts
+    the demonstrations' measure into levels instead of the default (a
+    :class:`~probekit.data.levels.Fixed` or :class:`~probekit.data.levels.Quantile`; e.g. ``Fixed(3, 8)``
+    for third-grade ARC demonstrations, as the paper's Figure 1); it is recorded, and the rows' training
+    level names it (``easy@grade=3,8``, ``arc:grade@3,8:easy``). ``template``: a prompt template
     instead of the set's (``"cloze"``), for the demonstrations and the test item alike.
     ``test_levels``: score only the probe items at these levels of ``measure`` (e.g. ``["hard"]``
     for the SGR's hard test). ``limit`` keeps the first items of ``items`` only. Under
@@ -222,11 +237,16 @@ def extract_icl(
     if len(items) == 0:
         raise ProbekitError(f"dataset {items.name!r} has no items: nothing to score")
     d_measure = demos_measure or measure
+    if demos_cutoff is not None and demos_from == ALL:
+        raise ProbekitError("a demonstrations' cut-off applies to a level (--demos-from easy|medium|hard), not to all")
     if demos_items is None:
-        pool, key = level_pool(items, measure, demos_from), demo_key(measure, demos_from)
+        pool, key = level_pool(items, measure, demos_from, demos_cutoff), demo_key(measure, demos_from)
     else:
-        pool, key = level_pool(demos_items, d_measure, demos_from), demo_key(d_measure, demos_from, demos_items.name)
+        pool = level_pool(demos_items, d_measure, demos_from, demos_cutoff)
+        key = demo_key(d_measure, demos_from, demos_items.name)
         min_test = 0  # the test items come from the other set
+    if demos_cutoff is not None:
+        key += f"@{cutoff_text(demos_cutoff)}"
     rows = scored_rows(items, measure, test_levels)
     if len(rows) == 0:
         raise ProbekitError(f"dataset {items.name!r} has no probe items at test level(s) "
@@ -243,6 +263,8 @@ def extract_icl(
         icl["demos_measure"] = d_measure
     if test_levels:
         icl["test_levels"] = list(dict.fromkeys(test_levels))
+    if demos_cutoff is not None:
+        icl["demos_cutoff"] = cutoff_text(demos_cutoff)
     rank, world, local = dist_env()
     out = Path(out_dir)
     # The folder's lock is taken before the model loads; the writer below shares it.

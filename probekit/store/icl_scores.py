@@ -57,13 +57,17 @@ def is_icl_entry(name: str) -> bool:
 def demo_level(icl: Mapping[str, Any]) -> str:
     """The training level an ICL folder's rows are labelled with in a results table: the level
     the demonstrations came from (``easy``, ``all``), prefixed by their question set and measure
-    when they come from another set (``arc:grade:easy``, ``arc:all``)."""
+    when they come from another set (``arc:grade:easy``, ``arc:all``), with a cut-off that is not the
+    measure's default after ``@`` (``easy@grade=3,8``, ``arc:grade@3,8:easy``): rows cut by another rule
+    are never reported as the default level."""
     other = icl.get("demos_dataset")
+    cut = icl.get("demos_cutoff")
+    measure = icl.get("demos_measure", icl["measure"])
     if not other:
-        return str(icl["demos_from"])
+        return str(icl["demos_from"]) + (f"@{measure}={cut}" if cut else "")
     if icl["demos_from"] == "all":
         return f"{other['name']}:all"
-    return f"{other['name']}:{icl.get('demos_measure', icl['measure'])}:{icl['demos_from']}"
+    return f"{other['name']}:{measure}" + (f"@{cut}" if cut else "") + f":{icl['demos_from']}"
 
 
 def draw_name(b: int) -> str:
