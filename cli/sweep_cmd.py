@@ -96,6 +96,9 @@ def sweep_cmd(
     zero_shot: bool = typer.Option(True, "--zero-shot/--no-zero-shot", help="Add zero-shot rows from log-probs."),
     icl: list[Path] | None = typer.Option(None, "--icl", help="k-shot scores of `probekit extract --icl` "
                                              "(repeat for easy and hard demonstrations): added as 'icl' heads."),
+    controls: bool = typer.Option(True, "--controls/--no-controls",
+                                  help="Also fit the shortcut controls on every head's draw: a probe on the choices' "
+                                       "surface features (length, position) and the draw's majority position."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard hashes before fitting."),
 ) -> None:
     """Fit linear probes for every measure x train level x draw x layer; write per-item results.
@@ -125,7 +128,7 @@ def sweep_cmd(
             record = sweep(
                 cache_dir, out, experiment=experiment, measures=chosen, layers=layers, site=site, solver=solver,
                 n_train=sizes, label_noise=noise, draws=draws, seed=seed, pad=pad, C=C, tol=tol,
-                cutoffs=_cutoffs(cutoff), zero_shot=zero_shot, icl=icl or (), verify=verify,
+                cutoffs=_cutoffs(cutoff), zero_shot=zero_shot, icl=icl or (), controls=controls, verify=verify,
                 progress=progress,
             )
     counts = record["counts"]
