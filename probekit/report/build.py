@@ -35,6 +35,7 @@ from probekit.report.tables import (
     add_qvalues,
     all_to_all_table,
     choose_headline,
+    count_zero_weight_heads,
     curve_table,
     few_draws,
     flatten,
@@ -111,7 +112,7 @@ def build_report(
 
     tick = _Ticker(progress, _count_tasks(table))
     population = population_table(table, n_boot, n_boot_sgr, seed, tick, headline, p_value)
-    _count_zero_weight_heads(population, res.table)
+    count_zero_weight_heads(population, res.table)
     chosen = headline_records(population, headline)
     family = add_qvalues(chosen)
     warnings = few_draws(chosen, lambda r: r["measure"])
@@ -229,17 +230,6 @@ def check_settings(n_boot, n_boot_sgr, seed, zero_weights, p_value="percentile")
         raise ProbekitError(f"zero_weights must be one of {', '.join(ZERO_WEIGHTS)}, got {zero_weights!r}")
     if p_value not in P_VALUES:
         raise ProbekitError(f"p_value must be one of {', '.join(P_VALUES)}, got {p_value!r}")
-
-
-def _count_zero_weight_heads(population: list[dict], table: pd.DataFrame) -> None:
-    """Add to each population record ``zero_weight_heads``: per training level, how many of its heads
-    have zero weights as their exact optimum (left out of its numbers unless included)."""
-    flagged = table[table["zero_weights"].astype(bool) & (table["experiment"] == "population")]
-    heads = flagged.drop_duplicates(["measure", "site", "layer", "solver", "train_level", "draw", "n_train"])
-    counts = heads.groupby(["measure", "site", "layer", "solver", "train_level"], observed=True).size()
-    for r in population:
-        r["zero_weight_heads"] = {lv: int(counts.get((r["measure"], r["site"], r["layer"], r["solver"], lv), 0))
-                                  for lv in r["accuracy"] if lv != ZERO_SHOT}
 
 
 class _Ticker:

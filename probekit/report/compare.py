@@ -67,6 +67,7 @@ from probekit.report.tables import (
     all_to_all_table,
     choose_headline,
     control_verdict,
+    count_zero_weight_heads,
     few_draws,
     flatten,
     fmt_acc,
@@ -354,8 +355,10 @@ def build_comparison(
         if h.controls is not None and len(h.controls):
             parts.append(h.controls)
         sub = pd.concat(parts, ignore_index=True)
-        for rec in headline_records(population_table(sub, n_boot, n_boot_sgr, seed, None, h.headline, p_value),
-                                    h.headline):
+        records = headline_records(population_table(sub, n_boot, n_boot_sgr, seed, None, h.headline, p_value),
+                                   h.headline)
+        count_zero_weight_heads(records, h.run.res.table)
+        for rec in records:
             population.append({"model": h.run.model, "dataset": h.run.dataset, "method": h.method,
                                "method_label": method_label(h.method, h.run.res.sweep),
                                "run": h.run.dir, "run_sha256": h.run.res.sha256, "baseline": used,

@@ -567,6 +567,18 @@ def zero_weight_heads(table: pd.DataFrame) -> list[dict]:
     return records
 
 
+def count_zero_weight_heads(population: list[dict], table: pd.DataFrame) -> None:
+    """Add to each population record ``zero_weight_heads``: per training level, how many of its heads
+    have zero weights as their exact optimum (the report's zero-weight treatment says what its numbers did
+    with them)."""
+    flagged = table[table["zero_weights"].astype(bool) & (table["experiment"] == "population")]
+    heads = flagged.drop_duplicates(["measure", "site", "layer", "solver", "train_level", "draw", "n_train"])
+    counts = heads.groupby(["measure", "site", "layer", "solver", "train_level"], observed=True).size()
+    for r in population:
+        r["zero_weight_heads"] = {lv: int(counts.get((r["measure"], r["site"], r["layer"], r["solver"], lv), 0))
+                                  for lv in r["accuracy"] if lv != ZERO_SHOT}
+
+
 def row_runs(rows: pd.DataFrame, keys: list[str], flag: str | None = None) -> pd.DataFrame:
     """``rows`` cut into runs of consecutive rows with the same ``keys`` (a head's rows are written
     together, so a results table holds few runs): one row per run, its keys and, with ``flag``,
