@@ -1,0 +1,251 @@
+"""Render the numbers the docs show from the reports' summaries, so that no number in them is typed.
+
+    python docs/render.py trim REPORT_DIR NAME   # docs/results/NAME.json: the fields the docs show (+ its sgr.png)
+    python docs/render.py                        # rewrite every rendered block of README.md and docs/*.md
+    python docs/render.py --check                # exit 1 naming each block that differs from its rendering
+
+A rendered block is the text between a line ``<!-- render KIND NAME [KEY=VALUE ...] -->`` and the next
+``<!-- /render -->``; NAME is a trimmed summary in ``docs/results/``. Kinds:
+
+- ``comparison``: a comparison report's table (``methods=probe,icl``: which methods get columns;
+  ``models=...``, ``datasets=...``: which rows).
+- ``headline``: a single-run report's headline table, as ``probekit report`` prints it.
+- ``zero-weights``: per run, how many of the headline heads have zero weights as their exact optimum.
+- ``controls``: per row, the hard-trained probe beside its shortcut controls.
+- ``facts``: counts a reading refers to (estimable SGRs, q < 0.05, rows beating their controls, ...).
+- ``warnings``: the report's warnings (conditions with fewer than 3 draws).
+
+``tests/test_docs.py`` checks that every committed block equals its rendering.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCK = re.compile(r"(<!-- render (?P<spec>[^>]*?) -->\n)(?P<body>.*?)(<!-- /render -->)", re.S)
+
+STAT = ("point", "lo", "hi", "p_value", "q_value", "estimable", "reason", "den_lo", "den_hi", "fieller", "n_draws")
+
+
+def _stat(stat: dict | None) -> dict | None:
+    return None if stat is None else {k: stat[k] for k in STAT if k in stat}
+
+
+def _record(r: dict) -> dict:
+    keep = {k: r[k] for k in ("model", "dataset", "method", "method_label", "measure", "site", "layer", "solver",
+                              "baseline", "beats_controls", "zero_weight_heads", "n_train") if k in r}
+    keep["accuracy"] = {lv: _stat(a) for lv, a in r["accuracy"].items()}
+    for key in ("sgr", "hard_minus_easy", "easy_minus_zero_shot"):
+        keep[key] = _stat(r.get(key))
+    if r.get("controls") is not None:
+        keep["controls"] = {site: {"accuracy": {lv: _stat(a) for lv, a in c["accuracy"].items()},
+                                   "hard_minus_control": _stat(c["hard_minus_control"])}
+                            for site, c in r["controls"].items()}
+    return keep
+
+
+def trim(summary: dict) -> dict:
+    """The fields of a report's (or a comparison's) summary that the docs render."""
+    settings = {k: summary["settings"].get(k) for k in ("n_boot", "n_boot_sgr", "seed", "level", "p_value",
+                                                          "zero_weights", "multiplicity", "headline",
+                                                          "headline_method")}
+    out = {"format": summary["format"], "settings": settings, "warnings": summary.get("warnings", [])}
+    if "runs" in summary:  # a comparison
+        out["runs"] = [{k: r[k] for k in ("model", "dataset", "sha256", "n_rows")} for r in summary["runs"]]
+        out["population"] = [_record(r) for r in summary["population"]]
+        out["notes"] = summary.get("notes", [])
+        return out
+    head = summary["settings"]["headline"]
+    out["results_sha256"] = summary["results"]["sha256"]
+    out["population"] = [_record(r) for r in summary["population"]
+                         if head and (r["site"], r["layer"], r["solver"]) == (head["site"], head["layer"], head["solver"])]
+    out["zero_weight_heads"] = {k: summary["zero_weight_heads"][k] for k in ("treatment", "heads", "zero_weight_heads")}
+    out["zero_weight_treatments"] = {
+        t: {m: {"accuracy": {lv: _stat(a) for lv, a in v["accuracy"].items()}, "sgr": _stat(v["sgr"])}
+            for m, v in by.items()} if "error" not in by else by
+        for t, by in summary.get("zero_weight_treatments", {}).items()}
+    return out
+
+
+def load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found (make it with `python docs/render.py trim REPORT_DIR {name}`)")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------
+# Kinds
+
+
+def _opts(args: list[str]) -> dict[str, list[str]]:
+    return {k: v.split(",") for k, _, v in (a.partition("=") for a in args)}
+
+
+def _rows(summary: dict, opts: dict) -> list[dict]:
+    rows = summary["population"]
+    for key in ("models", "datasets"):
+        if key in opts:
+            rows = [r for r in rows if r[key[:-1]] in opts[key]]
+    return rows
+
+
+def comparison(summary: dict, opts: dict) -> str:
+    from probekit.report.tables import NOT_ESTIMABLE, control_verdict, fmt_acc, fmt_q, fmt_sgr, sgr_flagged
+
+    methods = opts.get("methods", ["probe", "icl"])
+    rows = _rows(summary, opts)
+    keys = sorted({(r["model"], r["dataset"], r["measure"]) for r in rows})
+    head = ["model", "dataset", "measure", "zero-shot"]
+    for m in methods:
+        head += [f"{m} easy→hard", f"{m} hard→hard", f"{m} SGR [95% CI]", f"{m} q"]
+        if m == "probe":
+            head += ["probe vs controls"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, dataset, measure in keys:
+        by = {r["method"]: r for r in rows if (r["model"], r["dataset"], r["measure"]) == (model, dataset, measure)}
+        zero = next((r["accuracy"].get("zero_shot") for r in by.values() if r["accuracy"].get("zero_shot")), None)
+        cells = [model, dataset, measure, fmt_acc(zero)]
+        for m in methods:
+            r = by.get(m)
+            if r is None:
+                cells += ["", "", "", ""] + ([""] if m == "probe" else [])
+                continue
+            sgr = r["sgr"]
+            text = fmt_sgr(sgr)
+            if sgr_flagged(sgr):
+                text = f"{NOT_ESTIMABLE} ({sgr['reason'].removeprefix('hard - zero-shot interval ')})"
+            cells += [fmt_acc(r["accuracy"].get("easy")), fmt_acc(r["accuracy"].get("hard")), text, fmt_q(sgr)]
+            if m == "probe":
+                cells += [control_verdict(r)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def headline(summary: dict, opts: dict) -> str:
+    from rich.console import Console
+
+    import probekit.cli.report_cmd as report_cmd
+
+    buffer = io.StringIO()
+    before = report_cmd.console
+    report_cmd.console = Console(file=buffer, width=int(opts.get("width", ["110"])[0]), color_system=None,
+                                 highlight=False)
+    try:
+        report_cmd._print_headline(summary)
+    finally:
+        report_cmd.console = before
+    text = "\n".join(line.rstrip() for line in buffer.getvalue().splitlines())
+    return f"```\n{text}\n```\n"
+
+
+def zero_weights(summary: dict, opts: dict) -> str:
+    rows = [r for r in _rows(summary, opts) if r["method"] == "probe"] if "runs" in summary else summary["population"]
+    levels = [lv for lv in ("easy", "medium", "hard", "all") if any(lv in (r.get("zero_weight_heads") or {}) for r in rows)]
+    lines = ["| model | dataset | measure | " + " | ".join(levels) + " |", "|---|---|---|" + "---|" * len(levels)]
+    for r in sorted(rows, key=lambda r: (r.get("model", ""), r.get("dataset", ""), r["measure"])):
+        z = r.get("zero_weight_heads") or {}
+        cells = [f"{z[lv]} of {r['accuracy'][lv]['n_draws']}" if lv in z and r["accuracy"].get(lv) else "–"
+                 for lv in levels]
+        lines.append(f"| {r.get('model', '')} | {r.get('dataset', '')} | {r['measure']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def controls(summary: dict, opts: dict) -> str:
+    from probekit.report.tables import control_verdict, fmt_acc, fmt_test
+
+    rows = [r for r in _rows(summary, opts) if r.get("controls")]
+    lines = ["| model | dataset | measure | probe hard→hard | surface hard→hard | majority hard→hard | "
+             "probe − surface (pts) | probe − majority (pts) | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r.get("model", ""), r.get("dataset", ""), r["measure"])):
+        c = r["controls"]
+        cells = [fmt_acc(r["accuracy"].get("hard"))]
+        cells += [fmt_acc((c.get(s) or {}).get("accuracy", {}).get("hard")) for s in ("surface", "majority")]
+        cells += [fmt_test((c.get(s) or {}).get("hard_minus_control"), percent=True).split(" p")[0]
+                  for s in ("surface", "majority")]
+        lines.append(f"| {r.get('model', '')} | {r.get('dataset', '')} | {r['measure']} | " + " | ".join(cells)
+                     + f" | {control_verdict(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def facts(summary: dict, opts: dict) -> str:
+    from probekit.report.tables import sgr_flagged
+
+    rows = _rows(summary, opts)
+    if "methods" in opts:
+        rows = [r for r in rows if r.get("method") in opts["methods"]]
+    sgrs = [r for r in rows if r.get("sgr")]
+    estimable = [r for r in sgrs if not sgr_flagged(r["sgr"])]
+    p05 = [r for r in estimable if r["sgr"]["p_value"] < 0.05]
+    q05 = [r for r in sgrs if (r["sgr"].get("q_value") or 1.0) < 0.05]
+    probes = [r for r in rows if r.get("beats_controls") is not None]
+    beaten = [r for r in probes if not r["beats_controls"]]
+    in_range = [r for r in estimable if 0.7 <= r["sgr"]["point"] <= 1.0]
+
+    def names(rs):
+        return ", ".join(" ".join(str(r[k]) for k in ("model", "dataset", "measure", "method") if r.get(k))
+                         for r in rs) or "none"
+
+    family = (summary["settings"].get("multiplicity") or {}).get("size")
+    lines = [f"- SGRs in the table: {len(sgrs)}; estimable (hard training beats zero-shot): {len(estimable)}.",
+             f"- Estimable SGRs with p < 0.05: {len(p05)} ({names(p05)}).",
+             f"- SGRs with a Benjamini-Hochberg q < 0.05 (family: {family} SGRs): {len(q05)} ({names(q05)}).",
+             f"- Estimable SGRs whose point lies in the paper's 0.7-1.0: {len(in_range)} ({names(in_range)}).",
+             f"- Probe rows that do not beat a shortcut control: {len(beaten)} of {len(probes)} ({names(beaten)})."]
+    return "\n".join(lines) + "\n"
+
+
+def warnings(summary: dict, opts: dict) -> str:
+    return "\n".join(f"- {w}" for w in summary.get("warnings", [])) + "\n" if summary.get("warnings") else "- none\n"
+
+
+KINDS = {"comparison": comparison, "headline": headline, "zero-weights": zero_weights, "controls": controls,
+         "facts": facts, "warnings": warnings}
+
+
+def render_block(spec: str) -> str:
+    kind, name, *args = spec.split()
+    if kind not in KINDS:
+        raise SystemExit(f"error: unknown render kind {kind!r} (choose from {', '.join(KINDS)})")
+    return KINDS[kind](load(name), _opts(args))
+
+
+def render_text(text: str) -> str:
+    return BLOCK.sub(lambda m: m.group(1) + render_block(m.group("spec")) + m.group(4), text)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["trim"]:
+        _, report, name = argv
+        summary = json.loads((Path(report) / "summary.json").read_text())
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{name}.json").write_text(json.dumps(trim(summary), indent=1, ensure_ascii=False) + "\n")
+        if (Path(report) / "sgr.png").is_file():
+            shutil.copyfile(Path(report) / "sgr.png", RESULTS / f"{name}_sgr.png")
+        return 0
+    check = argv == ["--check"]
+    stale = []
+    for path in DOCS:
+        text = path.read_text()
+        new = render_text(text)
+        if new != text:
+            stale.append(path.relative_to(ROOT))
+            if not check:
+                path.write_text(new)
+    if check and stale:
+        print(f"rendered blocks differ from docs/results in {', '.join(map(str, stale))}: "
+              "run `python docs/render.py`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
