@@ -95,6 +95,22 @@ def test_report_from_a_real_sweep(swept, tmp_path):
     assert sgr["n_resamples"] == 2000 and 0 <= sgr["p_value"] <= 1 and sgr["lo"] <= sgr["hi"]
     assert (rep / "report.md").exists() and {"sgr.png", "layer_curves.png"} <= {p.name for p in rep.glob("*.png")}
     assert "grade" in out.output and "16+30" in out.output
+    # the printed accuracies are the point estimates (plain means of the observed cells), not resample means
+    means = {lv: hard[(hard["layer"] == "16+30") & (hard["train_level"] == lv)]["correct"].mean()
+             for lv in ("easy", "medium", "hard", "all")}
+    line = next(x for x in out.output.splitlines() if x.startswith("grade "))
+    printed = line.split()[1:6]
+    assert printed == [f"{100 * v:.1f}" for v in (zs["correct"].mean(), *means.values())]
+    md = (rep / "report.md").read_text()
+    assert f"| {100 * means['easy']:.1f} [{100 * rec['accuracy']['easy']['lo']:.1f}, " in md
+    # every test of the report agrees with its interval: p < 0.05 exactly when the 95% interval excludes 0
+    tests = [r[k] for r in summary["population"] for k in ("sgr", "hard_minus_easy", "easy_minus_zero_shot")
+             if r.get(k) and r[k]["p_value"] is not None]
+    tests += [c["hard_minus_control"] for r in summary["population"] for c in (r.get("controls") or {}).values()
+              if c["hard_minus_control"]]
+    assert len(tests) >= 10
+    for t in tests:
+        assert (t["lo"] > 0 or t["hi"] < 0) == (t["p_value"] < 0.05), t
 
 
 def test_icl_scores_join_the_sweep_and_the_report(real_cache, demo_items, tmp_path):
