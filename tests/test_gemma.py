@@ -268,9 +268,15 @@ def test_hidden_states_beyond_the_store_dtype_are_refused(tmp_path, lm, arc):
     _check_store_range(hidden + 6.5e4, "float16", "answer_end", [6, 17], ["a", "b", "c"])  # fits
     hidden[1, 2, 0, 5] = -7.1e4
     with pytest.raises(ProbekitError, match=r"hidden state -7\.1e\+04 at answer_end, layer 17, item 'c' is beyond "
-                                            r"float16's range \(±65504\): extract with store dtype float32"):
+                                            r"float16's range \(±65504\): extract with --store-dtype bfloat16 "
+                                            r"\(or float32, or auto to choose from the first items\)"):
         _check_store_range(hidden, "float16", "answer_end", [6, 17], ["a", "b", "c"])
+    with pytest.raises(ProbekitError, match=r"range \(±65504\) \(--store-dtype auto: \|h\| up to 9 on the first 3 "
+                                            r"items\): extract again into a new --out with --store-dtype bfloat16"):
+        _check_store_range(hidden, "float16", "answer_end", [6, 17], ["a", "b", "c"],
+                           chosen="auto: |h| up to 9 on the first 3 items")
     _check_store_range(hidden, "float32", "answer_end", [6, 17], ["a", "b", "c"])
-    with pytest.raises(ProbekitError, match="store dtype 'bfloat16' is not one of float16, float32"):
-        extract(arc, tmp_path / "x", lm, store_dtype="bfloat16", limit=2, progress=False)
+    _check_store_range(hidden, "bfloat16", "answer_end", [6, 17], ["a", "b", "c"])
+    with pytest.raises(ProbekitError, match="store dtype 'float8' is not one of float16, float32, bfloat16, auto"):
+        extract(arc, tmp_path / "x", lm, store_dtype="float8", limit=2, progress=False)
     assert not (tmp_path / "x").exists()

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from probekit.errors import ProbekitError
 from probekit.store import Cache, write_cache
 from probekit.store.layout import from_storage, to_storage
-from tests.test_store import C, D, HEADER, LAYERS, MEASURES, SITES, make_data
+from tests.test_store import HEADER, LAYERS, MEASURES, SITES, C, D, make_data
 
 
 def torch_bits(x: np.ndarray) -> np.ndarray:
