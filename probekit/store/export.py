@@ -141,13 +141,14 @@ def export_cache(cache: str | os.PathLike | Cache, folder: str | os.PathLike,
                  on_file: Callable[[int], None] | None = None) -> ExportSummary:
     """Write a complete, verified cache as a ``datasets``-loadable Parquet folder (module docstring).
 
-    The cache's shards are hashed first (a damaged cache is refused, not exported). A folder
+    The cache is verified first, as ``sweep`` does (a shard changed since its last full hash is
+    hashed again; a damaged cache is refused, not exported). A folder
     already holding an export of another cache, or files that are not an export's, is refused;
     one holding an export of this cache is written again. ``on_file(k)`` after each file.
     """
     t0 = time.perf_counter()
     cache = cache if isinstance(cache, Cache) else Cache(cache)
-    problems = cache.verify()
+    problems = cache.verify(since_stamp=True)
     if problems:
         raise ProbekitError(f"cache {cache.path} fails verification: {problems[0]}"
                             + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
@@ -265,14 +266,18 @@ def import_cache(folder: str | os.PathLike, out: str | os.PathLike,
     manifest = meta["manifest"]
     layout = Layout.from_manifest(manifest)
     columns = columns_of(layout)
-    if [c["name"] for c in meta["columns"]] != [c["name"] for c in columns] or meta["columns"] != columns:
-        raise ProbekitError(f"{folder / META}: its columns are not those of the cache it describes "
-                            f"(the first of {len(columns)}: {columns[0]['name']})")
+    if meta["columns"] != columns:
+        first = next((i for i, (a, b) in enumerate(zip(meta["columns"], columns)) if a != b), min(len(meta["columns"]),
+                                                                                                len(columns)))
+        raise ProbekitError(f"{folder / META}: its columns are not those of the cache it describes (column {first}: "
+                            f"{str(meta['columns'][first:first + 1])[:80]}, expected {str(columns[first:first + 1])[:80]})")
     files = {int(f["shard"]): f for f in meta["files"]}
     n_shards = int(manifest["n_shards"])
     if sorted(files) != list(range(n_shards)):
         raise ProbekitError(f"{folder / META} lists files for shards {sorted(files)}, the cache has 0..{n_shards - 1}")
-    for _, f in sorted(files.items()):
+    for k, f in sorted(files.items()):
+        if f.get("file") != data_name(k):
+            raise ProbekitError(f"{folder / META} names {f.get('file')!r} for shard {k}, not {data_name(k)}")
         path = folder / f["file"]
         if not path.is_file():
             raise ProbekitError(f"{path} is missing from the export")
