@@ -210,7 +210,7 @@ def test_a_real_cache_travels_and_sweeps_to_identical_results(real_cache, tmp_pa
                           columns=["id", "hidden.answer_end.layer30"])
     x = np.asarray(table.column(1).combine_chunks().flatten().flatten()).reshape(table.num_rows, -1)
     np.testing.assert_array_equal(x, Cache(real_cache).read_layer("answer_end", 30, np.float16)[:64].reshape(64, -1))
-    kw = dict(measures=["grade"], layers="last,middle_and_last", n_train=[40], draws=2, solver="both", seed=3)
+    kw = dict(measures=["grade"], layers="last,middle_and_last", n_train=[10], draws=2, solver="both", seed=3)
     sweep(real_cache, tmp_path / "a", **kw)
     sweep(tmp_path / "back", tmp_path / "b", **kw)
     a, b = pd.read_parquet(tmp_path / "a" / RESULTS), pd.read_parquet(tmp_path / "b" / RESULTS)
