@@ -51,7 +51,9 @@ FORMAT = "probekit-export/1"
 META = "probekit.json"
 CARD = "README.md"
 DATA = "data"
-#: Parquet compression of every column (zstd at its default level).
+#: Parquet compression of every column (zstd at its default level): float16 columns shrink by about 9%
+#: (snappy and lz4: 1-2%), and Parquet keeps uint16 (a bfloat16 cache's bits) as INT32, whose zero upper
+#: halves zstd removes (2.0x the bits uncompressed, 1.4x with snappy, 0.95x with zstd on SmolLM2's states).
 COMPRESSION = "zstd"
 
 _DATA_FILE = re.compile(r"^shard-\d{5}\.parquet$")
