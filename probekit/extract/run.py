@@ -234,6 +234,7 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
         "capture": {"prefix_shared": True},
     }
     meta = table[["id", "label", "pool", "source", *measures]].assign(n_choices=table["choices"].map(len))
+    desc = "extract" if world_size == 1 else f"extract rank {rank}/{world_size}"
     asked = store_dtype
     store_dtype, seen = settle_store_dtype(store_dtype, out_dir, lm, table, template, layer_idx, sites, max_choices,
                                            batch_size)
@@ -243,7 +244,6 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
     counts["store_note"] = (f"auto: |h| up to {seen['max_abs']:.4g} on the first {seen['items']} items, "
                             f"float16 kept below {seen['limit']:.6g}" if seen else
                             "auto: the cache's own dtype" if asked == "auto" else "")
-    desc = "extract" if world_size == 1 else f"extract rank {rank}/{world_size}"
     with ExitStack() as stack:
         bar = None
 

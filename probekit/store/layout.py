@@ -1,5 +1,10 @@
 """What a cache shard holds: file names, dataset names, shapes and dtypes, and the shard checks.
 
+Hidden states are float16 (the default), float32 or bfloat16. h5py has no bfloat16, so a bfloat16
+cache stores each value's bits as uint16 (the upper half of its float32 bits, rounded to nearest even
+as torch rounds), says so in its manifest (``dtype_storage``) and in the dataset's attributes, and
+:func:`from_storage` turns them back into float32: ``(bits.astype(np.uint32) << 16).view(np.float32)``.
+
 Writer, reader and verifier all take shapes from :class:`Layout`, so there is one definition of a
 shard. A shard of ``n`` items holds::
 
@@ -14,11 +19,7 @@ shard. A shard of ``n`` items holds::
     logprob/choice_sum       (n, C)               float32, -inf on padded choices
     logprob/choice_tokens    (n, C)               int32
 
-Only the sites the cache was written with are present under ``hidden/``. Hidden states are float16
-(the default), float32 or bfloat16; h5py has no bfloat16, so a bfloat16 cache stores each value's
-bits as uint16 (the upper half of its float32 bits, rounded to nearest even as torch rounds), says
-so in its manifest (``dtype_storage``) and in the dataset's attributes, and :func:`from_storage`
-turns them back into float32: ``(bits.astype(np.uint32) << 16).view(np.float32)``.
+Only the sites the cache was written with are present under ``hidden/``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from probekit.errors import ProbekitError
-from probekit.store.layout import ITEM_FIELDS, MANIFEST, Layout, check_shard, from_storage, shard_name
+from probekit.store.layout import ITEM_FIELDS, MANIFEST, Layout, check_shard, shard_name
 from probekit.store.manifest import manifest_bytes, parse_manifest, sha256_bytes
 from probekit.store.stamp import file_stat, read_stamp, stamped, write_stamp
 
@@ -138,6 +138,8 @@ class Cache:
         layer's chunk of each shard is read. A bfloat16 cache's stored bits are turned into their
         exact float32 values (:func:`~probekit.store.layout.from_storage`) before any cast to ``dtype``.
         """
+        from probekit.store.layout import from_storage
+
         if site not in self.layout.sites:
             raise ProbekitError(f"site {site!r} is not in cache {self.path}; it holds {self.sites}")
         if layer not in self.layout.layers:
@@ -151,6 +153,11 @@ class Cache:
         self._each_shard(read)
         return out
 
+    def logprobs(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(choice_sum, choice_tokens)``: (n_items, C) float32 (-inf on padding) and int32."""
+        parts = self._each_shard(lambda f, rows: (f["logprob/choice_sum"][:], f["logprob/choice_tokens"][:]))
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
     def read_shard(self, k: int) -> dict[str, np.ndarray]:
         """Every dataset of shard ``k`` as stored, keyed by path (:meth:`Layout.datasets`): strings as str
         objects, a bfloat16 cache's hidden states as their uint16 bits, nothing cast."""
@@ -160,11 +167,6 @@ class Cache:
         names = self.layout.datasets(int(self.shards[k]["n_items"]))
         return self._read_shard_file(k, lambda f: {
             name: f[name].asstr()[()] if h5py.check_string_dtype(f[name].dtype) else f[name][()] for name in names})
-
-    def logprobs(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(choice_sum, choice_tokens)``: (n_items, C) float32 (-inf on padding) and int32."""
-        parts = self._each_shard(lambda f, rows: (f["logprob/choice_sum"][:], f["logprob/choice_tokens"][:]))
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     # ----- integrity ------------------------------------------------------------------------------
     def verify(self, on_shard: Callable[[int], None] | None = None, *, since_stamp: bool = False) -> list[str]:

@@ -122,9 +122,10 @@ def shard_bytes(layout: Layout, n: int) -> int:
 
 #: Manifest keys the writer fills in itself; a header may not set them.
 _RESERVED = frozenset(
-    {"format", "sites", "layers", "hidden_size", "max_choices", "measures", "dtype", "dtype_storage", "n_items",
+    {"format", "sites", "layers", "hidden_size", "max_choices", "measures", "dtype", "n_items",
      "shard_size", "n_shards", "world_size", "shards", "complete"}
 )
+_RESERVED |= {"dtype_storage"}  # how a bfloat16 cache stores its hidden states
 
 
 def header_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
@@ -222,11 +223,11 @@ class CacheWriter:
             "max_choices": lay.max_choices,
             "measures": list(lay.measures),
             "dtype": lay.dtype,
-            **({"dtype_storage": BFLOAT16_STORAGE} if lay.dtype == "bfloat16" else {}),
             "n_items": self.n_items,
             "shard_size": self.shard_size,
             "n_shards": self.n_shards,
             "world_size": self.world_size,
+            **({"dtype_storage": BFLOAT16_STORAGE} if lay.dtype == "bfloat16" else {}),
         }
 
     def _merged(self, manifest: dict[str, Any] | None) -> dict[str, Any]:
