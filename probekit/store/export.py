@@ -27,6 +27,7 @@ an unfinished export that ``import`` refuses.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -302,12 +303,11 @@ def import_cache(folder: str | os.PathLike, out: str | os.PathLike,
             stored[name] = np.stack(parts) if parts is not None else got[column_name(name)]
         return stored
 
-    fields = dataclasses.asdict(layout)
+    args = writer_args(manifest)
     written: list[int] = []
     world = int(manifest.get("world_size", 1))
     for rank in range(world):  # the exported cache's ranks, so its manifest comes back whole
-        writer = CacheWriter(out, header_of(manifest), n_items=int(manifest["n_items"]),
-                             shard_size=int(manifest["shard_size"]), rank=rank, world_size=world, **fields)
+        writer = CacheWriter(out, header_of(manifest), **{**args, "world_size": world}, rank=rank)
         with writer:
             for k in writer.pending_shards(verify=True):
                 lo, hi = writer.shard_range(k)
@@ -333,6 +333,14 @@ def import_cache(folder: str | os.PathLike, out: str | os.PathLike,
         raise ProbekitError(f"imported cache {out} fails verification: {problems[0]}")
     return ImportSummary(folder, out, cache.n_items, sorted(written), cache.manifest_sha256 == meta["manifest_sha256"],
                          time.perf_counter() - t0)
+
+
+def writer_args(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`CacheWriter` arguments a manifest records: the writer stores each layout and size
+    argument under its own name (layers, sites, hidden_size, max_choices, measures, dtype, n_items,
+    shard_size, world_size, and any it gains), so a cache is rewritten with exactly its own."""
+    return {name: manifest[name] for name in inspect.signature(CacheWriter).parameters
+            if name in manifest and name not in ("out_dir", "header", "rank")}
 
 
 # ----- the dataset card ------------------------------------------------------------------------------
