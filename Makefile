@@ -75,6 +75,7 @@ bench: $(BENCH_STAMP)
 	$(PY) bench/sweep.py
 	$(PY) bench/stats.py
 	$(PY) bench/report.py
+	$(PY) bench/export.py
 
 # Every CUDA path against the CPU on the same inputs, and the speed figures (one GPU, a few minutes).
 # In .venv by default (created with $(TORCH) when missing: on Linux the package index's build has CUDA);

@@ -87,7 +87,8 @@ def child(n: int, threads: int | None, shard_size: int, batch_size: int, model: 
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     with tempfile.TemporaryDirectory() as tmp:
-        s = extract(items, Path(tmp) / "c", lm, batch_size=batch_size, shard_size=shard_size, progress=False)
+        s = extract(items, Path(tmp) / "c", lm, batch_size=batch_size, shard_size=shard_size, store_dtype="float16",
+                    progress=False)
     stop.set()
     th.join()
     print(json.dumps({"items": n, "rss_loaded_mib": base, "rss_peak_mib": peak[0], "seconds": s.seconds,
@@ -137,7 +138,7 @@ def main() -> None:
     def run_extract():
         # one shard holding every item, so batches are exactly those of the other modes
         extract(items, tmp / f"c{next(counter)}", lm, layers=layers, sites=sites, batch_size=args.batch_size,
-                shard_size=len(enc), progress=False)
+                shard_size=len(enc), store_dtype="float16", progress=False)  # auto would run a first batch twice
 
     # warm-up
     capture_batch(lm, batches[0], layers, sites, C)

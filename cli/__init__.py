@@ -33,6 +33,7 @@ def main() -> None:  # console entry point
 from probekit.cli import datasets_cmd  # noqa: E402,F401
 from probekit.cli import extract_cmd  # noqa: E402,F401
 from probekit.cli import info_cmd  # noqa: E402,F401
+from probekit.cli import export_cmd  # noqa: E402,F401
 from probekit.cli import sweep_cmd  # noqa: E402,F401
 from probekit.cli import finetune_cmd  # noqa: E402,F401
 from probekit.cli import generate_cmd  # noqa: E402,F401

@@ -55,7 +55,7 @@ def extract_cmd(
     sites: str = typer.Option("answer_end,question_end", "--sites", help="Token positions: answer_end, question_end."),
     batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (all choices of an item share one row)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Items per HDF5 shard (the unit of resuming)."),
-    store_dtype: str = typer.Option("float16", "--store-dtype", help="float16 | float32: how the cache stores hidden states (float32 for a model whose hidden states pass float16's 65504)."),
+    store_dtype: str = typer.Option("auto", "--store-dtype", help="auto | float16 | bfloat16 | float32: how the cache stores hidden states. bfloat16 has float32's range (stored as uint16 bits, see README); auto is float16 unless the first batch of items passes 65504/4, then bfloat16 (a float16 choice gives the same cache as --store-dtype float16)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Cache directory; default cache/<model-slug>__<dataset>."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
     template: str | None = typer.Option(None, "--template", help="Prompt template instead of the set's: cloze (\"Question: {q}\\nAnswer:\", no choices listed), 0040, 0306."),
@@ -81,7 +81,7 @@ def extract_cmd(
 ) -> None:
     """Run a question set through a model once; cache hidden states and choice log-probs.
 
-    Every item is rendered with its set's prompt (ARC/MMLU "0040", StrategyQA "0306") or the --template given; the prompt runs once per item and all its answer choices are scored as continuations of it. Hidden states at the requested layers and token positions go to DIR/shard-NNNNN.h5 (float16) with a manifest; rerunning the same command finishes an interrupted cache. Under torchrun each rank writes its own shards into the same directory.
+    Every item is rendered with its set's prompt (ARC/MMLU "0040", StrategyQA "0306") or the --template given; the prompt runs once per item and all its answer choices are scored as continuations of it. Hidden states at the requested layers and token positions go to DIR/shard-NNNNN.h5 (float16, or bfloat16 for a model whose hidden states need the range: --store-dtype) with a manifest; rerunning the same command finishes an interrupted cache. Under torchrun each rank writes its own shards into the same directory.
 
     With --icl K, every probe item is instead scored under K-shot prompts whose demonstrations are drawn from one difficulty level (or, with --demos-from all, from every probe item; with --demos-dataset, from a level of another question set); choice log-probs per draw go to DIR/icl.json and DIR/draw-NNN.h5. --test-levels scores only the items of those levels.
 

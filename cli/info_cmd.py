@@ -63,7 +63,9 @@ def info(
         ("prompt", _fields(m["prompt"])),
         ("layers", ", ".join(map(str, cache.layers))),
         ("sites", ", ".join(cache.sites)),
-        ("hidden size", f"{cache.hidden_size} ({m.get('dtype', 'float16')}), max choices {cache.max_choices}"),
+        ("hidden size", f"{cache.hidden_size} ({m.get('dtype', 'float16')}"
+                        + (f", stored as {m['dtype_storage']}" if "dtype_storage" in m else "")
+                        + f"), max choices {cache.max_choices}"),
         ("measures", ", ".join(cache.measures) or "-"),
         ("items", str(cache.n_items)),
         ("shards", f"{len(cache.shards)} of {cache.n_shards} written "

@@ -7,7 +7,8 @@ from typer.testing import CliRunner
 
 from probekit.cli import app
 
-COMMANDS = [["datasets"], ["datasets", "show"], ["extract"], ["info"], ["sweep"], ["hardness"], ["finetune"], ["report"]]
+COMMANDS = [["datasets"], ["datasets", "show"], ["extract"], ["info"], ["export"], ["import"], ["sweep"], ["hardness"],
+            ["finetune"], ["report"]]
 
 
 def test_top_level_help_lists_every_command():

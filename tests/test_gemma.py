@@ -268,9 +268,42 @@ def test_hidden_states_beyond_the_store_dtype_are_refused(tmp_path, lm, arc):
     _check_store_range(hidden + 6.5e4, "float16", "answer_end", [6, 17], ["a", "b", "c"])  # fits
     hidden[1, 2, 0, 5] = -7.1e4
     with pytest.raises(ProbekitError, match=r"hidden state -7\.1e\+04 at answer_end, layer 17, item 'c' is beyond "
-                                            r"float16's range \(±65504\): extract with store dtype float32"):
+                                            r"float16's range \(±65504\): extract with --store-dtype bfloat16 "
+                                            r"\(or float32, or auto to choose from the first items\)"):
         _check_store_range(hidden, "float16", "answer_end", [6, 17], ["a", "b", "c"])
+    with pytest.raises(ProbekitError, match=r"range \(±65504\) \(--store-dtype auto: \|h\| up to 9 on the first 3 "
+                                            r"items\): extract again into a new --out with --store-dtype bfloat16"):
+        _check_store_range(hidden, "float16", "answer_end", [6, 17], ["a", "b", "c"],
+                           chosen="auto: |h| up to 9 on the first 3 items")
     _check_store_range(hidden, "float32", "answer_end", [6, 17], ["a", "b", "c"])
-    with pytest.raises(ProbekitError, match="store dtype 'bfloat16' is not one of float16, float32"):
-        extract(arc, tmp_path / "x", lm, store_dtype="bfloat16", limit=2, progress=False)
+    _check_store_range(hidden, "bfloat16", "answer_end", [6, 17], ["a", "b", "c"])
+    with pytest.raises(ProbekitError, match="store dtype 'float8' is not one of float16, float32, bfloat16, auto"):
+        extract(arc, tmp_path / "x", lm, store_dtype="float8", limit=2, progress=False)
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_auto_stores_gemma_in_bfloat16(tmp_path, gemma, arc):
+    """Gemma-3-270M's residual stream reaches about 3.1e4 on the first ARC items (layer 17), past
+    65504 / 4: auto picks bfloat16, records why, and the cache holds torch's bfloat16 rounding of
+    the float32 activations, the large values included."""
+    import torch
+
+    from probekit.extract.run import extract
+    from probekit.store import Cache
+
+    kw = dict(layers=[12, 17, 18], batch_size=3, limit=3, progress=False)
+    auto = extract(arc, tmp_path / "auto", gemma, **kw)
+    extract(arc, tmp_path / "f32", gemma, store_dtype="float32", **kw)
+    assert auto.store_dtype == "bfloat16" and "hidden states bfloat16 (auto: |h| up to" in auto.line()
+    a, b = Cache(tmp_path / "f32"), Cache(tmp_path / "auto")
+    seen = b.manifest["dtype_choice"]
+    assert b.manifest["dtype"] == "bfloat16" and seen["items"] == 3 and seen["max_abs"] > seen["limit"] == 16376
+    big = 0.0
+    for site in a.sites:
+        for layer in a.layers:
+            x = a.read_layer(site, layer)
+            want = torch.from_numpy(x).to(torch.bfloat16).float().numpy()
+            np.testing.assert_array_equal(b.read_layer(site, layer).view(np.uint32), want.view(np.uint32))
+            big = max(big, float(np.abs(x).max()))
+    assert big == seen["max_abs"] > 2e4

@@ -361,7 +361,7 @@ def test_bad_writer_arguments(tmp_path, data):
         (dict(rank=2, world_size=2), "rank must be in 0..1"),
         (dict(layers=[]), "layers must be a non-empty list"),
         (dict(sites=["middle"]), "sites must be distinct names"),
-        (dict(dtype="bfloat16"), "dtype must be one of"),
+        (dict(dtype="float8"), r"dtype must be one of \[.float16., .float32., .bfloat16.\]"),
         (dict(shard_size=0), "shard_size must be a positive integer"),
     ]:
         with pytest.raises(ProbekitError, match=msg):

@@ -1,5 +1,10 @@
 """What a cache shard holds: file names, dataset names, shapes and dtypes, and the shard checks.
 
+Hidden states are float16 (the default), float32 or bfloat16. h5py has no bfloat16, so a bfloat16
+cache stores each value's bits as uint16 (the upper half of its float32 bits, rounded to nearest even
+as torch rounds), says so in its manifest (``dtype_storage``) and in the dataset's attributes, and
+:func:`from_storage` turns them back into float32: ``(bits.astype(np.uint32) << 16).view(np.float32)``.
+
 Writer, reader and verifier all take shapes from :class:`Layout`, so there is one definition of a
 shard. A shard of ``n`` items holds::
 
@@ -40,8 +45,13 @@ MANIFEST_LOCK = ".manifest.lock"
 #: Token positions a cache can hold, and whether each has a choice axis.
 SITES: dict[str, bool] = {"answer_end": True, "question_end": False}
 
-#: Hidden-state storage dtypes (h5py has no bfloat16).
-DTYPES = ("float16", "float32")
+#: Hidden-state dtypes a cache can hold (bfloat16 is stored as its uint16 bits: h5py has no bfloat16).
+DTYPES = ("float16", "float32", "bfloat16")
+
+#: How a bfloat16 cache stores its hidden states: the manifest's ``dtype_storage`` and each hidden dataset's
+#: ``storage`` attribute.
+BFLOAT16_STORAGE = ("uint16 bits of bfloat16 (the upper 16 bits of the float32 value, rounded to nearest even); "
+                    "as float32: (bits.astype(uint32) << 16).view(float32)")
 
 #: Item columns every shard holds besides the difficulty measures, with their dtypes.
 ITEM_FIELDS: dict[str, Any] = {
@@ -114,14 +124,60 @@ class Layout:
         out.update({f"items/difficulty/{m}": ((n,), np.float64) for m in self.measures})
         if self.surface:
             out.update({f"items/{name}": ((n, self.max_choices), dtype) for name, dtype in SURFACE_FIELDS.items()})
-        out.update({f"hidden/{s}": (self.hidden_shape(s, n), np.dtype(self.dtype)) for s in self.sites})
+        out.update({f"hidden/{s}": (self.hidden_shape(s, n), storage_dtype(self.dtype)) for s in self.sites})
         out["logprob/choice_sum"] = ((n, self.max_choices), np.float32)
         out["logprob/choice_tokens"] = ((n, self.max_choices), np.int32)
         return out
 
+    @staticmethod
+    def item_axis(name: str) -> int:
+        """The item axis of dataset ``name``: 1 for the layer-major hidden states, 0 for every other."""
+        return 1 if name.startswith("hidden/") else 0
+
     def parts(self) -> tuple[str, ...]:
         """Groups of datasets written together: each needs every row written before a shard is done."""
         return ("items", *(f"hidden/{s}" for s in self.sites), "logprob")
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The HDF5 dtype hidden states of a ``dtype`` cache are stored as: uint16 for bfloat16, else ``dtype``."""
+    return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def value_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype that holds a ``dtype`` cache's values exactly: float32 for bfloat16, else ``dtype``."""
+    return np.dtype(np.float32) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def dtype_max(dtype: str) -> float:
+    """The largest finite value of a cache dtype (float16: 65504; bfloat16: about 3.39e38)."""
+    return float(from_storage(np.array([0x7F7F], np.uint16), "bfloat16")[0]) if dtype == "bfloat16" \
+        else float(np.finfo(dtype).max)
+
+
+def to_storage(values: Any, dtype: str) -> np.ndarray:
+    """Hidden states as a ``dtype`` cache stores them.
+
+    bfloat16: each value rounded to bfloat16 (round to nearest even, from its float32 value, as
+    ``torch.Tensor.to(torch.bfloat16)`` rounds) and kept as its uint16 bits; NaN becomes the quiet
+    NaN 0x7FC0. Other dtypes: a plain cast.
+    """
+    if dtype != "bfloat16":
+        return np.asarray(values).astype(dtype, copy=False)
+    x = np.ascontiguousarray(values, dtype=np.float32)
+    u = x.view(np.uint32)
+    bits = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16).astype(np.uint16)  # no uint32 overflow below NaN's bits
+    nan = np.isnan(x)
+    if nan.any():
+        bits[nan] = 0x7FC0
+    return bits
+
+
+def from_storage(stored: Any, dtype: str) -> np.ndarray:
+    """Stored hidden states as values: bfloat16 bits become float32 (exactly), others are returned as read."""
+    if dtype != "bfloat16":
+        return np.asarray(stored)
+    return (np.asarray(stored, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 def sha256_file(path: Path, block: int = 1 << 22) -> str:

@@ -101,17 +101,21 @@ class Cache:
         self._require_complete()
         out = []
         for k in range(self.n_shards):
-            path = self.path / self.shards[k]["file"]
             rows = slice(k * self.shard_size, min((k + 1) * self.shard_size, self.n_items))
-            try:
-                with h5py.File(path, "r") as f:
-                    out.append(read(f, rows))
-            except (OSError, KeyError, ValueError) as exc:
-                raise ProbekitError(
-                    f"{path.name} in {self.path} cannot be read ({str(exc).splitlines()[0]}); "
-                    f"check it with `probekit info {self.path} --verify`"
-                ) from None
+            out.append(self._read_shard_file(k, lambda f: read(f, rows)))
         return out
+
+    def _read_shard_file(self, k: int, read: Callable[[h5py.File], Any]) -> Any:
+        """``read(file)`` on recorded shard ``k``; a file that cannot be read is one error line."""
+        path = self.path / self.shards[k]["file"]
+        try:
+            with h5py.File(path, "r") as f:
+                return read(f)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ProbekitError(
+                f"{path.name} in {self.path} cannot be read ({str(exc).splitlines()[0]}); "
+                f"check it with `probekit info {self.path} --verify`"
+            ) from None
 
     @cached_property
     def items(self) -> pd.DataFrame:
@@ -131,8 +135,11 @@ class Cache:
         """Hidden states of one site at one layer for every item: (n_items, C, d) or (n_items, d).
 
         ``layer`` is the model's ``hidden_states`` index as listed in :attr:`layers`; only that
-        layer's chunk of each shard is read.
+        layer's chunk of each shard is read. A bfloat16 cache's stored bits are turned into their
+        exact float32 values (:func:`~probekit.store.layout.from_storage`) before any cast to ``dtype``.
         """
+        from probekit.store.layout import from_storage
+
         if site not in self.layout.sites:
             raise ProbekitError(f"site {site!r} is not in cache {self.path}; it holds {self.sites}")
         if layer not in self.layout.layers:
@@ -141,7 +148,7 @@ class Cache:
         out = np.empty(self.layout.hidden_shape(site, self.n_items)[1:], dtype=dtype)
 
         def read(f: h5py.File, rows: slice) -> None:
-            out[rows] = f[f"hidden/{site}"][index]
+            out[rows] = from_storage(f[f"hidden/{site}"][index], self.layout.dtype)
 
         self._each_shard(read)
         return out
@@ -164,6 +171,16 @@ class Cache:
         """``(choice_sum, choice_tokens)``: (n_items, C) float32 (-inf on padding) and int32."""
         parts = self._each_shard(lambda f, rows: (f["logprob/choice_sum"][:], f["logprob/choice_tokens"][:]))
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+    def read_shard(self, k: int) -> dict[str, np.ndarray]:
+        """Every dataset of shard ``k`` as stored, keyed by path (:meth:`Layout.datasets`): strings as str
+        objects, a bfloat16 cache's hidden states as their uint16 bits, nothing cast."""
+        if k not in self.shards:
+            raise ProbekitError(f"shard {k} is not recorded in cache {self.path} ({len(self.shards)} of "
+                                f"{self.n_shards} shards are)")
+        names = self.layout.datasets(int(self.shards[k]["n_items"]))
+        return self._read_shard_file(k, lambda f: {
+            name: f[name].asstr()[()] if h5py.check_string_dtype(f[name].dtype) else f[name][()] for name in names})
 
     # ----- integrity ------------------------------------------------------------------------------
     def verify(self, on_shard: Callable[[int], None] | None = None, *, since_stamp: bool = False) -> list[str]:

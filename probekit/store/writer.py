@@ -38,6 +38,7 @@ import pandas as pd
 
 from probekit.errors import ProbekitError
 from probekit.store.layout import (
+    BFLOAT16_STORAGE,
     DTYPES,
     FORMAT,
     ITEM_FIELDS,
@@ -51,7 +52,9 @@ from probekit.store.layout import (
     lock_name,
     sha256_file,
     shard_name,
+    storage_dtype,
     temp_name,
+    to_storage,
 )
 from probekit.store.manifest import (
     check_same_cache,
@@ -123,6 +126,12 @@ _RESERVED = frozenset(
     {"format", "sites", "layers", "hidden_size", "max_choices", "measures", "dtype", "choice_surface", "n_items",
      "shard_size", "n_shards", "world_size", "shards", "complete"}
 )
+_RESERVED |= {"dtype_storage"}  # how a bfloat16 cache stores its hidden states
+
+
+def header_of(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The header a cache was written with: its manifest less the fields the writer fills in itself."""
+    return {key: value for key, value in manifest.items() if key not in _RESERVED}
 
 
 def _is_int(value: Any) -> bool:
@@ -191,7 +200,7 @@ class CacheWriter:
     # ----- set-up -------------------------------------------------------------------------
     def _check_chunk_size(self) -> None:
         shape = self.layout.hidden_shape("answer_end", min(self.shard_size, self.n_items))
-        nbytes = math.prod(shape[1:]) * np.dtype(self.layout.dtype).itemsize
+        nbytes = math.prod(shape[1:]) * storage_dtype(self.layout.dtype).itemsize
         if nbytes > MAX_CHUNK_BYTES:
             raise ProbekitError(
                 f"shard_size {self.shard_size} is too large: one layer of a shard would take "
@@ -223,6 +232,7 @@ class CacheWriter:
             "shard_size": self.shard_size,
             "n_shards": self.n_shards,
             "world_size": self.world_size,
+            **({"dtype_storage": BFLOAT16_STORAGE} if lay.dtype == "bfloat16" else {}),
         }
 
     def _merged(self, manifest: dict[str, Any] | None) -> dict[str, Any]:
@@ -516,7 +526,7 @@ class ShardWriter:
                 f"{self.name}: hidden {site} batch has shape {arr.shape}, expected {expected}"
             )
         rows = self._rows(f"hidden/{site}", offset, b)
-        self._file[f"hidden/{site}"][:, rows] = arr.astype(layout.dtype, copy=False)
+        self._file[f"hidden/{site}"][:, rows] = to_storage(arr, layout.dtype)
         self._written[f"hidden/{site}"][rows] = True
 
     def write_logprobs(self, offset: int, *, choice_sum: Any, choice_tokens: Any) -> None:
@@ -533,6 +543,36 @@ class ShardWriter:
         self._file["logprob/choice_sum"][rows] = s
         self._file["logprob/choice_tokens"][rows] = t.astype(np.int32)
         self._written["logprob"][rows] = True
+
+    def write_stored(self, offset: int, arrays: Mapping[str, Any]) -> None:
+        """Rows ``offset:offset+b`` of every dataset of the shard at once, as another cache stores them.
+
+        ``arrays`` maps each dataset path of :meth:`Layout.datasets` to its rows in the stored dtype
+        (a bfloat16 cache's hidden states as uint16 bits; strings as str), item axis as in
+        :meth:`Layout.item_axis`. Nothing is cast, so a shard read with :meth:`Cache.read_shard` is
+        written back bit for bit; labels and choice counts are checked as by :meth:`write_items`.
+        """
+        expected = self.writer.layout.datasets(self.n)
+        if set(arrays) != set(expected):
+            missing, extra = sorted(set(expected) - set(arrays)), sorted(set(arrays) - set(expected))
+            raise ProbekitError(f"{self.name}: the datasets given lack {missing or 'nothing'} and have {extra or 'nothing'} "
+                                "beyond the cache's")
+        b = len(arrays["items/id"])
+        values = {}
+        for name, (shape, dtype) in expected.items():
+            axis = Layout.item_axis(name)
+            arr = arrays[name]
+            arr = np.asarray([str(x) for x in arr], dtype=object) if np.dtype(dtype).kind == "O" else np.asarray(arr)
+            want = (*shape[:axis], b, *shape[axis + 1:])
+            if arr.shape != want or (np.dtype(dtype).kind != "O" and arr.dtype != np.dtype(dtype)):
+                raise ProbekitError(f"{self.name}: {name} is {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {want}")
+            values[name] = arr
+        self._check_choices(values["items/id"], values["items/label"], values["items/n_choices"])
+        rows = self._rows("every dataset", offset, b)
+        for name, arr in values.items():
+            self._file[name][(slice(None),) * Layout.item_axis(name) + (rows,)] = arr
+        for done in self._written.values():
+            done[rows] = True
 
     # ----- helpers -------------------------------------------------------------------------------
     def _rows(self, part: str, offset: int, b: int) -> slice:
@@ -648,6 +688,8 @@ def _create_shard_file(path: Path, layout: Layout, n: int) -> h5py.File:
                 )
                 ds.attrs["layers"] = np.asarray(layout.layers, dtype=np.int64)
                 ds.attrs["dims"] = "layer,item,choice,hidden" if len(shape) == 4 else "layer,item,hidden"
+                if layout.dtype == "bfloat16":
+                    ds.attrs.update({"dtype": "bfloat16", "storage": BFLOAT16_STORAGE})
             else:
                 f.create_dataset(name, shape, dtype)
     except BaseException:
