@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from probekit.errors import ProbekitError
 from probekit.store.layout import lock_name
 from probekit.store.manifest import manifest_lock
-from probekit.store.outdir import OutputDir
+from probekit.store.outdir import OutputDir, read_json
 
 PARTS = "parts"
 RUN_FILE = "run.json"
@@ -146,13 +146,7 @@ class RankParts:
 
     def read_json(self, key: str) -> dict | None:
         """A piece's record (``parts/<key>.json``), or None when there is none."""
-        path = self.out / PARTS / f"{key}.json"
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ProbekitError(f"cannot read {path}: {exc}") from None
+        return read_json(self.out / PARTS / f"{key}.json")
 
     def remove(self, keys: Sequence[str]) -> None:
         """Delete the parts (and records) ``keys`` once merged (call it holding the merge lock)."""
