@@ -86,7 +86,7 @@ def _greedy(lm, ids, mask, cache, max_new_tokens: int, stop: str, ends: set[int]
             if not keep:
                 break
             if len(keep) < len(live):
-                sel = torch.tensor(keep, device=mask.device)
+                sel = torch.tensor(keep)  # on the CPU: it indexes the cache on every device of a device map
                 live, nxt, mask, positions = live[keep], nxt[sel], mask[sel], positions[sel]
                 cache.batch_select_indices(sel)
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
