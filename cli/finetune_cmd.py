@@ -44,6 +44,8 @@ def finetune_cmd(
     quantize: str = typer.Option("auto", "--quantize", help="auto (8bit on CUDA, none on CPU) | none | 8bit | 4bit."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    device_map: str | None = typer.Option(None, "--device-map", help="'auto' spreads a model larger than one GPU "
+                                                                     "over all GPUs (as for extract)."),
     rank: int = typer.Option(16, "--lora-r", help="LoRA rank."),
     alpha: int = typer.Option(32, "--lora-alpha", help="LoRA alpha."),
     dropout: float = typer.Option(0.1, "--lora-dropout", help="LoRA dropout."),
@@ -112,7 +114,8 @@ def finetune_cmd(
                 cache, items, out, model, experiment=experiment, measures=_names(measures),
                 n_train=_ints(n_train, "--n-train"), label_noise=_floats(label_noise, "--label-noise"), draws=draws,
                 seed=seed, levels=_names(levels), test_levels=_names(test_levels), cutoffs=_cutoffs(cutoff),
-                recipe=recipe, quantize=quantize, dtype=dtype, device=device, zero_shot=zero_shot,
+                recipe=recipe, quantize=quantize, dtype=dtype, device=device, device_map=device_map,
+                zero_shot=zero_shot,
                 save_adapters=save_adapters, verify=verify, progress=progress,
             )
     c = record["counts"]

@@ -18,6 +18,7 @@ def generate_cmd(
     model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local folder or FILE.gguf; default: the offline SmolLM2-135M-Instruct."),
     dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto."),
     device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto."),
+    device_map: str | None = typer.Option(None, "--device-map", help="'auto' spreads a model larger than one GPU over all GPUs."),
     conditions: str | None = typer.Option(None, "--demos-from",
                                           help="Comma-separated conditions: zero_shot (zero-shot CoT) and/or the level k-shot demonstrations come from (easy, medium, hard); default zero_shot,easy,hard, none with --finetune."),
     k: int = typer.Option(8, "--k", help="Demonstrations per k-shot prompt."),
@@ -44,6 +45,11 @@ def generate_cmd(
       probekit generate -d gsm8k --data-dir ../shared/data --n-test 150 --out results/gsm8k-cot
       probekit generate -d gsm8k --data-dir ../shared/data --n-test 150 --finetune easy,hard --n-train 8 \\
           --out results/gsm8k-qlora-cot
+      torchrun --nproc-per-node 8 -m probekit.cli generate -d gsm8k --data-dir ../shared/data --n-test 500 \\
+          --draws 5 --device cuda --out results/gsm8k-cot
+
+    Under torchrun each rank generates its own units (or slices of units, when there are fewer units
+    than ranks) into OUT; the last rank to finish merges them into the files one process writes.
     """
     with clean_errors():
         from probekit.cot.run import generate_cot, parse_levels
@@ -58,7 +64,8 @@ def generate_cmd(
         if conditions is None:
             conditions = "" if tuned else "zero_shot,easy,hard"
         items = load_dataset(dataset, data_dir)
-        spec = ModelSpec(model=model, dtype=dtype, device=device, threads=threads, quantize=q)  # "auto" is settled when it loads
+        spec = ModelSpec(model=model, dtype=dtype, device=device, device_map=device_map, threads=threads,
+                         quantize=q)  # "auto" is settled when it loads
         summary = generate_cot(items, out, spec, conditions=conditions, k=k, measure=measure, draws=draws, seed=seed,
                                n_test=n_test, max_new_tokens=max_new_tokens, batch_size=batch_size, scoring=scoring,
                                finetune=tuned, n_train=n_train, recipe=settings, progress=not no_progress)

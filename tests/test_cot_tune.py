@@ -168,6 +168,36 @@ def test_finetune_cot_run_writes_rows_repeats_exactly_and_skips_finished_units(t
     assert config["training"]["tuned_easy/0"]["updates"] == 1
 
 
+@pytest.mark.slow
+def test_a_fine_tuned_unit_sliced_over_ranks_trains_on_each_and_merges_to_the_one_process_files(tmp_path, lm, gsm8k,
+                                                                                               monkeypatch):
+    """One fine-tuned unit, 3 ranks run one after another in this process (RANK/WORLD_SIZE as torchrun
+    sets them): ranks 0 and 1 train the adapters and decode their batch, rank 2's slice is empty (no
+    training); the last merges the unit file and results of one process, and one training log."""
+    from probekit.cot.run import generate_cot
+    from probekit.finetune.recipe import Recipe
+
+    kw = dict(conditions="", finetune="easy", n_train=4, max_updates=1, n_test=3, max_new_tokens=5, batch_size=2,
+              recipe=Recipe(micro_batch=4, min_updates=150), progress=False)
+    one = generate_cot(gsm8k, tmp_path / "one", lm, **kw)
+    assert one.units_written == ["tuned_easy/0"]
+    assert len(pd.read_parquet(tmp_path / "one" / "gen-tuned_easy-000.parquet")) == 3  # two batches: 2 + 1
+    for rank in range(3):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        summary = generate_cot(gsm8k, tmp_path / "ranks", lm, **kw)
+        assert summary.units_written == [f"tuned_easy/0 part {rank + 1}/3"] and summary.merged == (rank == 2)
+        assert summary.new_tokens > 0 if rank < 2 else summary.new_tokens == 0
+    for name in ("gen-tuned_easy-000.parquet", "results.parquet", "generate.json"):
+        assert (tmp_path / "ranks" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+    log = json.loads((tmp_path / "ranks" / "log-tuned_easy-000.json").read_text())
+    ref = json.loads((tmp_path / "one" / "log-tuned_easy-000.json").read_text())
+    assert {k: log[k] for k in ("train_items", "updates", "losses")} == {k: ref[k] for k in ("train_items", "updates",
+                                                                                           "losses")}
+    assert [x["last_loss"] for x in log["slices"]] == ref["losses"] * 2  # ranks 0 and 1 trained alike; 2 did not
+    assert sorted(p.name for p in (tmp_path / "ranks" / "parts").iterdir()) == [f"rank-{r}-of-3.json" for r in range(3)]
+
+
 def test_levels_and_recipe_settings_are_checked():
     from probekit.cot.run import parse_levels
     from probekit.cot.tune import condition, tuned_level

@@ -429,6 +429,22 @@ def test_model_override_loads_the_given_model_and_refuses_another(lm, real_cache
 
 
 @pytest.mark.slow
+def test_device_map_on_the_cpu_loads_the_cache_model_and_trains_the_same_adapters(real_cache, demo_items,
+                                                                                   tiny_reference, tmp_path):
+    from probekit.finetune import finetune
+
+    record = finetune(real_cache, demo_items, tmp_path / "auto", None, dtype="float32", device="cpu",
+                      device_map="auto", **{**TINY, "draws": 1})  # accelerate places every module on the CPU
+    assert record["finetune_model"]["weights_sha256"] == record["model"]["weights_sha256"]
+    ref = _rows(tiny_reference)
+    _same_rows(_rows(tmp_path / "auto"), ref[ref["draw"].astype(int) == 0].reset_index(drop=True))
+    head = "population/grade/easy/0/4/0"
+    assert list(record["final_loss"]) == [head]
+    assert record["final_loss"][head] == pytest.approx(
+        json.loads((tiny_reference / "sweep.json").read_text())["final_loss"][head], abs=1e-5)
+
+
+@pytest.mark.slow
 def test_all_to_all_learning_curve_and_label_noise_run_for_finetune(lm, real_cache, demo_items, tmp_path):
     from probekit.finetune import finetune
 

@@ -6,6 +6,8 @@ copy of its key/value cache: ``[prefix][left padding][rest of the prompt]`` with
 masked out, so every row sees exactly its own prompt at the positions a lone run gives it, and
 decoding is greedy from there, step by step as ``model.generate`` does, each row leaving the batch
 (and its keys the cache) as soon as it ends. Rows are grouped by prompt length (little padding).
+With ``part=(j, s)`` only every s-th of those batches runs, from the j-th: s processes sharing one
+set of prompts run the same batches on the same shared prefix as one process does.
 
 A row stops at the end-of-sequence token, after ``max_new_tokens``, or, with ``stop="answer"``,
 at the first newline after "the answer is": the scoring rules cut the answer there
@@ -84,7 +86,7 @@ def _greedy(lm, ids, mask, cache, max_new_tokens: int, stop: str, ends: set[int]
             if not keep:
                 break
             if len(keep) < len(live):
-                sel = torch.tensor(keep, device=mask.device)
+                sel = torch.tensor(keep)  # on the CPU: it indexes the cache on every device of a device map
                 live, nxt, mask, positions = live[keep], nxt[sel], mask[sel], positions[sel]
                 cache.batch_select_indices(sel)
             mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
@@ -112,13 +114,25 @@ def check_lengths(lm, prompts: Sequence[Sequence[int]], item_ids: Sequence[str],
             )
 
 
+def batch_rows(prompts: Sequence[Sequence[int]], batch_size: int, part: tuple[int, int] = (0, 1)) -> list[list[int]]:
+    """The batches :func:`generate` runs, as prompt indices: grouped by prompt length
+    (:func:`probekit.extract.run.length_batches`); with ``part=(j, s)`` the batches j, j+s, j+2s, ...
+    (the s parts are disjoint and together every batch)."""
+    j, s = part
+    if not (isinstance(s, int) and s >= 1 and isinstance(j, int) and 0 <= j < s):
+        raise ProbekitError(f"part must be (j, s) with 0 <= j < s, got {part!r}")
+    return length_batches([Encoded(prompt=list(p), choices=[]) for p in prompts], batch_size)[j::s]
+
+
 def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch_size: int = 8,
-             stop: str = "answer", bar=None) -> tuple[list[Generation], dict]:
+             stop: str = "answer", bar=None, part: tuple[int, int] = (0, 1)) -> tuple[list[Generation | None], dict]:
     """Greedy continuations of token-id ``prompts`` (see the module docstring).
 
     Returns the generations in prompt order and counts: ``prefix_tokens`` (the shared prefix, run
     once), ``prompt_tokens`` (prompt tokens run, prefix once), ``new_tokens`` (generated tokens).
-    ``bar.advance(rows, new_tokens)`` is called after every batch.
+    ``bar.advance(rows, new_tokens)`` is called after every batch. ``part=(j, s)``: run only those
+    batches of :func:`batch_rows` (the shared prefix is still that of every prompt); the other rows'
+    generations are None.
     """
     import torch
 
@@ -131,14 +145,15 @@ def generate(lm, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, batch
     if any(len(p) == 0 for p in prompts):
         raise ProbekitError("a prompt encodes to no tokens")
     t0 = time.perf_counter()
+    batches = batch_rows(prompts, batch_size, part)  # by length: the same order as by length after the prefix
     m = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)  # every row keeps a token to run
-    prefix = compute_prefix(lm, list(prompts[0][:m])) if m > 0 else None
+    prefix = compute_prefix(lm, list(prompts[0][:m])) if m > 0 and batches else None
     rest = [Encoded(prompt=list(p[m:]), choices=[]) for p in prompts]
     eos = lm.tokenizer.eos_token_id
     ends = {t for t in (eos, lm.pad_id) if t is not None}
     out: list[Generation | None] = [None] * len(prompts)
     counts = {"prefix_tokens": m, "prompt_tokens": m, "new_tokens": 0}
-    for idx in length_batches(rest, batch_size):
+    for idx in batches:
         b, width = len(idx), max(len(rest[i].prompt) for i in idx)
         ids = torch.full((b, m + width), lm.pad_id, dtype=torch.long)
         mask = torch.zeros((b, m + width), dtype=torch.long)

@@ -20,6 +20,19 @@ so conditions can be compared item by item. Generation is batched with the share
 (:mod:`probekit.cot.decode`); answers are scored by :mod:`probekit.cot.answers`. Every generation
 is kept (:mod:`probekit.store.generations`), and the scores form a results table that
 ``probekit report`` reads (methods ``zero_shot_cot``, ``icl_cot`` and ``finetune_cot``).
+
+Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment; no process group is needed) the
+work is split as ``probekit finetune`` splits its heads (:mod:`probekit.store.parts`), in pieces
+dealt out ``i % world_size == rank`` (:func:`unit_pieces`): whole units, as many as give every rank
+the same number, then the rest (fewer units than ranks) in s = ceil(ranks / rest) slices each
+(slice j: the unit's batches j, j+s, ..., the batches one process runs, on the same shared prefix;
+:func:`probekit.cot.decode.batch_rows`). Each rank writes its whole units as one process does and
+its slices as parts, under its own lock; the rank that finishes last turns the slices into unit
+files and writes ``results.parquet`` and ``sweep.json`` (with each rank's counts), so the folder
+holds the files one process writes: the same rows, byte for byte where the decoding is the same.
+A rank sharing a fine-tuned unit trains its adapters itself (the same seed, the same items), so
+prompting units are the ones sliced when there are any. A killed rank's rerun (or the whole
+command's) skips the units and slices already written.
 """
 
 from __future__ import annotations
@@ -35,7 +48,7 @@ import numpy as np
 
 from probekit.cot import tune
 from probekit.cot.answers import SCORINGS, score
-from probekit.cot.decode import check_lengths, generate
+from probekit.cot.decode import batch_rows, check_lengths, generate
 from probekit.data.draws import MIN_TEST, rng_for, train_draw
 from probekit.data.levels import LEVELS, cutoff_for, probe_levels
 from probekit.data.prompts import COT_TEMPLATE_TEXT, render_cot
@@ -43,11 +56,13 @@ from probekit.errors import ProbekitError
 from probekit.extract.icl import level_pool
 from probekit.extract.models import LoadedModel, ModelSpec
 from probekit.extract.progress import progress_bar
-from probekit.extract.run import prepare_model
+from probekit.extract.run import dist_env, prepare_model
 from probekit.extract.tokens import encode_prompt
 from probekit.finetune.recipe import SEQ2SEQ_MIN_UPDATES, Recipe, schedule
 from probekit.store.generations import GenerationsWriter, is_generation_entry, read_generations, read_logs
-from probekit.store.outdir import OutputDir
+from probekit.store.layout import lock_name
+from probekit.store.outdir import LOCK, OutputDir
+from probekit.store.parts import rank_share
 from probekit.store.results import ResultRows, ResultsWriter
 
 ZERO_SHOT = "zero_shot"
@@ -150,20 +165,41 @@ def gold_answer(items, row: int) -> str:
     return str(table["choices"].iat[row][int(table["label"].iat[row])])
 
 
+def unit_pieces(units: list[tuple[str, int]], world_size: int) -> list[tuple[tuple[str, int], int, int]]:
+    """The pieces of work ranks share, ``(unit, j, s)``; rank r takes those at ``i % world_size == r``.
+
+    Fine-tuned units first, then prompting ones (a unit's order within each kind kept): the first
+    units whole (``j, s = 0, 1``), as many as give every rank the same number; the rest, fewer than
+    the ranks, each in ``s = ceil(world_size / rest)`` slices j = 0..s-1 (the unit's batches j, j+s, ...)."""
+    ordered = sorted(units, key=lambda u: tune.tuned_level(u[0]) is None)
+    whole = len(ordered) - len(ordered) % world_size
+    rest = ordered[whole:]
+    s = -(-world_size // len(rest)) if rest else 1
+    return [(u, 0, 1) for u in ordered[:whole]] + [(u, j, s) for u in rest for j in range(s)]
+
+
 @dataclass
 class GenerateSummary:
     out_dir: Path
-    units_written: list[str]
+    units_written: list[str]  # "easy/0", or "easy/0 part 1/2" for a slice of a unit (several ranks)
     n_test: int
     new_tokens: int
     seconds: float
     accuracy: dict
+    rank: int = 0
+    world_size: int = 1
+    merged: bool = True  # False: another rank is still at work (it merges when it finishes)
+    resumed: int = 0  # this rank's units (or slices) already written by an earlier run
 
     def line(self) -> str:
         acc = ", ".join(f"{c} {a:.1%}" for c, a in self.accuracy.items())
         rate = self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-        return (f"generate: {len(self.units_written)} units written, {self.new_tokens:,} tokens generated in "
-                f"{self.seconds:.1f} s ({rate:,.1f} tok/s); {self.n_test} test items; accuracy {acc or '-'}; {self.out_dir}")
+        who = f"rank {self.rank} of {self.world_size}: " if self.world_size > 1 else ""
+        resumed = f" ({self.resumed} written before)" if self.world_size > 1 and self.resumed else ""
+        done = (f"accuracy {acc or '-'}" if self.merged else "the last rank to finish merges")
+        return (f"generate: {who}{len(self.units_written)} {'pieces' if self.world_size > 1 else 'units'} written{resumed}, "
+                f"{self.new_tokens:,} tokens generated in {self.seconds:.1f} s ({rate:,.1f} tok/s); {self.n_test} test "
+                f"items; {done}; {self.out_dir}")
 
 
 def generate_cot(
@@ -188,10 +224,15 @@ def generate_cot(
     max_updates: int | None = None,
     dtype: str = "float32",
     device: str = "cpu",
+    device_map: str | dict | None = None,
     cache_root: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> GenerateSummary:
     """Generate and score chains of thought into ``out_dir`` (see the module docstring); resumable.
+
+    ``model``: as for :func:`probekit.extract.extract` (``dtype``, ``device``, ``device_map`` and
+    ``cache_root`` build its :class:`ModelSpec` when it is a name or None; ``device_map="auto"``
+    spreads a model larger than one GPU over every GPU this process sees).
 
     ``finetune``: levels (``easy,hard``; ``all`` = every probe item) whose ``n_train`` items per draw
     train fresh LoRA adapters on chains of thought (:mod:`probekit.cot.tune`; ``recipe``: the
@@ -221,9 +262,13 @@ def generate_cot(
         _check_reasoning(items, d, "training")
     units = [(c, b) for b in range(draws) for c in conds if c != ZERO_SHOT or b == 0]
     units += [(tune.condition(lv), b) for b in range(draws) for lv in tune_levels]
+    rank, world, local = dist_env()
+    pieces = unit_pieces(units, world)
     out = Path(out_dir)
-    with OutputDir(out, (), "generation folder", own=is_generation_entry, share=True):  # locked before the model loads
-        lm = prepare_model(model, dtype=dtype, device=device, cache_root=cache_root)
+    lock = LOCK if world == 1 else lock_name(rank)
+    with OutputDir(out, (), "generation folder", lock_file=lock, own=is_generation_entry, share=True):  # before the model loads
+        lm = prepare_model(model, local_rank=local, world_size=world, dtype=dtype, device=device, device_map=device_map,
+                           cache_root=cache_root)
         header = {
             "model": lm.identity,
             "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(items.table)},
@@ -249,19 +294,24 @@ def generate_cot(
                 "schedule": schedule(n_train, recipe).__dict__, "versions": _versions(),
             }
         t0 = time.perf_counter()
-        written, new_tokens = [], 0
-        with GenerationsWriter(out, header) as writer:
-            todo = [u for u in units if not writer.has_unit(*u)]
+        written, new_tokens, merged = [], 0, True
+        with GenerationsWriter(out, header, rank, world) as writer:
+            mine = rank_share(pieces, rank, world)
+            todo = [(u, j, s) for u, j, s in mine if not writer.has_unit(*u) and not writer.has_slice(*u, j, s)]
             excluded = {**demos, **trains}
-            total = sum(len(rows) - (0 if c == ZERO_SHOT else np.isin(rows, excluded[(c, b)]).sum()) for c, b in todo)
-            plans = {u: _plan_unit(lm, items, rows, excluded.get(u), prompt_id, max_new_tokens, u[0]) for u in todo}
-            with progress_bar(total, f"generate {items.name} k={k}", enabled=progress and bool(todo)) as bar:
-                for c, b in todo:
+            plans = {u: _plan_unit(lm, items, rows, excluded.get(u), prompt_id, max_new_tokens, u[0])
+                     for u in dict.fromkeys(u for u, _, _ in todo)}
+            piece_rows = {(u, j, s): [i for batch in batch_rows(plans[u][3], batch_size, (j, s)) for i in batch]
+                          for u, j, s in todo}
+            total = sum(len(v) for v in piece_rows.values())
+            label = f"generate {items.name} k={k}" + (f" rank {rank}/{world}" if world > 1 else "")
+            with progress_bar(total, label, enabled=progress and bool(todo)) as bar:
+                for (c, b), j, s in todo:
                     log = None
                     if tune_levels:
                         bar.describe(f"generate {items.name} {c}")
-                    if tune.tuned_level(c) is None:
-                        unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
+                    if tune.tuned_level(c) is None or (s > 1 and not piece_rows[((c, b), j, s)]):  # an empty slice
+                        unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar, (j, s))
                     else:
                         train = tune.encode_targets(lm, items, trains[(c, b)], lambda r: gold_answer(items, r))
 
@@ -272,22 +322,52 @@ def generate_cot(
                                         quantize=quantize, max_updates=max_updates, on_update=shown) as trained:
                             bar.describe(f"generate {items.name} {c}")
                             t1 = time.perf_counter()
-                            unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar)
+                            unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar,
+                                             (j, s))
                         log = {"train_items": [str(i) for i in items.table["id"].to_numpy()[trains[(c, b)]]],
                                "updates": trained.updates, "epochs": trained.epochs,
                                "effective_batch": trained.effective_batch, "optimizer": trained.optimizer,
                                "losses": [x if math.isfinite(x) else None for x in trained.losses],
                                "train_seconds": round(trained.seconds, 3),
                                "generate_seconds": round(time.perf_counter() - t1, 3)}
-                    writer.write_unit(c, b, unit, log)
-                    written.append(f"{c}/{b}")
+                    if s == 1:
+                        writer.write_unit(c, b, unit, log)
+                        written.append(f"{c}/{b}")
+                    else:
+                        writer.write_slice(c, b, j, s, unit, log)
+                        written.append(f"{c}/{b} part {j + 1}/{s}")
                     new_tokens += int(sum(unit["new_tokens"]))
-                    write_results(out, items, codes, measure, k, header)
-            if not todo:
+                    if world == 1:
+                        write_results(out, items, codes, measure, k, header)
+            if world == 1 and not todo:
                 write_results(out, items, codes, measure, k, header)
-        frame = read_generations(out)
-        accuracy = {c: float(g["correct"].mean()) for c, g in frame.groupby("condition", sort=False)}
-    return GenerateSummary(out, written, len(rows), new_tokens, time.perf_counter() - t0, accuracy)
+            if world > 1:  # the rank that finishes last merges (the others find a piece missing)
+                writer.parts.write_counts({"rank": rank, "pieces": len(mine), "written_now": len(written),
+                                           "resumed": len(mine) - len(todo), "new_tokens_now": new_tokens,
+                                           "wall_seconds": round(time.perf_counter() - t0, 3)})
+                with writer.merging():
+                    merged = all([writer.merge_unit(c, b, s, _merge_logs) for (c, b), j, s in pieces if j == 0])
+                    if merged:
+                        writer.remove_leftovers(units)
+                        write_results(out, items, codes, measure, k, header, world,
+                                      [x for x in writer.parts.counts() if x is not None])
+        accuracy = {}
+        if merged:
+            frame = read_generations(out)
+            accuracy = {c: float(g["correct"].mean()) for c, g in frame.groupby("condition", sort=False)}
+    return GenerateSummary(out, written, len(rows), new_tokens, time.perf_counter() - t0, accuracy, rank, world, merged,
+                           len(mine) - len(todo))
+
+
+def _merge_logs(logs: list[dict]) -> dict:
+    """The training log of a fine-tuned unit generated in slices by several ranks: the first slice's
+    (each rank trained the same adapters from the same seed and items), its ``generate_seconds`` summed
+    over the slices, and every slice's last loss and seconds under ``slices``."""
+    out = dict(logs[0])
+    out["generate_seconds"] = round(sum(x["generate_seconds"] for x in logs), 3)
+    out["slices"] = [{"last_loss": (x["losses"] or [None])[-1], "train_seconds": x["train_seconds"],
+                      "generate_seconds": x["generate_seconds"]} for x in logs]
+    return out
 
 
 def _plan_unit(lm, items, rows, excluded, prompt_id, max_new_tokens, condition: str = "") -> tuple:
@@ -311,9 +391,13 @@ def _plan_unit(lm, items, rows, excluded, prompt_id, max_new_tokens, condition: 
     return rows, texts, ids, prompts
 
 
-def _run_unit(lm, items, condition, draw, plan, max_new_tokens, batch_size, scoring, bar) -> dict:
+def _run_unit(lm, items, condition, draw, plan, max_new_tokens, batch_size, scoring, bar, part=(0, 1)) -> dict:
+    """One unit's rows (its slice ``part``, see :func:`probekit.cot.decode.generate`), in prompt order."""
     rows, texts, ids, prompts = plan
-    gens, _ = generate(lm, prompts, max_new_tokens, batch_size=batch_size, stop="answer", bar=bar)
+    gens, _ = generate(lm, prompts, max_new_tokens, batch_size=batch_size, stop="answer", bar=bar, part=part)
+    keep = [i for i, g in enumerate(gens) if g is not None]
+    rows, gens = rows[keep], [gens[i] for i in keep]
+    texts, ids, prompts = [texts[i] for i in keep], [ids[i] for i in keep], [prompts[i] for i in keep]
     golds = [gold_answer(items, int(r)) for r in rows]
     scored = [score(g.text, gold, numeric=bool(items.generative), scoring=scoring) for g, gold in zip(gens, golds)]
     return {
@@ -336,8 +420,10 @@ def condition_row(condition: str, k: int, header: dict) -> tuple[str, str, int, 
     return condition, "icl_cot", k, SITE
 
 
-def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, header: dict) -> None:
-    """Rebuild ``results.parquet`` + ``sweep.json`` from every finished unit of the folder."""
+def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, header: dict,
+                  world_size: int = 1, ranks: list[dict] | None = None) -> None:
+    """Rebuild ``results.parquet`` + ``sweep.json`` from every finished unit of the folder (written by
+    ``world_size`` ranks: their number and ``ranks``, their counts, are recorded)."""
     frame = read_generations(out)
     table = items.table
     index = {str(i): n for n, i in enumerate(table["id"].to_numpy())}
@@ -358,6 +444,9 @@ def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, hea
             config["training"] = {u: {"updates": g["updates"], "first_loss": (g["losses"] or [None])[0],
                                       "last_loss": (g["losses"] or [None])[-1], "train_seconds": g["train_seconds"],
                                       "generate_seconds": g["generate_seconds"]} for u, g in logs.items()}
+        if world_size > 1:
+            config["world_size"] = world_size
+            config["ranks"] = ranks or []
         writer.commit(config)
 
 

@@ -15,7 +15,8 @@ with other settings is refused.
 Under ``torchrun`` (``RANK``/``WORLD_SIZE`` in the environment; no process group is needed, each
 fine-tune is independent) rank r trains the heads ``i % world_size == r`` (rank 0 also writes the
 zero-shot part) into the same directory; the rank that finishes last merges every part into one
-table (:meth:`~probekit.store.results.ResultsWriter.merge`), and ``sweep.json`` sums the ranks' counts.
+table (:meth:`~probekit.store.results.ResultsWriter.merge`), and ``sweep.json`` sums the ranks' counts
+(parts, per-rank locks and the merge: :mod:`probekit.store.parts`, shared with ``probekit generate``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from probekit.probe.engine import head_seed
 from probekit.probe.plan import EXPERIMENTS, Head, item_frame, plan, tested_rows
 from probekit.probe.sweep import FrameRows, load_items, open_cache, zero_shot_p, zero_shot_tables
 from probekit.store import Cache
+from probekit.store.parts import rank_share
 from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultsWriter
 
 SITE = "finetune"
@@ -153,6 +155,7 @@ def finetune(
     quantize: str | None = "auto",
     dtype: str = "auto",
     device: str = "auto",
+    device_map: Any = None,
     zero_shot: bool = True,
     save_adapters: str | os.PathLike | None = None,
     verify: bool = True,
@@ -164,7 +167,8 @@ def finetune(
     ``cache``: the cache of ``probekit extract`` (item ids, levels, zero-shot scores, and the model
     and prompt to use); ``items``: the question set it was extracted from (checked by fingerprint).
     ``model``: None loads the cache's model (``quantize``: auto = 8bit on CUDA, none on CPU;
-    ``dtype``, ``device`` as for extract); a :class:`LoadedModel` is used as given.
+    ``dtype``, ``device``, ``device_map`` as for extract: ``"auto"`` spreads a model larger than one GPU
+    over every GPU this process sees); a :class:`LoadedModel` is used as given.
     ``experiment``, ``measures``, ``n_train``, ``label_noise``, ``draws``, ``seed``, ``levels``,
     ``cutoffs``: as for :func:`probekit.probe.sweep` (the same heads). ``test_levels`` restricts
     scoring to items of those levels (e.g. ``["hard"]``). ``recipe``: the training settings
@@ -199,8 +203,8 @@ def finetune(
     else:
         q = resolve_quantize(quantize, device if not isinstance(model, ModelSpec) else model.device)
         spec = model if isinstance(model, ModelSpec) else (
-            model_for_cache(cache, dtype=dtype, quantize=q, device=device) if model is None
-            else ModelSpec(model=model, dtype=dtype, quantize=q, device=device))
+            model_for_cache(cache, dtype=dtype, quantize=q, device=device, device_map=device_map) if model is None
+            else ModelSpec(model=model, dtype=dtype, quantize=q, device=device, device_map=device_map))
         lm = prepare_model(spec, local_rank=local, world_size=world)
     if not _same_weights(cache.manifest.get("model", {}), lm.identity):
         raise ProbekitError(f"model {lm.identity.get('id')!r} is not the model cache {cache.path} was extracted with "
@@ -229,7 +233,7 @@ def finetune(
 
     stats: dict[str, Any] = {"trained": 0, "skipped": 0, "updates": 0, "train_seconds": 0.0, "score_seconds": 0.0,
                              "scored_items": 0, "final_loss": {}}
-    mine = [h for i, h in enumerate(heads) if i % world == rank]  # each rank its own heads
+    mine = rank_share(heads, rank, world)  # each rank its own heads
     with ResultsWriter(out, run=run, rank=rank, world_size=world) as writer:
         todo = [h for h in mine if not writer.has_part(part_key(h))]
         emit("start", {"heads": len(mine), "todo": len(todo),

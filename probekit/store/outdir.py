@@ -180,6 +180,17 @@ def write_json(path: Path, obj: Any, indent: int = 2, **dump: Any) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``, or None when there is no such file; one error line when it cannot be read."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ProbekitError(f"cannot read {path}: {exc}") from None
+
+
 class OutputDir:
     """A directory written by one process at a time: ``with OutputDir(path, names, what) as d:``.
 

@@ -24,11 +24,11 @@ Writing is safe against a second writer and against crashes:
   either the old pair, a table without ``sweep.json``, or the new pair: never new results beside
   an old configuration.
 - A resumable run (``run=`` given; ``probekit finetune``) writes each finished piece as a part
-  (:meth:`ResultsWriter.write_part`) and may run as several ranks (processes) at once: rank r holds
-  the per-rank lock ``.lock-rank{r}`` (a second writer of the same rank is refused), its part
-  temporaries carry its rank, and :meth:`ResultsWriter.merge` builds ``results.parquet`` from the
-  parts under the blocking lock ``.results.lock`` once every part is there, so whichever rank
-  finishes last merges. Under several ranks, each records its counts in ``parts/rank-R-of-W.json`` first.
+  (:meth:`ResultsWriter.write_part`) and may run as several ranks (processes) at once, with the
+  parts, per-rank locks and merge lock of :mod:`probekit.store.parts`: :meth:`ResultsWriter.merge`
+  builds ``results.parquet`` from the parts under the merge lock once every part is there, so
+  whichever rank finishes last merges. Under several ranks, each records its counts in
+  ``parts/rank-R-of-W.json`` first.
 - :func:`read_results` hashes the bytes it parses and refuses a table whose size or sha256
   differs from the record in ``sweep.json`` (a swapped or rewritten file). A ``sweep.json``
   without the record (written by hand or by an older version) is read unchecked.
@@ -51,9 +51,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probekit.errors import ProbekitError
-from probekit.store.layout import lock_name, sha256_file
-from probekit.store.manifest import manifest_lock
+from probekit.store.layout import sha256_file
 from probekit.store.outdir import OutputDir, remove_temporaries, write_error
+from probekit.store.parts import PART as _PART
+from probekit.store.parts import RankParts
 
 FORMAT = "probekit-sweep/1"
 RESULTS = "results.parquet"
@@ -84,12 +85,6 @@ FILLED = {
 }
 #: Columns a results table must have to be read (``p_gold`` is optional).
 REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold" and c not in FILLED)
-#: Finished pieces of a resumable run: ``RES/parts/<key>.parquet`` and the run's identity.
-PARTS = "parts"
-RUN_FILE = "run.json"
-_PART = "part.parquet"  # temporaries of part files: .part.parquet.<pid>-<random>.tmp
-#: The blocking lock of a resumable run's merge (and of its run record): one rank at a time.
-MERGE_LOCK = ".results.lock"
 
 
 def method_of(train_level: Any, site: Any) -> Any:
@@ -177,12 +172,12 @@ class ResultsWriter:
         self.row_group = row_group
         self.run = None if run is None else json.loads(json.dumps(run, default=str))
         self.rank, self.world_size = rank, world_size
+        self._parts: RankParts | None = None
         if self.run is None:
-            self._part = _PART
             self._dir = OutputDir(self.out, (RESULTS, CONFIG, _PART), "results directory")
         else:  # resumable, maybe one of several ranks: this rank's lock and temporaries only
-            self._part = f"rank{rank}.{_PART}"
-            self._dir = OutputDir(self.out, (self._part,), "results directory", lock_file=lock_name(rank))
+            self._parts = RankParts(self.out, rank, world_size, "results directory")
+            self._dir = self._parts.dir
         self._writer: pq.ParquetWriter | None = None
         self._tables: list[pa.Table] = []
         self._n = 0
@@ -190,10 +185,8 @@ class ResultsWriter:
     def __enter__(self) -> ResultsWriter:
         self._dir.__enter__()
         try:
-            if self.run is not None:
-                with manifest_lock(self.out, MERGE_LOCK):
-                    self._check_run()
-                self._rank_file.unlink(missing_ok=True)  # this rank's counts of an earlier attempt
+            if self._parts is not None:
+                self._parts.start(self.run, self._recorded_run)
             else:
                 self._open()
         except BaseException as exc:
@@ -221,72 +214,39 @@ class ResultsWriter:
         finally:
             self._dir.__exit__(exc_type, exc, tb)
 
-    # ----- resumable runs: finished pieces as part files -------------------------------------------
-    def _check_run(self) -> None:
-        """Refuse a directory that holds another run; record this run's identity for resuming."""
-        path = self.out / PARTS / RUN_FILE
-        recorded = None
-        if path.is_file():
-            try:
-                recorded = json.loads(path.read_text())
-            except ValueError:
-                recorded = {"unreadable": str(path)}
-        elif (self.out / CONFIG).is_file():
-            recorded = (read_config(self.out) or {}).get("run", {"written_by": "another command"})
-        if recorded is not None and recorded != self.run:
-            keys = sorted(k for k in set(recorded) | set(self.run) if recorded.get(k) != self.run.get(k))
-            raise ProbekitError(
-                f"results directory {self.out} holds another run (it differs in {', '.join(keys[:6])}); "
-                "choose another --out or delete it"
-            )
-        if recorded is None:
-            (self.out / PARTS).mkdir(exist_ok=True)
-            self._dir.write_json(f"{PARTS}/{RUN_FILE}", self.run)
+    # ----- resumable runs: finished pieces as part files (probekit.store.parts) -----------------------
+    def _recorded_run(self) -> dict | None:
+        """The run a directory without ``parts/run.json`` holds: the ``run`` of its ``sweep.json``."""
+        if not (self.out / CONFIG).is_file():
+            return None
+        return (read_config(self.out) or {}).get("run", {"written_by": "another command"})
 
     def has_part(self, key: str) -> bool:
         """Whether the piece ``key`` of this run is finished (its part file exists)."""
-        return (self.out / PARTS / f"{key}.parquet").is_file()
+        return self._parts.has(key)
 
     def write_part(self, key: str, tables: Sequence[pa.Table]) -> None:
         """Write the rows of one finished piece atomically (``RES/parts/<key>.parquet``)."""
-        tmp = self._dir.temp(self._part)
-        pq.write_table(pa.concat_tables(tables) if tables else SCHEMA.empty_table(), tmp, compression="zstd")
-        (self.out / PARTS).mkdir(exist_ok=True)
-        self._dir.commit(tmp, f"{PARTS}/{key}.parquet")
+        self._parts.write(key, pa.concat_tables(tables) if tables else SCHEMA.empty_table())
 
     def read_part(self, key: str) -> pa.Table:
         """The rows of a finished piece, in :data:`SCHEMA`."""
-        path = self.out / PARTS / f"{key}.parquet"
-        try:
-            return pq.read_table(path, schema=SCHEMA)
-        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
-            raise ProbekitError(f"cannot read {path} ({str(exc).splitlines()[0]}); delete it and rerun") from None
-
-    @property
-    def _rank_file(self) -> Path:
-        return self.out / PARTS / f"rank-{self.rank}-of-{self.world_size}.json"
+        return self._parts.read(key, SCHEMA)
 
     def write_rank_counts(self, counts: Mapping[str, Any]) -> None:
         """Record this rank's counts (``parts/rank-R-of-W.json``) for the merge's record."""
-        self._dir.write_json(f"{PARTS}/{self._rank_file.name}", json.loads(json.dumps(counts, default=str)))
+        self._parts.write_counts(counts)
 
     def rank_counts(self) -> list[dict | None]:
         """Every rank's recorded counts (None for a rank that has not recorded them)."""
-        out = []
-        for r in range(self.world_size):
-            path = self.out / PARTS / f"rank-{r}-of-{self.world_size}.json"
-            try:
-                out.append(json.loads(path.read_text()))
-            except (OSError, ValueError):
-                out.append(None)
-        return out
+        return self._parts.counts()
 
     def merge(self, keys: Sequence[str], config: Callable[[int], Mapping[str, Any]]) -> dict[str, Any] | None:
         """Resumable runs: once every part in ``keys`` is written, concatenate them (in that order)
         into ``results.parquet`` and commit ``config(n_rows)`` as ``sweep.json``; returns the record
         written, or None while parts are missing (another rank is still at work and merges when it
         finishes). Runs under the blocking merge lock, so ranks merge one at a time."""
-        with manifest_lock(self.out, MERGE_LOCK):
+        with self._parts.merging():
             if not all(self.has_part(k) for k in keys):
                 return None
             remove_temporaries(self.out, [RESULTS, CONFIG])  # of a merge that was killed
