@@ -39,6 +39,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from probekit.errors import ProbekitError
 from probekit.probe.kernel import Kernel, expand, log_softmax
@@ -108,7 +109,8 @@ def item_losses(kern: Kernel, fit: Fit) -> tuple[jax.Array, jax.Array]:
 def select(kern: Kernel, solver: Solver, settings: Any, sel: Selection) -> Fit:
     """Cross-validate ``solver`` over ``sel.grid`` on one head (``kern.fold`` gives each training
     item's fold) and return the refit on the whole draw at the chosen strength, with
-    ``cv_loss``/``cv_accuracy`` (folds, strengths) and ``chosen`` (the grid index) set.
+    ``cv_loss``/``cv_accuracy``/``cv_converged`` (folds, strengths) and ``chosen`` (the grid
+    index) set.
 
     ``settings`` gives the solver's other options (:meth:`~probekit.probe.solvers.Solver.__call__`).
     """
@@ -132,4 +134,38 @@ def select(kern: Kernel, solver: Solver, settings: Any, sel: Selection) -> Fit:
     curve = cv_loss.mean(0)
     chosen = jnp.argmin(jnp.where(jnp.isnan(curve), jnp.inf, curve))  # the first lowest: the strongest of ties
     refit = jax.tree.map(lambda x: x[k, chosen], fits)
-    return refit._replace(cv_loss=cv_loss, cv_accuracy=cv_accuracy, chosen=chosen)
+    return refit._replace(cv_loss=cv_loss, cv_accuracy=cv_accuracy, cv_converged=fits.converged[:k], chosen=chosen)
+
+
+# ----- the sweep's record of each head's path (sweep.json "cv") ------------------------------------
+def _rounded(a) -> list:
+    """A (folds, strengths) array as nested lists of floats to 6 significant digits (NaN kept)."""
+    return [[float(f"{x:.6g}") for x in row] for row in np.asarray(a, float)]
+
+
+def fit_record(head: Any, layer: str, solver: str, sel: Selection, cv_loss, cv_accuracy, cv_converged,
+               chosen: int) -> dict[str, Any]:
+    """One fit's entry in ``sweep.json``'s ``cv.fits``: the head (by the results table's keys), the
+    strength chosen, and per fold (rows) and strength (columns, in ``grid`` order) the held-out
+    mean log-loss, accuracy and whether the fold's fit converged."""
+    return {
+        "experiment": head.experiment, "measures": list(head.measures), "train_level": head.train_level,
+        "draw": int(head.draw), "n_train": int(head.n_train), "label_noise": float(head.label_noise),
+        "layer": layer, "solver": solver, sel.option: sel.grid[int(chosen)],
+        "log_loss": _rounded(cv_loss), "accuracy": _rounded(cv_accuracy),
+        "converged": [[bool(x) for x in row] for row in cv_converged],
+    }
+
+
+def record(selections: dict[str, Selection], fits: list[dict[str, Any]]) -> dict[str, Any]:
+    """``sweep.json``'s ``cv``: how strengths were chosen, and every fit's choice and curve."""
+    first = next(iter(selections.values()))
+    return {
+        "folds": first.folds,
+        "folds_by": "stratified by training label; each head's from (seed, draw, 'cv/' + its name), the same "
+                    "for every feature set and solver of the head",
+        "normalisation": "the draw's statistics for every fold and the refit",
+        "scoring": first.scoring, "rule": RULE,
+        "grids": {s: {"option": sel.option, "values": list(sel.grid)} for s, sel in selections.items()},
+        "fits": fits,
+    }

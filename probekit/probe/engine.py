@@ -210,10 +210,24 @@ class HeadResults:
     steps: np.ndarray
     zero_weights: np.ndarray  # (H,) bool: zero weights are the exact optimum (solvers.zero_is_optimal)
     # a cross-validated configuration (ProbeConfig.select), else None: each fold's mean held-out
-    # log-loss and accuracy at each strength (H, folds, strengths), and the grid index chosen (H,)
+    # log-loss and accuracy at each strength and whether that fold's fit converged (H, folds,
+    # strengths), and the grid index chosen (H,)
     cv_loss: np.ndarray | None = None
     cv_accuracy: np.ndarray | None = None
+    cv_converged: np.ndarray | None = None
     chosen: np.ndarray | None = None
+
+
+#: The per-head fields of a :class:`~probekit.probe.solvers.Fit` that :class:`HeadResults` keeps, in its order.
+_STATS = ("loss", "converged", "grad_norm", "steps", "zero_weights", "cv_loss", "cv_accuracy", "cv_converged",
+          "chosen")
+
+
+def _results(p_gold, correct, stats: Sequence) -> HeadResults:
+    """:class:`HeadResults` from the scores and the :data:`_STATS` arrays (None: not cross-validated)."""
+    out = HeadResults(p_gold, correct, *stats)
+    out.zero_weights = out.zero_weights.astype(bool)
+    return out
 
 
 def _mesh(devices: Sequence[jax.Device] | None) -> Mesh:
@@ -485,9 +499,7 @@ def _fit_and_score_host(layer: PreparedLayer, n_choices, gold, rows, labels, see
         scratch = local.__dict__.setdefault("scratch", Scratch())
         out = _fit_head(Xs, rows[i], labels[i], w0, b0, layout.take(i), cfgs, solve(i), scratch,
                         None if folds is None else folds[i])
-        return [(folded, offset, (fit.loss, fit.converged, fit.grad_norm, fit.steps, fit.zero_weights,
-                                  fit.cv_loss, fit.cv_accuracy, fit.chosen))
-                for folded, offset, fit in out]
+        return [(folded, offset, tuple(getattr(fit, k) for k in _STATS)) for folded, offset, fit in out]
 
     def submit(lo: int) -> list:
         """Draw the initial weights of heads ``lo ..`` (one block) and queue their fits."""
@@ -514,8 +526,7 @@ def _fit_and_score_host(layer: PreparedLayer, n_choices, gold, rows, labels, see
             folded = [np.stack([o[0][k] for o in out]) for k in range(len(Xs))]
             offsets = np.stack([o[1] for o in out])
             p_gold, correct = _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool)
-            loss, conv, gnorm, steps, zero, *cv = (_stack([o[2][k] for o in out]) for k in range(8))
-            results.append(HeadResults(p_gold, correct, loss, conv, gnorm, steps, zero.astype(bool), *cv))
+            results.append(_results(p_gold, correct, [_stack([o[2][k] for o in out]) for k in range(len(_STATS))]))
     return results
 
 
@@ -561,9 +572,7 @@ def _fit_and_score_device(layer: PreparedLayer, n_choices, gold, rows, labels, s
         keep = min(h_chunk, H - lo)
         folded.append([v[:keep] for v in f])
         offsets.append(off[:keep])
-        stats.append([None if x is None else np.asarray(x)[:keep]
-                      for x in (fit.loss, fit.converged, fit.grad_norm, fit.steps, fit.zero_weights, fit.cv_loss,
-                                fit.cv_accuracy, fit.chosen)])
+        stats.append([None if x is None else np.asarray(x)[:keep] for x in (getattr(fit, k) for k in _STATS)])
         if on_chunk is not None:
             on_chunk(keep)
     folded = [jnp.concatenate([f[i] for f in folded]) for i in range(len(Xd))]
@@ -577,7 +586,5 @@ def _fit_and_score_device(layer: PreparedLayer, n_choices, gold, rows, labels, s
         keep = min(score_chunk, H - lo)
         p_gold.append(np.asarray(p)[:keep])
         correct.append(np.asarray(c)[:keep])
-    loss, conv, gnorm, steps, zero, *cv = (None if stats[0][i] is None else np.concatenate([s[i] for s in stats])
-                                           for i in range(8))
-    return HeadResults(np.concatenate(p_gold), np.concatenate(correct), loss, conv, gnorm, steps, zero.astype(bool),
-                       *cv)
+    return _results(np.concatenate(p_gold), np.concatenate(correct),
+                    [None if stats[0][i] is None else np.concatenate([s[i] for s in stats]) for i in range(len(_STATS))])

@@ -49,9 +49,9 @@ class Fit(NamedTuple):
     :func:`zero_is_optimal`; never for the squared penalty).
 
     A fit chosen by cross-validation (:func:`probekit.probe.cvpath.select`) also carries
-    ``cv_loss`` and ``cv_accuracy`` (folds, strengths): each fold's mean held-out log-loss and
-    accuracy at each strength of the grid, and ``chosen``, the grid index it was refitted at;
-    ``None`` for any other fit.
+    ``cv_loss``, ``cv_accuracy`` and ``cv_converged`` (folds, strengths): each fold's mean held-out
+    log-loss and accuracy at each strength of the grid and whether that fold's fit converged, and
+    ``chosen``, the grid index it was refitted at; ``None`` for any other fit.
     """
 
     beta: jax.Array
@@ -64,6 +64,7 @@ class Fit(NamedTuple):
     zero_weights: jax.Array
     cv_loss: jax.Array | None = None
     cv_accuracy: jax.Array | None = None
+    cv_converged: jax.Array | None = None
     chosen: jax.Array | None = None
 
 
