@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from probekit.data.draws import cv_folds
 from probekit.errors import ProbekitError
 from probekit.probe.kernel import Kernel, expand, log_softmax
 from probekit.probe.solvers import SOLVERS, Fit, Solver
@@ -135,6 +136,15 @@ def select(kern: Kernel, solver: Solver, settings: Any, sel: Selection) -> Fit:
     chosen = jnp.argmin(jnp.where(jnp.isnan(curve), jnp.inf, curve))  # the first lowest: the strongest of ties
     refit = jax.tree.map(lambda x: x[k, chosen], fits)
     return refit._replace(cv_loss=cv_loss, cv_accuracy=cv_accuracy, cv_converged=fits.converged[:k], chosen=chosen)
+
+
+# ----- the sweep's folds and its record of each head's path (sweep.json "cv") ----------------------
+def head_folds(heads: Sequence[Any], folds: int, seed: int) -> dict[str, np.ndarray]:
+    """Each head's folds (:func:`probekit.data.draws.cv_folds` of its training labels, from the
+    sweep's seed, its draw and its name), by head name: positions in the head's training rows, so
+    they never reach its test items. Raises, naming the head, if a label has fewer items than
+    ``folds``."""
+    return {h.name: cv_folds(h.labels, folds, seed=seed, draw=h.draw, key=h.name) for h in heads}
 
 
 # ----- the sweep's record of each head's path (sweep.json "cv") ------------------------------------

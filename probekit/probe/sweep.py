@@ -21,7 +21,6 @@ import jax
 import numpy as np
 import pyarrow as pa
 
-from probekit.data.draws import cv_folds
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
@@ -297,7 +296,7 @@ def sweep(
     sets = feature_sets(layers, cache.manifest.get("model", {}).get("n_layers"), cache.layers)
     heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
                  levels=levels)
-    folds = {h.name: cv_folds(h.labels, n_folds, seed=seed, draw=h.draw, key=h.name) for h in heads} if n_folds else {}
+    folds = cvpath.head_folds(heads, n_folds, seed) if n_folds else {}
 
     rows = FrameRows(frame, experiment, site)
     groups: dict[int, list[Head]] = {}
