@@ -124,10 +124,23 @@ def select(kern: Kernel, solver: Solver, settings: Any, sel: Selection) -> Fit:
     values = jnp.asarray(sel.grid, dtype)
     base = kern._replace(fold=None)
 
-    def one(w, v):
-        return solver(base._replace(weight=w), settings, **{sel.option: v})
+    if solver.warm:  # each fold's path from the strongest penalty to the weakest, each fit warm from the last
+        def path(w):
+            kern_w = base._replace(weight=w)
 
-    fits = jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))(weights, values)  # leaves (k+1, S, ...)
+            def step(start, v):
+                fit = solver(kern_w, settings, start=start, **{sel.option: v})
+                return (fit.a, fit.b), fit
+
+            zero_b = None if kern.b0 is None else jnp.zeros_like(kern.b0)
+            return jax.lax.scan(step, (jnp.zeros_like(kern.u), zero_b), values)[1]
+
+        fits = jax.vmap(path)(weights)  # leaves (k+1, S, ...)
+    else:  # every fold and strength at once from the solver's own start
+        def one(w, v):
+            return solver(base._replace(weight=w), settings, **{sel.option: v})
+
+        fits = jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))(weights, values)
     nll, hit = jax.vmap(jax.vmap(lambda f: item_losses(kern, f)))(fits)  # (k+1, S, n)
     size = held.sum(1).astype(dtype)[:, None]  # (k, 1)
     cv_loss = jnp.where(held[:, None, :], nll[:k], 0.0).sum(-1) / size  # (k, S)
