@@ -498,8 +498,8 @@ def main() -> None:
                     help="only the cross-validated strength path (sweep --select cvK) against LogisticRegressionCV")
     ap.add_argument("--cv-heads", type=int, default=12, help="heads in the --cv benchmark")
     ap.add_argument("--cv-folds", type=int, default=5)
-    ap.add_argument("--cv-C", default="0.0001,0.001,0.01,0.1,1", help="the converged solver's grid in --cv")
-    ap.add_argument("--cv-l2", default="10,3,1,0.3,0.1", help="the paper recipe's grid in --cv")
+    ap.add_argument("--cv-C", default="0.00001,0.0001,0.001,0.01,0.1,1", help="the converged solver's grid in --cv")
+    ap.add_argument("--cv-l2", default="30,10,3,1,0.3,0.1", help="the paper recipe's grid in --cv")
     ap.add_argument("--cv-workers", type=int, default=1, help="the engine's host threads in --cv (scikit-learn: one)")
     args = ap.parse_args()
 

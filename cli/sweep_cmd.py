@@ -159,7 +159,7 @@ def sweep_cmd(
                           f"{tally}; sweep.json 'cv' has every curve", highlight=False)
         if counts.get("cv_fold_fits_not_converged"):
             console.print(f"warning: {counts['cv_fold_fits_not_converged']} cross-validation fold fits did not converge "
-                          f"(sweep.json 'cv': converged)", style="yellow")
+                          f"(sweep.json 'cv': folds_converged)", style="yellow")
 
 
 @app.command("hardness")

@@ -10,7 +10,11 @@ on fold ``f``; one more fit per strength uses every item (the refit). All of the
 kernel (:class:`~probekit.probe.kernel.Kernel`): the fold fits differ from the refit only in the
 items' weights in the mean NLL, so the ``D``-wide work (gathering and normalising the rows, the
 Gram matrix, folding the weights back, scoring every item) is done once per head, as for one fit,
-and the ``(k + 1) x len(grid)`` solver runs are one vmapped computation in coefficient space.
+and the ``(k + 1) x len(grid)`` solver runs are one computation in coefficient space, vmapped over
+the folds and the refit. A solver that takes a warm start (the converged one) runs each fold's
+strengths in turn from the strongest penalty, each fit starting at the last one's optimum, as
+scikit-learn's paths do; the paper recipe, whose initial weights are part of the recipe, runs each
+strength from them, one strength after another.
 
 What that means for the recipe:
 
@@ -136,11 +140,13 @@ def select(kern: Kernel, solver: Solver, settings: Any, sel: Selection) -> Fit:
             return jax.lax.scan(step, (jnp.zeros_like(kern.u), zero_b), values)[1]
 
         fits = jax.vmap(path)(weights)  # leaves (k+1, S, ...)
-    else:  # every fold and strength at once from the solver's own start
-        def one(w, v):
-            return solver(base._replace(weight=w), settings, **{sel.option: v})
+    else:  # strength by strength, every fold at once, from the solver's own start
+        def strength(v):
+            return jax.vmap(lambda w: solver(base._replace(weight=w), settings, **{sel.option: v}))(weights)
 
-        fits = jax.vmap(jax.vmap(one, in_axes=(None, 0)), in_axes=(0, None))(weights, values)
+        # one strength at a time: a strength whose fits are redone (the paper recipe's non-finite
+        # retries) does not make the others' lanes run again with it
+        fits = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), jax.lax.map(strength, values))
     nll, hit = jax.vmap(jax.vmap(lambda f: item_losses(kern, f)))(fits)  # (k+1, S, n)
     size = held.sum(1).astype(dtype)[:, None]  # (k, 1)
     cv_loss = jnp.where(held[:, None, :], nll[:k], 0.0).sum(-1) / size  # (k, S)
@@ -169,14 +175,14 @@ def _rounded(a) -> list:
 def fit_record(head: Any, layer: str, solver: str, sel: Selection, cv_loss, cv_accuracy, cv_converged,
                chosen: int) -> dict[str, Any]:
     """One fit's entry in ``sweep.json``'s ``cv.fits``: the head (by the results table's keys), the
-    strength chosen, and per fold (rows) and strength (columns, in ``grid`` order) the held-out
-    mean log-loss, accuracy and whether the fold's fit converged."""
+    strength chosen, per fold (rows) and strength (columns, in ``grid`` order) the held-out mean
+    log-loss and accuracy, and per strength how many of the fold fits converged."""
     return {
         "experiment": head.experiment, "measures": list(head.measures), "train_level": head.train_level,
         "draw": int(head.draw), "n_train": int(head.n_train), "label_noise": float(head.label_noise),
         "layer": layer, "solver": solver, sel.option: sel.grid[int(chosen)],
         "log_loss": _rounded(cv_loss), "accuracy": _rounded(cv_accuracy),
-        "converged": [[bool(x) for x in row] for row in cv_converged],
+        "folds_converged": [int(x) for x in np.asarray(cv_converged).sum(0)],
     }
 
 

@@ -416,11 +416,10 @@ def cv_table(config: Mapping[str, Any] | None) -> pd.DataFrame:
         values = cv["grids"][fit["solver"]]["values"]
         loss = np.asarray(fit["log_loss"], float)
         acc = np.asarray(fit["accuracy"], float)
-        conv = np.asarray(fit["converged"], bool)
         for measure in fit["measures"]:
             for j, value in enumerate(values):
                 rows.append((fit["experiment"], site, fit["layer"], measure, fit["train_level"], fit["draw"],
                              fit["n_train"], fit["label_noise"], fit["solver"], option, value,
                              value == fit[option], loss[:, j].mean(), loss[:, j].std(ddof=1), acc[:, j].mean(),
-                             len(loss), int(conv[:, j].sum())))
+                             len(loss), int(fit["folds_converged"][j])))
     return pd.DataFrame(rows, columns=list(CV_COLUMNS))
