@@ -22,10 +22,18 @@ rank-k update numpy runs, initial scores, weight recovery, the solver's own step
 scoring; and the same with the Gram counted as a full product) beside the GEMM rate, and peak RSS
 beside one layer's size (float32, as the engine holds it).
 
+5. ``--cv``: only the cross-validated strength path (``sweep --select cvK``) on the last layer, for a
+   sample of the population heads: the batched path (every fold and strength of every head, and the
+   refit) against scikit-learn's ``LogisticRegressionCV`` fitted head by head on the same folds, grid
+   and scoring (question_end, the converged solver: scikit-learn's objective), with how often the two
+   choose the same C; and the path against one plain fit of the same heads (question_end and
+   answer_end, both solvers), i.e. what choosing the strength costs.
+
 Example:
     python bench/sweep.py                      # the full shape (writes ~5 GB once, takes a while)
     python bench/sweep.py --layers 4 --sample 4
     python bench/sweep.py --startup            # sweep start-up only: first sweep vs a repeated one
+    python bench/sweep.py --cv --layers 2 --cache /tmp/probekit-bench/cv-cache   # the CV path only
 """
 
 from __future__ import annotations
@@ -363,6 +371,83 @@ def startup_times(cache_dir: Path, repeats: int = 3) -> None:
     print(f"  repeated / full hash: {100 * repeat / full:.2f}% (aim: at most 1%)")
 
 
+# ----- the cross-validated strength path ------------------------------------------------------------
+def sklearn_cv_fit(Xq, gold, rows, folds, grid) -> float:
+    """One head as a careful scikit-learn user fits it: the draw z-scored with its own statistics (as
+    the engine does), then ``LogisticRegressionCV`` on the given folds, grid and log-loss scoring.
+    Returns the chosen C."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegressionCV
+
+    Z = Xq[rows].astype(np.float64)
+    Z = (Z - Z.mean(0)) / Z.std(0, ddof=1)
+    cv = [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in range(folds.max() + 1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 announces attribute changes
+        clf = LogisticRegressionCV(Cs=list(grid), cv=cv, scoring="neg_log_loss", tol=1e-6, max_iter=5000)
+        clf.fit(Z, gold[rows])
+    return float(np.ravel(clf.C_)[0])
+
+
+def cv_path_bench(cache, heads, args) -> None:
+    """The batched cross-validated path against LogisticRegressionCV head by head, and against one fit."""
+    from probekit.probe import ProbeConfig, fit_and_score, head_seed
+    from probekit.probe.cvpath import Selection, head_folds
+    from probekit.probe.engine import prepare
+
+    k = args.cv_folds
+    grids = {"C": [float(x) for x in args.cv_C.split(",")], "l2": [float(x) for x in args.cv_l2.split(",")]}
+    rng = np.random.default_rng(2)
+    sample = [heads[i] for i in np.sort(rng.choice(len(heads), min(args.cv_heads, len(heads)), replace=False))]
+    folds = head_folds(sample, k, seed=0)
+    rows = np.stack([h.rows for h in sample])
+    labels = np.stack([h.labels for h in sample])
+    fold_rows = np.stack([folds[h.name] for h in sample])
+    seeds = np.array([head_seed(0, f"{h.name}/cv") for h in sample])
+    items = cache.items
+    n_choices, gold = items["n_choices"].to_numpy(), items["label"].to_numpy()
+    layer = cache.layers[-1]
+    H = len(sample)
+    print(f"cross-validated path: {H} population heads (n_train {rows.shape[1]}), layer {layer}, {k} folds; "
+          f"per head {k} x {len(grids['C'])} fold fits + the refit, all on one kernel; the engine on "
+          f"{args.cv_workers} host thread(s), scikit-learn on one (compilation excluded: each timing repeats a "
+          f"compiled call)")
+
+    def timed_engine(layer_X, cfg, **kw):
+        fit_and_score(layer_X, n_choices, gold, rows, labels, seeds, cfg, workers=args.cv_workers, **kw)  # compiles
+        t = time.perf_counter()
+        res = fit_and_score(layer_X, n_choices, gold, rows, labels, seeds, cfg, workers=args.cv_workers, **kw)
+        return time.perf_counter() - t, res
+
+    for site, head in (("question_end", "multinomial"), ("answer_end", "mc")):
+        X = prepare([cache.read_layer(site, layer)])
+        for solver, option in (("converged", "C"), ("paper", "l2")):
+            grid = grids[option]
+            path_cfg = ProbeConfig(head=head, solver=solver, pad=args.pad,
+                                   select=Selection.for_solver(solver, k, grid))
+            t_path, res = timed_engine(X, path_cfg, folds=fold_rows)
+            t_one, _ = timed_engine(X, ProbeConfig(head=head, solver=solver, pad=args.pad))
+            n_fits = H * (k * len(grid) + 1)
+            print(f"  engine {site}/{solver}: path {t_path:.2f} s = {n_fits / t_path:.0f} fits/s "
+                  f"({H / t_path:.1f} heads/s), one plain fit of the same heads {t_one:.2f} s: "
+                  f"the path costs {t_path / t_one:.1f} plain fits ({k * len(grid) + 1} fits per head); "
+                  f"{option} chosen {np.bincount(res.chosen, minlength=len(grid)).tolist()} over "
+                  f"{list(path_cfg.select.grid)}")
+            if site == "question_end" and solver == "converged":
+                Xq = X.Xs[0]
+                t = time.perf_counter()
+                sk = [sklearn_cv_fit(Xq, gold, h.rows, folds[h.name], path_cfg.select.grid) for h in sample]
+                t_sk = time.perf_counter() - t
+                ours = [path_cfg.select.grid[i] for i in res.chosen]
+                agree = sum(a == b for a, b in zip(ours, sk))
+                print(f"  scikit-learn LogisticRegressionCV head by head (same folds, grid, scoring neg_log_loss; "
+                      f"tol 1e-6): {t_sk:.2f} s = {n_fits / t_sk:.1f} fits/s; engine path / scikit-learn: "
+                      f"{t_sk / t_path:.1f}x; chosen C agrees on {agree} of {H} heads"
+                      + ("" if agree == H else f" (engine {ours}, scikit-learn {sk})"))
+        del X
+
+
 # ----- the engine, in a child process --------------------------------------------------------------
 def _vm_hwm() -> int:
     """This process's peak resident set (VmHWM, bytes); unlike ru_maxrss it starts afresh at exec."""
@@ -409,6 +494,13 @@ def main() -> None:
                          "(auto: on a CUDA GPU when there is one)")
     ap.add_argument("--startup", action="store_true",
                     help="only time sweep start-up (the cache check) on the cache sized by --layers/--width")
+    ap.add_argument("--cv", action="store_true",
+                    help="only the cross-validated strength path (sweep --select cvK) against LogisticRegressionCV")
+    ap.add_argument("--cv-heads", type=int, default=12, help="heads in the --cv benchmark")
+    ap.add_argument("--cv-folds", type=int, default=5)
+    ap.add_argument("--cv-C", default="0.00001,0.0001,0.001,0.01,0.1,1", help="the converged solver's grid in --cv")
+    ap.add_argument("--cv-l2", default="30,10,3,1,0.3,0.1", help="the paper recipe's grid in --cv")
+    ap.add_argument("--cv-workers", type=int, default=1, help="the engine's host threads in --cv (scikit-learn: one)")
     args = ap.parse_args()
 
     from probekit.probe import ProbeConfig, fit_and_score, head_seed, item_frame, plan
@@ -429,6 +521,9 @@ def main() -> None:
     layer_bytes = N * C * D * 4
     frame = item_frame(cache.items, "arc", MEASURES)
     heads = plan(frame, "population", MEASURES, n_train=[160], draws=5, levels=["easy", "medium", "hard"])
+    if args.cv:
+        cv_path_bench(cache, heads, args)
+        return
     n_fits = len(heads) * args.layers
     m = int(np.mean([mc_rows_needed(frame.n_choices[h.rows], args.pad) for h in heads]))
     slots_np = int(np.mean([frame.n_choices[h.rows].sum() if args.pad == "mask" else 160 * C for h in heads]))

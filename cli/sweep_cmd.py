@@ -88,7 +88,14 @@ def sweep_cmd(
     draws: int = typer.Option(5, "--draws", help="Training draws per condition."),
     seed: int = typer.Option(0, "--seed", help="Seed of draws, label noise and initialisations."),
     pad: str = typer.Option("mask", "--pad", help="mask padded choices, or zero: the protocol's zero-padding."),
-    C: float = typer.Option(1.0, "--C", help="Converged solver's inverse regularisation (scikit-learn's C)."),
+    C: str = typer.Option("1", "--C", help="Converged solver's inverse regularisation (scikit-learn's C); with --select, a grid "
+                                           "to choose from (0.01,0.1,1,10)."),
+    l2: str = typer.Option("1", "--l2", help="Paper recipe's penalty weight (unsquared; the paper's 1); with --select, a grid "
+                                             "to choose from (0.1,0.3,1,3)."),
+    select: str | None = typer.Option(None, "--select", help="cvK: each head chooses its strength (--C for converged, --l2 for "
+                                                             "paper) from the grid by K-fold cross-validation inside its "
+                                                             "training draw, then refits the draw at it; sweep.json's "
+                                                             "'cv' records every choice and curve."),
     tol: float = typer.Option(1e-7, "--tol", help="Converged solver's relative optimality: stop once the loss is "
                                                  "provably within tol x loss of its minimum."),
     cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule: grade=5,8 or mdl=q30,q70 "
@@ -112,12 +119,14 @@ def sweep_cmd(
       probekit sweep cache/llama-2-7b__arc --out results/arc-lc --experiment learning_curve \\
           --n-train 10,20,40,80,160,320 --measures grade --layers last --solver both
       probekit sweep cache/llama-2-7b__mmlu --out results/mmlu-noise --experiment label_noise
+      probekit sweep cache/llama-2-7b__arc --out results/arc-cv --solver converged --C 0.01,0.1,1,10 --select cv5
     """
     from probekit.probe import sweep
 
     with clean_errors():
         sizes = _ints(n_train, "--n-train")
         noise = _floats(label_noise, "--label-noise")
+        grid_C, grid_l2 = _floats(C, "--C"), _floats(l2, "--l2")
         chosen = [m.strip() for m in measures.split(",") if m.strip()] if measures else None
         with _bar() as bar:
             task = bar.add_task("fit", total=None, layer="")
@@ -127,7 +136,8 @@ def sweep_cmd(
 
             record = sweep(
                 cache_dir, out, experiment=experiment, measures=chosen, layers=layers, site=site, solver=solver,
-                n_train=sizes, label_noise=noise, draws=draws, seed=seed, pad=pad, C=C, tol=tol,
+                n_train=sizes, label_noise=noise, draws=draws, seed=seed, pad=pad, C=grid_C, l2=grid_l2,
+                select=select, tol=tol,
                 cutoffs=_cutoffs(cutoff), zero_shot=zero_shot, icl=icl or (), controls=controls, verify=verify,
                 progress=progress,
             )
@@ -143,6 +153,16 @@ def sweep_cmd(
                       f"outweighs the data; column zero_weights; left out of report statistics)", style="yellow")
     if counts["not_converged"]:
         console.print(f"warning: {counts['not_converged']} converged-solver fits missed the tolerance", style="yellow")
+    cv = record.get("cv")
+    if cv:
+        for name, grid in cv["grids"].items():
+            picks = [f[grid["option"]] for f in cv["fits"] if f["solver"] == name]
+            tally = ", ".join(f"{v:g}: {picks.count(v)}" for v in grid["values"])
+            console.print(f"{name}: {grid['option']} chosen by {cv['folds']}-fold cross-validation (fits per value) "
+                          f"{tally}; sweep.json 'cv' has every curve", highlight=False)
+        if counts.get("cv_fold_fits_not_converged"):
+            console.print(f"warning: {counts['cv_fold_fits_not_converged']} cross-validation fold fits did not converge "
+                          f"(sweep.json 'cv': folds_converged)", style="yellow")
 
 
 @app.command("hardness")

@@ -58,6 +58,33 @@ def random_split(n_items: int, n_train: int, *, seed: int = 0, draw: int = 0) ->
     return train_draw(np.arange(n_items), n_train, seed=seed, draw=draw, key="all_to_all")
 
 
+def cv_folds(labels: np.ndarray, folds: int, *, seed: int = 0, draw: int = 0, key: str = "") -> np.ndarray:
+    """Stratified ``folds``-fold cross-validation of one training draw: each item's fold, (n,) int32.
+
+    The items are shuffled by the generator of ``(seed, draw, "cv/" + key)``, grouped by label (in
+    label order, shuffled within each label) and dealt to folds 0, 1, ..., ``folds - 1`` in turn,
+    so every label's items spread over the folds as evenly as they can (±1) and the folds' sizes
+    differ by at most one. Raises if a label has fewer items than ``folds`` (a fold would then
+    train without it, or hold none of it out), naming ``key``.
+    """
+    labels = np.asarray(labels)
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ProbekitError(f"cross-validation needs at least 2 folds, got {folds!r}")
+    values, counts = np.unique(labels, return_counts=True)
+    if len(labels) < folds or counts.min() < folds:
+        where = f" {key!r}" if key else ""
+        few = int(np.argmin(counts))
+        raise ProbekitError(
+            f"{folds}-fold cross-validation needs at least {folds} training items of every label; draw{where} has "
+            f"{counts[few]} of label {values[few]}: use fewer folds or a larger n_train"
+        )
+    perm = rng_for(seed, draw, f"cv/{key}").permutation(len(labels))
+    order = perm[np.argsort(labels[perm], kind="stable")]
+    fold = np.empty(len(labels), np.int32)
+    fold[order] = np.arange(len(labels)) % folds
+    return fold
+
+
 def noisy_labels(
     labels: np.ndarray,
     n_choices: np.ndarray,

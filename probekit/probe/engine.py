@@ -34,7 +34,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from probekit.errors import ProbekitError
-from probekit.probe import runtime, solvers
+from probekit.probe import cvpath, runtime, solvers
 from probekit.probe.kernel import (
     PAD_MODES,
     Kernel,
@@ -67,6 +67,9 @@ class ProbeConfig:
     weight. ``C``: the converged solver's inverse regularisation strength, as in scikit-learn
     (loss = mean NLL + |w|^2 / (2 C n_train)). ``tol``: converged solver's relative optimality
     (stop once the gradient bounds the loss's excess over its minimum by ``tol`` times the loss).
+    ``select``: choose the solver's strength (``l2`` for paper, ``C`` for converged) by
+    cross-validation inside each head's draw (:class:`~probekit.probe.cvpath.Selection`; the
+    heads' folds are given to :func:`fit_and_score_many`), which then replaces that option.
 
     Example:
         >>> cfg = ProbeConfig(head="mc", solver="paper", pad="zero")
@@ -82,6 +85,7 @@ class ProbeConfig:
     C: float = 1.0
     tol: float = solvers.DEFAULT_TOL
     max_newton: int = 50
+    select: cvpath.Selection | None = None
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("head", self.head, HEADS), ("solver", self.solver, solvers.SOLVERS),
@@ -96,6 +100,17 @@ class ProbeConfig:
             if not ok:
                 kind = "a whole number" if whole else "a finite number"
                 raise ProbekitError(f"{name} must be {kind} {'>' if strict else '>='} {low:g}, got {value!r}")
+        if self.select is not None:
+            if not isinstance(self.select, cvpath.Selection):
+                raise ProbekitError(f"select must be a cvpath.Selection, got {self.select!r}")
+            strength = solvers.SOLVERS[self.solver].strength
+            if self.select.option != strength:
+                raise ProbekitError(f"solver {self.solver!r} chooses {strength}, not {self.select.option}")
+            low, strict = next((lo, st) for name, lo, st in _NUMBERS if name == strength)
+            for value in self.select.grid:
+                if not (value > low if strict else value >= low):
+                    raise ProbekitError(f"{strength} must be a finite number {'>' if strict else '>='} {low:g}, "
+                                        f"got {value!r}")
 
 
 #: Numeric options of :class:`ProbeConfig` and their bounds: (name, bound, strictly above it).
@@ -131,9 +146,10 @@ def _float32_products(f: Callable) -> Callable:
 
 
 def _fit_head(Xs, rows, labels, w0, b0, slots: Slots, cfgs: Sequence[ProbeConfig], solve: Callable,
-              scratch: Scratch | None = None) -> list:
+              scratch: Scratch | None = None, folds=None) -> list:
     """One head fitted on the feature set ``Xs`` under each configuration (they share its rows and
-    kernel): ``[(folded weights per layer, offset, Fit)]``. ``solve(kern, cfg)`` runs the solver.
+    kernel): ``[(folded weights per layer, offset, Fit)]``. ``solve(kern, cfg)`` runs the solver;
+    ``folds`` (n,): each training item's fold, for the configurations that cross-validate.
 
     The folded weights ``v_l = w_l / sigma_l`` and ``offset = -sum_l mu_l . v_l (+ bias)`` score raw
     features directly: ``score = x . v + offset`` (:func:`~probekit.probe.kernel.fold`).
@@ -143,13 +159,16 @@ def _fit_head(Xs, rows, labels, w0, b0, slots: Slots, cfgs: Sequence[ProbeConfig
     kern, w0s = head_kernel(parts, w0, b0, slots, labels)
     out = []
     for c in cfgs:
-        fit = solve(kern, c)
+        fit = solve(kern if c.select is None else kern._replace(fold=folds), c)
         out.append((*fold(parts, w0s, fit), fit))
     return out
 
 
 def _solve(kern: Kernel, cfg: ProbeConfig) -> solvers.Fit:
-    """The configured solver (:data:`~probekit.probe.solvers.SOLVERS`) on one head's kernel."""
+    """The configured solver (:data:`~probekit.probe.solvers.SOLVERS`) on one head's kernel, or its
+    cross-validated path with the refit at the chosen strength (:func:`probekit.probe.cvpath.select`)."""
+    if cfg.select is not None:
+        return cvpath.select(kern, solvers.SOLVERS[cfg.solver], cfg, cfg.select)
     return solvers.SOLVERS[cfg.solver](kern, cfg)
 
 
@@ -160,17 +179,17 @@ def _solve_kernel(kern: Kernel, *, cfg: ProbeConfig) -> solvers.Fit:
     return _solve(kern, cfg)
 
 
-def _fit_one(Xs, rows, labels, hseed, slots: Slots, *, cfg: ProbeConfig):
+def _fit_one(Xs, rows, labels, hseed, slots: Slots, folds, *, cfg: ProbeConfig):
     """One head traced on an accelerator: its initial weights drawn, then :func:`_fit_head`."""
     mc = cfg.head == "mc"
     w0, b0 = init_weights(head_key(hseed), sum(X.shape[-1] for X in Xs), None if mc else slots.mask.shape[-1])
-    return _fit_head(Xs, rows, labels, w0, b0, slots, [cfg], _solve)[0]
+    return _fit_head(Xs, rows, labels, w0, b0, slots, [cfg], _solve, folds=folds)[0]
 
 
 @partial(jax.jit, static_argnames=("cfg",))
 @_float32_products
-def _fit_chunk(Xs, rows, labels, seeds, slots: Slots, *, cfg: ProbeConfig):
-    return jax.vmap(partial(_fit_one, cfg=cfg), in_axes=(None, 0, 0, 0, 0))(Xs, rows, labels, seeds, slots)
+def _fit_chunk(Xs, rows, labels, seeds, slots: Slots, folds, *, cfg: ProbeConfig):
+    return jax.vmap(partial(_fit_one, cfg=cfg), in_axes=(None, 0, 0, 0, 0, 0))(Xs, rows, labels, seeds, slots, folds)
 
 
 @partial(jax.jit, static_argnames=("mc", "every_slot"))
@@ -190,6 +209,25 @@ class HeadResults:
     grad_norm: np.ndarray
     steps: np.ndarray
     zero_weights: np.ndarray  # (H,) bool: zero weights are the exact optimum (solvers.zero_is_optimal)
+    # a cross-validated configuration (ProbeConfig.select), else None: each fold's mean held-out
+    # log-loss and accuracy at each strength and whether that fold's fit converged (H, folds,
+    # strengths), and the grid index chosen (H,)
+    cv_loss: np.ndarray | None = None
+    cv_accuracy: np.ndarray | None = None
+    cv_converged: np.ndarray | None = None
+    chosen: np.ndarray | None = None
+
+
+#: The per-head fields of a :class:`~probekit.probe.solvers.Fit` that :class:`HeadResults` keeps, in its order.
+_STATS = ("loss", "converged", "grad_norm", "steps", "zero_weights", "cv_loss", "cv_accuracy", "cv_converged",
+          "chosen")
+
+
+def _results(p_gold, correct, stats: Sequence) -> HeadResults:
+    """:class:`HeadResults` from the scores and the :data:`_STATS` arrays (None: not cross-validated)."""
+    out = HeadResults(p_gold, correct, *stats)
+    out.zero_weights = out.zero_weights.astype(bool)
+    return out
 
 
 def _mesh(devices: Sequence[jax.Device] | None) -> Mesh:
@@ -279,6 +317,7 @@ def fit_and_score(
     workers: int | None = None,
     host: bool | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    folds: np.ndarray | None = None,
 ) -> HeadResults:
     """Fit heads on the feature set ``Xs`` and score every item with each.
 
@@ -287,7 +326,9 @@ def fit_and_score(
     real choices per item; ``gold`` (N,) the labels used for scoring; ``rows`` (H, n) training
     item rows per head; ``labels`` (H, n) training labels (noisy ones for label-noise heads);
     ``seeds`` (H,) per-head initialisation seeds (:func:`head_seed`). ``on_chunk(k)`` is called as
-    fits complete with their count.
+    fits complete with their count. ``folds`` (H, n): each training item's cross-validation fold
+    (:func:`probekit.data.draws.cv_folds`), needed when ``cfg.select`` is set; the results then
+    hold each head's cross-validation curve and choice (:class:`HeadResults`).
 
     With ``host`` (the default on CPU devices) each head's rows, Gram matrix, weight recovery and
     scoring use numpy BLAS in ``workers`` threads (default: one per core; BLAS itself runs
@@ -302,7 +343,7 @@ def fit_and_score(
         >>> res.p_gold.shape  # (heads, items)
     """
     return fit_and_score_many(Xs, n_choices, gold, rows, labels, seeds, [cfg], devices=devices, chunk=chunk,
-                              workers=workers, host=host, on_chunk=on_chunk)[0]
+                              workers=workers, host=host, on_chunk=on_chunk, folds=folds)[0]
 
 
 def fit_and_score_many(
@@ -319,6 +360,7 @@ def fit_and_score_many(
     workers: int | None = None,
     host: bool | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    folds: np.ndarray | None = None,
 ) -> list[HeadResults]:
     """:func:`fit_and_score` for several configurations of the same heads (e.g. both solvers), one
     result per configuration. They must agree on ``head`` and ``pad``; on the host each head's
@@ -344,15 +386,36 @@ def fit_and_score_many(
         raise ProbekitError(f"rows {rows.shape}, labels {labels.shape} and seeds {seeds.shape} disagree")
     if n < 2:
         raise ProbekitError(f"heads need at least 2 training items, got {n}")
+    folds = _check_folds(folds, cfgs, rows.shape)
     n_choices = np.asarray(n_choices, np.int32)
     gold = np.asarray(gold, np.int32)
     layout = _layout(n_choices, rows, cfg, C)
     seeds31 = (seeds & 0x7FFFFFFF).astype(np.int32)
     if layer.host:
         return _fit_and_score_host(layer, n_choices, gold, rows, labels, seeds31, layout, cfgs,
-                                   workers=workers or default_workers(), on_chunk=on_chunk)
+                                   workers=workers or default_workers(), on_chunk=on_chunk, folds=folds)
     return [_fit_and_score_device(layer, n_choices, gold, rows, labels, seeds31, layout, c, chunk=chunk,
-                                  on_chunk=on_chunk) for c in cfgs]
+                                  on_chunk=on_chunk, folds=folds) for c in cfgs]
+
+
+def _check_folds(folds, cfgs: Sequence[ProbeConfig], shape: tuple[int, int]) -> np.ndarray | None:
+    """The heads' folds as int32 (None when no configuration cross-validates), checked against the
+    configurations' fold count: every fold of every head holds out at least one item."""
+    ks = {c.select.folds for c in cfgs if c.select is not None}
+    if not ks:
+        return None
+    if folds is None:
+        raise ProbekitError("a cross-validated configuration (select) needs each head's folds")
+    if len(ks) > 1:
+        raise ProbekitError(f"configurations fitted together must use the same number of folds, got {sorted(ks)}")
+    k = ks.pop()
+    folds = np.asarray(folds)
+    if folds.shape != shape:
+        raise ProbekitError(f"folds {folds.shape} and rows {shape} disagree")
+    counts = np.stack([(folds == f).sum(1) for f in range(k)], 1)
+    if folds.min() < 0 or folds.max() >= k or (counts == 0).any():
+        raise ProbekitError(f"every head needs items in each of its {k} folds 0..{k - 1}")
+    return folds.astype(np.int32)
 
 
 def _kernel_size(n_choices: np.ndarray, rows: np.ndarray, cfg: ProbeConfig) -> int:
@@ -399,7 +462,7 @@ def compile_heads(n_choices: np.ndarray, rows: np.ndarray, cfgs: Sequence[ProbeC
                   spec((n, C), i32) if mc else None, spec((m,), i32) if mc else None, spec((n, C), np.bool_),
                   spec((n,), i32), None if mc else spec((C,), f32))
     for c in cfgs:
-        _solve_kernel.lower(kern, cfg=c).compile()
+        _solve_kernel.lower(kern if c.select is None else kern._replace(fold=spec((n,), i32)), cfg=c).compile()
     _init_block.lower(spec((_INIT_BLOCK,), i32), dim, None if mc else C).compile()
     runtime.release_freed_memory()
 
@@ -415,7 +478,7 @@ def _init_block(seeds, dim: int, n_out: int | None):
 
 
 def _fit_and_score_host(layer: PreparedLayer, n_choices, gold, rows, labels, seeds31, layout: Slots, cfgs, *,
-                        workers, on_chunk):
+                        workers, on_chunk, folds=None):
     H = rows.shape[0]
     Xs, devices = layer.Xs, layer.devices
     mc = cfgs[0].head == "mc"
@@ -434,9 +497,9 @@ def _fit_and_score_host(layer: PreparedLayer, n_choices, gold, rows, labels, see
     def head(i: int, w0: np.ndarray, b0: np.ndarray | None):
         """Head ``i`` under every configuration: [(folded weights, offset, fit stats)]."""
         scratch = local.__dict__.setdefault("scratch", Scratch())
-        out = _fit_head(Xs, rows[i], labels[i], w0, b0, layout.take(i), cfgs, solve(i), scratch)
-        return [(folded, offset, (fit.loss, fit.converged, fit.grad_norm, fit.steps, fit.zero_weights))
-                for folded, offset, fit in out]
+        out = _fit_head(Xs, rows[i], labels[i], w0, b0, layout.take(i), cfgs, solve(i), scratch,
+                        None if folds is None else folds[i])
+        return [(folded, offset, tuple(getattr(fit, k) for k in _STATS)) for folded, offset, fit in out]
 
     def submit(lo: int) -> list:
         """Draw the initial weights of heads ``lo ..`` (one block) and queue their fits."""
@@ -463,9 +526,13 @@ def _fit_and_score_host(layer: PreparedLayer, n_choices, gold, rows, labels, see
             folded = [np.stack([o[0][k] for o in out]) for k in range(len(Xs))]
             offsets = np.stack([o[1] for o in out])
             p_gold, correct = _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool)
-            loss, conv, gnorm, steps, zero = (np.array([o[2][k] for o in out]) for k in range(5))
-            results.append(HeadResults(p_gold, correct, loss, conv, gnorm, steps, zero.astype(bool)))
+            results.append(_results(p_gold, correct, [_stack([o[2][k] for o in out]) for k in range(len(_STATS))]))
     return results
+
+
+def _stack(values: list):
+    """Per-head values stacked over heads; None where the fits have none (no cross-validation)."""
+    return None if values[0] is None else np.array(values)
 
 
 def _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool, block: int = 256):
@@ -482,7 +549,7 @@ def _score_host(Xs, folded, offsets, n_choices, gold, cfg, pool, block: int = 25
 
 # ----- on accelerators: one jitted, vmapped computation per chunk of heads --------------------------
 def _fit_and_score_device(layer: PreparedLayer, n_choices, gold, rows, labels, seeds31, layout: Slots, cfg, *,
-                          chunk, on_chunk):
+                          chunk, on_chunk, folds=None):
     H, n = rows.shape
     Xd = layer.Xs
     mesh = _mesh(layer.devices)
@@ -499,13 +566,13 @@ def _fit_and_score_device(layer: PreparedLayer, n_choices, gold, rows, labels, s
     folded, offsets, stats = [], [], []
     for lo in range(0, H, h_chunk):
         idx = np.minimum(np.arange(lo, lo + h_chunk), H - 1)  # pad the last chunk with its last head
-        args = jax.device_put((rows[idx], labels[idx], seeds31[idx], layout.take(idx)), by_head)
+        args = jax.device_put((rows[idx], labels[idx], seeds31[idx], layout.take(idx),
+                               None if cfg.select is None else folds[idx]), by_head)
         f, off, fit = _fit_chunk(Xd, *args, cfg=cfg)
         keep = min(h_chunk, H - lo)
         folded.append([v[:keep] for v in f])
         offsets.append(off[:keep])
-        stats.append([np.asarray(x)[:keep] for x in (fit.loss, fit.converged, fit.grad_norm, fit.steps,
-                                                     fit.zero_weights)])
+        stats.append([None if x is None else np.asarray(x)[:keep] for x in (getattr(fit, k) for k in _STATS)])
         if on_chunk is not None:
             on_chunk(keep)
     folded = [jnp.concatenate([f[i] for f in folded]) for i in range(len(Xd))]
@@ -519,5 +586,5 @@ def _fit_and_score_device(layer: PreparedLayer, n_choices, gold, rows, labels, s
         keep = min(score_chunk, H - lo)
         p_gold.append(np.asarray(p)[:keep])
         correct.append(np.asarray(c)[:keep])
-    loss, conv, gnorm, steps, zero = (np.concatenate([s[i] for s in stats]) for i in range(5))
-    return HeadResults(np.concatenate(p_gold), np.concatenate(correct), loss, conv, gnorm, steps, zero.astype(bool))
+    return _results(np.concatenate(p_gold), np.concatenate(correct),
+                    [None if stats[0][i] is None else np.concatenate([s[i] for s in stats]) for i in range(len(_STATS))])

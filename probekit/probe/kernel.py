@@ -366,6 +366,11 @@ class Kernel(NamedTuple):
     ``slot`` (m,) its inverse (:class:`Slots`), or both ``None`` for a multinomial head
     (coefficients are then (n, C), one per item and class); ``mask`` (n, C) softmax mask; ``y``
     (n,) labels; ``b0`` initial bias (multinomial) or ``None``.
+
+    ``weight`` (n,): each training item's weight in the solver's mean NLL (0 leaves an item out of
+    the fit; ``None``: every item counts once), so that several fits share one kernel
+    (:mod:`probekit.probe.cvpath` fits a fold by weighting its held-out items 0). ``fold`` (n,):
+    each training item's cross-validation fold for :func:`probekit.probe.cvpath.select`, or ``None``.
     """
 
     K: jax.Array
@@ -376,6 +381,8 @@ class Kernel(NamedTuple):
     mask: jax.Array
     y: jax.Array
     b0: jax.Array | None
+    weight: jax.Array | None = None
+    fold: jax.Array | None = None
 
 
 def expand(kern: Kernel, v: jax.Array) -> jax.Array:

@@ -47,6 +47,11 @@ class Fit(NamedTuple):
     the fixed-step paper recipe: whether its weights are finite), ``steps`` iterations taken,
     ``zero_weights`` whether the exact minimiser of the objective has zero weights (see
     :func:`zero_is_optimal`; never for the squared penalty).
+
+    A fit chosen by cross-validation (:func:`probekit.probe.cvpath.select`) also carries
+    ``cv_loss``, ``cv_accuracy`` and ``cv_converged`` (folds, strengths): each fold's mean held-out
+    log-loss and accuracy at each strength of the grid and whether that fold's fit converged, and
+    ``chosen``, the grid index it was refitted at; ``None`` for any other fit.
     """
 
     beta: jax.Array
@@ -57,20 +62,34 @@ class Fit(NamedTuple):
     converged: jax.Array
     steps: jax.Array
     zero_weights: jax.Array
+    cv_loss: jax.Array | None = None
+    cv_accuracy: jax.Array | None = None
+    cv_converged: jax.Array | None = None
+    chosen: jax.Array | None = None
+
+
+def _item_share(kern: Kernel) -> jax.Array:
+    """Each training item's share of a weighted mean (``kern.weight`` normalised to sum 1), (n, 1)."""
+    return (kern.weight / jnp.sum(kern.weight))[:, None]
 
 
 def _residual(kern: Kernel, s: jax.Array, b: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """Mean NLL of the gold choices and its gradient with respect to the score grid, (n, C)."""
+    """Mean NLL of the gold choices and its gradient with respect to the score grid, (n, C).
+
+    With ``kern.weight`` the mean is weighted (an item of weight 0 takes no part in either)."""
     logits = expand(kern, s) if b is None else expand(kern, s) + b
     logp = log_softmax(logits, kern.mask)
     n = kern.y.shape[0]
     onehot = jax.nn.one_hot(kern.y, logits.shape[-1], dtype=logits.dtype)
-    nll = -jnp.sum(jnp.where(onehot > 0, logp, 0.0)) / n
+    gold = jnp.where(onehot > 0, logp, 0.0)
     p = jnp.where(kern.mask, jnp.exp(logp), 0.0)
     # p - onehot, with the gold entry as minus the others' mass: accurate when p_gold is near 1
     others = jnp.sum(jnp.where(onehot > 0, 0.0, p), -1, keepdims=True)
-    R = jnp.where(onehot > 0, -others, p) / n
-    return nll, R
+    R = jnp.where(onehot > 0, -others, p)
+    if kern.weight is None:
+        return -jnp.sum(gold) / n, R / n
+    share = _item_share(kern)
+    return -jnp.sum(gold * share), R * share
 
 
 # ----- paper recipe (docs/protocol.md §4) -----------------------------------------------------------------
@@ -142,14 +161,19 @@ def paper(
 
 def _bias_at_zero(kern: Kernel, iters: int = 30) -> jax.Array:
     """The bias minimising the mean NLL of a multinomial head with zero weights (damped Newton over
-    the classes; a class no training item has goes towards -inf)."""
+    the classes; a class no training item has goes towards -inf; weighted by ``kern.weight``)."""
     n, C = kern.mask.shape
     onehot = jax.nn.one_hot(kern.y, C, dtype=kern.u.dtype)
 
     def step(_, b):
         p = jnp.where(kern.mask, jnp.exp(log_softmax(jnp.broadcast_to(b, (n, C)), kern.mask)), 0.0)
-        g = (p - onehot).mean(0)
-        H = (jnp.einsum("nc,cd->cd", p, jnp.eye(C, dtype=p.dtype)) - jnp.einsum("nc,nd->cd", p, p)) / n
+        if kern.weight is None:
+            g = (p - onehot).mean(0)
+            H = (jnp.einsum("nc,cd->cd", p, jnp.eye(C, dtype=p.dtype)) - jnp.einsum("nc,nd->cd", p, p)) / n
+        else:
+            share = _item_share(kern)
+            g = ((p - onehot) * share).sum(0)
+            H = jnp.einsum("nc,cd->cd", p * share, jnp.eye(C, dtype=p.dtype)) - jnp.einsum("nc,nd->cd", p * share, p)
         d = jnp.linalg.solve(H + 1e-6 * jnp.eye(C, dtype=p.dtype), g)
         return b - jnp.clip(d, -5.0, 5.0)
 
@@ -180,8 +204,11 @@ def converged(
     tol: float = DEFAULT_TOL,
     max_newton: int = 50,
     max_cg: int = 200,
+    start: tuple[jax.Array, jax.Array | None] | None = None,
 ) -> Fit:
-    """Minimise mean NLL + ``l2/2 * |w|^2`` (bias unregularised) with line-searched Newton-CG.
+    """Minimise mean NLL + ``l2/2 * |w|^2`` (bias unregularised) with line-searched Newton-CG,
+    from zero weights and a zero bias, or from the coefficients and bias ``start`` (a warm start:
+    the same optimum to the tolerance, in fewer steps from a nearby one).
 
     Works in coefficient space with the metric ``<x, y> = x_a.K y_a + x_b.y_b``, in which the
     Hessian is self-adjoint, so conjugate gradients and norms are those of the D-dimensional
@@ -214,7 +241,8 @@ def converged(
         logits = expand(kern, s) if b is None else expand(kern, s) + b
         p = jnp.exp(log_softmax(logits, kern.mask))
         dL = expand(kern, Kda) if db is None else expand(kern, Kda) + db
-        Q = jnp.where(kern.mask, p * (dL - jnp.sum(p * dL, -1, keepdims=True)), 0.0) / kern.y.shape[0]
+        Q = jnp.where(kern.mask, p * (dL - jnp.sum(p * dL, -1, keepdims=True)), 0.0)
+        Q = Q / kern.y.shape[0] if kern.weight is None else Q * _item_share(kern)
         ha = reduce(kern, Q) + l2 * da
         hb = Q.sum(0) if has_bias else None
         quad = jnp.sum(dL * Q) + l2 * jnp.vdot(da, Kda)
@@ -293,19 +321,25 @@ def converged(
         # bound above on some heads): steps that no longer lower it are not worth taking
         return (it < max_newton) & (stalled < _STALLED) & ~done(f, gradient(a, s, R)[3])
 
-    a0 = jnp.zeros_like(kern.u)
-    f0, R0 = objective(a0, a0, zb)
-    init = (0, a0, a0, zb, f0, R0, jnp.full_like(f0, jnp.inf), 0)
+    if start is None:
+        a0, s0, b0 = jnp.zeros_like(kern.u), jnp.zeros_like(kern.u), zb
+    else:
+        a0, s0, b0 = start[0], K @ start[0], start[1] if has_bias else None
+    f0, R0 = objective(a0, s0, b0)
+    init = (0, a0, s0, b0, f0, R0, jnp.full_like(f0, jnp.inf), 0)
     it, a, s, b, f, R, _, _ = jax.lax.while_loop(newton_cond, newton_step, init)
     g2 = gradient(a, s, R)[3]
     return Fit(jnp.zeros((), a.dtype), a, b, f, jnp.sqrt(jnp.maximum(g2, 0.0)), done(f, g2), it, jnp.array(False))
 
 
-def converged_at_C(kern: Kernel, *, C: float = 1.0, tol: float = DEFAULT_TOL, max_newton: int = 50) -> Fit:
+def converged_at_C(kern: Kernel, *, C: float = 1.0, tol: float = DEFAULT_TOL, max_newton: int = 50,
+                   start: tuple[jax.Array, jax.Array | None] | None = None) -> Fit:
     """:func:`converged` with scikit-learn's parametrisation: mean NLL + ``|w|^2 / (2 C n)``, i.e.
-    ``l2 = 1 / (C n)`` for ``n`` training items, from zero weights and a zero bias."""
+    ``l2 = 1 / (C n)`` for ``n`` training items (the sum of ``kern.weight`` when given: the items
+    the fit uses), from zero weights and a zero bias (or warm, from ``start``)."""
     kern = kern._replace(b0=None if kern.b0 is None else jnp.zeros_like(kern.b0))
-    return converged(kern, l2=1.0 / (C * kern.y.shape[0]), tol=tol, max_newton=max_newton)
+    n = kern.y.shape[0] if kern.weight is None else jnp.sum(kern.weight)
+    return converged(kern, l2=1.0 / (C * n), tol=tol, max_newton=max_newton, start=start)
 
 
 _STALLED = 3  # Newton steps without a lower gradient after which the converged solver stops
@@ -316,27 +350,44 @@ _STALLED = 3  # Newton steps without a lower gradient after which the converged 
 class Solver:
     """A registered solver: ``fit(kern, **options) -> Fit``, a pure function of one head's kernel;
     ``options``, the keyword options it takes (their defaults are the function's); ``objective``,
-    what it minimises, in one line (recorded in ``sweep.json`` and shown by ``probekit sweep --help``)."""
+    what it minimises, in one line (recorded in ``sweep.json`` and shown by ``probekit sweep --help``).
+
+    ``strength``: the option that sets how strongly the weights are penalised, the one a
+    cross-validated path chooses from a grid (:mod:`probekit.probe.cvpath`); ``inverse``: whether
+    larger values of it penalise less (scikit-learn's ``C``) rather than more (a penalty weight).
+    The fit may take it as a traced value, so that one compiled fit serves a whole grid. ``warm``:
+    whether the fit takes ``start=(a, b)``, coefficients and bias to start from (a path then runs
+    from the strongest penalty to the weakest, each fit starting at the one before, as
+    scikit-learn's regularisation paths do; a fit that defines its own start, as the paper
+    recipe's initial weights, has none)."""
 
     name: str
     fit: Callable[..., Fit]
     options: tuple[str, ...]
     objective: str
+    strength: str | None = None
+    inverse: bool = False
+    warm: bool = False
 
-    def __call__(self, kern: Kernel, settings: Any = None) -> Fit:
+    def __call__(self, kern: Kernel, settings: Any = None, **override: Any) -> Fit:
         """Fit one head, taking each option found on ``settings`` (an object with those attributes,
-        such as a ``ProbeConfig``, or a mapping) and the function's default for the others."""
+        such as a ``ProbeConfig``, or a mapping) and the function's default for the others;
+        ``override`` replaces options (e.g. the strength, as an array under a trace)."""
         get = settings.get if isinstance(settings, Mapping) else (lambda k, d: getattr(settings, k, d))
         missing = object()
         options = {k: v for k in self.options if (v := get(k, missing)) is not missing}
-        return self.fit(kern, **options)
+        return self.fit(kern, **{**options, **override})
+
+    def strongest_first(self, values: Sequence[float]) -> tuple[float, ...]:
+        """``values`` ordered from the strongest penalty to the weakest."""
+        return tuple(sorted((float(v) for v in values), reverse=not self.inverse))
 
 
 SOLVERS: dict[str, Solver] = {s.name: s for s in (
     Solver("paper", paper, ("l2", "lr", "steps", "max_grad_norm"),
-           "mean NLL + l2 * |w| (unsquared), SGD as docs/protocol.md §4"),
+           "mean NLL + l2 * |w| (unsquared), SGD as docs/protocol.md §4", strength="l2"),
     Solver("converged", converged_at_C, ("C", "tol", "max_newton"),
-           "mean NLL + |w|^2 / (2 C n_train), bias unregularised"),
+           "mean NLL + |w|^2 / (2 C n_train), bias unregularised", strength="C", inverse=True, warm=True),
 )}
 
 

@@ -10,6 +10,7 @@ commit belong to :mod:`probekit.store.results`.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ import pyarrow as pa
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
+from probekit.probe import cvpath
 from probekit.probe.controls import SURFACE_FEATURES, control_tables
 from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, head_seed, prepare
 from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan, tested_rows
@@ -90,6 +92,48 @@ def read_features(cache: Cache, site: str, layer: int, ids: np.ndarray) -> np.nd
             f"layer {layer} ({site}) has non-finite features for {int((~finite).sum())} items, first {ids[bad]!r}"
         )
     return X
+
+
+def probe_configs(solvers: Sequence[str], head: str, pad: str, tol: float, C: float | Sequence[float],
+                  l2: float | Sequence[float], select: str | None) -> dict[str, ProbeConfig]:
+    """Each solver's :class:`ProbeConfig`. ``C`` (the converged solver's) and ``l2`` (the paper
+    recipe's) are one value each, or, with ``select`` (``"cvK"``), a grid from which each solver
+    chooses its strength by K-fold cross-validation (:mod:`probekit.probe.cvpath`). A grid without
+    ``select``, ``select`` without a grid for a solver of the sweep, and a grid no solver of the
+    sweep chooses from are refused."""
+    grids = {"C": [C] if isinstance(C, numbers.Real) else list(C),
+             "l2": [l2] if isinstance(l2, numbers.Real) else list(l2)}
+    folds = None if select is None else cvpath.parse_select(select)
+    for option, values in grids.items():
+        if not values:
+            raise ProbekitError(f"{option} needs a value")
+        if len(values) > 1 and folds is None:
+            raise ProbekitError(f"{option} has {len(values)} values: a grid needs select cvK (K-fold cross-validation "
+                                f"chooses from it), or give one value")
+        if len(values) > 1 and not any(SOLVERS[s].strength == option for s in solvers):
+            raise ProbekitError(f"{option} is a grid, but no solver of this sweep ({', '.join(solvers)}) chooses "
+                                f"{option}")
+    configs = {}
+    for s in solvers:
+        strength = SOLVERS[s].strength
+        fixed = {o: v[0] for o, v in grids.items() if len(v) == 1}  # a grid is only ever another solver's
+        sel = None
+        if folds is not None:
+            if len(grids[strength]) < 2:
+                raise ProbekitError(f"select {select} chooses the {s} solver's {strength} from a grid: give {strength} "
+                                    f"several values (e.g. {'0.01,0.1,1,10' if strength == 'C' else '0.1,0.3,1,3'})")
+            sel = cvpath.Selection.for_solver(s, folds, grids[strength])
+        configs[s] = ProbeConfig(head=head, solver=s, pad=pad, tol=tol, select=sel, **fixed)
+    return configs
+
+
+def _recorded(cfg: ProbeConfig) -> dict[str, Any]:
+    """A configuration as ``sweep.json`` records it: a cross-validated one without the strength it
+    chooses (its grid is under ``select``)."""
+    out = dataclasses.asdict(cfg)
+    if cfg.select is not None:
+        out.pop(cfg.select.option)
+    return out
 
 
 def compile_first(cache: Cache, n_choices: np.ndarray, row_sets: Sequence[np.ndarray], cfgs: Sequence[ProbeConfig],
@@ -203,7 +247,9 @@ def sweep(
     seed: int = 0,
     levels: Sequence[str] | None = None,
     pad: str = "mask",
-    C: float = 1.0,
+    C: float | Sequence[float] = 1.0,
+    l2: float | Sequence[float] = 1.0,
+    select: str | None = None,
     tol: float = DEFAULT_TOL,
     cutoffs: Mapping[str, Cutoff] | None = None,
     zero_shot: bool = True,
@@ -228,7 +274,11 @@ def sweep(
     ``solver``: a name in :data:`probekit.probe.solvers.SOLVERS` (paper, converged), several, or
     both. ``pad``: mask (default) or zero (the protocol's zero-padding). ``C``: converged
     solver's inverse regularisation (scikit-learn's C); ``tol``: its relative optimality (see
-    :class:`~probekit.probe.engine.ProbeConfig`). Bad options are refused before the cache is read.
+    :class:`~probekit.probe.engine.ProbeConfig`); ``l2``: the paper recipe's penalty weight.
+    ``select``: ``"cvK"`` chooses each head's strength (``C`` or ``l2``, then a grid of values)
+    by K-fold cross-validation inside its training draw and refits the draw at it (see
+    :mod:`probekit.probe.cvpath`); ``sweep.json``'s ``cv`` records every fit's choice and curve.
+    Bad options are refused before the cache is read.
     ``levels``: restrict the training levels (e.g. ``["easy", "hard"]``).
     ``cutoffs``: per-measure level rules overriding the defaults. ``progress(done, total, layer)``
     is called as heads complete. Returns the contents of ``sweep.json``.
@@ -241,7 +291,9 @@ def sweep(
     if site not in SITE_HEAD:
         raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
     solvers = solver_names(solver)
-    configs = {s: ProbeConfig(head=SITE_HEAD[site], solver=s, pad=pad, C=C, tol=tol) for s in solvers}
+    configs = probe_configs(solvers, SITE_HEAD[site], pad, tol, C, l2, select)
+    selections = {s: c.select for s, c in configs.items() if c.select is not None}
+    n_folds = next(iter(selections.values())).folds if selections else None
     cache = open_cache(cache, verify)
     if experiment not in EXPERIMENTS:
         raise ProbekitError(f"unknown experiment {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
@@ -257,6 +309,7 @@ def sweep(
     sets = feature_sets(layers, cache.manifest.get("model", {}).get("n_layers"), cache.layers)
     heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
                  levels=levels)
+    folds = cvpath.head_folds(heads, n_folds, seed) if n_folds else {}
 
     rows = FrameRows(frame, experiment, site)
     groups: dict[int, list[Head]] = {}
@@ -282,6 +335,8 @@ def sweep(
                                 list(configs.values()), sets, devices)
     not_converged = 0
     zero_fits: dict[str, int] = {}  # feature set -> fits whose exact optimum has zero weights
+    cv_fits: list[dict[str, Any]] = []  # every cross-validated fit's choice and curve
+    cv_not_converged = 0
     with ResultsWriter(out) as batch:  # refuses a directory another writer holds
         if zero_shot:
             for t in zero_shot_tables(cache, frame, rows, measures, experiment):
@@ -306,10 +361,15 @@ def sweep(
                     np.array([head_seed(seed, f"{h.name}/{label}") for h in group]), list(configs.values()),
                     devices=devices,
                     on_chunk=tick(label),
+                    folds=np.stack([folds[h.name] for h in group]) if folds else None,
                 )
                 fit_seconds += time.perf_counter() - t1
                 for s, res in zip(configs, results):
                     not_converged += int((~res.converged).sum())
+                    if res.chosen is not None:
+                        cv_not_converged += int((~res.cv_converged).sum())
+                        cv_fits += [cvpath.fit_record(h, label, s, selections[s], res.cv_loss[i], res.cv_accuracy[i],
+                                                      res.cv_converged[i], res.chosen[i]) for i, h in enumerate(group)]
                     if res.zero_weights.any():
                         zero_fits[label] = zero_fits.get(label, 0) + int(res.zero_weights.sum())
                     for i, h in enumerate(group):
@@ -335,7 +395,7 @@ def sweep(
                 "head": SITE_HEAD[site], "solvers": solvers, "n_train": sorted({int(x) for x in n_train}),
                 "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
                 "draws": draws, "train_levels": sorted({h.train_level for h in heads}), "pad": pad,
-                "probe": {s: dataclasses.asdict(c) for s, c in configs.items()},
+                "probe": {s: _recorded(c) for s, c in configs.items()}, "select": select,
                 "objectives": {name: spec.objective for name, spec in SOLVERS.items()},
                 "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "zero_shot": zero_shot,
                 "icl": [str(Path(d).resolve()) for d in icl],
@@ -353,6 +413,7 @@ def sweep(
                 "probe_items": int(len(frame.probe)), "not_converged": not_converged,
                 "zero_weight_fits": sum(zero_fits.values()), "zero_weight_fits_by_layer": zero_fits,
                 "surface_zero_weight_fits": surface_zero,
+                **({"cv_fold_fits_not_converged": cv_not_converged} if selections else {}),
                 "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
                            for m in measures},
             },
@@ -360,6 +421,7 @@ def sweep(
             "wall_seconds": round(wall, 3),
             "fit_seconds": round(fit_seconds, 3),
             "heads_per_second": round(n_fits / fit_seconds, 3) if fit_seconds > 0 else None,
+            **({"cv": cvpath.record(selections, cv_fits)} if selections else {}),
         }
         record = batch.commit(record)
     return record

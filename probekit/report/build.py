@@ -26,6 +26,7 @@ import pandas as pd
 import probekit
 from probekit.errors import ProbekitError
 from probekit.report import plots
+from probekit.report.cv import cv_choices, cv_lines, sweep_shown
 from probekit.report.tables import (
     HARD,
     POPULATION_NOTES,
@@ -55,7 +56,7 @@ from probekit.report.tables import (
 )
 from probekit.stats.bootstrap import P_VALUES
 from probekit.store.outdir import OutputDir, remove_temporaries, write_error
-from probekit.store.results import cache_hash
+from probekit.store.results import cache_hash, cv_table
 
 FORMAT = "probekit-report/1"
 #: experiment -> (x column, CSV/PNG stem, plot title, x label)
@@ -178,6 +179,7 @@ def build_report(
         "all_to_all": all_to_all,
         "learning_curve": curves["learning_curve"],
         "label_noise": curves["label_noise"],
+        "cv": cv_choices(cv_table(res.sweep), res.sweep),
         "files": [],
     }
     summary = _jsonable(summary)
@@ -320,6 +322,7 @@ def _write_files(tmp: Path, summary, headline, population, all_to_all, curves, t
     files, csv, png = written.names, written.csv, written.png
 
     csv("population.csv", flatten(population))
+    csv("cv_path.csv", cv_table(summary["sweep"]))
     csv("transfer.csv", transfer)
     csv("all_to_all.csv", flatten(all_to_all))
     for exp, (_, stem, *_) in CURVES.items():
@@ -377,6 +380,7 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
             if figs.get(key):
                 lines += [f"![{alt}]({figs[key]})", ""]
     lines += _zero_weight_lines(summary["zero_weight_heads"], population, headline)
+    lines += cv_lines(summary["cv"])
     if population:
         lines += ["## Population table, every site, layer and solver", "",
                   to_markdown(population_display(population)), "Numbers: `population.csv`.", ""]
@@ -396,7 +400,7 @@ def _markdown(summary, headline, population, all_to_all, curves, figs, files) ->
         lines += [to_markdown(frame), f"Numbers: `{stem}.csv`.", ""]
     if summary["sweep"] is not None:
         lines += ["## Sweep configuration", "", "<details><summary>sweep.json</summary>", "", "```json",
-                  json.dumps(summary["sweep"], indent=2), "```", "", "</details>", ""]
+                  json.dumps(sweep_shown(summary["sweep"]), indent=2), "```", "", "</details>", ""]
     lines += ["## Files", "", *[f"- [{f}]({f})" for f in [*files, "summary.json"]], ""]
     return "\n".join(lines)
 

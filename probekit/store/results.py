@@ -364,3 +364,40 @@ def cache_hash(config: Mapping[str, Any] | None) -> str | None:
     """The cache manifest hash a run's configuration records (:data:`CACHE_HASH_KEY`), or None."""
     value = config.get(CACHE_HASH_KEY) if isinstance(config, Mapping) else None
     return value if isinstance(value, str) else None
+
+
+#: Columns of :func:`cv_table`: the results table's keys of a head, then its cross-validation curve.
+CV_COLUMNS = ("experiment", "site", "layer", "measure", "train_level", "draw", "n_train", "label_noise", "solver",
+              "option", "strength", "chosen", "cv_log_loss_mean", "cv_log_loss_sd", "cv_accuracy_mean",
+              "folds", "folds_converged")
+
+
+def cv_table(config: Mapping[str, Any] | None) -> pd.DataFrame:
+    """The cross-validation paths a run recorded (``sweep.json``'s ``cv``, written by ``sweep
+    --select``), one row per fit, measure and strength (:data:`CV_COLUMNS`; empty without one).
+
+    ``option`` is the strength's name (``C`` or ``l2``) and ``strength`` its value; ``chosen``
+    marks the value the head was refitted at (the one its rows in ``results.parquet`` come from);
+    ``cv_log_loss_mean`` is the mean over the folds of each fold's mean held-out log-loss (the
+    selection criterion), ``cv_log_loss_sd`` its standard deviation across the folds (ddof 1),
+    ``cv_accuracy_mean`` the mean over the folds of the held-out accuracy, ``folds_converged`` how
+    many of the ``folds`` fold fits converged. A head that serves several measures (train level
+    "all") has rows under each, as in the results table.
+    """
+    cv = (config or {}).get("cv")
+    if not cv:
+        return pd.DataFrame(columns=list(CV_COLUMNS))
+    site = (config.get("config") or {}).get("site", "")
+    rows = []
+    for fit in cv["fits"]:
+        option = cv["grids"][fit["solver"]]["option"]
+        values = cv["grids"][fit["solver"]]["values"]
+        loss = np.asarray(fit["log_loss"], float)
+        acc = np.asarray(fit["accuracy"], float)
+        for measure in fit["measures"]:
+            for j, value in enumerate(values):
+                rows.append((fit["experiment"], site, fit["layer"], measure, fit["train_level"], fit["draw"],
+                             fit["n_train"], fit["label_noise"], fit["solver"], option, value,
+                             value == fit[option], loss[:, j].mean(), loss[:, j].std(ddof=1), acc[:, j].mean(),
+                             len(loss), int(fit["folds_converged"][j])))
+    return pd.DataFrame(rows, columns=list(CV_COLUMNS))
