@@ -216,20 +216,22 @@ def test_sweep_records_choice_and_curve(cache_dir, cv_run, tmp_path):
     table = cv_table(rec)
     assert len(table) == 2 * rec["counts"]["heads"] * 4 and table["chosen"].sum() == 2 * rec["counts"]["heads"]
     df = pd.read_parquet(out / RESULTS)
+    df = df[df.site == "answer_end"]  # the shortcut controls are fitted as always, beside the chosen heads
     assert list(df["solver"].unique()) == ["paper", "converged"]
 
     # the refit of one head is a plain sweep at its chosen strength
     fit = next(f for f in cv["fits"] if f["solver"] == "converged" and f["train_level"] == "hard" and f["draw"] == 1)
     plain = sweep(cache_dir, tmp_path / "plain", solver="converged", C=fit["C"], seed=3, levels=["hard"], **SMALL)
     ref = pd.read_parquet(tmp_path / "plain" / RESULTS)
-    pick = lambda t: t[(t.solver == "converged") & (t.train_level == "hard") & (t.draw == 1)].sort_values("item_id")  # noqa: E731
+    pick = lambda t: t[(t.site == "answer_end") & (t.solver == "converged") & (t.train_level == "hard")  # noqa: E731
+                       & (t.draw == 1)].sort_values("item_id")
     np.testing.assert_allclose(pick(df)["p_gold"].to_numpy(), pick(ref)["p_gold"].to_numpy(), atol=2e-4)
     assert plain["counts"]["not_converged"] == 0
 
     sweep(cache_dir, tmp_path / "again", solver="both", C=[0.01, 0.1, 1, 10], l2=[1, 0.3, 0.1, 0.03], select="cv4",
           seed=3, **SMALL)
     assert json.loads((tmp_path / "again" / SWEEP_JSON).read_text())["cv"] == rec["cv"]
-    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "again" / RESULTS), df)
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "again" / RESULTS), pd.read_parquet(out / RESULTS))
 
     from probekit.report import build_report
 
