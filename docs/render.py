@@ -14,6 +14,7 @@ A rendered block is the text between a line ``<!-- render KIND NAME [KEY=VALUE .
 - ``controls``: per row, the hard-trained probe beside its shortcut controls.
 - ``facts``: counts a reading refers to (estimable SGRs, q < 0.05, rows beating their controls, ...).
 - ``warnings``: the report's warnings (conditions with fewer than 3 draws).
+- ``cli`` (no NAME): every command's help, example and options, read from the command-line app.
 
 ``tests/test_docs.py`` checks that every committed block equals its rendering.
 """
@@ -207,14 +208,56 @@ def warnings(summary: dict, opts: dict) -> str:
     return "\n".join(f"- {w}" for w in summary.get("warnings", [])) + "\n" if summary.get("warnings") else "- none\n"
 
 
+def cli(summary: dict | None, opts: dict) -> str:
+    """Every command of ``probekit`` (or those in ``commands=``) with its help, example and options, read
+    from the command-line app itself."""
+    import typer
+
+    from probekit.cli import app
+
+    group = typer.main.get_command(app)
+    wanted = opts.get("commands") or list(group.commands)
+    out = []
+    for name in wanted:
+        cmd = group.commands[name]
+        subs = getattr(cmd, "commands", None)
+        for sub_name, sub in ([(name, cmd)] + [(f"{name} {k}", v) for k, v in (subs or {}).items()]):
+            out += _command(sub_name, sub)
+    return "\n".join(out)
+
+
+def _command(name: str, cmd) -> list[str]:
+    help_text = (cmd.help or "").replace("\b\n", "").strip()
+    text, _, example = help_text.partition("Example:")
+    lines = [f"### `probekit {name}`", "", text.strip(), ""]
+    if example.strip():
+        lines += ["```bash", *(line[2:] if line.startswith("  ") else line for line in example.strip("\n").splitlines()),
+                  "```", ""]
+    rows = []
+    for p in cmd.params:
+        if p.name == "help":
+            continue
+        flags = " / ".join([*p.opts, *p.secondary_opts]) if p.param_type_name == "option" else p.name.upper()
+        empty = p.default is None or p.default is False or p.default == () or p.param_type_name != "option"
+        default = "" if empty else f" (default: `{p.default}`)"
+        desc = " ".join((getattr(p, "help", None) or "").split()).replace("|", "\\|")
+        rows.append(f"| `{flags}` | {desc}{default} |")
+    if rows:
+        lines += ["| option | what it does |", "|---|---|", *rows, ""]
+    return lines
+
+
 KINDS = {"comparison": comparison, "headline": headline, "zero-weights": zero_weights, "controls": controls,
-         "facts": facts, "warnings": warnings}
+         "facts": facts, "warnings": warnings, "cli": cli}
 
 
 def render_block(spec: str) -> str:
-    kind, name, *args = spec.split()
+    kind, *args = spec.split()
     if kind not in KINDS:
         raise SystemExit(f"error: unknown render kind {kind!r} (choose from {', '.join(KINDS)})")
+    if kind == "cli":  # read from the app, not from a summary
+        return cli(None, _opts(args))
+    name, *args = args
     return KINDS[kind](load(name), _opts(args))
 
 
