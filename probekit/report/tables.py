@@ -380,10 +380,10 @@ def _add_controls(boot: SharedBootstrap, records: list[dict], frames_of: dict, h
 def beats_controls(controls: dict) -> bool | None:
     """Whether the hidden-state probe beats every shortcut control: each ``hard_minus_control`` interval
     lies above 0 (None when there is no control to compare with)."""
-    tests = [c["hard_minus_control"] for c in controls.values() if c.get("hard_minus_control")]
+    tests = _control_tests(controls)
     if not tests:
         return None
-    return all(t["lo"] > 0 for t in tests)
+    return all(t["lo"] > 0 for t in tests.values())
 
 
 def _groups(rows: pd.DataFrame, keys: list[str]):
@@ -706,12 +706,16 @@ def control_verdict(record: dict) -> str:
     """How a headline record's hidden-state probe fares against its shortcut controls: ``beats`` when
     every ``hard − control`` interval lies above 0, else ``≤ surface`` / ``≤ majority`` naming each
     control it does not beat; ``–`` without controls."""
-    controls = record.get("controls") or {}
-    tests = {site: c["hard_minus_control"] for site, c in controls.items() if c.get("hard_minus_control")}
+    tests = _control_tests(record.get("controls") or {})
     if not tests:
         return "–"
     below = [site for site, t in tests.items() if not t["lo"] > 0]
     return "≤ " + ", ".join(below) if below else "beats"
+
+
+def _control_tests(controls: dict) -> dict:
+    """Each shortcut control's ``hard_minus_control`` test, where it could be computed."""
+    return {site: c["hard_minus_control"] for site, c in controls.items() if c.get("hard_minus_control")}
 
 
 def fmt_p(p: float) -> str:
@@ -764,7 +768,8 @@ POPULATION_NOTES = (
     "Accuracies: point estimate (accuracy of the observed item x draw matrix) [95% bootstrap percentile "
     "interval], in %.",
     "SGR: point [95% percentile interval] and the p-value read off the same resamples (it is below 0.05 "
-    "exactly when the interval excludes 0); q: Benjamini-Hochberg over the table's SGRs (n/e counted as p = 1).",
+    "exactly when the interval excludes 0); the headline interval is the percentile one, its Fieller-type "
+    "set beside it; q: Benjamini-Hochberg over the table's SGRs (n/e counted as p = 1).",
     "hard−easy is paired: per training draw, over the test items both heads were tested on, so it can differ "
     "from the difference of the two accuracy columns.",
 )
@@ -784,6 +789,7 @@ def population_display(records: list[dict], with_head: bool = True) -> pd.DataFr
         for lv in level_order(set(r["accuracy"]) - {ZERO_SHOT}):
             row[f"{lv}→hard"] = fmt_acc(r["accuracy"][lv])
         row["SGR [95% CI]"] = fmt_sgr(r["sgr"])
+        row["SGR Fieller 95%"] = "" if sgr_flagged(r["sgr"]) else fmt_fieller(r["sgr"])
         if any((x["sgr"] or {}).get("q_value") is not None for x in records):
             row["q"] = fmt_q(r["sgr"])
         row["hard−easy (pts, paired)"] = fmt_test(r["hard_minus_easy"], percent=True)
