@@ -36,18 +36,36 @@ def _bar() -> Progress:
     )
 
 
+def _items(text: str | None, name: str) -> list[str] | None:
+    """A comma-separated option as its items (None when not given); an empty item (``100,,16``, a
+    comma at either end, an empty option) is refused, as the layer grammar refuses it."""
+    if text is None:
+        return None
+    parts = [x.strip() for x in text.split(",")]
+    if not any(parts):
+        raise ProbekitError(f"{name} {text!r}: name at least one item (comma-separated)")
+    if not all(parts):
+        where = 1 + parts.index("")
+        raise ProbekitError(f"{name} {text!r}: item {where} of {len(parts)} is empty; separate items by single commas")
+    return parts
+
+
 def _ints(text: str, name: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in _items(text, name)]
     except ValueError:
         raise ProbekitError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 def _floats(text: str, name: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in _items(text, name)]
     except ValueError:
         raise ProbekitError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    bad = [x for x in values if x != x or x in (float("inf"), float("-inf"))]
+    if bad:
+        raise ProbekitError(f"{name} must be finite numbers, got {text!r}")
+    return values
 
 
 def _cutoffs(items: list[str]) -> dict:
@@ -115,7 +133,7 @@ def sweep_cmd(
     with clean_errors():
         sizes = _ints(n_train, "--n-train")
         noise = _floats(label_noise, "--label-noise")
-        chosen = [m.strip() for m in measures.split(",") if m.strip()] if measures else None
+        chosen = _items(measures, "--measures")
         with _bar() as bar:
             task = bar.add_task("fit", total=None, layer="")
 

@@ -29,7 +29,7 @@ from probekit.probe.solvers import DEFAULT_TOL, SOLVERS, solver_names
 from probekit.store import Cache
 from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
 from probekit.store.icl_scores import demo_level, load_icl
-from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultRows, ResultsWriter
+from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultRows, ResultsWriter, holding_results
 
 SITE_HEAD = {"answer_end": "mc", "question_end": "multinomial"}
 
@@ -229,6 +229,14 @@ def sweep(
         raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
     solvers = solver_names(solver)
     configs = {s: ProbeConfig(head=SITE_HEAD[site], solver=s, pad=pad, C=C, tol=tol) for s in solvers}
+    with holding_results(out, "sweep"):  # the lock before the cache is verified or anything compiles
+        return _sweep_held(t0, cache, out, experiment, measures, layers, site, solvers, configs, n_train,
+                           label_noise, draws, seed, levels, pad, cutoffs, zero_shot, icl, verify, devices, progress)
+
+
+def _sweep_held(t0: float, cache, out, experiment, measures, layers, site, solvers, configs, n_train, label_noise,
+                draws, seed, levels, pad, cutoffs, zero_shot, icl, verify, devices, progress) -> dict[str, Any]:
+    """The sweep, with its results directory held (see :func:`sweep`)."""
     cache = open_cache(cache, verify)
     if experiment not in EXPERIMENTS:
         raise ProbekitError(f"unknown experiment {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
