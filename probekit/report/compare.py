@@ -53,7 +53,7 @@ import pandas as pd
 
 import probekit
 from probekit.data.sets import SETS
-from probekit.errors import ProbekitError
+from probekit.errors import OptionError, ProbekitError
 from probekit.report import compare_plots
 from probekit.report.build import ProgressFn, ReportFiles, _jsonable, _Ticker, check_settings, write_report_dir
 from probekit.report.compare_plots import method_order
@@ -74,7 +74,7 @@ from probekit.report.tables import (
     sgr_flagged,
     to_markdown,
 )
-from probekit.store.results import Results, cache_hash
+from probekit.store.results import METHODS, Results, cache_hash
 
 FORMAT = "probekit-comparison/1"
 #: Methods whose heads are training draws of :func:`probekit.probe.plan.plan`: runs of these
@@ -319,6 +319,8 @@ def build_comparison(
     if len(results_dirs) < 2:
         raise ProbekitError("a comparison needs at least two results directories")
     check_settings(n_boot, n_boot_sgr, seed, zero_weights)
+    if baseline is not None and baseline not in METHODS:
+        raise OptionError("baseline", baseline, f"one of the methods {', '.join(METHODS)}")
     runs = _load_runs(results_dirs, zero_weights)
     names = [baseline] if baseline else [ZERO_SHOT, COT_BASELINE]
     heads = _heads(runs, names, site, layer, solver)
