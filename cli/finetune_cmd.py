@@ -10,7 +10,10 @@ from rich.text import Text
 
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
-from probekit.cli.sweep_cmd import _cutoffs, _floats, _ints
+from probekit.cli.sweep_cmd import _cutoffs, _floats, _ints, _items
+
+#: Library settings named otherwise on this command (the others are --name-with-dashes).
+OPTIONS = {"r": "--lora-r {value}", "alpha": "--lora-alpha {value}", "dropout": "--lora-dropout {value}"}
 
 
 class _UpdateRate(ProgressColumn):
@@ -82,10 +85,7 @@ def finetune_cmd(
     from probekit.finetune import Recipe, finetune
     from probekit.store import Cache
 
-    def _names(text: str | None) -> list[str] | None:
-        return [x.strip() for x in text.split(",") if x.strip()] if text else None
-
-    with clean_errors():
+    with clean_errors(OPTIONS):
         recipe = Recipe(r=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, lr=lr,
                         weight_decay=weight_decay, final_lr_fraction=final_lr_fraction, max_grad_norm=max_grad_norm,
                         max_batch=max_batch, epochs=epochs, min_updates=min_updates, micro_batch=micro_batch,
@@ -109,9 +109,10 @@ def finetune_cmd(
                     console.print(f"{fields['name']}: scored {fields['items']} items", highlight=False)
 
             record = finetune(
-                cache, items, out, model, experiment=experiment, measures=_names(measures),
+                cache, items, out, model, experiment=experiment, measures=_items(measures, "--measures"),
                 n_train=_ints(n_train, "--n-train"), label_noise=_floats(label_noise, "--label-noise"), draws=draws,
-                seed=seed, levels=_names(levels), test_levels=_names(test_levels), cutoffs=_cutoffs(cutoff),
+                seed=seed, levels=_items(levels, "--levels"), test_levels=_items(test_levels, "--test-levels"),
+                cutoffs=_cutoffs(cutoff),
                 recipe=recipe, quantize=quantize, dtype=dtype, device=device, zero_shot=zero_shot,
                 save_adapters=save_adapters, verify=verify, progress=progress,
             )

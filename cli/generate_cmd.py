@@ -45,7 +45,13 @@ def generate_cmd(
       probekit generate -d gsm8k --data-dir ../shared/data --n-test 150 --finetune easy,hard --n-train 8 \\
           --out results/gsm8k-qlora-cot
     """
-    with clean_errors():
+    import dataclasses
+
+    from probekit.finetune.recipe import Recipe
+
+    # fine-tuning settings come as --recipe KEY=VALUE, but for --min-updates
+    options = {f.name: f"--recipe {f.name}={{value}}" for f in dataclasses.fields(Recipe) if f.name != "min_updates"}
+    with clean_errors(options):
         from probekit.cot.run import generate_cot, parse_levels
         from probekit.data import load_dataset
         from probekit.extract.models import ModelSpec
