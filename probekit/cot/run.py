@@ -233,7 +233,8 @@ def generate_cot(
 
         spec = (model if isinstance(model, ModelSpec) else ModelSpec(model=model, dtype=dtype, device=device)).resolved()
         check_trainable(spec.quantize, spec.device)
-    with OutputDir(out, (), "generation folder", own=is_generation_entry, share=True):  # locked before the model loads
+    with OutputDir(out, (), "generation folder", own=is_generation_entry, share=True,
+                   exclusive=True):  # locked before the model loads
         refuse_other_run(out, "generate", "generation folder")
         lm = prepare_model(model, dtype=dtype, device=device, cache_root=cache_root)
         header = {

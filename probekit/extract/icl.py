@@ -255,7 +255,8 @@ def extract_icl(
                 bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype)
     out = Path(out_dir)
     # The folder's lock is taken before the model loads; the writer below shares it.
-    with OutputDir(out, (), "ICL score folder", lock_file=lock_name(rank), own=is_icl_entry, share=True):
+    with OutputDir(out, (), "ICL score folder", lock_file=lock_name(rank), own=is_icl_entry, share=True,
+                   exclusive=True):
         return _extract_icl_locked(items, out, model, table, rows, demo_sets, icl, demos_items, batch_size, rank,
                                    world, local, progress,
                                    dict(dtype=dtype, quantize=quantize, device=device, device_map=device_map,

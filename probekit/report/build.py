@@ -227,11 +227,12 @@ def is_report_entry(name: str) -> bool:
 
 
 @contextmanager
-def holding_report(out: str | Path) -> Iterator[OutputDir]:
+def holding_report(out: str | Path, exclusive: bool = True) -> Iterator[OutputDir]:
     """Hold report directory ``out`` from the start of a report (before the results are read):
     refuses a directory holding anything but a report (a results directory, say) and one another
-    process is writing, in one line; :func:`write_report_dir` inside shares the lock."""
-    with OutputDir(out, (), "report output", own=is_report_entry, share=True) as held:
+    process is writing, in one line; :func:`write_report_dir` inside shares the lock
+    (``exclusive=False``: a writer inside a holder of this process)."""
+    with OutputDir(out, (), "report output", own=is_report_entry, share=True, exclusive=exclusive) as held:
         yield held
 
 
@@ -242,7 +243,7 @@ def write_report_dir(out: Path, summary: dict, write_files: Callable[[Path], lis
     (:func:`probekit.store.outdir.replace_dir`), under ``out``'s lock, and the old report is
     deleted. A kill at any moment leaves the old report or the new one, never a mix; the next
     report removes what a killed one left beside ``out``."""
-    with holding_report(out):  # refuses a report directory another writer holds
+    with holding_report(out, exclusive=False):  # refuses a report directory another writer holds
         remove_temporaries(out.parent, [out.name])  # a killed run's temporary directory
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

@@ -34,14 +34,15 @@ def check_hardness_target(path: Path) -> None:
 
 
 @contextmanager
-def holding_hardness(path: str | os.PathLike) -> Iterator[OutputDir]:
+def holding_hardness(path: str | os.PathLike, exclusive: bool = True) -> Iterator[OutputDir]:
     """Hold the lock of hardness file ``path`` for the block, from the start of a command (folders
     created as needed, and removed again if the block fails before the file is written); a second
-    writer of the same file is refused with one line, and :func:`write_hardness` inside shares it."""
+    writer of the same file is refused with one line, and :func:`write_hardness` inside shares it
+    (``exclusive=False``: a writer inside a holder of this process)."""
     path = Path(path)
     check_hardness_target(path)
     with OutputDir(path.parent, (path.name,), f"hardness scores {path.name} in", lock_file=f".{path.name}.lock",
-                   share=True) as d:
+                   share=True, exclusive=exclusive) as d:
         yield d
 
 
@@ -49,7 +50,7 @@ def write_hardness(path: str | os.PathLike, record: Mapping[str, Any]) -> Path:
     """Write ``record`` to ``path`` atomically under the file's lock (folders created as needed);
     returns the path."""
     path = Path(path)
-    with holding_hardness(path) as d:
+    with holding_hardness(path, exclusive=False) as d:
         d.write_json(path.name, dict(record), indent=1, allow_nan=True)
     return path
 

@@ -89,14 +89,15 @@ def write_error(exc: BaseException, path: Path, needed: int | None = None) -> Pr
     return ProbekitError(f"cannot write {path} ({reason})")
 
 
-def take_dir_lock(directory: Path, lock_file: str = LOCK, what: str = "directory") -> int:
+def take_dir_lock(directory: Path, lock_file: str = LOCK, what: str = "directory", reuse: bool = True) -> int:
     """Take the non-blocking lock ``DIR/<lock_file>``, note our pid in it; return its descriptor.
 
     Raises one line naming ``what`` and the directory when another process holds it. When an
-    entered :class:`OutputDir` of this process holds the lock with ``share=True``, returns a duplicate of its
-    descriptor (closing it keeps the lock held).
+    entered :class:`OutputDir` of this process holds the lock with ``share=True`` (and ``reuse``),
+    returns a duplicate of its descriptor (closing it keeps the lock held); with ``reuse=False`` it
+    is refused like any other holder's.
     """
-    held = _HELD.get(_lock_key(Path(directory), lock_file))
+    held = _HELD.get(_lock_key(Path(directory), lock_file)) if reuse else None
     if held is not None:
         return os.dup(held)
     path = Path(directory) / lock_file
@@ -199,14 +200,17 @@ class OutputDir:
     ``disposable(entry)``: entries that do not count as written output (a cache's manifest before
     its first shard, say); a directory this block created and that holds nothing else when the
     block fails is removed with them, unless another writer holds one of its locks.
+    ``exclusive=True`` (a command holding its output from its start): refused even when this
+    process already holds the lock, so a second command run inside the first is refused too.
     """
 
     def __init__(self, path: str | os.PathLike, names: Iterable[str], what: str = "output directory",
                  lock_file: str = LOCK, own: Callable[[str], bool] | None = None, share: bool = False,
-                 disposable: Callable[[str], bool] | None = None) -> None:
+                 disposable: Callable[[str], bool] | None = None, exclusive: bool = False) -> None:
         self.path = Path(path)
         self.own = own
         self.disposable = disposable
+        self.exclusive = exclusive
         self.share = share
         self.names = tuple(names)
         self.what = what
@@ -229,7 +233,7 @@ class OutputDir:
         except OSError as exc:
             raise ProbekitError(f"cannot create {self.what} {self.path} ({exc.strerror})") from None
         try:
-            self._fd = take_dir_lock(self.path, self.lock_file, self.what)
+            self._fd = take_dir_lock(self.path, self.lock_file, self.what, reuse=not self.exclusive)
         except BaseException:
             self._remove_if_created()
             raise

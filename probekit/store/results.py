@@ -159,7 +159,8 @@ def holding_results(out: str | os.PathLike, kind: str, rank: int | None = None) 
     A :class:`ResultsWriter` inside the block shares the lock; a directory created here is removed
     again when the block fails before anything was committed into it."""
     lock = LOCK if rank is None else lock_name(rank)
-    with OutputDir(out, (), "results directory", lock_file=lock, own=is_results_entry, share=True) as held:
+    with OutputDir(out, (), "results directory", lock_file=lock, own=is_results_entry, share=True,
+                   exclusive=True) as held:
         refuse_other_run(out, kind)
         yield held
 

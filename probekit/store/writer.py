@@ -106,7 +106,7 @@ def holding_cache(out_dir: str | os.PathLike, rank: int = 0):
     out_dir = Path(out_dir)
     if out_dir.is_dir():
         refuse_non_cache(out_dir)
-    with OutputDir(out_dir, (), "cache", lock_file=lock_name(rank), share=True,
+    with OutputDir(out_dir, (), "cache", lock_file=lock_name(rank), share=True, exclusive=True,
                    disposable=lambda e: e in (MANIFEST, VERIFIED) or is_temporary(e, MANIFEST)) as held:
         yield held
 
