@@ -512,7 +512,7 @@ def check_values(table: pd.DataFrame, path: str | os.PathLike, p_gold: Any = Non
         refuse(bad, "correct", "0 or 1")
     if p_gold is not None:
         p = pd.to_numeric(pd.Series(np.asarray(p_gold)), errors="coerce").to_numpy(float)
-        free = table["method"].astype(str).isin(NO_P_GOLD).to_numpy()
+        free = np.asarray(table["method"].isin(NO_P_GOLD), dtype=bool)
         bad = np.where(np.isnan(p), ~free, ~((p >= 0) & (p <= 1)))
         if bad.any():
             refuse(bad, "p_gold", f"a probability in [0, 1] (NaN only for {', '.join(NO_P_GOLD)} rows, which "
