@@ -10,7 +10,7 @@ from rich.text import Text
 
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
-from probekit.cli.sweep_cmd import _cutoffs, _floats, _ints, _items
+from probekit.cli.sweep_cmd import _cutoffs, _ints, _items, _noise
 
 #: Library settings named otherwise on this command (the others are --name-with-dashes).
 OPTIONS = {"r": "--lora-r {value}", "alpha": "--lora-alpha {value}", "dropout": "--lora-dropout {value}"}
@@ -39,7 +39,8 @@ def finetune_cmd(
     levels: str | None = typer.Option(None, "--levels", help="Training levels, e.g. easy,hard (default: all)."),
     test_levels: str | None = typer.Option(None, "--test-levels", help="Score only these levels, e.g. hard."),
     n_train: str = typer.Option("160", "--n-train", help="Training size(s)."),
-    label_noise: str = typer.Option("0,0.05,0.1,0.2,0.3", "--label-noise", help="Noise rates for label_noise."),
+    label_noise: str | None = typer.Option(None, "--label-noise", help="Noise rates for --experiment label_noise "
+                                                                       "(default 0,0.05,0.1,0.2,0.3)."),
     draws: int = typer.Option(5, "--draws", help="Training draws per condition."),
     seed: int = typer.Option(0, "--seed", help="Seed of draws (as the sweep), adapters and data order."),
     cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule, as for sweep (repeatable)."),
@@ -110,7 +111,7 @@ def finetune_cmd(
 
             record = finetune(
                 cache, items, out, model, experiment=experiment, measures=_items(measures, "--measures"),
-                n_train=_ints(n_train, "--n-train"), label_noise=_floats(label_noise, "--label-noise"), draws=draws,
+                n_train=_ints(n_train, "--n-train"), label_noise=_noise(label_noise, experiment), draws=draws,
                 seed=seed, levels=_items(levels, "--levels"), test_levels=_items(test_levels, "--test-levels"),
                 cutoffs=_cutoffs(cutoff),
                 recipe=recipe, quantize=quantize, dtype=dtype, device=device, zero_shot=zero_shot,

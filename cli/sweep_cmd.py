@@ -68,6 +68,18 @@ def _floats(text: str, name: str) -> list[float]:
     return values
 
 
+#: The label-noise rates of the label_noise experiment when --label-noise is not given.
+DEFAULT_NOISE = "0,0.05,0.1,0.2,0.3"
+
+
+def _noise(text: str | None, experiment: str) -> list[float]:
+    """--label-noise: the rates of the label_noise experiment (default :data:`DEFAULT_NOISE`); refused with
+    another experiment, which draws no noisy labels."""
+    if text is not None and experiment != "label_noise":
+        raise ProbekitError(f"--label-noise {text}: applies to --experiment label_noise only")
+    return _floats(DEFAULT_NOISE if text is None else text, "--label-noise")
+
+
 def _cutoffs(items: list[str]) -> dict:
     from probekit.data.levels import parse_cutoff
 
@@ -101,8 +113,9 @@ def sweep_cmd(
                                                           "(multinomial head)."),
     solver: str = typer.Option("paper", "--solver", help=_SOLVER_HELP),
     n_train: str = typer.Option("160", "--n-train", help="Training size, or sizes for learning curves (10,20,40)."),
-    label_noise: str = typer.Option("0,0.05,0.1,0.2,0.3", "--label-noise",
-                                    help="Noise rates p for label_noise (hard items get 2p)."),
+    label_noise: str | None = typer.Option(None, "--label-noise",
+                                           help="Noise rates p for --experiment label_noise (hard items get 2p); "
+                                                "default 0,0.05,0.1,0.2,0.3."),
     draws: int = typer.Option(5, "--draws", help="Training draws per condition."),
     seed: int = typer.Option(0, "--seed", help="Seed of draws, label noise and initialisations."),
     pad: str = typer.Option("mask", "--pad", help="mask padded choices, or zero: the protocol's zero-padding."),
@@ -132,7 +145,7 @@ def sweep_cmd(
 
     with clean_errors():
         sizes = _ints(n_train, "--n-train")
-        noise = _floats(label_noise, "--label-noise")
+        noise = _noise(label_noise, experiment)
         chosen = _items(measures, "--measures")
         with _bar() as bar:
             task = bar.add_task("fit", total=None, layer="")

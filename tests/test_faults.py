@@ -797,6 +797,8 @@ MEANINGLESS = {
                                  "--n-train '40,,16': item 2 of 3 is empty"),
     "sweep-label-noise-empty-item": (["sweep", "{cache}", "--out", "{out}", *SMALL, "--experiment", "label_noise",
                                       "--label-noise", "0.1,,0.2"], "--label-noise '0.1,,0.2': item 2 of 3 is empty"),
+    "sweep-label-noise-without-its-experiment": (["sweep", "{cache}", "--out", "{out}", *SMALL, "--label-noise", "0.3"],
+                                                 "--label-noise 0.3: applies to --experiment label_noise only"),
 }
 
 

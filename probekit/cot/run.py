@@ -227,12 +227,12 @@ def generate_cot(
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out_dir)
-    check_model(model, dtype=dtype, device=device)
     if tune_levels and not isinstance(model, LoadedModel):  # a base that cannot be trained, before it loads
         from probekit.finetune.train import check_trainable
 
         spec = (model if isinstance(model, ModelSpec) else ModelSpec(model=model, dtype=dtype, device=device)).resolved()
         check_trainable(spec.quantize, spec.device)
+    check_model(model, dtype=dtype, device=device)
     with OutputDir(out, (), "generation folder", own=is_generation_entry, share=True,
                    exclusive=True):  # locked before the model loads
         refuse_other_run(out, "generate", "generation folder")

@@ -195,8 +195,8 @@ def finetune(
 
         wanted = model if isinstance(model, ModelSpec) else ModelSpec(dtype=dtype, device=device)
         wanted = replace(wanted, quantize=resolve_quantize(quantize, wanted.device)).resolved(local, world)
-        wanted.check_available()
         check_trainable(wanted.quantize, wanted.device)
+        wanted.check_available()
     with holding_results(out, "finetune", rank):  # locked before the cache is verified or the model loads
         cache = open_cache(cache, verify)
         dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
