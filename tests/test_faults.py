@@ -831,9 +831,10 @@ def test_a_meaningless_run_is_refused_in_one_line(name, swept_cache, swept_resul
     (lambda r: {**r, "choices": ["a", 2, "c"]}, "row 3: choice 1 is 2, not a text (quote it)"),
     (lambda r: {**r, "choices": ["a", None, "c"]}, "row 3: choice 1 is null, not a text"),
     (lambda r: {**r, "choices": ["a", "a", "c"]}, "row 3: choice 'a' appears more than once"),
+    (lambda r: {**r, "choices": ["a", "  ", "c"]}, "row 3: choice 1 is blank"),
     (lambda r: {**r, "label": True}, "row 3: label True is neither"),
 ], ids=["one-choice", "null-question", "number-question", "number-choice", "null-choice", "repeated-choice",
-        "bool-label"])
+        "blank-choice", "bool-label"])
 def test_a_users_item_without_two_text_choices_and_a_question_is_refused(tmp_path, change, message):
     path = _user_file(tmp_path / "mine.jsonl", change)
     for args in (["datasets", "show", str(path)],

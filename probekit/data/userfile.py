@@ -103,6 +103,8 @@ def _choices(row: pd.Series, choice_cols: list[str], where: str) -> list[str]:
         for j, c in enumerate(value):
             if not isinstance(c, str):
                 raise ProbekitError(f"{where}: choice {j} is {json.dumps(c, default=str)[:40]}, not a text (quote it)")
+            if not c.strip():
+                raise ProbekitError(f"{where}: choice {j} is blank")
         return [str(c) for c in value]
     out = []
     for col in choice_cols:
