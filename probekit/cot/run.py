@@ -201,6 +201,8 @@ def generate_cot(
     for name, value in (("k", k), ("draws", draws), ("batch_size", batch_size), ("n_train", n_train)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
     if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                        or max_new_tokens < 1):
         raise OptionError("max_new_tokens", max_new_tokens, "a positive integer")
@@ -224,8 +226,6 @@ def generate_cot(
         _check_reasoning(items, d, "training")
     units = [(c, b) for b in range(draws) for c in conds if c != ZERO_SHOT or b == 0]
     units += [(tune.condition(lv), b) for b in range(draws) for lv in tune_levels]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
     out = Path(out_dir)
     if tune_levels and not isinstance(model, LoadedModel):  # a base that cannot be trained, before it loads
         from probekit.finetune.train import check_trainable
