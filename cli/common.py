@@ -36,7 +36,9 @@ def clean_errors(options: Mapping[str, str] | None = None) -> Iterator[None]:
     try:
         yield
     except OptionError as exc:
-        fail(f"{option_flag(exc.name, options).format(value=exc.value)}: must be {exc.rule}")
+        value = exc.value
+        shown = repr(value) if isinstance(value, str) and (not value or value != value.strip()) else value
+        fail(f"{option_flag(exc.name, options).format(value=shown)}: must be {exc.rule}")
     except ProbekitError as exc:
         fail(str(exc))
     except OSError as exc:

@@ -233,6 +233,7 @@ def generate_cot(
         spec = (model if isinstance(model, ModelSpec) else ModelSpec(model=model, dtype=dtype, device=device)).resolved()
         check_trainable(spec.quantize, spec.device)
     check_model(model, dtype=dtype, device=device)
+    refuse_other_run(out, "generate", "generation folder")  # before a lock file is made in it
     with OutputDir(out, (), "generation folder", own=is_generation_entry, share=True,
                    exclusive=True):  # locked before the model loads
         refuse_other_run(out, "generate", "generation folder")

@@ -18,9 +18,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from probekit.data.draws import train_draw
+from probekit.data.draws import rng_for, train_draw
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
+from probekit.layers import parse as parse_layers
 from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, prepare
 from probekit.probe.plan import item_frame, layer_label
 from probekit.probe.sweep import SITE_HEAD, Progress, compile_first, open_cache, read_features
@@ -58,6 +59,11 @@ def hardness(
         raise ProbekitError(f"hardness draws must be a positive integer, got {draws!r}")
     if out is not None:
         check_hardness_target(Path(out))  # before the fits, not after
+    if site not in SITE_HEAD:
+        raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
+    cfg = ProbeConfig(head=SITE_HEAD[site], solver=solver, pad=pad)  # bad settings refused before the cache is read
+    parse_layers(layers)
+    rng_for(seed, 0, "mdl/holdout")
     root = cache.path if isinstance(cache, Cache) else Path(cache)
     if out is None and not root.is_dir():
         cache = Cache(cache)  # its one line: no such cache, or a file
@@ -74,7 +80,6 @@ def hardness(
         if len(frame.holdout) == 0:
             raise ProbekitError(f"cache {cache.path} has no hold-out items (pool == 'holdout') to fit hardness probes on")
         sets = feature_sets(layers, cache.manifest.get("model", {}).get("n_layers"), cache.layers)
-        cfg = ProbeConfig(head=SITE_HEAD[site], solver=solver, pad=pad)
         pools = [train_draw(frame.holdout, sizes[-1], seed=seed, draw=b, key="mdl/holdout") for b in range(draws)]
         compile_first(cache, frame.n_choices, [np.stack([pool[:n] for pool in pools]) for n in sizes], [cfg], sets, devices)
         total = len(sets) * len(sizes) * draws

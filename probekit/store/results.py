@@ -145,6 +145,8 @@ def run_kind(config: Mapping[str, Any] | None) -> str | None:
 
 def refuse_other_run(out: str | os.PathLike, kind: str, what: str = "results directory") -> None:
     """One line when ``out`` holds the results of another kind of run than ``kind``."""
+    if not Path(out).is_dir():
+        return
     found = run_kind(read_config(out))
     if found is not None and found != kind:
         raise ProbekitError(f"{what} {out} holds another run ({RUN_KINDS[found]}'s results); "
@@ -159,9 +161,10 @@ def holding_results(out: str | os.PathLike, kind: str, rank: int | None = None) 
     A :class:`ResultsWriter` inside the block shares the lock; a directory created here is removed
     again when the block fails before anything was committed into it."""
     lock = LOCK if rank is None else lock_name(rank)
+    refuse_other_run(out, kind)  # before a lock file is made in another run's directory
     with OutputDir(out, (), "results directory", lock_file=lock, own=is_results_entry, share=True,
                    exclusive=True) as held:
-        refuse_other_run(out, kind)
+        refuse_other_run(out, kind)  # and again, now that no other writer can change it
         yield held
 
 
