@@ -60,10 +60,10 @@ def extract_cmd(
     limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
     template: str | None = typer.Option(None, "--template", help="Prompt template instead of the set's: cloze (\"Question: {q}\\nAnswer:\", no choices listed), 0040, 0306."),
     icl: int | None = typer.Option(None, "--icl", help="Score k-shot prompts with K demonstrations instead of caching hidden states."),
-    demos_from: str = typer.Option("easy", "--demos-from", help="Level the ICL demonstrations come from: easy | medium | "
-                                   "hard | all (every probe item)."),
-    measure: str = typer.Option("grade", "--measure", help="Difficulty measure that defines the ICL level (and the "
-                                "test levels)."),
+    demos_from: str | None = typer.Option(None, "--demos-from", help="Level the ICL demonstrations come from: easy "
+                                          "(default) | medium | hard | all (every probe item)."),
+    measure: str | None = typer.Option(None, "--measure", help="Difficulty measure that defines the ICL level (and "
+                                       "the test levels); default grade."),
     demos_dataset: str | None = typer.Option(None, "--demos-dataset", help="Take the ICL demonstrations from this "
                                              "question set's --demos-from level (e.g. arc), scoring --dataset."),
     demos_cutoff: str | None = typer.Option(None, "--demos-cutoff", help="ICL: cut the demonstrations' measure "
@@ -74,8 +74,8 @@ def extract_cmd(
                                              "levels (default: --measure)."),
     test_levels: str | None = typer.Option(None, "--test-levels", help="ICL: score only the probe items at these "
                                            "levels of --measure, e.g. hard."),
-    draws: int = typer.Option(5, "--draws", help="ICL draws of demonstrations."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the ICL draws."),
+    draws: int | None = typer.Option(None, "--draws", help="ICL draws of demonstrations (default 5)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of the ICL draws (default 0)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
@@ -110,8 +110,19 @@ def extract_cmd(
         spec = ModelSpec(model=model, dtype=dtype, quantize=quantize, bnb_4bit_type=bnb_4bit_type, device=device,
                          device_map=device_map, threads=threads)  # "auto" is settled when it loads
         spec.validate()
-        if icl is None and (demos_dataset or demos_measure or test_levels or demos_cutoff):
-            raise ProbekitError("--demos-dataset, --demos-measure, --demos-cutoff and --test-levels apply to --icl K only")
+        icl_only = {"--demos-dataset": demos_dataset, "--demos-measure": demos_measure, "--test-levels": test_levels,
+                    "--demos-from": demos_from, "--measure": measure, "--draws": draws, "--seed": seed,
+                    "--demos-cutoff": demos_cutoff}
+        given = [name for name, value in icl_only.items() if value is not None]
+        if icl is None and given:
+            raise ProbekitError(f"{' '.join(f'{n} {icl_only[n]}' for n in given)}: "
+                                f"{'applies' if len(given) == 1 else 'apply'} to --icl K only (an extraction draws "
+                                "no demonstrations)")
+        levels = [x.strip() for x in test_levels.split(",") if x.strip()] if test_levels is not None else None
+        if test_levels is not None and not levels:
+            raise ProbekitError(f"--test-levels {test_levels!r}: name at least one level (easy, medium, hard)")
+        demos_from, measure = demos_from or "easy", measure or "grade"
+        draws, seed = 5 if draws is None else draws, 0 if seed is None else seed
         cut = None
         if demos_cutoff is not None:
             from probekit.data.levels import parse_cutoff
@@ -121,7 +132,6 @@ def extract_cmd(
                 raise ProbekitError(f"--demos-cutoff {demos_cutoff!r}: expected {demos_measure or measure}=EASY_MAX,"
                                     "HARD_MIN or =qLO,qHI, naming the demonstrations' measure")
             cut = parse_cutoff(rule)
-        levels = [x.strip() for x in test_levels.split(",") if x.strip()] if test_levels else None
         items = load_dataset(dataset, data_dir=data_dir)
         demos = load_dataset(demos_dataset, data_dir=data_dir) if demos_dataset else None
         target = out or _default_out(model, quantize, bnb_4bit_type, items.name if Path(dataset).suffix == "" else Path(dataset).stem,

@@ -10,7 +10,10 @@ from rich.text import Text
 
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
-from probekit.cli.sweep_cmd import _cutoffs, _floats, _ints
+from probekit.cli.sweep_cmd import _cutoffs, _ints, _items, _noise
+
+#: Library settings named otherwise on this command (the others are --name-with-dashes).
+OPTIONS = {"r": "--lora-r {value}", "alpha": "--lora-alpha {value}", "dropout": "--lora-dropout {value}"}
 
 
 class _UpdateRate(ProgressColumn):
@@ -36,7 +39,8 @@ def finetune_cmd(
     levels: str | None = typer.Option(None, "--levels", help="Training levels, e.g. easy,hard (default: all)."),
     test_levels: str | None = typer.Option(None, "--test-levels", help="Score only these levels, e.g. hard."),
     n_train: str = typer.Option("160", "--n-train", help="Training size(s)."),
-    label_noise: str = typer.Option("0,0.05,0.1,0.2,0.3", "--label-noise", help="Noise rates for label_noise."),
+    label_noise: str | None = typer.Option(None, "--label-noise", help="Noise rates for --experiment label_noise "
+                                                                       "(default 0,0.05,0.1,0.2,0.3)."),
     draws: int = typer.Option(5, "--draws", help="Training draws per condition."),
     seed: int = typer.Option(0, "--seed", help="Seed of draws (as the sweep), adapters and data order."),
     cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule, as for sweep (repeatable)."),
@@ -84,10 +88,7 @@ def finetune_cmd(
     from probekit.finetune import Recipe, finetune
     from probekit.store import Cache
 
-    def _names(text: str | None) -> list[str] | None:
-        return [x.strip() for x in text.split(",") if x.strip()] if text else None
-
-    with clean_errors():
+    with clean_errors(OPTIONS):
         recipe = Recipe(r=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, lr=lr,
                         weight_decay=weight_decay, final_lr_fraction=final_lr_fraction, max_grad_norm=max_grad_norm,
                         max_batch=max_batch, epochs=epochs, min_updates=min_updates, micro_batch=micro_batch,
@@ -111,9 +112,10 @@ def finetune_cmd(
                     console.print(f"{fields['name']}: scored {fields['items']} items", highlight=False)
 
             record = finetune(
-                cache, items, out, model, experiment=experiment, measures=_names(measures),
-                n_train=_ints(n_train, "--n-train"), label_noise=_floats(label_noise, "--label-noise"), draws=draws,
-                seed=seed, levels=_names(levels), test_levels=_names(test_levels), cutoffs=_cutoffs(cutoff),
+                cache, items, out, model, experiment=experiment, measures=_items(measures, "--measures"),
+                n_train=_ints(n_train, "--n-train"), label_noise=_noise(label_noise, experiment), draws=draws,
+                seed=seed, levels=_items(levels, "--levels"), test_levels=_items(test_levels, "--test-levels"),
+                cutoffs=_cutoffs(cutoff),
                 recipe=recipe, quantize=quantize, dtype=dtype, device=device, device_map=device_map,
                 zero_shot=zero_shot,
                 save_adapters=save_adapters, verify=verify, progress=progress,

@@ -51,7 +51,13 @@ def generate_cmd(
     Under torchrun each rank generates its own units (or slices of units, when there are fewer units
     than ranks) into OUT; the last rank to finish merges them into the files one process writes.
     """
-    with clean_errors():
+    import dataclasses
+
+    from probekit.finetune.recipe import Recipe
+
+    # fine-tuning settings come as --recipe KEY=VALUE, but for --min-updates
+    options = {f.name: f"--recipe {f.name}={{value}}" for f in dataclasses.fields(Recipe) if f.name != "min_updates"}
+    with clean_errors(options):
         from probekit.cot.run import generate_cot, parse_levels
         from probekit.data import load_dataset
         from probekit.extract.models import ModelSpec

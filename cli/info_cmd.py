@@ -88,6 +88,9 @@ def info(
         problems = cache.verify(on_shard=lambda k: bar.advance(task, shard_bytes.get(k, 0)))
     for line in problems:
         console.print(f"bad: {line}", markup=False, highlight=False, soft_wrap=True)
+    for name in cache.stray_shards():
+        console.print(f"note: {name} is not listed in the manifest (left by another run, or copied in): it is never "
+                      "read; delete it", markup=False, highlight=False, soft_wrap=True)
     if problems:
         console.print(f"{len(problems)} of {cache.n_shards} shards are bad", markup=False, highlight=False)
         raise typer.Exit(1)

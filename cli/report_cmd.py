@@ -20,7 +20,9 @@ from rich.text import Text
 
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
+from probekit.errors import ProbekitError
 from probekit.report import build_report
+from probekit.report.build import holding_report
 from probekit.report.compare import build_comparison, comparison_order
 from probekit.report.tables import (
     NOT_ESTIMABLE,
@@ -85,7 +87,10 @@ def report(
     """
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with clean_errors(), Progress(*columns, console=console, transient=True) as bar:
+    with clean_errors(), holding_report(out), Progress(*columns, console=console, transient=True) as bar:
+        if baseline is not None and len(results_dirs) == 1:
+            raise ProbekitError(f"--baseline {baseline}: a baseline is shared by the methods of a comparison; give "
+                                "several results directories, or leave --baseline out")
         task = bar.add_task("bootstrapping", total=None)
 
         def progress(done: int, total: int, what: str) -> None:

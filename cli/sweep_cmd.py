@@ -36,18 +36,48 @@ def _bar() -> Progress:
     )
 
 
+def _items(text: str | None, name: str) -> list[str] | None:
+    """A comma-separated option as its items (None when not given); an empty item (``100,,16``, a
+    comma at either end, an empty option) is refused, as the layer grammar refuses it."""
+    if text is None:
+        return None
+    parts = [x.strip() for x in text.split(",")]
+    if not any(parts):
+        raise ProbekitError(f"{name} {text!r}: name at least one item (comma-separated)")
+    if not all(parts):
+        where = 1 + parts.index("")
+        raise ProbekitError(f"{name} {text!r}: item {where} of {len(parts)} is empty; separate items by single commas")
+    return parts
+
+
 def _ints(text: str, name: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in _items(text, name)]
     except ValueError:
         raise ProbekitError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 def _floats(text: str, name: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in _items(text, name)]
     except ValueError:
         raise ProbekitError(f"{name} must be comma-separated numbers, got {text!r}") from None
+    bad = [x for x in values if x != x or x in (float("inf"), float("-inf"))]
+    if bad:
+        raise ProbekitError(f"{name} must be finite numbers, got {text!r}")
+    return values
+
+
+#: The label-noise rates of the label_noise experiment when --label-noise is not given.
+DEFAULT_NOISE = "0,0.05,0.1,0.2,0.3"
+
+
+def _noise(text: str | None, experiment: str) -> list[float]:
+    """--label-noise: the rates of the label_noise experiment (default :data:`DEFAULT_NOISE`); refused with
+    another experiment, which draws no noisy labels."""
+    if text is not None and experiment != "label_noise":
+        raise ProbekitError(f"--label-noise {text}: applies to --experiment label_noise only")
+    return _floats(DEFAULT_NOISE if text is None else text, "--label-noise")
 
 
 def _cutoffs(items: list[str]) -> dict:
@@ -83,8 +113,9 @@ def sweep_cmd(
                                                           "(multinomial head)."),
     solver: str = typer.Option("paper", "--solver", help=_SOLVER_HELP),
     n_train: str = typer.Option("160", "--n-train", help="Training size, or sizes for learning curves (10,20,40)."),
-    label_noise: str = typer.Option("0,0.05,0.1,0.2,0.3", "--label-noise",
-                                    help="Noise rates p for label_noise (hard items get 2p)."),
+    label_noise: str | None = typer.Option(None, "--label-noise",
+                                           help="Noise rates p for --experiment label_noise (hard items get 2p); "
+                                                "default 0,0.05,0.1,0.2,0.3."),
     draws: int = typer.Option(5, "--draws", help="Training draws per condition."),
     seed: int = typer.Option(0, "--seed", help="Seed of draws, label noise and initialisations."),
     pad: str = typer.Option("mask", "--pad", help="mask padded choices, or zero: the protocol's zero-padding."),
@@ -125,9 +156,9 @@ def sweep_cmd(
 
     with clean_errors():
         sizes = _ints(n_train, "--n-train")
-        noise = _floats(label_noise, "--label-noise")
+        noise = _noise(label_noise, experiment)
         grid_C, grid_l2 = _floats(C, "--C"), _floats(l2, "--l2")
-        chosen = [m.strip() for m in measures.split(",") if m.strip()] if measures else None
+        chosen = _items(measures, "--measures")
         with _bar() as bar:
             task = bar.add_task("fit", total=None, layer="")
 

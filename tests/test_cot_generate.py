@@ -164,7 +164,9 @@ def test_errors_are_one_line(tmp_path, lm, gsm8k):
     from probekit.data import load_dataset
 
     arc = load_dataset("bundled")
-    with pytest.raises(ProbekitError, match="no reasoning text; k-shot chain-of-thought demonstrations need it"):
+    with pytest.raises(ProbekitError, match="dataset arc-sample has no reasoning text: chain-of-thought generation "
+                                            "is for sets with worked reasoning .*; score multiple-choice items with "
+                                            "`probekit extract`"):
         generate_cot(arc, tmp_path / "x", lm, conditions="easy", k=2, measure="grade", n_test=3, progress=False)
     with pytest.raises(ProbekitError, match=r"k = 1000000 demonstrations but level 'easy' of 'num_steps' has only \d+ items"):
         generate_cot(gsm8k, tmp_path / "y", lm, conditions="easy", k=1_000_000, n_test=3, progress=False)

@@ -221,7 +221,7 @@ def test_finetune_errors_are_one_line(tmp_path, lm, gsm8k):
     from probekit.data import load_dataset
 
     arc = load_dataset("bundled")
-    with pytest.raises(ProbekitError, match="no reasoning text; fine-tuning on chains of thought needs it"):
+    with pytest.raises(ProbekitError, match="dataset arc-sample has no reasoning text"):
         generate_cot(arc, tmp_path / "x", lm, conditions=None, finetune="easy", n_train=2, measure="grade", n_test=3,
                      progress=False)
     with pytest.raises(ProbekitError, match=r"n_train = 1000000 training items but level 'hard'"):

@@ -176,7 +176,7 @@ def test_user_jsonl_and_csv(tmp_path):
     ('{"question": "Q?", "choices": [], "label": 0}', "row 1: no choices"),
     ('{"question": "Q?", "choices": ["a", "b"], "label": 5}', "label 5 outside its 2 choices"),
     ('{"question": "Q?", "label": 0}', "no 'choices' column"),
-    ('{"question": "Q?", "choices": ["a"], "label": "zzz"}', "label 'zzz' is neither"),
+    ('{"question": "Q?", "choices": ["a", "b"], "label": "zzz"}', "label 'zzz' is neither"),
 ])
 def test_user_file_errors(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"

@@ -161,7 +161,7 @@ def test_icl_pool_options_are_checked_in_one_line(tmp_path, demo_items):
 
     runner = CliRunner()
     res = runner.invoke(app, ["extract", "--test-levels", "hard", "--out", str(tmp_path / "x"), "--no-progress"])
-    assert res.exit_code == 2 and "apply to --icl K only" in res.output
+    assert res.exit_code == 2 and "--test-levels hard: applies to --icl K only" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     with pytest.raises(ProbekitError, match="demos measure 'difficulty' needs demonstrations from another"):
         extract_icl(demo_items, tmp_path / "y", None, k=1, demos_measure="difficulty", progress=False)

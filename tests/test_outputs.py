@@ -129,8 +129,9 @@ def test_crash_between_table_and_config_never_pairs_new_results_with_old_config(
     with pytest.raises(OSError, match="killed"):
         write_results(out, seed=1, draws=3)
     monkeypatch.undo()
-    res = read_results(out)  # the new table, without a configuration: never the old one
-    assert len(res.table) == 18 and res.sweep is None
+    assert len(pd.read_parquet(out / RESULTS)) == 18 and not (out / CONFIG).exists()  # never the old configuration
+    with pytest.raises(ProbekitError, match="has results.parquet but no sweep.json"):
+        read_results(out)  # a table that cannot be checked against its run is not read
     assert leftovers(out) == []
 
 

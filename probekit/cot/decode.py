@@ -24,6 +24,7 @@ from probekit.cot.answers import TRIGGER
 from probekit.errors import ProbekitError
 from probekit.extract.capture import compute_prefix, expanded_cache
 from probekit.extract.icl import common_prefix
+from probekit.extract.inputs import context_limit
 from probekit.extract.run import length_batches
 from probekit.extract.tokens import Encoded
 
@@ -93,12 +94,6 @@ def _greedy(lm, ids, mask, cache, max_new_tokens: int, stop: str, ends: set[int]
             positions = positions[:, -1:] + 1
             step_ids, step_pos = nxt[:, None], positions
     return out
-
-
-def context_limit(lm) -> int | None:
-    """The model's context length in tokens (``max_position_embeddings``), if it states one."""
-    value = getattr(lm.model.config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def check_lengths(lm, prompts: Sequence[Sequence[int]], item_ids: Sequence[str], max_new_tokens: int) -> None:

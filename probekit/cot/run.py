@@ -52,9 +52,9 @@ from probekit.cot.decode import batch_rows, check_lengths, generate
 from probekit.data.draws import MIN_TEST, rng_for, train_draw
 from probekit.data.levels import LEVELS, cutoff_for, probe_levels
 from probekit.data.prompts import COT_TEMPLATE_TEXT, render_cot
-from probekit.errors import ProbekitError
+from probekit.errors import OptionError, ProbekitError
 from probekit.extract.icl import level_pool
-from probekit.extract.models import LoadedModel, ModelSpec
+from probekit.extract.models import LoadedModel, ModelSpec, check_model
 from probekit.extract.progress import progress_bar
 from probekit.extract.run import dist_env, prepare_model
 from probekit.extract.tokens import encode_prompt
@@ -63,7 +63,7 @@ from probekit.store.generations import GenerationsWriter, is_generation_entry, r
 from probekit.store.layout import lock_name
 from probekit.store.outdir import LOCK, OutputDir
 from probekit.store.parts import rank_share
-from probekit.store.results import ResultRows, ResultsWriter
+from probekit.store.results import ResultRows, ResultsWriter, refuse_other_run
 
 ZERO_SHOT = "zero_shot"
 CONDITIONS = (ZERO_SHOT,) + LEVELS
@@ -148,11 +148,7 @@ def demo_rows(items, measure: str, level: str, k: int, seed: int, draw: int, min
 
 
 def _check_reasoning(items, rows: np.ndarray, what: str = "demonstration") -> None:
-    table = items.table
-    if "reasoning" not in table.columns:
-        need = ("k-shot chain-of-thought demonstrations need" if what == "demonstration"
-                else "fine-tuning on chains of thought needs")
-        raise ProbekitError(f"dataset {items.name} has no reasoning text; {need} it (zero-shot CoT does not)")
+    table = items.table  # a set without a reasoning column is refused by generate_cot
     for r in rows:
         text = table["reasoning"].iat[int(r)]
         if not isinstance(text, str) or not text.strip():
@@ -246,9 +242,18 @@ def generate_cot(
     for name, value in (("k", k), ("draws", draws), ("batch_size", batch_size), ("n_train", n_train)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ProbekitError(f"seed must be a non-negative integer, got {seed!r}")
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 1):
+        raise OptionError("max_new_tokens", max_new_tokens, "a positive integer")
+    if "reasoning" not in items.table.columns:
+        raise ProbekitError(f"dataset {items.name} has no reasoning text: chain-of-thought generation is for sets "
+                            "with worked reasoning (gsm8k, strategyqa, or a file with a 'reasoning' column); score "
+                            "multiple-choice items with `probekit extract`")
     recipe = recipe or Recipe(min_updates=SEQ2SEQ_MIN_UPDATES)
     measure = measure or items.measures[0]
-    max_new_tokens = max_new_tokens or default_max_new_tokens(items)
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else default_max_new_tokens(items)
     prompt_id = prompt_id or default_prompt_id(items)
     rows = test_sample(items, measure, n_test, seed)
     codes = test_levels(items, measure)
@@ -265,8 +270,18 @@ def generate_cot(
     rank, world, local = dist_env()
     pieces = unit_pieces(units, world)
     out = Path(out_dir)
+    if tune_levels and not isinstance(model, LoadedModel):  # a base that cannot be trained, before it loads
+        from probekit.finetune.train import check_trainable
+
+        spec = (model if isinstance(model, ModelSpec) else ModelSpec(model=model, dtype=dtype, device=device,
+                                                                     device_map=device_map)).resolved(local, world)
+        check_trainable(spec.quantize, spec.device)
+    check_model(model, local, world, dtype=dtype, device=device, device_map=device_map)
+    refuse_other_run(out, "generate", "generation folder")  # before a lock file is made in it
     lock = LOCK if world == 1 else lock_name(rank)
-    with OutputDir(out, (), "generation folder", lock_file=lock, own=is_generation_entry, share=True):  # before the model loads
+    with OutputDir(out, (), "generation folder", lock_file=lock, own=is_generation_entry, share=True,
+                   exclusive=True):  # locked before the model loads
+        refuse_other_run(out, "generate", "generation folder")
         lm = prepare_model(model, local_rank=local, world_size=world, dtype=dtype, device=device, device_map=device_map,
                            cache_root=cache_root)
         header = {

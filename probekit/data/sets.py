@@ -43,15 +43,69 @@ def _require(path: Path, data_dir: Path) -> Path:
     return path
 
 
+#: The key under which a record read from a local file notes its file and line (for messages).
+WHERE = "_where"
+
+
 def _read_jsonl(path: Path) -> Records:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The JSON objects of a JSONL file, each noting its file and line; a line that is not one is
+    refused, naming the file and the line."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ProbekitError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
+                if not isinstance(rec, dict):
+                    raise ProbekitError(f"{path} line {n}: not a JSON object ({type(rec).__name__})")
+                records.append({**rec, WHERE: f"{path} line {n}"})
+    except UnicodeDecodeError:
+        raise ProbekitError(f"{path}: not UTF-8 text") from None
+    return records
+
+
+def _read_json(path: Path):
+    """A JSON file's content; invalid JSON is refused, naming the file and the line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ProbekitError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ProbekitError(f"{path}: not UTF-8 text") from None
+
+
+def _fields(rec: dict, where: str, **kinds) -> None:
+    """Refuse a record lacking one of ``kinds``' fields or holding a value of another type (one line
+    naming the record's file and line, or ``where``)."""
+    at = rec.get(WHERE, where)
+    for key, kind in kinds.items():
+        if key not in rec:
+            raise ProbekitError(f"{at}: missing field {key!r}")
+        value = rec[key]
+        if not isinstance(value, kind) or isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple)
+                                                                                    else (kind,)):
+            names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise ProbekitError(f"{at}: field {key!r} is {json.dumps(value)[:60]}, not a {names}")
+
+
+def _texts(values, at: str, what: str) -> list[str]:
+    """A list of non-empty strings (answer choices), else one line naming the record."""
+    if not isinstance(values, list) or not all(isinstance(v, str) and v.strip() for v in values):
+        raise ProbekitError(f"{at}: {what} must be a list of non-empty strings, got {json.dumps(values)[:80]}")
+    return values
 
 
 def _arc_local(data_dir: Path) -> tuple[Records, dict]:
     questions = _read_jsonl(_require(data_dir / "arc" / "arc_all_splits.jsonl", data_dir))
     ann_path = _require(data_dir / "arc" / "arc-challenge-easy-annotations.json", data_dir)
-    return questions, json.loads(ann_path.read_text(encoding="utf-8"))
+    annotations = _read_json(ann_path)
+    if not isinstance(annotations, dict):
+        raise ProbekitError(f"{ann_path}: not a JSON object of annotations by ARC id")
+    return questions, annotations
 
 
 def _arc_hub() -> tuple[Records, dict]:
@@ -83,11 +137,22 @@ def normalise_arc(records: Records, annotations: dict) -> Records:
     """
     by_id = {key[6:]: value for key, value in annotations.items()}
     items, seen = [], set()
-    for rec in records:
+    for i, rec in enumerate(records):
+        _fields(rec, f"ARC record {i + 1}", id=str, question=str, choices=dict, answerKey=str)
         ann = by_id.get(rec["id"])
-        if ann is None or rec["id"] in seen or not np.isfinite(_grade(ann["grade"])):
+        if ann is None or rec["id"] in seen:
+            continue
+        if not isinstance(ann, dict) or any(k not in ann for k in ("grade", "difficulty", "bloom",
+                                                                    "depth_of_knowledge")):
+            raise ProbekitError(f"ARC annotation of {rec['id']!r}: needs grade, difficulty, bloom and "
+                                f"depth_of_knowledge, got {json.dumps(ann)[:80]}")
+        if not np.isfinite(_grade(ann["grade"])):
             continue
         seen.add(rec["id"])
+        at = rec.get(WHERE, f"ARC item {rec['id']!r}")
+        _texts(rec["choices"].get("text"), at, "choices.text")
+        if not isinstance(rec["choices"].get("label"), list) or len(rec["choices"]["label"]) != len(rec["choices"]["text"]):
+            raise ProbekitError(f"{at}: choices.label must list one label per choice")
         labels = list(rec["choices"]["label"])
         if rec["answerKey"] not in labels:
             raise ProbekitError(f"ARC item {rec['id']!r}: answerKey {rec['answerKey']!r} not among its labels {labels}")
@@ -123,9 +188,14 @@ def _mmlu_local(data_dir: Path) -> Records:
         for split, folder in MMLU_SPLITS:
             path = _require(data_dir / "mmlu" / folder / f"{subject}_{folder}.csv", data_dir)
             with open(path, encoding="utf-8", newline="") as fh:
-                for row in csv.reader(fh):
+                reader = csv.reader(fh)
+                for row in reader:
                     if len(row) != 6:
-                        raise ProbekitError(f"{path}: row {row[:1]} has {len(row)} fields, expected 6")
+                        raise ProbekitError(f"{path} line {reader.line_num}: {len(row)} fields, expected 6 "
+                                            "(question, four choices, answer letter)")
+                    if row[5].strip() not in ("A", "B", "C", "D") or not all(c.strip() for c in row[:5]):
+                        raise ProbekitError(f"{path} line {reader.line_num}: needs a question, four non-empty "
+                                            f"choices and an answer letter A-D, got answer {row[5]!r}")
                     records.append({
                         "question": row[0], "choices": row[1:5], "answer": "ABCD".index(row[5].strip()),
                         "subject": subject, "split": split,
@@ -167,7 +237,10 @@ def _strategyqa_local(data_dir: Path) -> Records:
     records = []
     for name in ("train.json", "dev.json"):
         path = _require(data_dir / "strategyqa" / name, data_dir)
-        records.extend(json.loads(path.read_text(encoding="utf-8")))
+        content = _read_json(path)
+        if not isinstance(content, list) or not all(isinstance(r, dict) for r in content):
+            raise ProbekitError(f"{path}: not a JSON list of question objects")
+        records.extend({**r, WHERE: f"{path} question {i + 1}"} for i, r in enumerate(content))
     return records
 
 
@@ -179,6 +252,10 @@ def _strategyqa_hub() -> Records:
 def normalise_strategyqa(records: Records) -> Records:
     """StrategyQA as yes/no items, ordered by qid so every source gives the same rows (§1.4)."""
     items = []
+    for i, rec in enumerate(records):
+        _fields(rec, f"StrategyQA record {i + 1}", qid=str, question=str, answer=bool, facts=list, decomposition=list)
+        if not rec["question"].strip() or not all(isinstance(f, str) for f in rec["facts"]):
+            raise ProbekitError(f"{rec.get(WHERE, rec['qid'])}: needs a question and facts as texts")
     for rec in sorted(records, key=lambda r: r["qid"]):
         reasoning = " ".join(rec["facts"])
         items.append({
@@ -216,9 +293,13 @@ def normalise_gsm8k(records: Records) -> Records:
     """GSM8k with the gold answer as its single choice (docs/protocol.md §1.5)."""
     counters: dict[str, int] = {}
     items = []
-    for rec in records:
+    for i, rec in enumerate(records):
+        _fields(rec, f"GSM8k record {i + 1}", question=str, answer=str)
+        if not rec["question"].strip():
+            raise ProbekitError(f"{rec.get(WHERE, f'GSM8k record {i + 1}')}: empty question")
         if "####" not in rec["answer"]:
-            raise ProbekitError(f"GSM8k {rec['split']} item: answer has no '####' final answer: {rec['answer'][:60]!r}")
+            raise ProbekitError(f"{rec.get(WHERE, 'GSM8k ' + rec['split'] + ' item')}: answer has no '####' final "
+                                f"answer: {rec['answer'][:60]!r}")
         counters[rec["split"]] = counters.get(rec["split"], -1) + 1
         reasoning, answer = rec["answer"].split("####", 1)
         reasoning, answer = reasoning.strip("\n"), answer.strip()

@@ -6,10 +6,15 @@ Columns:
 * choices: a ``choices`` column (a JSON list in CSV, a list in JSONL), or one column per choice
   named ``choice_0``, ``choice_1``, ... or ``A``, ``B``, ... (empty cells end an item's choices);
 * ``label``: the gold choice as an index (0-based), a letter (A, B, ...) or the gold choice's text;
+* an item needs a question (a non-empty text) and at least two different choices; in JSON(L) every
+  choice is a text (a number or null is refused, naming the row);
 * every other numeric column is a difficulty measure (cut at the 30th/70th percentiles unless a
   cut-off is given). Empty cells and the markers in :data:`MISSING` (``NA``, ``n/a``, ``null``,
   ``-``, ...) are unknown values (NaN). A column mixing numbers with other text is not a measure:
-  loading the file says which column and which row, and asking for it as a measure says why.
+  loading the file says which column and which row, and asking for it as a measure says why. So
+  does a column holding an infinite value (``Infinity``, ``inf``, ``1e999``): a level needs a finite
+  number.
+* A line of a JSONL file that is not a JSON object is refused, naming the file and the line.
 """
 
 from __future__ import annotations
@@ -49,10 +54,38 @@ def _read(path: Path) -> pd.DataFrame:
         if path.suffix.lower() == ".csv":
             return pd.read_csv(path, keep_default_na=True)
         if path.suffix.lower() == ".json":
-            return pd.DataFrame(json.loads(path.read_text(encoding="utf-8")))
-        return pd.read_json(path, lines=True, dtype=False)
-    except (ValueError, json.JSONDecodeError) as exc:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ProbekitError(f"{path}: not a JSON list of objects (one per item)")
+            return pd.DataFrame(rows)
+        return pd.DataFrame(_jsonl_rows(path))
+    except json.JSONDecodeError as exc:
+        raise ProbekitError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise ProbekitError(f"{path}: not UTF-8 text") from None
+    except ValueError as exc:
         raise ProbekitError(f"{path}: cannot parse ({str(exc).splitlines()[0][:120]})") from None
+
+
+def _jsonl_rows(path: Path) -> list[dict]:
+    """The objects of a JSONL file, one per non-blank line; a line that is not one is named."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ProbekitError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ProbekitError(f"{path} line {n}: not a JSON object ({type(row).__name__})")
+            rows.append(row)
+    return rows
+
+
+def _is_missing(value) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def _choices(row: pd.Series, choice_cols: list[str], where: str) -> list[str]:
@@ -63,8 +96,15 @@ def _choices(row: pd.Series, choice_cols: list[str], where: str) -> list[str]:
                 value = json.loads(value)
             except json.JSONDecodeError:
                 raise ProbekitError(f"{where}: 'choices' is not a JSON list: {value[:60]!r}") from None
-        if value is None or (isinstance(value, float) and np.isnan(value)):
+        if _is_missing(value):
             return []
+        if not isinstance(value, (list, tuple, np.ndarray)):
+            raise ProbekitError(f"{where}: 'choices' must be a list of texts, got {json.dumps(value, default=str)[:60]}")
+        for j, c in enumerate(value):
+            if not isinstance(c, str):
+                raise ProbekitError(f"{where}: choice {j} is {json.dumps(c, default=str)[:40]}, not a text (quote it)")
+            if not c.strip():
+                raise ProbekitError(f"{where}: choice {j} is blank")
         return [str(c) for c in value]
     out = []
     for col in choice_cols:
@@ -76,6 +116,8 @@ def _choices(row: pd.Series, choice_cols: list[str], where: str) -> list[str]:
 
 
 def _label(value, choices: list[str], where: str) -> int:
+    if isinstance(value, (bool, np.bool_)):
+        raise ProbekitError(f"{where}: label {value!r} is neither an index, a letter nor one of its choices")
     if isinstance(value, (int, np.integer)) or (isinstance(value, float) and value.is_integer()):
         return int(value)
     text = str(value).strip()
@@ -109,7 +151,15 @@ def load_user_file(path: str | Path) -> ItemSet:
         if c in RESERVED or c in choice_cols or c in COMMON_MEASURES:
             continue
         numbers, first_text = _numeric(frame[c])
-        if first_text is None:
+        infinite = np.flatnonzero(np.isinf(numbers.to_numpy()))
+        if first_text is None and len(infinite):  # a level needs a finite number
+            row = int(infinite[0])
+            cell = frame[c].iloc[row]
+            cell = cell.item() if isinstance(cell, np.generic) else cell
+            not_measures[c] = (f"column {c!r} of {path.name} is not a difficulty measure: row {row + 1} holds "
+                               f"{cell!r}, not a finite number (write unknown values as empty, NA or null)")
+            log.warning(f"warning: {not_measures[c]}")
+        elif first_text is None:
             frame[c] = numbers
             measures += (c,)
         elif numbers.notna().any():  # numbers mixed with text: meant as a measure, most likely
@@ -124,6 +174,15 @@ def load_user_file(path: str | Path) -> ItemSet:
         choices = _choices(row, choice_cols, where)
         if not choices:
             raise ProbekitError(f"{where}: no choices")
+        if len(choices) < 2:
+            raise ProbekitError(f"{where}: one answer choice ({choices[0]!r}); an item needs at least two")
+        twice = sorted({c for c in choices if choices.count(c) > 1})
+        if twice:
+            raise ProbekitError(f"{where}: choice {twice[0]!r} appears more than once")
+        if not isinstance(row["question"], str) or not row["question"].strip():
+            shown = "empty" if _is_missing(row["question"]) or isinstance(row["question"], str) else \
+                f"{json.dumps(row['question'], default=str)[:40]}, not a text"
+            raise ProbekitError(f"{where}: the question is {shown}")
         label = _label(row["label"], choices, where)
         rec = {
             "id": str(row["id"]) if "id" in row.index and pd.notna(row["id"]) else str(i),

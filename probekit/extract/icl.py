@@ -28,7 +28,8 @@ import numpy as np
 from probekit.data.prompts import TEMPLATE_TEXT, render_kshot
 from probekit.errors import ProbekitError
 from probekit.extract.capture import Prefix, capture_batch, compute_prefix
-from probekit.extract.models import LoadedModel, ModelSpec
+from probekit.extract.inputs import check_items
+from probekit.extract.models import LoadedModel, ModelSpec, check_model
 from probekit.extract.progress import progress_bar
 from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model, with_template
 from probekit.extract.tokens import Encoded, TokenRules, answer_text, encode_prompt
@@ -120,12 +121,15 @@ def plan_draw(lm: LoadedModel, items, rows: np.ndarray, demo_rows: np.ndarray, d
             if any(not c for c in cs):
                 raise ProbekitError(f"item {table.at[r, 'id']!r}: a choice encodes to no tokens")
             encoded.append(Encoded(prompt=p, choices=cs, item_id=str(table.at[r, "id"])))
-        longest = max(len(e.prompt) + max(len(c) for c in e.choices) for e in encoded)
+        lengths = [len(e.prompt) + max(len(c) for c in e.choices) for e in encoded]
+        longest = max(lengths)
         if longest <= max_seq_len or k == 0:
             break
         k -= 1
     if longest > max_seq_len:
-        raise ProbekitError(f"a zero-shot prompt is {longest} tokens, longer than max_seq_len={max_seq_len}")
+        item = encoded[int(np.argmax(lengths))].item_id
+        raise ProbekitError(f"item {item!r}: its zero-shot prompt and longest choice are {longest} tokens, longer "
+                            f"than max_seq_len={max_seq_len}; shorten the question or leave the item out")
     m = common_prefix([e.prompt for e in encoded])
     m = min(m, min(len(e.prompt) for e in encoded) - 1)  # every row keeps at least its last prompt token
     return DrawPlan(draw=draw, demo_rows=np.asarray(demo_rows), k_used=k, encoded=encoded,
@@ -236,6 +240,9 @@ def extract_icl(
     items = with_template(limit_items(items, limit), template)
     if len(items) == 0:
         raise ProbekitError(f"dataset {items.name!r} has no items: nothing to score")
+    check_items(items)
+    if demos_items is not None:
+        check_items(demos_items, items.prompt_template)
     d_measure = demos_measure or measure
     if demos_cutoff is not None and demos_from == ALL:
         raise ProbekitError("a demonstrations' cut-off applies to a level (--demos-from easy|medium|hard), not to all")
@@ -266,9 +273,12 @@ def extract_icl(
     if demos_cutoff is not None:
         icl["demos_cutoff"] = cutoff_text(demos_cutoff)
     rank, world, local = dist_env()
+    check_model(model, local, world, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
+                bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype)
     out = Path(out_dir)
     # The folder's lock is taken before the model loads; the writer below shares it.
-    with OutputDir(out, (), "ICL score folder", lock_file=lock_name(rank), own=is_icl_entry, share=True):
+    with OutputDir(out, (), "ICL score folder", lock_file=lock_name(rank), own=is_icl_entry, share=True,
+                   exclusive=True):
         return _extract_icl_locked(items, out, model, table, rows, demo_sets, icl, demos_items, batch_size, rank,
                                    world, local, progress,
                                    dict(dtype=dtype, quantize=quantize, device=device, device_map=device_map,

@@ -104,6 +104,22 @@ class ModelSpec:
         if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
                                          or self.threads < 1):
             raise ProbekitError(f"threads={self.threads!r} must be a positive integer")
+        if dev.startswith("cuda:") and not dev[len("cuda:"):].isdigit():
+            raise ProbekitError(f"device={self.device!r} is not one of cpu, cuda, cuda:N, auto")
+
+    def check_available(self) -> None:
+        """Refuse, before anything loads, what this machine cannot run: a CUDA device it does not
+        have, or quantization without a working bitsandbytes (one line naming the setting)."""
+        self.validate()
+        dev = str(self.device)
+        if dev.startswith("cuda"):
+            n = _cuda_count()
+            if n == 0:
+                raise ProbekitError(f"device={dev!r}: no CUDA device is available on this machine (use cpu)")
+            if ":" in dev and int(dev.split(":", 1)[1]) >= n:
+                raise ProbekitError(f"device={dev!r}: this machine has {n} CUDA device(s), cuda:0 to cuda:{n - 1}")
+        if self.quantize is not None:
+            _quantization_config(self)
 
     def resolved(self, local_rank: int = 0, world_size: int = 1) -> ModelSpec:
         """This spec with every "auto" settled (a spec without any comes back equal).
@@ -122,6 +138,16 @@ class ModelSpec:
         if dtype == AUTO:
             dtype = "float16" if device.startswith("cuda") or self.device_map is not None else "float32"
         return replace(self, device=device, dtype=dtype)
+
+
+def check_model(model: Any, local_rank: int = 0, world_size: int = 1, **settings: Any) -> None:
+    """What loading ``model`` needs that can be checked without loading it
+    (:meth:`ModelSpec.check_available`): ``model`` and ``settings`` as ``prepare_model`` takes them;
+    a model already loaded needs nothing."""
+    if isinstance(model, LoadedModel):
+        return
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model=model, **settings)
+    spec.resolved(local_rank, world_size).check_available()
 
 
 def _cuda_count() -> int:
@@ -474,8 +500,8 @@ def load_model(spec: ModelSpec | None = None, **kwargs) -> LoadedModel:
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)
     qconfig, qident = _quantization_config(spec)
+    device = _device(spec)  # before a model is converted or fetched
     name, folder, ident = resolve_model(spec)
-    device = _device(spec)
     load_kw: dict[str, Any] = {"dtype": _torch_dtype(spec.dtype), "trust_remote_code": spec.trust_remote_code}
     if qconfig is not None:
         load_kw["quantization_config"] = qconfig

@@ -30,7 +30,8 @@ from probekit.data.prompts import TEMPLATE_TEXT, render_prompt
 from probekit.data.schema import choice_surface
 from probekit.errors import ProbekitError
 from probekit.extract.capture import capture_batch, resolve_sites
-from probekit.extract.models import LoadedModel, ModelSpec, load_model
+from probekit.extract.inputs import check_items, check_table_context
+from probekit.extract.models import LoadedModel, ModelSpec, check_model, load_model
 from probekit.extract.progress import progress_bar
 from probekit.extract.tokens import Encoded, TokenRules, encode_item
 from probekit.layers import parse as parse_layers
@@ -195,6 +196,9 @@ def extract(
     out_dir = Path(out_dir)
     template = items.prompt_template
     render_prompt("q", ["a", "b"], template)  # unknown template -> error before loading
+    check_items(items)  # choices the pass can score, before anything is written
+    check_model(model, local_rank, world_size, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
+                bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype)
 
     damaged: dict[str, str] = {}
     counts: dict[str, Any] = {"items": 0, "tokens": 0}
@@ -224,6 +228,7 @@ def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: li
     lm = prepare_model(model, local_rank=local_rank, world_size=world_size, **settings)
     layer_idx = resolve_layers(layer_spec, lm.n_layers)
     table = items.table.reset_index(drop=True)
+    check_table_context(lm, table, template)  # every prompt fits the model, before the first shard
     measures = list(items.measures)
     max_choices = int(items.max_choices)
     header = {

@@ -19,7 +19,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from probekit.errors import ProbekitError
+from probekit.errors import OptionError, ProbekitError
 
 OPTIMIZERS = ("auto", "adamw", "adam8bit")
 #: The least updates of a fine-tune on chains of thought (the ``seq2seq`` objective): the authors
@@ -62,19 +62,19 @@ class Recipe:
         for name in ("r", "alpha", "max_batch", "epochs", "micro_batch", "eval_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ProbekitError(f"{name} must be a positive integer, got {value!r}")
+                raise OptionError(name, value, "a positive integer")
         if isinstance(self.min_updates, bool) or not isinstance(self.min_updates, int) or self.min_updates < 0:
-            raise ProbekitError(f"min_updates must be a non-negative integer, got {self.min_updates!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ProbekitError(f"dropout must be in [0, 1), got {self.dropout}")
-        if not self.lr > 0:
-            raise ProbekitError(f"lr must be positive, got {self.lr}")
-        if self.weight_decay < 0 or self.max_grad_norm <= 0 or not 0.0 <= self.final_lr_fraction <= 1.0:
-            raise ProbekitError("weight_decay must be >= 0, max_grad_norm > 0, final_lr_fraction in [0, 1]")
+            raise OptionError("min_updates", self.min_updates, "a non-negative integer")
+        for name, ok, rule in (("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)"), ("lr", self.lr > 0, "positive"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("max_grad_norm", self.max_grad_norm > 0, "positive"),
+                               ("final_lr_fraction", 0.0 <= self.final_lr_fraction <= 1.0, "in [0, 1]")):
+            if not (ok and math.isfinite(getattr(self, name))):
+                raise OptionError(name, getattr(self, name), rule)
         if not self.target_modules:
-            raise ProbekitError("target_modules: name at least one module (e.g. q_proj,v_proj)")
+            raise OptionError("target_modules", ",".join(self.target_modules), "at least one module name (e.g. q_proj,v_proj)")
         if self.optimizer not in OPTIMIZERS:
-            raise ProbekitError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+            raise OptionError("optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
 
     def optimizer_for(self, quantize: str | None) -> str:
         """The optimizer ``auto`` stands for: 8-bit Adam on an 8-bit base, AdamW otherwise."""

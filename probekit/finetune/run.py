@@ -32,6 +32,7 @@ import numpy as np
 
 from probekit.data.levels import LEVELS, Cutoff
 from probekit.errors import ProbekitError
+from probekit.extract.inputs import check_table_context
 from probekit.extract.models import DEFAULT_NAME, LoadedModel, ModelSpec
 from probekit.extract.run import dist_env, encode_rows, prepare_model
 from probekit.finetune.recipe import Recipe, schedule
@@ -40,8 +41,9 @@ from probekit.probe.engine import head_seed
 from probekit.probe.plan import EXPERIMENTS, Head, item_frame, plan, tested_rows
 from probekit.probe.sweep import FrameRows, load_items, open_cache, zero_shot_p, zero_shot_tables
 from probekit.store import Cache
+from probekit.store.outdir import check_dir_target
 from probekit.store.parts import rank_share
-from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultsWriter
+from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultsWriter, holding_results
 
 SITE = "finetune"
 SOLVER = "lora"
@@ -185,150 +187,161 @@ def finetune(
     rank, world, local = dist_env()
     recipe = recipe or Recipe()
     emit = progress or (lambda event, fields: None)
-    cache = open_cache(cache, verify)
     if experiment not in EXPERIMENTS:
         raise ProbekitError(f"unknown experiment {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
     for lv in test_levels or ():
         if lv not in LEVELS:
             raise ProbekitError(f"test level {lv!r} is not one of {', '.join(LEVELS)}")
-    dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
-    frame_items, measures = load_items(cache, measures)
-    frame = item_frame(frame_items, dataset, measures, cutoffs)
-    heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
-                 levels=levels)  # the sweep's heads: n_train too large for a level fails here, before loading
-    questions = cache_questions(items, cache)
-    template = cache.manifest.get("prompt", {}).get("template", questions.prompt_template)
-    if isinstance(model, LoadedModel):
-        lm, q = model, loaded_quantize(model)
-    else:
-        q = resolve_quantize(quantize, device if not isinstance(model, ModelSpec) else model.device)
-        spec = model if isinstance(model, ModelSpec) else (
-            model_for_cache(cache, dtype=dtype, quantize=q, device=device, device_map=device_map) if model is None
-            else ModelSpec(model=model, dtype=dtype, quantize=q, device=device, device_map=device_map))
-        lm = prepare_model(spec, local_rank=local, world_size=world)
-    if not _same_weights(cache.manifest.get("model", {}), lm.identity):
-        raise ProbekitError(f"model {lm.identity.get('id')!r} is not the model cache {cache.path} was extracted with "
-                            f"({cache.manifest.get('model', {}).get('id')!r})")
-    from probekit.finetune.train import check_targets, check_trainable
+    if save_adapters is not None:
+        check_dir_target(save_adapters, "save_adapters")
+    if not isinstance(model, LoadedModel):  # what the model needs, checked before anything is read or loaded
+        from probekit.finetune.train import check_trainable
 
-    check_trainable(q, lm.device)
-    check_targets(lm.model, recipe.target_modules)  # one line naming the model's modules, before any work
-    run = {
-        CACHE_HASH_KEY: cache.manifest_sha256, "dataset_fingerprint": questions.fingerprint,
-        "model": {k: lm.identity.get(k) for k in ("id", "weights_sha256", "revision", "dtype", "quantization")},
-        "experiment": experiment, "seed": seed, "recipe": recipe.describe(), "test_levels": list(test_levels or []),
-        "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "template": template,
-        "max_updates": max_updates, "zero_shot": zero_shot,
-    }
-    rows = FrameRows(frame, experiment, SITE)
-    zs_rows = FrameRows(frame, experiment, "answer_end")
-    encoded: dict[int, Any] = {}
+        wanted = model if isinstance(model, ModelSpec) else ModelSpec(dtype=dtype, device=device, device_map=device_map)
+        wanted = replace(wanted, quantize=resolve_quantize(quantize, wanted.device)).resolved(local, world)
+        check_trainable(wanted.quantize, wanted.device)
+        wanted.check_available()
+    with holding_results(out, "finetune", rank):  # locked before the cache is verified or the model loads
+        cache = open_cache(cache, verify)
+        dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
+        frame_items, measures = load_items(cache, measures)
+        frame = item_frame(frame_items, dataset, measures, cutoffs)
+        heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
+                     levels=levels)  # the sweep's heads: n_train too large for a level fails here, before loading
+        questions = cache_questions(items, cache)
+        template = cache.manifest.get("prompt", {}).get("template", questions.prompt_template)
+        if isinstance(model, LoadedModel):
+            lm, q = model, loaded_quantize(model)
+        else:
+            q = resolve_quantize(quantize, device if not isinstance(model, ModelSpec) else model.device)
+            spec = model if isinstance(model, ModelSpec) else (
+                model_for_cache(cache, dtype=dtype, quantize=q, device=device, device_map=device_map) if model is None
+                else ModelSpec(model=model, dtype=dtype, quantize=q, device=device, device_map=device_map))
+            lm = prepare_model(spec, local_rank=local, world_size=world)
+        if not _same_weights(cache.manifest.get("model", {}), lm.identity):
+            raise ProbekitError(f"model {lm.identity.get('id')!r} is not the model cache {cache.path} was extracted with "
+                                f"({cache.manifest.get('model', {}).get('id')!r})")
+        from probekit.finetune.train import check_targets, check_trainable
 
-    def encode(idx: np.ndarray) -> list:
-        need = [int(i) for i in idx if int(i) not in encoded]
-        if need:
-            for i, e in zip(need, encode_rows(lm, questions.table.iloc[need], template, lm.rules)):
-                encoded[i] = e
-        return [encoded[int(i)] for i in idx]
+        check_trainable(q, lm.device)
+        check_targets(lm.model, recipe.target_modules)  # one line naming the model's modules, before any work
+        check_table_context(lm, questions.table.iloc[frame.probe], template)  # every prompt fits the model
+        run = {
+            CACHE_HASH_KEY: cache.manifest_sha256, "dataset_fingerprint": questions.fingerprint,
+            "model": {k: lm.identity.get(k) for k in ("id", "weights_sha256", "revision", "dtype", "quantization")},
+            "experiment": experiment, "seed": seed, "recipe": recipe.describe(), "test_levels": list(test_levels or []),
+            "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "template": template,
+            "max_updates": max_updates, "zero_shot": zero_shot,
+        }
+        rows = FrameRows(frame, experiment, SITE)
+        zs_rows = FrameRows(frame, experiment, "answer_end")
+        encoded: dict[int, Any] = {}
 
-    stats: dict[str, Any] = {"trained": 0, "skipped": 0, "updates": 0, "train_seconds": 0.0, "score_seconds": 0.0,
-                             "scored_items": 0, "final_loss": {}}
-    mine = rank_share(heads, rank, world)  # each rank its own heads
-    with ResultsWriter(out, run=run, rank=rank, world_size=world) as writer:
-        todo = [h for h in mine if not writer.has_part(part_key(h))]
-        emit("start", {"heads": len(mine), "todo": len(todo),
-                       "updates": sum(min(schedule(h.n_train, recipe).updates, max_updates or 1 << 30) for h in todo)})
-        if zero_shot and rank == 0 and not writer.has_part("zero_shot"):
-            writer.write_part("zero_shot", zero_shot_tables(cache, frame, zs_rows, measures, experiment))
-        for h in mine:
-            key = part_key(h)
-            if writer.has_part(key):
-                stats["skipped"] += 1
-                emit("skip", {"name": h.name})
-                continue
-            hseed = head_seed(seed, h.name)
-            emit("head", {"name": h.name, "updates": min(schedule(h.n_train, recipe).updates, max_updates or 1 << 30)})
-            peft_model = attach_lora(lm, recipe, hseed)
-            try:
-                log = train_adapters(lm, peft_model, encode(h.rows), h.labels, recipe, hseed, quantize=q,
-                                     max_updates=max_updates,
-                                     on_update=lambda d, t, loss: emit("update", {"done": d, "total": t, "loss": loss}))
-                t1 = time.perf_counter()
-                by_measure = _test_levels(frame, h, test_levels)
-                test = np.unique(np.concatenate(list(by_measure.values())))
-                scores = np.full((len(frame.ids), frame.n_choices.max()), -np.inf, np.float32)
-                if len(test):
-                    scores[test] = score_items(lm, encode(test), recipe.eval_batch, int(frame.n_choices.max()))
-                tables = []
-                for m, mrows in by_measure.items():
-                    p, c = zero_shot_p(scores[mrows], frame.n_choices[mrows], frame.gold[mrows])
-                    tables.append(rows.table(layer="", measure=m, train_level=h.train_level, draw=h.draw,
-                                             n_train=h.n_train, noise=h.label_noise, solver=SOLVER, rows=mrows,
-                                             correct=c, p_gold=p, method="finetune"))
-                stats["score_seconds"] += time.perf_counter() - t1
-                stats["scored_items"] += int(len(test))
-                if save_adapters is not None:
-                    peft_model.save_pretrained(str(Path(save_adapters) / key))
-                writer.write_part(key, tables)
-            finally:
-                detach_lora(lm, peft_model)
-            stats["trained"] += 1
-            stats["updates"] += log.updates
-            stats["train_seconds"] += log.seconds
-            stats["final_loss"][h.name] = log.losses[-1] if log.losses else None
-            emit("scored", {"name": h.name, "items": int(len(test))})
-        mine_counts = {"rank": rank, "trained_now": stats["trained"], "resumed": stats["skipped"],
-                       "updates_now": stats["updates"], "scored_items_now": stats["scored_items"],
-                       "train_seconds": stats["train_seconds"], "score_seconds": stats["score_seconds"],
-                       "wall_seconds": time.perf_counter() - t0, "final_loss": stats["final_loss"]}
-        if world > 1:  # the rank that merges sums every rank's counts
-            writer.write_rank_counts(mine_counts)
-        keys = (["zero_shot"] if zero_shot else []) + [part_key(h) for h in heads]
+        def encode(idx: np.ndarray) -> list:
+            need = [int(i) for i in idx if int(i) not in encoded]
+            if need:
+                for i, e in zip(need, encode_rows(lm, questions.table.iloc[need], template, lm.rules)):
+                    encoded[i] = e
+            return [encoded[int(i)] for i in idx]
 
-        def config(n_rows: int) -> dict[str, Any]:
-            ranks = [c for c in writer.rank_counts() if c is not None] if world > 1 else [mine_counts]
-            total = {k: sum(c[k] for c in ranks) for k in ("trained_now", "resumed", "updates_now",
-                                                            "scored_items_now", "train_seconds", "score_seconds")}
-            wall = max([c["wall_seconds"] for c in ranks] + [time.perf_counter() - t0])
-            final_loss = {k: v for c in ranks for k, v in c["final_loss"].items()}
-            return {
-                "format": FORMAT,
-                "method": "finetune",
-                "cache": str(cache.path.resolve()),
-                CACHE_HASH_KEY: cache.manifest_sha256,
-                "dataset": dataset,
-                "dataset_fingerprint": questions.fingerprint,
-                "model": cache.manifest.get("model", {}),
-                "prompt": cache.manifest.get("prompt", {}),
-                "finetune_model": lm.identity,
-                "config": {
-                    "experiment": experiment, "measures": measures, "site": SITE, "solvers": [SOLVER],
-                    "n_train": sorted({int(x) for x in n_train}),
-                    "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
-                    "draws": draws, "train_levels": sorted({h.train_level for h in heads}),
-                    "test_levels": list(test_levels or []), "quantize": q or "none",
-                    "optimizer": recipe.optimizer_for(q), "versions": _versions(),
-                    "recipe": recipe.describe(), "zero_shot": zero_shot, "max_updates": max_updates,
-                    "save_adapters": str(save_adapters) if save_adapters is not None else None,
-                    "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()},
-                    "schedules": {h.name: schedule(h.n_train, recipe).__dict__ for h in heads},
-                },
-                "seed": seed,
-                "world_size": world,
-                "counts": {"heads": len(heads), "trained_now": total["trained_now"], "resumed": total["resumed"],
-                           "updates_now": total["updates_now"], "rows": n_rows,
-                           "probe_items": int(len(frame.probe)), "scored_items_now": total["scored_items_now"]},
-                "final_loss": final_loss,
-                "wall_seconds": round(wall, 3),
-                "train_seconds": round(total["train_seconds"], 3),
-                "score_seconds": round(total["score_seconds"], 3),
-                "updates_per_second": (round(total["updates_now"] / total["train_seconds"], 4) if total["train_seconds"]
-                                       else None),
-                "scored_items_per_second": (round(total["scored_items_now"] / total["score_seconds"], 3)
-                                            if total["score_seconds"] else None),
-            }
+        stats: dict[str, Any] = {"trained": 0, "skipped": 0, "updates": 0, "train_seconds": 0.0, "score_seconds": 0.0,
+                                 "scored_items": 0, "final_loss": {}}
+        mine = rank_share(heads, rank, world)  # each rank its own heads
+        with ResultsWriter(out, run=run, rank=rank, world_size=world) as writer:
+            todo = [h for h in mine if not writer.has_part(part_key(h))]
+            emit("start", {"heads": len(mine), "todo": len(todo),
+                           "updates": sum(min(schedule(h.n_train, recipe).updates, max_updates or 1 << 30) for h in todo)})
+            if zero_shot and rank == 0 and not writer.has_part("zero_shot"):
+                writer.write_part("zero_shot", zero_shot_tables(cache, frame, zs_rows, measures, experiment))
+            for h in mine:
+                key = part_key(h)
+                if writer.has_part(key):
+                    stats["skipped"] += 1
+                    emit("skip", {"name": h.name})
+                    continue
+                hseed = head_seed(seed, h.name)
+                emit("head", {"name": h.name, "updates": min(schedule(h.n_train, recipe).updates, max_updates or 1 << 30)})
+                peft_model = attach_lora(lm, recipe, hseed)
+                try:
+                    log = train_adapters(lm, peft_model, encode(h.rows), h.labels, recipe, hseed, quantize=q,
+                                         max_updates=max_updates,
+                                         on_update=lambda d, t, loss: emit("update", {"done": d, "total": t, "loss": loss}))
+                    t1 = time.perf_counter()
+                    by_measure = _test_levels(frame, h, test_levels)
+                    test = np.unique(np.concatenate(list(by_measure.values())))
+                    scores = np.full((len(frame.ids), frame.n_choices.max()), -np.inf, np.float32)
+                    if len(test):
+                        scores[test] = score_items(lm, encode(test), recipe.eval_batch, int(frame.n_choices.max()))
+                    tables = []
+                    for m, mrows in by_measure.items():
+                        p, c = zero_shot_p(scores[mrows], frame.n_choices[mrows], frame.gold[mrows])
+                        tables.append(rows.table(layer="", measure=m, train_level=h.train_level, draw=h.draw,
+                                                 n_train=h.n_train, noise=h.label_noise, solver=SOLVER, rows=mrows,
+                                                 correct=c, p_gold=p, method="finetune"))
+                    stats["score_seconds"] += time.perf_counter() - t1
+                    stats["scored_items"] += int(len(test))
+                    if save_adapters is not None:
+                        peft_model.save_pretrained(str(Path(save_adapters) / key))
+                    writer.write_part(key, tables, info={"final_loss": log.losses[-1] if log.losses else None})
+                finally:
+                    detach_lora(lm, peft_model)
+                stats["trained"] += 1
+                stats["updates"] += log.updates
+                stats["train_seconds"] += log.seconds
+                stats["final_loss"][h.name] = log.losses[-1] if log.losses else None
+                emit("scored", {"name": h.name, "items": int(len(test))})
+            mine_counts = {"rank": rank, "trained_now": stats["trained"], "resumed": stats["skipped"],
+                           "updates_now": stats["updates"], "scored_items_now": stats["scored_items"],
+                           "train_seconds": stats["train_seconds"], "score_seconds": stats["score_seconds"],
+                           "wall_seconds": time.perf_counter() - t0, "final_loss": stats["final_loss"]}
+            if world > 1:  # the rank that merges sums every rank's counts
+                writer.write_rank_counts(mine_counts)
+            keys = (["zero_shot"] if zero_shot else []) + [part_key(h) for h in heads]
 
-        record = writer.merge(keys, config)
-    if record is None:
-        return {"merged": False, "rank": rank, "world_size": world, "counts": mine_counts}
-    return record
+            def config(n_rows: int) -> dict[str, Any]:
+                ranks = [c for c in writer.rank_counts() if c is not None] if world > 1 else [mine_counts]
+                total = {k: sum(c[k] for c in ranks) for k in ("trained_now", "resumed", "updates_now",
+                                                                "scored_items_now", "train_seconds", "score_seconds")}
+                wall = max([c["wall_seconds"] for c in ranks] + [time.perf_counter() - t0])
+                final_loss = {h.name: writer.part_info(part_key(h)).get("final_loss") for h in heads}  # resumed too
+                return {
+                    "format": FORMAT,
+                    "method": "finetune",
+                    "cache": str(cache.path.resolve()),
+                    CACHE_HASH_KEY: cache.manifest_sha256,
+                    "dataset": dataset,
+                    "dataset_fingerprint": questions.fingerprint,
+                    "model": cache.manifest.get("model", {}),
+                    "prompt": cache.manifest.get("prompt", {}),
+                    "finetune_model": lm.identity,
+                    "config": {
+                        "experiment": experiment, "measures": measures, "site": SITE, "solvers": [SOLVER],
+                        "n_train": sorted({int(x) for x in n_train}),
+                        "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
+                        "draws": draws, "train_levels": sorted({h.train_level for h in heads}),
+                        "test_levels": list(test_levels or []), "quantize": q or "none",
+                        "optimizer": recipe.optimizer_for(q), "versions": _versions(),
+                        "recipe": recipe.describe(), "zero_shot": zero_shot, "max_updates": max_updates,
+                        "save_adapters": str(save_adapters) if save_adapters is not None else None,
+                        "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()},
+                        "schedules": {h.name: schedule(h.n_train, recipe).__dict__ for h in heads},
+                    },
+                    "seed": seed,
+                    "world_size": world,
+                    "counts": {"heads": len(heads), "trained_now": total["trained_now"], "resumed": total["resumed"],
+                               "updates_now": total["updates_now"], "rows": n_rows,
+                               "probe_items": int(len(frame.probe)), "scored_items_now": total["scored_items_now"]},
+                    "final_loss": final_loss,
+                    "wall_seconds": round(wall, 3),
+                    "train_seconds": round(total["train_seconds"], 3),
+                    "score_seconds": round(total["score_seconds"], 3),
+                    "updates_per_second": (round(total["updates_now"] / total["train_seconds"], 4) if total["train_seconds"]
+                                           else None),
+                    "scored_items_per_second": (round(total["scored_items_now"] / total["score_seconds"], 3)
+                                                if total["score_seconds"] else None),
+                }
+
+            record = writer.merge(keys, config)
+        if record is None:
+            return {"merged": False, "rank": rank, "world_size": world, "counts": mine_counts}
+        return record

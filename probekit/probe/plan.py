@@ -16,8 +16,8 @@ import pandas as pd
 from probekit.data.draws import noisy_labels, random_split, train_draw
 from probekit.data.levels import LEVELS, Cutoff, cutoff_for, probe_levels
 from probekit.errors import ProbekitError
+from probekit.store.results import EXPERIMENTS  # the values of the results table's experiment column
 
-EXPERIMENTS = ("population", "all_to_all", "learning_curve", "label_noise")
 ALL = "all"
 
 

@@ -40,6 +40,7 @@ from probekit.store.results import (
     SURFACE_SOLVER,
     ResultRows,
     ResultsWriter,
+    holding_results,
 )
 
 SITE_HEAD = {"answer_end": "mc", "question_end": "multinomial"}
@@ -292,6 +293,16 @@ def sweep(
         raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
     solvers = solver_names(solver)
     configs = probe_configs(solvers, SITE_HEAD[site], pad, tol, C, l2, select)
+    with holding_results(out, "sweep"):  # the lock before the cache is verified or anything compiles
+        return _sweep_held(t0, cache, out, experiment, measures, layers, site, solvers, configs, n_train,
+                           label_noise, draws, seed, levels, pad, cutoffs, zero_shot, icl, controls, select, verify,
+                           devices, progress)
+
+
+def _sweep_held(t0: float, cache, out, experiment, measures, layers, site, solvers, configs, n_train, label_noise,
+                draws, seed, levels, pad, cutoffs, zero_shot, icl, controls, select, verify, devices,
+                progress) -> dict[str, Any]:
+    """The sweep, with its results directory held (see :func:`sweep`)."""
     selections = {s: c.select for s, c in configs.items() if c.select is not None}
     n_folds = next(iter(selections.values())).folds if selections else None
     cache = open_cache(cache, verify)

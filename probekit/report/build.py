@@ -4,20 +4,24 @@
 SGR and differences, its p-value, plus the settings, ``sweep.json`` and the cache hash.
 ``REP/report.md`` shows the tables and links the PNGs; one CSV per table sits beside them.
 
-Everything is computed before anything is written. Files are written to a temporary directory
-beside ``REP`` and moved in; an old ``summary.json`` is removed first and the new one is moved
-in last, so a ``summary.json`` in ``REP`` always belongs to a complete report. While moving,
-the report holds ``REP``'s lock (:class:`probekit.store.outdir.OutputDir`): a second report into
-the same directory at that moment is refused, and a killed run's temporary directory is removed.
+Everything is computed before anything is written. The report holds ``REP``'s lock
+(:class:`probekit.store.outdir.OutputDir`) from its start, before the results are read: a second
+report into the same directory is refused at once, and so is a directory that holds anything but
+a report (a results directory, say). The files are written into a temporary directory beside
+``REP``, which then takes ``REP``'s place as a whole (:func:`write_report_dir`): a kill leaves the
+old report or the new one, never a mix, and a killed run's temporary directory is removed by the
+next report.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -55,10 +59,11 @@ from probekit.report.tables import (
     zero_weight_heads,
 )
 from probekit.stats.bootstrap import P_VALUES
-from probekit.store.outdir import OutputDir, remove_temporaries, write_error
+from probekit.store.outdir import LOCK, OutputDir, remove_temporaries, replace_dir, take_dir_lock, write_error
 from probekit.store.results import cache_hash, cv_table
 
 FORMAT = "probekit-report/1"
+SUMMARY = "summary.json"
 #: experiment -> (x column, CSV/PNG stem, plot title, x label)
 CURVES = {
     "learning_curve": ("n_train", "learning_curves", "Hard-test accuracy vs training set size", "n_train (log scale)"),
@@ -273,29 +278,50 @@ def _write(out: Path, summary: dict, headline: Headline | None, population, all_
                      lambda tmp: _write_files(tmp, summary, headline, population, all_to_all, curves, transfer))
 
 
+def is_report_entry(name: str) -> bool:
+    """Whether a directory entry can belong to a report directory: its summary, markdown, CSV and
+    PNG files, its lock and temporaries."""
+    return (name in (SUMMARY, "report.md", LOCK) or (not name.startswith(".") and name.endswith((".csv", ".png")))
+            or (name.startswith(".") and ".tmp" in name))
+
+
+@contextmanager
+def holding_report(out: str | Path, exclusive: bool = True) -> Iterator[OutputDir]:
+    """Hold report directory ``out`` from the start of a report (before the results are read):
+    refuses a directory holding anything but a report (a results directory, say) and one another
+    process is writing, in one line; :func:`write_report_dir` inside shares the lock
+    (``exclusive=False``: a writer inside a holder of this process)."""
+    with OutputDir(out, (), "report output", own=is_report_entry, share=True, exclusive=exclusive) as held:
+        yield held
+
+
 def write_report_dir(out: Path, summary: dict, write_files: Callable[[Path], list[str]]) -> None:
-    """Write a report directory: ``write_files(tmp)`` writes the files into a temporary directory
-    and returns their names; ``summary`` (with ``files`` set) goes in as ``summary.json``, moved in
-    last under ``out``'s lock (see the module docstring)."""
-    with OutputDir(out, (), "report output") as d:  # refuses a report directory another writer holds
+    """Write a report directory as a whole: ``write_files(tmp)`` writes the files into a temporary
+    directory beside ``out`` and returns their names; ``summary`` (with ``files`` set) goes in as
+    ``summary.json``; then the temporary directory takes the place of ``out`` in one step
+    (:func:`probekit.store.outdir.replace_dir`), under ``out``'s lock, and the old report is
+    deleted. A kill at any moment leaves the old report or the new one, never a mix; the next
+    report removes what a killed one left beside ``out``."""
+    with holding_report(out, exclusive=False):  # refuses a report directory another writer holds
         remove_temporaries(out.parent, [out.name])  # a killed run's temporary directory
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         except OSError as exc:
             raise write_error(exc, out.parent) from None
+        fd = None
         try:
             try:
                 files = write_files(tmp)
-                summary["files"] = files + ["summary.json"]
-                (tmp / "summary.json").write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+                summary["files"] = files + [SUMMARY]
+                (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, allow_nan=False) + "\n")
+                fd = take_dir_lock(tmp, LOCK, "report output")  # the new directory arrives locked
+                replace_dir(tmp, out)
             except OSError as exc:  # a full disk or an unwritable folder: one line, nothing half-written
                 raise write_error(exc, getattr(exc, "filename", None) or tmp) from None
-            (out / "summary.json").unlink(missing_ok=True)
-            for name in files:
-                d.commit(tmp / name, name)
-            d.commit(tmp / "summary.json", "summary.json")
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # the old report (or the unfinished new one)
+            if fd is not None:
+                os.close(fd)
 
 
 class ReportFiles:

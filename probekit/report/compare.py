@@ -53,7 +53,7 @@ import pandas as pd
 
 import probekit
 from probekit.data.sets import SETS
-from probekit.errors import ProbekitError
+from probekit.errors import OptionError, ProbekitError
 from probekit.report import compare_plots
 from probekit.report.build import ProgressFn, ReportFiles, _jsonable, _Ticker, check_settings, write_report_dir
 from probekit.report.compare_plots import method_order
@@ -82,7 +82,7 @@ from probekit.report.tables import (
     to_markdown,
     treat_zero_weights,
 )
-from probekit.store.results import CONTROL_SITES, Results, cache_hash
+from probekit.store.results import CONTROL_SITES, METHODS, Results, cache_hash
 
 FORMAT = "probekit-comparison/1"
 #: Methods whose heads are training draws of :func:`probekit.probe.plan.plan`: runs of these
@@ -333,6 +333,8 @@ def build_comparison(
     if len(results_dirs) < 2:
         raise ProbekitError("a comparison needs at least two results directories")
     check_settings(n_boot, n_boot_sgr, seed, zero_weights, p_value)
+    if baseline is not None and baseline not in METHODS:
+        raise OptionError("baseline", baseline, f"one of the methods {', '.join(METHODS)}")
     runs = _load_runs(results_dirs, zero_weights)
     names = [baseline] if baseline else [ZERO_SHOT, COT_BASELINE]
     heads = _heads(runs, names, site, layer, solver)

@@ -18,12 +18,16 @@ written the same way:
   process may take the same lock again (:func:`take_dir_lock` returns a duplicate descriptor of the held lock), so a command
   can lock its output before slow set-up (loading a model) and write it later through a writer
   that takes the lock itself.
+- **Whole directories.** A directory written as a whole (a report) is built under a temporary name
+  beside its final name and swapped in with :func:`replace_dir`: one atomic exchange of the two
+  names, so a reader (or a kill) sees the old directory or the new one, never a mix.
 - **Errors.** A failed write (full disk, no permission) becomes one line naming the path, and for
   a full disk the space needed where it is known (:func:`write_error`).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import json
@@ -34,7 +38,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from probekit.errors import ProbekitError
+from probekit.errors import OptionError, ProbekitError
 from probekit.store.layout import fsync_path
 
 #: Lock file of an output directory with a single writer (a cache uses one per rank).
@@ -85,14 +89,15 @@ def write_error(exc: BaseException, path: Path, needed: int | None = None) -> Pr
     return ProbekitError(f"cannot write {path} ({reason})")
 
 
-def take_dir_lock(directory: Path, lock_file: str = LOCK, what: str = "directory") -> int:
+def take_dir_lock(directory: Path, lock_file: str = LOCK, what: str = "directory", reuse: bool = True) -> int:
     """Take the non-blocking lock ``DIR/<lock_file>``, note our pid in it; return its descriptor.
 
     Raises one line naming ``what`` and the directory when another process holds it. When an
-    entered :class:`OutputDir` of this process holds the lock with ``share=True``, returns a duplicate of its
-    descriptor (closing it keeps the lock held).
+    entered :class:`OutputDir` of this process holds the lock with ``share=True`` (and ``reuse``),
+    returns a duplicate of its descriptor (closing it keeps the lock held); with ``reuse=False`` it
+    is refused like any other holder's.
     """
-    held = _HELD.get(_lock_key(Path(directory), lock_file))
+    held = _HELD.get(_lock_key(Path(directory), lock_file)) if reuse else None
     if held is not None:
         return os.dup(held)
     path = Path(directory) / lock_file
@@ -203,12 +208,20 @@ class OutputDir:
     ``own(entry)`` says whether a directory entry can belong to this kind of output; when given,
     an existing directory holding anything else is refused before it is touched. ``share=True``
     lets writers of this process inside the block take the same lock (see :func:`take_dir_lock`).
+    ``disposable(entry)``: entries that do not count as written output (a cache's manifest before
+    its first shard, say); a directory this block created and that holds nothing else when the
+    block fails is removed with them, unless another writer holds one of its locks.
+    ``exclusive=True`` (a command holding its output from its start): refused even when this
+    process already holds the lock, so a second command run inside the first is refused too.
     """
 
     def __init__(self, path: str | os.PathLike, names: Iterable[str], what: str = "output directory",
-                 lock_file: str = LOCK, own: Callable[[str], bool] | None = None, share: bool = False) -> None:
+                 lock_file: str = LOCK, own: Callable[[str], bool] | None = None, share: bool = False,
+                 disposable: Callable[[str], bool] | None = None, exclusive: bool = False) -> None:
         self.path = Path(path)
         self.own = own
+        self.disposable = disposable
+        self.exclusive = exclusive
         self.share = share
         self.names = tuple(names)
         self.what = what
@@ -231,7 +244,7 @@ class OutputDir:
         except OSError as exc:
             raise ProbekitError(f"cannot create {self.what} {self.path} ({exc.strerror})") from None
         try:
-            self._fd = take_dir_lock(self.path, self.lock_file, self.what)
+            self._fd = take_dir_lock(self.path, self.lock_file, self.what, reuse=not self.exclusive)
         except BaseException:
             self._remove_if_created()
             raise
@@ -257,16 +270,24 @@ class OutputDir:
             self._fd = None
 
     def _remove_if_created(self) -> None:
-        """Remove the directory we created, if it holds nothing but lock files."""
+        """Remove the directory we created, if it holds nothing but lock files (and disposable
+        entries) and no other process holds one of its locks."""
         if not self.created:
             return
         try:
             entries = os.listdir(self.path)
         except OSError:
             return
-        if all(e == self.lock_file or e.endswith(".lock") or e.startswith(".lock") for e in entries):
-            for entry in entries:  # only lock files: ours, and those of writers sharing our lock
-                (self.path / entry).unlink(missing_ok=True)
+
+        def is_lock(e: str) -> bool:
+            return e == self.lock_file or e.endswith(".lock") or e.startswith(".lock")
+
+        if not all(is_lock(e) or (self.disposable is not None and self.disposable(e)) for e in entries):
+            return
+        if any(is_lock(e) and e != self.lock_file and _held_elsewhere(self.path / e) for e in entries):
+            return  # another writer (another rank) is at work in it
+        for entry in entries:  # lock files (ours, and those of writers sharing our lock) and leftovers
+            (self.path / entry).unlink(missing_ok=True)
         try:
             self.path.rmdir()
         except OSError:
@@ -301,6 +322,24 @@ class OutputDir:
         return self.path / name
 
 
+def _held_elsewhere(lock: Path) -> bool:
+    """Whether a lock file is held by another open descriptor (another process) right now."""
+    key = (os.path.realpath(lock.parent), lock.name)
+    if key in _HELD:
+        return False  # held by this process
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def refuse_foreign(directory: Path, own: Callable[[str], bool], what: str) -> None:
     """Refuse an existing, non-empty ``directory`` holding entries ``own`` does not claim."""
     try:
@@ -314,3 +353,60 @@ def refuse_foreign(directory: Path, own: Callable[[str], bool], what: str) -> No
             f"{what} {directory} already holds files that are not part of one ({shown}); "
             "choose an empty or new --out"
         )
+
+
+def check_dir_target(path: str | os.PathLike, name: str) -> None:
+    """Refuse, before any work, a folder setting ``name`` that cannot become a folder: an existing
+    file, a path under a file, or a place this user cannot write (an :class:`OptionError`)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OptionError(name, str(path), "a folder (it is a file)")
+    parent = path
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptionError(name, str(path), f"a folder ({parent} is a file)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptionError(name, str(path), f"a folder this user can write ({parent} is not writable)")
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the file system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def replace_dir(new: Path, final: Path) -> None:
+    """Put the finished directory ``new`` (a sibling of ``final``) in place of ``final`` as a whole;
+    afterwards ``new`` holds the old directory (or is gone), for the caller to delete.
+
+    Where the system can, the two names are exchanged in one atomic step, so ``final`` is always
+    either the old or the new directory; elsewhere the old one is renamed aside first and ``final``
+    is missing for the moment between the two renames. Both are fsynced."""
+    new, final = Path(new), Path(final)
+    for path in new.iterdir():
+        if path.is_file():
+            fsync_path(path)
+    fsync_path(new)
+    if final.exists() and not _exchange(new, final):
+        aside = temp_path(final.parent, final.name)
+        os.rename(final, aside)
+        os.rename(new, final)
+        os.rename(aside, new)
+    elif not final.exists():
+        os.rename(new, final)
+    fsync_path(final.parent)

@@ -40,6 +40,8 @@ RUN_FILE = "run.json"
 #: The blocking lock of what ranks share: the run's identity and the merge.
 MERGE_LOCK = ".results.lock"
 PART = "part.parquet"  # temporaries of part files: .rank{r}.part.parquet.<pid>-<random>.tmp
+#: Parquet metadata key of a part file's record (a fine-tune's final loss, say).
+INFO_KEY = b"probekit.part"
 
 T = TypeVar("T")
 
@@ -122,9 +124,12 @@ class RankParts:
         """Whether the piece ``key`` is finished (its part file exists)."""
         return self.path(key).is_file()
 
-    def write(self, key: str, table: pa.Table) -> None:
-        """Write the rows of one finished piece atomically (``parts/<key>.parquet``)."""
+    def write(self, key: str, table: pa.Table, info: Mapping[str, Any] | None = None) -> None:
+        """Write the rows of one finished piece atomically (``parts/<key>.parquet``), with ``info`` (JSON)
+        in its metadata (read back by :meth:`info`)."""
         self._record_run()
+        if info is not None:
+            table = table.replace_schema_metadata({INFO_KEY: json.dumps(info, default=str).encode()})
         tmp = self.dir.temp(self.temp_name)
         pq.write_table(table, tmp, compression="zstd")
         (self.out / PARTS).mkdir(exist_ok=True)
@@ -135,6 +140,14 @@ class RankParts:
         path = self.path(key)
         try:
             return pq.read_table(path, schema=schema)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+            raise ProbekitError(f"cannot read {path} ({str(exc).splitlines()[0]}); delete it and rerun") from None
+
+    def info(self, key: str) -> dict:
+        """The ``info`` a finished piece was written with (empty when it had none)."""
+        path = self.path(key)
+        try:
+            return json.loads((pq.read_schema(path).metadata or {}).get(INFO_KEY, b"{}"))
         except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
             raise ProbekitError(f"cannot read {path} ({str(exc).splitlines()[0]}); delete it and rerun") from None
 

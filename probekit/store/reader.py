@@ -183,6 +183,12 @@ class Cache:
             name: f[name].asstr()[()] if h5py.check_string_dtype(f[name].dtype) else f[name][()] for name in names})
 
     # ----- integrity ------------------------------------------------------------------------------
+    def stray_shards(self) -> list[str]:
+        """Shard files in the directory that the manifest does not list (never read; left by another
+        run, or copied in)."""
+        listed = {e["file"] for e in self.shards.values()}
+        return sorted(p.name for p in self.path.glob("shard-*.h5") if p.name not in listed)
+
     def verify(self, on_shard: Callable[[int], None] | None = None, *, since_stamp: bool = False) -> list[str]:
         """One line per problem (``"shard-00003.h5: sha256 differs ..."``); empty when all is well.
 

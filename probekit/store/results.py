@@ -29,9 +29,16 @@ Writing is safe against a second writer and against crashes:
   builds ``results.parquet`` from the parts under the merge lock once every part is there, so
   whichever rank finishes last merges. Under several ranks, each records its counts in
   ``parts/rank-R-of-W.json`` first.
-- :func:`read_results` hashes the bytes it parses and refuses a table whose size or sha256
-  differs from the record in ``sweep.json`` (a swapped or rewritten file). A ``sweep.json``
-  without the record (written by hand or by an older version) is read unchecked.
+- A command holds its results directory from its start (:func:`holding_results`, before a cache
+  is verified, a model loads or anything compiles); the writer inside shares that lock. A
+  directory holding files that are not part of a results directory, or the results of another
+  kind of run (a probe sweep, a fine-tuning run, a generation run: :func:`run_kind`), is refused
+  in one line before anything is written.
+- :func:`read_results` refuses a directory without ``sweep.json``, hashes the bytes it parses and
+  refuses a table whose size or sha256 differs from the record in ``sweep.json`` (a swapped or
+  rewritten file); a ``sweep.json`` without the record (written by hand or by an older version) is
+  read without that check. Every table read is checked against the values the contract allows
+  (:func:`check_values`).
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ import hashlib
 import io
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,10 +60,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probekit.errors import ProbekitError
-from probekit.store.layout import sha256_file
-from probekit.store.outdir import OutputDir, remove_temporaries, write_error
+from probekit.store.layout import lock_name, sha256_file
+from probekit.store.outdir import LOCK, OutputDir, is_temporary, remove_temporaries, write_error
+from probekit.store.parts import MERGE_LOCK, PARTS, RankParts
 from probekit.store.parts import PART as _PART
-from probekit.store.parts import RankParts
 
 FORMAT = "probekit-sweep/1"
 RESULTS = "results.parquet"
@@ -86,6 +95,22 @@ FILLED = {
 #: Columns a results table must have to be read (``p_gold`` is optional).
 REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold" and c not in FILLED)
 
+#: The experiments a row can come from (the ``experiment`` column; :func:`probekit.probe.plan.plan`).
+EXPERIMENTS = ("population", "all_to_all", "learning_curve", "label_noise")
+#: The kinds of run that write a results directory (:func:`run_kind`), in words.
+RUN_KINDS = {"sweep": "a probe sweep", "finetune": "a fine-tuning run", "generate": "a generation run"}
+#: Training levels a row can have besides the levels of a measure: every probe item, zero-shot.
+TRAIN_LEVELS_EXTRA = ("all", "zero_shot")
+#: The training level of ICL rows whose demonstrations come from another question set, ``arc:grade:easy``
+#: or ``arc:all``, or were cut by another rule, ``easy@grade=3,8`` or ``arc:grade@3,8:easy``
+#: (:func:`probekit.store.icl_scores.demo_level`).
+_OTHER_SET_LEVEL = re.compile(r"^([^:\s]+:(all|[^:\s@]+(@[^:\s]+)?:(easy|medium|hard))"
+                              r"|(easy|medium|hard)@[^=\s]+=[^\s]+)$")
+#: Methods whose rows score generated text: no probability of the gold answer (``p_gold`` NaN).
+NO_P_GOLD = ("zero_shot_cot", "icl_cot", "finetune_cot")
+#: The test levels a row can have ("" for an item whose level is unknown).
+TEST_LEVELS = ("easy", "medium", "hard", "")
+
 
 def method_of(train_level: Any, site: Any) -> Any:
     """The ``method`` of rows without one (older tables): ``zero_shot`` for zero-shot rows, ``icl``
@@ -104,6 +129,51 @@ MAJORITY_SOLVER = "majority"
 CONTROL_HEADS = ((SURFACE_SITE, SURFACE_SOLVER), (MAJORITY_SITE, MAJORITY_SOLVER))
 #: The text (dictionary-encoded) columns.
 TEXT_COLUMNS = tuple(f.name for f in SCHEMA if pa.types.is_dictionary(f.type))
+
+
+def is_results_entry(name: str) -> bool:
+    """Whether a directory entry can be part of a results directory (files, parts, locks, temporaries)."""
+    if name in (RESULTS, CONFIG, PARTS, LOCK, MERGE_LOCK) or re.fullmatch(r"\.lock-rank\d+", name):
+        return True
+    return is_temporary(name, RESULTS) or is_temporary(name, CONFIG) or (
+        name.startswith(".") and f"{_PART}." in name and name.endswith(".tmp"))
+
+
+def run_kind(config: Mapping[str, Any] | None) -> str | None:
+    """What wrote a results directory, by its ``sweep.json``: ``"generate"``, ``"finetune"`` or
+    ``"sweep"`` (:data:`RUN_KINDS`); None without a configuration."""
+    if not isinstance(config, Mapping):
+        return None
+    if config.get("format_of") == "probekit generate":
+        return "generate"
+    if config.get("method") == "finetune" or "run" in config:
+        return "finetune"
+    return "sweep"
+
+
+def refuse_other_run(out: str | os.PathLike, kind: str, what: str = "results directory") -> None:
+    """One line when ``out`` holds the results of another kind of run than ``kind``."""
+    if not Path(out).is_dir():
+        return
+    found = run_kind(read_config(out))
+    if found is not None and found != kind:
+        raise ProbekitError(f"{what} {out} holds another run ({RUN_KINDS[found]}'s results); "
+                            "choose another --out or delete it")
+
+
+@contextmanager
+def holding_results(out: str | os.PathLike, kind: str, rank: int | None = None) -> Iterator[OutputDir]:
+    """Hold results directory ``out`` for the block, from the start of a command of ``kind``
+    (:data:`RUN_KINDS`): refuses a directory of unrelated files, one another process is writing
+    (``rank``: a resumable run's per-rank lock) and one holding another kind of run, in one line.
+    A :class:`ResultsWriter` inside the block shares the lock; a directory created here is removed
+    again when the block fails before anything was committed into it."""
+    lock = LOCK if rank is None else lock_name(rank)
+    refuse_other_run(out, kind)  # before a lock file is made in another run's directory
+    with OutputDir(out, (), "results directory", lock_file=lock, own=is_results_entry, share=True,
+                   exclusive=True) as held:
+        refuse_other_run(out, kind)  # and again, now that no other writer can change it
+        yield held
 
 
 class ResultRows:
@@ -225,13 +295,18 @@ class ResultsWriter:
         """Whether the piece ``key`` of this run is finished (its part file exists)."""
         return self._parts.has(key)
 
-    def write_part(self, key: str, tables: Sequence[pa.Table]) -> None:
-        """Write the rows of one finished piece atomically (``RES/parts/<key>.parquet``)."""
-        self._parts.write(key, pa.concat_tables(tables) if tables else SCHEMA.empty_table())
+    def write_part(self, key: str, tables: Sequence[pa.Table], info: Mapping[str, Any] | None = None) -> None:
+        """Write the rows of one finished piece atomically (``RES/parts/<key>.parquet``), with
+        ``info`` (JSON) in its metadata (read back by :meth:`part_info`)."""
+        self._parts.write(key, pa.concat_tables(tables) if tables else SCHEMA.empty_table(), info)
 
     def read_part(self, key: str) -> pa.Table:
         """The rows of a finished piece, in :data:`SCHEMA`."""
         return self._parts.read(key, SCHEMA)
+
+    def part_info(self, key: str) -> dict:
+        """The ``info`` a finished piece was written with (empty when it had none)."""
+        return self._parts.info(key)
 
     def write_rank_counts(self, counts: Mapping[str, Any]) -> None:
         """Record this rank's counts (``parts/rank-R-of-W.json``) for the merge's record."""
@@ -317,6 +392,10 @@ def read_results(results_dir: str | os.PathLike, columns: Sequence[str] | None =
     if not path.is_file():
         raise ProbekitError(f"no {RESULTS} in {root} (run `probekit sweep ... --out {root}` first)")
     sweep = read_config(root)
+    if sweep is None:
+        raise ProbekitError(f"{root} has {RESULTS} but no {CONFIG}: the table cannot be checked against the run "
+                            "that wrote it (its run did not finish, or the file was removed); rerun that command "
+                            "into this directory")
     try:
         raw = path.read_bytes()
         if columns is None:
@@ -343,7 +422,75 @@ def read_results(results_dir: str | os.PathLike, columns: Sequence[str] | None =
     for column, fill in FILLED.items():
         if column not in table.columns:
             table[column] = fill(table)
+    p_gold = table["p_gold"] if "p_gold" in table.columns else _column(raw, "p_gold", path)
+    check_values(table, path, p_gold)
     return Results(root, table, sweep, found["sha256"])
+
+
+def _column(raw: bytes, name: str, path: Path) -> np.ndarray | None:
+    """One column of a parquet file's bytes as an array (None when the file lacks it)."""
+    try:
+        parquet = pq.ParquetFile(io.BytesIO(raw))
+        if name not in parquet.schema_arrow.names:
+            return None
+        return parquet.read(columns=[name]).column(0).to_numpy(zero_copy_only=False)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises several types
+        raise ProbekitError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def is_train_level(level: str) -> bool:
+    """Whether ``level`` is a training level of the contract: easy, medium, hard, all, zero_shot, or
+    the level of ICL demonstrations from another set or cut by another rule (``arc:grade:easy``,
+    ``arc:all``, ``easy@grade=3,8``, ``arc:grade@3,8:easy``)."""
+    return level in ("easy", "medium", "hard", *TRAIN_LEVELS_EXTRA) or bool(_OTHER_SET_LEVEL.match(level))
+
+
+def check_values(table: pd.DataFrame, path: str | os.PathLike, p_gold: Any = None) -> None:
+    """Refuse a results table holding a value the contract does not allow, naming the column, the
+    value and the first row's item: an unknown experiment, method, training or test level; a
+    negative draw or n_train; label noise outside [0, 1]; correct other than 0 or 1; p_gold (the
+    table's column, or ``p_gold`` given apart) outside [0, 1], or NaN for a method that has a
+    probability of the gold answer (every method but :data:`NO_P_GOLD`)."""
+    def refuse(bad: np.ndarray, column: str, rule: str) -> None:
+        row = int(np.flatnonzero(bad)[0])
+        value = table[column].iloc[row] if column in table.columns else p_gold[row]
+        value = value.item() if isinstance(value, np.generic) else value
+        raise ProbekitError(f"{path}: {column} is {value!r} for item {str(table['item_id'].iloc[row])!r} (row "
+                            f"{row + 1}); {column} must be {rule} (the table was changed after its run, or written "
+                            "by hand)")
+
+    def text(column: str, allowed: Callable[[str], bool], rule: str) -> None:
+        values = table[column]
+        found = values.unique()
+        wrong = {str(v) for v in found if not allowed(str(v))}
+        if wrong:
+            refuse(values.astype(str).isin(wrong).to_numpy(), column, rule)
+
+    text("experiment", lambda v: v in EXPERIMENTS, f"one of {', '.join(EXPERIMENTS)}")
+    text("method", lambda v: v in METHODS, f"one of {', '.join(METHODS)}")
+    text("train_level", is_train_level, "easy, medium, hard, all, zero_shot, or SET:MEASURE:LEVEL (ICL "
+                                        "demonstrations of another set)")
+    text("test_level", lambda v: v in TEST_LEVELS, "easy, medium, hard, or empty for an unknown level")
+    for column in ("draw", "n_train"):
+        values = pd.to_numeric(table[column], errors="coerce").to_numpy(float)
+        bad = ~(values >= 0)
+        if bad.any():
+            refuse(bad, column, "a non-negative integer")
+    noise = pd.to_numeric(table["label_noise"], errors="coerce").to_numpy(float)
+    bad = ~((noise >= 0) & (noise <= 1))
+    if bad.any():
+        refuse(bad, "label_noise", "a rate in [0, 1]")
+    correct = pd.to_numeric(table["correct"], errors="coerce").to_numpy(float)
+    bad = ~np.isin(correct, (0.0, 1.0))
+    if bad.any():
+        refuse(bad, "correct", "0 or 1")
+    if p_gold is not None:
+        p = pd.to_numeric(pd.Series(np.asarray(p_gold)), errors="coerce").to_numpy(float)
+        free = np.asarray(table["method"].isin(NO_P_GOLD), dtype=bool)
+        bad = np.where(np.isnan(p), ~free, ~((p >= 0) & (p <= 1)))
+        if bad.any():
+            refuse(bad, "p_gold", f"a probability in [0, 1] (NaN only for {', '.join(NO_P_GOLD)} rows, which "
+                                  "score generated text)")
 
 
 def read_config(results_dir: str | os.PathLike) -> dict | None:

@@ -104,12 +104,14 @@ def holding_cache(out_dir: str | os.PathLike, rank: int = 0):
 
     Refuses a directory of unrelated files and a cache another process is writing; a
     :class:`CacheWriter` entered inside the block shares the lock. A directory created here is
-    removed again if the block fails before anything was written into it.
+    removed again if the block fails before a shard was written into it (a refused or failed first
+    run leaves no folder behind).
     """
     out_dir = Path(out_dir)
     if out_dir.is_dir():
         refuse_non_cache(out_dir)
-    with OutputDir(out_dir, (), "cache", lock_file=lock_name(rank), share=True) as held:
+    with OutputDir(out_dir, (), "cache", lock_file=lock_name(rank), share=True, exclusive=True,
+                   disposable=lambda e: e in (MANIFEST, VERIFIED) or is_temporary(e, MANIFEST)) as held:
         yield held
 
 
