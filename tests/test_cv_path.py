@@ -257,7 +257,7 @@ def test_cli_path_and_its_errors_are_one_line(cache_dir, tmp_path):
         (["--C", "0.1,x", "--select", "cv5"], "--C must be comma-separated numbers"),
         (["--C", "0.1,0.1", "--select", "cv5"], "C grid lists 0.1 more than once"),
         (["--C", "0.1,0", "--select", "cv5"], "C must be a finite number > 0, got 0.0"),
-        (["--C", "0.1,nan", "--select", "cv5"], "C grid values must be finite numbers"),
+        (["--C", "0.1,nan", "--select", "cv5"], "--C must be finite numbers"),
         (["--C", "0.1,1"], "C has 2 values: a grid needs select cvK"),
         (["--select", "cv5"], "select cv5 chooses the converged solver's C from a grid"),
         (["--C", "0.1,1", "--select", "cv1"], "select must be cvK"),
