@@ -118,7 +118,7 @@ def test_a_bfloat16_cache_is_not_resumed_as_another_dtype(tmp_path, big_data):
 
 @pytest.fixture(scope="module")
 def arc6(arc):
-    from probekit.extract.run import limit_items
+    from probekit.extract.inputs import limit_items
 
     return limit_items(arc, 6)
 
