@@ -181,7 +181,8 @@ def sweep_cmd(
     )
     if counts.get("zero_weight_fits"):
         console.print(f"note: {counts['zero_weight_fits']} fits have zero weights as their exact optimum (the penalty "
-                      f"outweighs the data; column zero_weights; left out of report statistics)", style="yellow")
+                      f"outweighs the data; column zero_weights): the report scores each as chance, 1 / number of "
+                      f"choices per item (probekit report --zero-weights)", style="yellow")
     if counts["not_converged"]:
         console.print(f"warning: {counts['not_converged']} converged-solver fits missed the tolerance", style="yellow")
     cv = record.get("cv")
