@@ -47,9 +47,10 @@ def _require(path: Path, data_dir: Path) -> Path:
 WHERE = "_where"
 
 
-def _read_jsonl(path: Path) -> Records:
-    """The JSON objects of a JSONL file, each noting its file and line; a line that is not one is
-    refused, naming the file and the line."""
+def read_jsonl(path: Path, where: bool = True) -> Records:
+    """The JSON objects of a JSONL file, one per non-blank line, each noting its file and line under
+    :data:`WHERE` (``where=False``: as they are); a line that is not one is refused, naming the file
+    and the line."""
     records = []
     try:
         with open(path, encoding="utf-8") as fh:
@@ -62,7 +63,7 @@ def _read_jsonl(path: Path) -> Records:
                     raise ProbekitError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
                 if not isinstance(rec, dict):
                     raise ProbekitError(f"{path} line {n}: not a JSON object ({type(rec).__name__})")
-                records.append({**rec, WHERE: f"{path} line {n}"})
+                records.append({**rec, WHERE: f"{path} line {n}"} if where else rec)
     except UnicodeDecodeError:
         raise ProbekitError(f"{path}: not UTF-8 text") from None
     return records
@@ -100,7 +101,7 @@ def _texts(values, at: str, what: str) -> list[str]:
 
 
 def _arc_local(data_dir: Path) -> tuple[Records, dict]:
-    questions = _read_jsonl(_require(data_dir / "arc" / "arc_all_splits.jsonl", data_dir))
+    questions = read_jsonl(_require(data_dir / "arc" / "arc_all_splits.jsonl", data_dir))
     ann_path = _require(data_dir / "arc" / "arc-challenge-easy-annotations.json", data_dir)
     annotations = _read_json(ann_path)
     if not isinstance(annotations, dict):
@@ -119,7 +120,7 @@ def _arc_hub() -> tuple[Records, dict]:
 
 
 def _arc_sample() -> tuple[Records, dict]:
-    records = _read_jsonl(_bundled("arc_sample.jsonl"))
+    records = read_jsonl(_bundled("arc_sample.jsonl"))
     annotations = json.loads(_bundled("arc-challenge-easy-annotations.json").read_text(encoding="utf-8"))
     return records, annotations
 
@@ -281,7 +282,7 @@ def _gsm8k_local(data_dir: Path) -> Records:
     records = []
     for split in GSM8K_SPLITS:
         path = _require(data_dir / "gsm8k" / f"{split}.jsonl", data_dir)
-        records.extend({**row, "split": split} for row in _read_jsonl(path))
+        records.extend({**row, "split": split} for row in read_jsonl(path))
     return records
 
 

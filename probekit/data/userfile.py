@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from probekit.data.schema import COMMON_MEASURES, ItemSet, build_table
+from probekit.data.sets import read_jsonl
 from probekit.errors import ProbekitError
 
 _CHOICE_COLUMN = re.compile(r"^(choice_?\d+|[A-J])$")
@@ -58,30 +59,13 @@ def _read(path: Path) -> pd.DataFrame:
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise ProbekitError(f"{path}: not a JSON list of objects (one per item)")
             return pd.DataFrame(rows)
-        return pd.DataFrame(_jsonl_rows(path))
+        return pd.DataFrame(read_jsonl(path, where=False))
     except json.JSONDecodeError as exc:
         raise ProbekitError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
     except UnicodeDecodeError:
         raise ProbekitError(f"{path}: not UTF-8 text") from None
     except ValueError as exc:
         raise ProbekitError(f"{path}: cannot parse ({str(exc).splitlines()[0][:120]})") from None
-
-
-def _jsonl_rows(path: Path) -> list[dict]:
-    """The objects of a JSONL file, one per non-blank line; a line that is not one is named."""
-    rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ProbekitError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ProbekitError(f"{path} line {n}: not a JSON object ({type(row).__name__})")
-            rows.append(row)
-    return rows
 
 
 def _is_missing(value) -> bool:
