@@ -211,10 +211,9 @@ def fake_training(monkeypatch):
 
 
 def test_training_rows_and_test_items_are_the_sweeps(lm, real_cache, demo_items, tmp_path, fake_training):
+    from probekit.design import item_frame, load_items, open_cache, plan
     from probekit.finetune import finetune
     from probekit.probe import sweep
-    from probekit.probe.plan import item_frame, plan
-    from probekit.probe.sweep import load_items, open_cache
     from probekit.store.results import read_results
 
     kw = dict(measures=["grade"], n_train=[8], draws=2, seed=7, levels=["easy", "hard"])

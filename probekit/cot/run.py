@@ -63,12 +63,12 @@ from probekit.store.generations import GenerationsWriter, is_generation_entry, r
 from probekit.store.layout import lock_name
 from probekit.store.outdir import LOCK, OutputDir
 from probekit.store.parts import rank_share
-from probekit.store.results import ResultRows, ResultsWriter, refuse_other_run
+from probekit.store.results import ResultRows, ResultsWriter, RunRecord, refuse_other_run
 
 ZERO_SHOT = "zero_shot"
 CONDITIONS = (ZERO_SHOT,) + LEVELS
-SITE = "cot"
-METHOD = {ZERO_SHOT: "zero_shot_cot"}  # every k-shot condition: "icl_cot"
+#: The method of each kind of condition's rows (:data:`probekit.methods.METHODS`).
+ZERO_SHOT_METHOD, PROMPTED_METHOD = "zero_shot_cot", "icl_cot"
 
 
 def default_prompt_id(items) -> str:
@@ -294,9 +294,9 @@ def generate_cot(
             "test_ids": [str(i) for i in items.table["id"].to_numpy()[rows]],
         }
         if tune_levels:  # only then: a folder of prompting conditions keeps the header it had
-            from probekit.finetune.run import _versions, loaded_quantize
-            from probekit.finetune.train import check_targets, check_trainable
-            from probekit.probe.engine import head_seed
+            from probekit.design.plan import head_seed
+            from probekit.finetune.run import loaded_quantize
+            from probekit.finetune.train import check_targets, check_trainable, library_versions
 
             quantize = loaded_quantize(lm)
             check_trainable(quantize, lm.device)
@@ -306,7 +306,7 @@ def generate_cot(
                 "levels": tune_levels, "n_train": n_train, "objective": "seq2seq", "draws": "icl/{measure}/{level}",
                 "quantize": quantize or "none", "optimizer": recipe.optimizer_for(quantize),
                 "recipe": recipe.describe("seq2seq"), "max_updates": max_updates,
-                "schedule": schedule(n_train, recipe).__dict__, "versions": _versions(),
+                "schedule": schedule(n_train, recipe).__dict__, "versions": library_versions(),
             }
         t0 = time.perf_counter()
         written, new_tokens, merged = [], 0, True
@@ -424,15 +424,14 @@ def _run_unit(lm, items, condition, draw, plan, max_new_tokens, batch_size, scor
     }
 
 
-def condition_row(condition: str, k: int, header: dict) -> tuple[str, str, int, str]:
-    """A condition's ``train_level``, ``method``, ``n_train`` and ``solver`` in the results table (the
-    solver tells a report's heads apart: "cot" for prompting, "lora" for fine-tuned units)."""
+def condition_row(condition: str, k: int, header: dict) -> tuple[str, str, int]:
+    """A condition's ``train_level``, ``method`` and ``n_train`` in the results table."""
     level = tune.tuned_level(condition)
     if level is not None:
-        return level, tune.METHOD, int(header["generate"]["finetune"]["n_train"]), tune.SOLVER
+        return level, tune.METHOD, int(header["generate"]["finetune"]["n_train"])
     if condition == ZERO_SHOT:
-        return ZERO_SHOT, METHOD[ZERO_SHOT], 0, SITE
-    return condition, "icl_cot", k, SITE
+        return ZERO_SHOT, ZERO_SHOT_METHOD, 0
+    return condition, PROMPTED_METHOD, k
 
 
 def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, header: dict,
@@ -442,26 +441,25 @@ def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, hea
     frame = read_generations(out)
     table = items.table
     index = {str(i): n for n, i in enumerate(table["id"].to_numpy())}
-    builder = ResultRows("population", SITE, [str(i) for i in table["id"].to_numpy()], LEVELS)
+    builder = ResultRows("population", "", [str(i) for i in table["id"].to_numpy()], LEVELS)
     with ResultsWriter(out) as writer:
         for (c, b), g in frame.groupby(["condition", "draw"], sort=True):
             r = np.array([index[i] for i in g["item_id"]], dtype=np.int64)
-            level, method, n, solver = condition_row(c, k, header)
+            level, method, n = condition_row(c, k, header)
             writer.append(builder.table(
-                layer="", measure=measure, train_level=level, draw=int(b), n_train=n, noise=0.0,
-                solver=solver, rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
-                p_gold=np.full(len(r), np.nan), method=method))
-        config = {"format_of": "probekit generate", "generate": header["generate"], "model": header["model"],
-                  "dataset": header["dataset"]["name"], "dataset_fingerprint": header["dataset"]["fingerprint"],
-                  "prompt": header["prompt"]}
+                method=method, layer="", measure=measure, train_level=level, draw=int(b), n_train=n, noise=0.0,
+                solver="", rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
+                p_gold=np.full(len(r), np.nan)))
+        details = {}
         logs = read_logs(out)
         if logs:  # fine-tuned units: updates, first and last loss, seconds (every loss: DIR/log-*.json)
-            config["training"] = {u: {"updates": g["updates"], "first_loss": (g["losses"] or [None])[0],
-                                      "last_loss": (g["losses"] or [None])[-1], "train_seconds": g["train_seconds"],
-                                      "generate_seconds": g["generate_seconds"]} for u, g in logs.items()}
+            details["training"] = {u: {"updates": g["updates"], "first_loss": (g["losses"] or [None])[0],
+                                       "last_loss": (g["losses"] or [None])[-1], "train_seconds": g["train_seconds"],
+                                       "generate_seconds": g["generate_seconds"]} for u, g in logs.items()}
         if world_size > 1:
-            config["world_size"] = world_size
-            config["ranks"] = ranks or []
-        writer.commit(config)
-
-
+            details["world_size"] = world_size
+            details["ranks"] = ranks or []
+        writer.commit(RunRecord(
+            kind="generate", dataset=header["dataset"]["name"], dataset_fingerprint=header["dataset"]["fingerprint"],
+            model=header["model"], prompt=header["prompt"], config=header["generate"],
+            seed=header["generate"]["seed"], counts={"rows": builder.n_rows}, details=details))

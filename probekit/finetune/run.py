@@ -1,11 +1,12 @@
 """``finetune``: LoRA fine-tuning on the sweep's training draws, scored on the sweep's test items.
 
-For every head of :func:`probekit.probe.plan.plan` (the same function, seed and keys the sweep
+For every head of :func:`probekit.design.plan.plan` (the same function, seed and keys the sweep
 uses, so training rows and labels are the sweep's), fresh adapters are attached from a seed,
 trained on the head's items (:mod:`probekit.finetune.train`), and every other probe item (or those
 of ``test_levels``) is scored with the adapted model. Rows go into ``RES/results.parquet`` with
-``method`` "finetune", ``site`` "finetune", ``solver`` "lora" and an empty ``layer``, beside the
-cache's zero-shot rows; ``RES/sweep.json`` records the recipe, model, dataset and cache.
+``method`` "finetune" (no site, layer or solver), beside the cache's zero-shot rows;
+``RES/sweep.json`` records the recipe, model, dataset and cache (:class:`~probekit.store.results.RunRecord`).
+The run reads the design (:mod:`probekit.design`), never the probe engine: it imports no JAX.
 
 The run is resumable: each finished head's rows are written atomically as ``RES/parts/<head>.parquet``
 (:meth:`probekit.store.results.ResultsWriter.write_part`); a rerun with the same settings skips
@@ -31,22 +32,30 @@ from typing import Any
 import numpy as np
 
 from probekit.data.levels import LEVELS, Cutoff
+from probekit.design import (
+    FrameRows,
+    Head,
+    head_seed,
+    item_frame,
+    load_items,
+    open_cache,
+    plan,
+    tested_rows,
+    zero_shot_p,
+    zero_shot_tables,
+)
 from probekit.errors import ProbekitError
 from probekit.extract.inputs import check_table_context
 from probekit.extract.models import DEFAULT_NAME, LoadedModel, ModelSpec
 from probekit.extract.run import dist_env, encode_rows, prepare_model
 from probekit.finetune.recipe import Recipe, schedule
-from probekit.finetune.train import attach_lora, detach_lora, score_items, train_adapters
-from probekit.probe.engine import head_seed
-from probekit.probe.plan import EXPERIMENTS, Head, item_frame, plan, tested_rows
-from probekit.probe.sweep import FrameRows, load_items, open_cache, zero_shot_p, zero_shot_tables
+from probekit.finetune.train import attach_lora, detach_lora, library_versions, score_items, train_adapters
 from probekit.store import Cache
 from probekit.store.outdir import check_dir_target
 from probekit.store.parts import rank_share
-from probekit.store.results import CACHE_HASH_KEY, FORMAT, ResultsWriter, holding_results
+from probekit.store.results import CACHE_HASH_KEY, EXPERIMENTS, ResultsWriter, RunRecord, holding_results
 
-SITE = "finetune"
-SOLVER = "lora"
+METHOD = "finetune"
 QUANTIZE = ("auto", "none", "8bit", "4bit")
 
 #: Progress events: (event, fields). Events: "start" (heads, updates), "head" (name, updates),
@@ -114,14 +123,6 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 def _test_levels(frame, head: Head, test_levels: Sequence[str] | None) -> dict[str, np.ndarray]:
@@ -233,8 +234,7 @@ def finetune(
             "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "template": template,
             "max_updates": max_updates, "zero_shot": zero_shot,
         }
-        rows = FrameRows(frame, experiment, SITE)
-        zs_rows = FrameRows(frame, experiment, "answer_end")
+        rows = FrameRows(frame, experiment)
         encoded: dict[int, Any] = {}
 
         def encode(idx: np.ndarray) -> list:
@@ -252,7 +252,7 @@ def finetune(
             emit("start", {"heads": len(mine), "todo": len(todo),
                            "updates": sum(min(schedule(h.n_train, recipe).updates, max_updates or 1 << 30) for h in todo)})
             if zero_shot and rank == 0 and not writer.has_part("zero_shot"):
-                writer.write_part("zero_shot", zero_shot_tables(cache, frame, zs_rows, measures, experiment))
+                writer.write_part("zero_shot", zero_shot_tables(cache, frame, measures, experiment))
             for h in mine:
                 key = part_key(h)
                 if writer.has_part(key):
@@ -275,9 +275,9 @@ def finetune(
                     tables = []
                     for m, mrows in by_measure.items():
                         p, c = zero_shot_p(scores[mrows], frame.n_choices[mrows], frame.gold[mrows])
-                        tables.append(rows.table(layer="", measure=m, train_level=h.train_level, draw=h.draw,
-                                                 n_train=h.n_train, noise=h.label_noise, solver=SOLVER, rows=mrows,
-                                                 correct=c, p_gold=p, method="finetune"))
+                        tables.append(rows.table(method=METHOD, layer="", measure=m, train_level=h.train_level,
+                                                 draw=h.draw, n_train=h.n_train, noise=h.label_noise, solver="",
+                                                 rows=mrows, correct=c, p_gold=p))
                     stats["score_seconds"] += time.perf_counter() - t1
                     stats["scored_items"] += int(len(test))
                     if save_adapters is not None:
@@ -298,48 +298,48 @@ def finetune(
                 writer.write_rank_counts(mine_counts)
             keys = (["zero_shot"] if zero_shot else []) + [part_key(h) for h in heads]
 
-            def config(n_rows: int) -> dict[str, Any]:
+            def config(n_rows: int) -> RunRecord:
                 ranks = [c for c in writer.rank_counts() if c is not None] if world > 1 else [mine_counts]
                 total = {k: sum(c[k] for c in ranks) for k in ("trained_now", "resumed", "updates_now",
                                                                 "scored_items_now", "train_seconds", "score_seconds")}
                 wall = max([c["wall_seconds"] for c in ranks] + [time.perf_counter() - t0])
                 final_loss = {h.name: writer.part_info(part_key(h)).get("final_loss") for h in heads}  # resumed too
-                return {
-                    "format": FORMAT,
-                    "method": "finetune",
-                    "cache": str(cache.path.resolve()),
-                    CACHE_HASH_KEY: cache.manifest_sha256,
-                    "dataset": dataset,
-                    "dataset_fingerprint": questions.fingerprint,
-                    "model": cache.manifest.get("model", {}),
-                    "prompt": cache.manifest.get("prompt", {}),
-                    "finetune_model": lm.identity,
-                    "config": {
-                        "experiment": experiment, "measures": measures, "site": SITE, "solvers": [SOLVER],
-                        "n_train": sorted({int(x) for x in n_train}),
+                return RunRecord(
+                    kind="finetune",
+                    cache=str(cache.path.resolve()),
+                    cache_manifest_sha256=cache.manifest_sha256,
+                    dataset=dataset,
+                    dataset_fingerprint=questions.fingerprint,
+                    model=cache.manifest.get("model", {}),
+                    prompt=cache.manifest.get("prompt", {}),
+                    config={
+                        "experiment": experiment, "measures": measures, "n_train": sorted({int(x) for x in n_train}),
                         "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
                         "draws": draws, "train_levels": sorted({h.train_level for h in heads}),
                         "test_levels": list(test_levels or []), "quantize": q or "none",
-                        "optimizer": recipe.optimizer_for(q), "versions": _versions(),
+                        "optimizer": recipe.optimizer_for(q), "versions": library_versions(),
                         "recipe": recipe.describe(), "zero_shot": zero_shot, "max_updates": max_updates,
                         "save_adapters": str(save_adapters) if save_adapters is not None else None,
                         "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()},
                         "schedules": {h.name: schedule(h.n_train, recipe).__dict__ for h in heads},
                     },
-                    "seed": seed,
-                    "world_size": world,
-                    "counts": {"heads": len(heads), "trained_now": total["trained_now"], "resumed": total["resumed"],
-                               "updates_now": total["updates_now"], "rows": n_rows,
-                               "probe_items": int(len(frame.probe)), "scored_items_now": total["scored_items_now"]},
-                    "final_loss": final_loss,
-                    "wall_seconds": round(wall, 3),
-                    "train_seconds": round(total["train_seconds"], 3),
-                    "score_seconds": round(total["score_seconds"], 3),
-                    "updates_per_second": (round(total["updates_now"] / total["train_seconds"], 4) if total["train_seconds"]
-                                           else None),
-                    "scored_items_per_second": (round(total["scored_items_now"] / total["score_seconds"], 3)
-                                                if total["score_seconds"] else None),
-                }
+                    seed=seed,
+                    counts={"heads": len(heads), "trained_now": total["trained_now"], "resumed": total["resumed"],
+                            "updates_now": total["updates_now"], "rows": n_rows,
+                            "probe_items": int(len(frame.probe)), "scored_items_now": total["scored_items_now"]},
+                    details={
+                        "finetune_model": lm.identity,
+                        "world_size": world,
+                        "final_loss": final_loss,
+                        "wall_seconds": round(wall, 3),
+                        "train_seconds": round(total["train_seconds"], 3),
+                        "score_seconds": round(total["score_seconds"], 3),
+                        "updates_per_second": (round(total["updates_now"] / total["train_seconds"], 4)
+                                               if total["train_seconds"] else None),
+                        "scored_items_per_second": (round(total["scored_items_now"] / total["score_seconds"], 3)
+                                                    if total["score_seconds"] else None),
+                    },
+                )
 
             record = writer.merge(keys, config)
         if record is None:

@@ -233,6 +233,15 @@ def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe
     return log
 
 
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a fine-tune ran on (torch, transformers, peft), as runs record them."""
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
 def check_trainable(quantize: str | None, device) -> None:
     """Refuse a base that cannot be trained through: bitsandbytes' 4-bit layers have no autograd
     kernel on the CPU (their backward is silently wrong)."""

@@ -22,64 +22,42 @@ import numpy as np
 import pyarrow as pa
 
 from probekit.data.levels import LEVELS, Cutoff
+from probekit.design import (
+    ALL,
+    FrameRows,
+    Head,
+    ItemFrame,
+    head_seed,
+    item_frame,
+    layer_label,
+    load_items,
+    open_cache,
+    plan,
+    tested_rows,
+    zero_shot_p,
+    zero_shot_tables,
+)
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
 from probekit.probe import cvpath
 from probekit.probe.controls import SURFACE_FEATURES, control_tables
-from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, head_seed, prepare
-from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan, tested_rows
+from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, prepare
 from probekit.probe.solvers import DEFAULT_TOL, SOLVERS, solver_names
 from probekit.store import Cache
-from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
 from probekit.store.icl_scores import demo_level, load_icl
 from probekit.store.results import (
-    CACHE_HASH_KEY,
-    FORMAT,
+    EXPERIMENTS,
     MAJORITY_SITE,
     SURFACE_SITE,
     SURFACE_SOLVER,
-    ResultRows,
     ResultsWriter,
+    RunRecord,
     holding_results,
 )
 
 SITE_HEAD = {"answer_end": "mc", "question_end": "multinomial"}
 
 Progress = Callable[[int, int, str], None]  # (fits done, fits in all, feature set being fitted)
-
-
-def open_cache(cache: str | os.PathLike | Cache, verify: bool = True) -> Cache:
-    """The cache, with every shard's hash and shapes checked first when ``verify``.
-
-    A shard unchanged (size, mtime, inode) since its last full hash is not hashed again (see
-    :mod:`probekit.store.stamp`); ``probekit info CACHE --verify`` hashes every shard."""
-    cache = cache if isinstance(cache, Cache) else Cache(cache)
-    if verify:
-        problems = cache.verify(since_stamp=True)
-        if problems:
-            raise ProbekitError(f"cache {cache.path} fails verification: {problems[0]}"
-                                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return cache
-
-
-def load_items(cache: Cache, measures: Sequence[str] | None) -> tuple[Any, list[str]]:
-    """The cache's item table plus the ``mdl`` column when asked for; the measures to use."""
-    items = cache.items.copy()
-    known = list(cache.measures) + [MDL]
-    chosen = list(measures) if measures else list(cache.measures)
-    twice = sorted({m for m in chosen if chosen.count(m) > 1})
-    if twice:
-        raise ProbekitError(f"measures list {', '.join(repr(m) for m in twice)} more than once: name each once")
-    for m in chosen:
-        if m not in known:
-            raise ProbekitError(f"unknown measure {m!r}: the cache has {', '.join(known)}")
-    if MDL in chosen:
-        path = cache.path / HARDNESS_FILE
-        if not path.is_file():
-            raise ProbekitError(f"measure 'mdl' needs {path}: run `probekit hardness {cache.path}` first")
-        scores = read_mdl(path)
-        items[MDL] = items["id"].astype(str).map(scores).astype(float)
-    return items, chosen
 
 
 def read_features(cache: Cache, site: str, layer: int, ids: np.ndarray) -> np.ndarray:
@@ -149,37 +127,12 @@ def compile_first(cache: Cache, n_choices: np.ndarray, row_sets: Sequence[np.nda
     return time.perf_counter() - t
 
 
-def zero_shot_p(choice_sum: np.ndarray, n_choices: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """p(gold) and correctness from summed choice log-probs, softmaxed over the real choices (§5)."""
-    real = np.arange(choice_sum.shape[1])[None, :] < n_choices[:, None]
-    s = np.where(real, choice_sum.astype(np.float64), -np.inf)
-    s = s - s.max(1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(1, keepdims=True)
-    return p[np.arange(len(gold)), gold].astype(np.float32), (s.argmax(1) == gold).astype(np.int8)
-
-
-class FrameRows(ResultRows):
-    """Result rows of one experiment at one site; test levels are the item frame's levels."""
-
-    def __init__(self, frame: ItemFrame, experiment: str, site: str) -> None:
-        super().__init__(experiment, site, frame.ids, LEVELS, frame.n_choices)
-        self.frame = frame
-
-    def table(self, *, measure: str, rows: np.ndarray, **fields: Any) -> pa.Table:
-        codes = self.frame.levels[measure][rows] if measure in self.frame.levels else np.full(len(rows), -1)
-        return super().table(measure=measure, rows=rows, test_levels=codes, **fields)
-
-
-ICL_SITE = "icl"
-
-
 def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | os.PathLike) -> list[pa.Table]:
     """Result rows of a k-shot score directory (``probekit extract --icl``), one table per draw
     (and measure).
 
-    Each draw's prompts share demonstrations from one level; its rows have ``site`` and ``solver``
-    "icl", ``train_level`` the demonstrations' level (:func:`~probekit.store.icl_scores.demo_level`:
+    Each draw's prompts share demonstrations from one level; its rows have method "icl" (no site, layer
+    or solver), ``train_level`` the demonstrations' level (:func:`~probekit.store.icl_scores.demo_level`:
     ``easy``, ``all``, or ``arc:grade:easy`` for demonstrations from another question set),
     ``n_train`` k, and cover the probe items scored in that draw (the demonstrations themselves
     are not scored), so the report treats them like a trained head of that level. Demonstrations
@@ -209,28 +162,17 @@ def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | o
         raise ProbekitError(f"ICL scores {icl_dir}: item {missing[0]!r} is not in the cache")
     rows_of = np.array([position[item] for item in ids])
     probe = np.isin(rows_of, frame.probe)
-    builder = FrameRows(frame, experiment, ICL_SITE)
+    builder = FrameRows(frame, experiment)
     tables = []
     for b in range(choice_sum.shape[0]):
         scored = probe & np.isfinite(choice_sum[b]).any(1)
         rows = rows_of[scored]
         p, c = zero_shot_p(choice_sum[b][scored], frame.n_choices[rows], frame.gold[rows])
         for m in measures:
-            tables.append(builder.table(layer="", measure=m, train_level=demo_level(icl), draw=b,
-                                        n_train=int(icl["k"]), noise=0.0, solver="icl", rows=rows, correct=c,
+            tables.append(builder.table(method="icl", layer="", measure=m, train_level=demo_level(icl), draw=b,
+                                        n_train=int(icl["k"]), noise=0.0, solver="", rows=rows, correct=c,
                                         p_gold=p))
     return tables
-
-
-def zero_shot_tables(cache: Cache, frame: ItemFrame, rows: FrameRows, measures: Sequence[str],
-                     experiment: str) -> list[pa.Table]:
-    """The zero-shot rows (from the cached choice log-probs) of every probe item, one table per
-    measure (one for the unstratified all_to_all experiment)."""
-    choice_sum, _ = cache.logprobs()
-    p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
-    return [rows.table(layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
-                       solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe])
-            for m in (measures if experiment != "all_to_all" else [ALL])]
 
 
 def sweep(
@@ -263,13 +205,13 @@ def sweep(
     """Run one experiment over a cache; write ``out/results.parquet`` and ``out/sweep.json``.
 
     ``icl``: k-shot score directories of ``probekit extract --icl`` for the same model and
-    dataset; their rows join the table as heads with site and solver "icl" (see :func:`icl_tables`).
+    dataset; their rows join the table as heads of method "icl" (see :func:`icl_tables`).
     ``controls``: also fit the shortcut controls of every head on its draw (:mod:`probekit.probe.controls`:
     the probe recipe on the choices' surface features when the cache holds them, and the majority
     position), rows with site "surface" and "majority".
 
     ``experiment``: population | all_to_all | learning_curve | label_noise (see
-    :func:`probekit.probe.plan.plan`). ``layers``: a layer spec (:mod:`probekit.layers`): all | last |
+    :func:`probekit.design.plan.plan`). ``layers``: a layer spec (:mod:`probekit.layers`): all | last |
     middle | middle_and_last | "15,30" | "15+30" | "-1". ``site``: answer_end (multiple-choice head)
     or question_end (multinomial head).
     ``solver``: a name in :data:`probekit.probe.solvers.SOLVERS` (paper, converged), several, or
@@ -349,8 +291,10 @@ def _sweep_held(t0: float, cache, out, experiment, measures, layers, site, solve
     cv_fits: list[dict[str, Any]] = []  # every cross-validated fit's choice and curve
     cv_not_converged = 0
     with ResultsWriter(out) as batch:  # refuses a directory another writer holds
+        zero_rows = 0
         if zero_shot:
-            for t in zero_shot_tables(cache, frame, rows, measures, experiment):
+            for t in zero_shot_tables(cache, frame, measures, experiment):
+                zero_rows += t.num_rows
                 batch.append(t)
         for icl_dir in icl:
             for t in icl_tables(cache, frame, experiment, icl_dir):
@@ -387,20 +331,20 @@ def _sweep_held(t0: float, cache, out, experiment, measures, layers, site, solve
                         test = tested_rows(frame, h)
                         for m in h.measures:
                             batch.append(rows.table(
-                                layer=label, measure=m, train_level=h.train_level, draw=h.draw,
+                                method="probe", layer=label, measure=m, train_level=h.train_level, draw=h.draw,
                                 n_train=h.n_train, noise=h.label_noise, solver=s, rows=test,
                                 correct=res.correct[i, test], p_gold=res.p_gold[i, test],
                                 zero_weights=bool(res.zero_weights[i])))
             del Xs
         wall = time.perf_counter() - t0
-        record = {
-            "format": FORMAT,
-            "cache": str(cache.path.resolve()),
-            CACHE_HASH_KEY: cache.manifest_sha256,
-            "dataset": dataset,
-            "model": cache.manifest.get("model", {}),
-            "prompt": cache.manifest.get("prompt", {}),
-            "config": {
+        record = RunRecord(
+            kind="sweep",
+            cache=str(cache.path.resolve()),
+            cache_manifest_sha256=cache.manifest_sha256,
+            dataset=dataset,
+            model=cache.manifest.get("model", {}),
+            prompt=cache.manifest.get("prompt", {}),
+            config={
                 "experiment": experiment, "measures": measures, "layers": [layer_label(s) for s in sets],
                 "layers_spec": layers if isinstance(layers, str) else list(layers), "site": site,
                 "head": SITE_HEAD[site], "solvers": solvers, "n_train": sorted({int(x) for x in n_train}),
@@ -417,10 +361,10 @@ def _sweep_held(t0: float, cache, out, experiment, measures, layers, site, solve
                                                  "the cache holds no choice surface features (extract it again)")},
                 "normalisation": "z-score with training statistics (unbiased std)",
             },
-            "seed": seed,
-            "counts": {
+            seed=seed,
+            counts={
                 "heads": len(heads), "feature_sets": len(sets), "fits": n_fits,
-                "rows": rows.n_rows + sum(b.n_rows for b in builders.values()),
+                "rows": zero_rows + rows.n_rows + sum(b.n_rows for b in builders.values()),
                 "probe_items": int(len(frame.probe)), "not_converged": not_converged,
                 "zero_weight_fits": sum(zero_fits.values()), "zero_weight_fits_by_layer": zero_fits,
                 "surface_zero_weight_fits": surface_zero,
@@ -428,11 +372,13 @@ def _sweep_held(t0: float, cache, out, experiment, measures, layers, site, solve
                 "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
                            for m in measures},
             },
-            "devices": [str(d) for d in (devices or jax.devices())],
-            "wall_seconds": round(wall, 3),
-            "fit_seconds": round(fit_seconds, 3),
-            "heads_per_second": round(n_fits / fit_seconds, 3) if fit_seconds > 0 else None,
-            **({"cv": cvpath.record(selections, cv_fits)} if selections else {}),
-        }
+            details={
+                "devices": [str(d) for d in (devices or jax.devices())],
+                "wall_seconds": round(wall, 3),
+                "fit_seconds": round(fit_seconds, 3),
+                "heads_per_second": round(n_fits / fit_seconds, 3) if fit_seconds > 0 else None,
+                **({"cv": cvpath.record(selections, cv_fits)} if selections else {}),
+            },
+        )
         record = batch.commit(record)
     return record

@@ -60,7 +60,7 @@ from probekit.report.tables import (
 )
 from probekit.stats.bootstrap import P_VALUES
 from probekit.store.outdir import LOCK, OutputDir, remove_temporaries, replace_dir, take_dir_lock, write_error
-from probekit.store.results import cache_hash, cv_table
+from probekit.store.results import cv_table
 
 FORMAT = "probekit-report/1"
 SUMMARY = "summary.json"
@@ -136,7 +136,7 @@ def build_report(
             "n_rows": int(len(table)),
             "experiments": experiments,
         },
-        "cache_manifest_sha256": cache_hash(res.sweep),
+        "cache_manifest_sha256": res.record.cache_manifest_sha256,
         "sweep": res.sweep,
         "settings": {
             "n_boot": int(n_boot),
