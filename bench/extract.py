@@ -48,7 +48,7 @@ sys.path.insert(0, str(REPO))  # for tests.reference: the per-choice and bare-fo
 
 def load_items(n: int):
     from probekit.data import load_dataset
-    from probekit.extract.run import limit_items
+    from probekit.extract.inputs import limit_items
 
     if (SHARED / "arc" / "arc_all_splits.jsonl").is_file():
         items = load_dataset("arc", data_dir=SHARED)
@@ -58,7 +58,7 @@ def load_items(n: int):
 
 
 def load_lm(threads: int | None, model: str | None = None):
-    from probekit.extract.models import ModelSpec, load_model
+    from probekit.llm.models import ModelSpec, load_model
 
     return load_model(ModelSpec(model=model, dtype="float32", device="cpu", cache_root=REPO / "cache",
                                 threads=threads or None))
@@ -113,8 +113,10 @@ def main() -> None:
     import torch
 
     from probekit.extract.capture import capture_batch
-    from probekit.extract.run import encode_rows, extract, length_batches
+    from probekit.extract.run import extract
     from probekit.layers import resolve_layers
+    from probekit.llm.batches import length_batches
+    from probekit.llm.tokens import encode_rows
     from tests.reference import bare_forward, capture_naive, full_head_forward
 
     lm = load_lm(args.threads, args.model)

@@ -46,10 +46,12 @@ def main() -> None:
     import torch
 
     from probekit.data import load_dataset
-    from probekit.extract.models import ModelSpec, load_model
-    from probekit.extract.run import encode_rows, length_batches, limit_items
+    from probekit.extract.inputs import limit_items
     from probekit.finetune import Recipe
     from probekit.finetune.train import adapter_parameters, attach_lora, gold_nll, item_nll, make_optimizer
+    from probekit.llm.batches import length_batches
+    from probekit.llm.models import ModelSpec, load_model
+    from probekit.llm.tokens import encode_rows
     from tests.reference import score_choices_naive
 
     items = (load_dataset("arc", data_dir=SHARED) if (SHARED / "arc" / "arc_all_splits.jsonl").is_file()

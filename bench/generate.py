@@ -46,8 +46,8 @@ def main() -> None:
     from probekit.cot.run import demo_rows, gold_answer, test_sample
     from probekit.data import load_dataset
     from probekit.data.prompts import render_cot
-    from probekit.extract.models import ModelSpec, load_model
-    from probekit.extract.tokens import encode_prompt
+    from probekit.llm.models import ModelSpec, load_model
+    from probekit.llm.tokens import encode_prompt
 
     lm = load_model(ModelSpec(dtype="float32", device="cpu", cache_root=REPO / "cache", threads=args.threads))
     items = load_dataset("gsm8k", SHARED)

@@ -27,7 +27,8 @@ SHARED = REPO.parent / "shared" / "data"
 def accuracy(lm, table, template: str, rules, batch_size: int) -> tuple[float, float]:
     """(accuracy, seconds) of the argmax of the choice log-prob sums."""
     from probekit.extract.capture import capture_batch
-    from probekit.extract.run import encode_rows, length_batches
+    from probekit.llm.batches import length_batches
+    from probekit.llm.tokens import encode_rows
 
     t0 = time.perf_counter()
     enc = encode_rows(lm, table, template, rules)
@@ -48,7 +49,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from probekit.data import load_dataset
-    from probekit.extract.models import ModelSpec, load_model
+    from probekit.llm.models import ModelSpec, load_model
 
     items = load_dataset("arc", data_dir=args.data_dir)
     rows = np.sort(np.random.default_rng(args.seed).choice(len(items.table), args.items, replace=False))

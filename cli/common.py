@@ -1,4 +1,4 @@
-"""Helpers shared by the command modules: one-line errors, consoles."""
+"""Helpers shared by the command modules: one-line errors, consoles, the model options."""
 
 from __future__ import annotations
 
@@ -10,9 +10,16 @@ import typer
 from rich.console import Console
 
 from probekit.errors import OptionError, ProbekitError
+from probekit.llm.spec import DTYPES, QUANTIZE, ModelSpec
 
 console = Console()
 err_console = Console(stderr=True)
+
+#: Help of the model options every command that runs a model has (what "auto" means: :mod:`probekit.llm.spec`).
+DTYPE_HELP = f"{' | '.join(DTYPES)} | auto (float16 on a GPU or with --device-map, float32 on the CPU)."
+QUANTIZE_HELP = (f"bitsandbytes weights: {' | '.join(QUANTIZE)} (auto: 8bit when the model is fine-tuned on a GPU, "
+                 "else none).")
+DEVICE_HELP = "cpu | cuda | cuda:N | auto (cuda when a GPU is visible)."
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -25,6 +32,18 @@ def option_flag(name: str, options: Mapping[str, str] | None = None) -> str:
     """The command-line form of a library setting: ``options[name]`` (a template with ``{value}``,
     e.g. ``"--recipe lr={value}"``), else ``--name-with-dashes {value}``."""
     return (options or {}).get(name) or f"--{name.replace('_', '-')} {{value}}"
+
+
+def model_spec(model: str | None, *, dtype: str, quantize: str, device: str, device_map: str | None,
+               threads: int | None = None, bnb_4bit_type: str = "nf4") -> ModelSpec:
+    """The :class:`ModelSpec` of a command's model options, checked before anything is read ("auto"
+    is settled when the model loads)."""
+    if threads is not None and threads < 1:
+        raise ProbekitError(f"--threads {threads}: must be a positive integer")
+    spec = ModelSpec(model=model, dtype=dtype, quantize=quantize, bnb_4bit_type=bnb_4bit_type, device=device,
+                     device_map=device_map, threads=threads)
+    spec.validate()
+    return spec
 
 
 @contextmanager

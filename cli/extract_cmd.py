@@ -7,14 +7,14 @@ from pathlib import Path
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import clean_errors, console
+from probekit.cli.common import DEVICE_HELP, DTYPE_HELP, QUANTIZE_HELP, clean_errors, console, model_spec
 
 
 def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset: str, limit: int | None,
                  icl: int | None, demos_from: str, measure: str, demos: str | None = None,
                  test_levels: list[str] | None = None, demos_measure: str | None = None,
                  template: str | None = None, demos_cutoff: str | None = None) -> Path:
-    from probekit.extract.models import DEFAULT_NAME, model_slug
+    from probekit.llm.weights import DEFAULT_NAME, model_slug
 
     slug = model_slug(model) if model else DEFAULT_NAME
     if quantize:
@@ -32,7 +32,7 @@ def _default_out(model: str | None, quantize: str | None, bnb_type: str, dataset
         out += f"__icl-k{icl}-" + (f"{model_slug(demos)}-" if demos else "") + pool
         if test_levels:
             out += f"-test-{'+'.join(test_levels)}-{measure}"
-    from probekit.extract.models import default_cache_root
+    from probekit.llm.weights import default_cache_root
 
     return default_cache_root() / out
 
@@ -45,10 +45,10 @@ def extract_cmd(
                                            "default: $PROBEKIT_DATA_DIR, else the Hugging Face hub."),
     model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local folder, FILE.gguf or gemma3-270m (offline Gemma-3-270M, `make gemma`); "
                                         "default: the offline SmolLM2-135M-Instruct (converted once under the cache root)."),
-    dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto (float16 on CUDA, float32 on CPU)."),
-    quantize: str | None = typer.Option(None, "--quantize", help="bitsandbytes: 8bit | 4bit."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    quantize: str = typer.Option("auto", "--quantize", help=QUANTIZE_HELP),
     bnb_4bit_type: str = typer.Option("nf4", "--bnb-4bit-type", help="4-bit quantization type: nf4 | fp4."),
-    device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto."),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     device_map: str | None = typer.Option(None, "--device-map", help="'auto' spreads a large model over all GPUs."),
     layers: str = typer.Option("all", "--layers", help="all | middle_and_last | middle | last | comma-separated hidden_states "
                                "indices (0 = embeddings, L = last, -1 = L); the grammar `probekit sweep --layers` reads."),
@@ -99,17 +99,11 @@ def extract_cmd(
     with clean_errors():
         from probekit.data import load_dataset
         from probekit.errors import ProbekitError
-        from probekit.extract.models import ModelSpec
 
-        if quantize is not None and quantize not in ("8bit", "4bit"):
-            raise ProbekitError(f"--quantize {quantize!r}: choose 8bit or 4bit")
         if limit is not None and limit < 1:
             raise ProbekitError(f"--limit {limit}: must be a positive integer")
-        if threads is not None and threads < 1:
-            raise ProbekitError(f"--threads {threads}: must be a positive integer")
-        spec = ModelSpec(model=model, dtype=dtype, quantize=quantize, bnb_4bit_type=bnb_4bit_type, device=device,
-                         device_map=device_map, threads=threads)  # "auto" is settled when it loads
-        spec.validate()
+        spec = model_spec(model, dtype=dtype, quantize=quantize, device=device, device_map=device_map, threads=threads,
+                          bnb_4bit_type=bnb_4bit_type)
         icl_only = {"--demos-dataset": demos_dataset, "--demos-measure": demos_measure, "--test-levels": test_levels,
                     "--demos-from": demos_from, "--measure": measure, "--draws": draws, "--seed": seed,
                     "--demos-cutoff": demos_cutoff}
@@ -134,7 +128,7 @@ def extract_cmd(
             cut = parse_cutoff(rule)
         items = load_dataset(dataset, data_dir=data_dir)
         demos = load_dataset(demos_dataset, data_dir=data_dir) if demos_dataset else None
-        target = out or _default_out(model, quantize, bnb_4bit_type, items.name if Path(dataset).suffix == "" else Path(dataset).stem,
+        target = out or _default_out(model, spec.resolved().quantize, bnb_4bit_type, items.name if Path(dataset).suffix == "" else Path(dataset).stem,
                                      limit, icl, demos_from, measure, demos.name if demos else None, levels,
                                      demos_measure, template, demos_cutoff)
         common = dict(limit=limit, template=template, progress=not no_progress, batch_size=batch_size)

@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from probekit.cli import app
-from probekit.cli.common import clean_errors, console
+from probekit.cli.common import DEVICE_HELP, DTYPE_HELP, QUANTIZE_HELP, clean_errors, console, model_spec
 from probekit.cli.sweep_cmd import _cutoffs, _ints, _items, _noise
 
 #: Library settings named otherwise on this command (the others are --name-with-dashes).
@@ -45,9 +45,9 @@ def finetune_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of draws (as the sweep), adapters and data order."),
     cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule, as for sweep (repeatable)."),
     model: str | None = typer.Option(None, "--model", help="Model to load (default: the cache's)."),
-    quantize: str = typer.Option("auto", "--quantize", help="auto (8bit on CUDA, none on CPU) | none | 8bit | 4bit."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | float16 | bfloat16."),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N."),
+    quantize: str = typer.Option("auto", "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     device_map: str | None = typer.Option(None, "--device-map", help="'auto' spreads a model larger than one GPU "
                                                                      "over all GPUs (as for extract)."),
     rank: int = typer.Option(16, "--lora-r", help="LoRA rank."),
@@ -89,6 +89,7 @@ def finetune_cmd(
     from probekit.store import Cache
 
     with clean_errors(OPTIONS):
+        spec = model_spec(model, dtype=dtype, quantize=quantize, device=device, device_map=device_map)
         recipe = Recipe(r=rank, alpha=alpha, dropout=dropout, target_modules=target_modules, lr=lr,
                         weight_decay=weight_decay, final_lr_fraction=final_lr_fraction, max_grad_norm=max_grad_norm,
                         max_batch=max_batch, epochs=epochs, min_updates=min_updates, micro_batch=micro_batch,
@@ -112,13 +113,11 @@ def finetune_cmd(
                     console.print(f"{fields['name']}: scored {fields['items']} items", highlight=False)
 
             record = finetune(
-                cache, items, out, model, experiment=experiment, measures=_items(measures, "--measures"),
+                cache, items, out, spec, experiment=experiment, measures=_items(measures, "--measures"),
                 n_train=_ints(n_train, "--n-train"), label_noise=_noise(label_noise, experiment), draws=draws,
                 seed=seed, levels=_items(levels, "--levels"), test_levels=_items(test_levels, "--test-levels"),
                 cutoffs=_cutoffs(cutoff),
-                recipe=recipe, quantize=quantize, dtype=dtype, device=device, device_map=device_map,
-                zero_shot=zero_shot,
-                save_adapters=save_adapters, verify=verify, progress=progress,
+                recipe=recipe, zero_shot=zero_shot, save_adapters=save_adapters, verify=verify, progress=progress,
             )
     c = record["counts"]
     if record.get("merged") is False:  # torchrun: another rank is still training and merges when it finishes

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from probekit.cli import app
-from probekit.cli.common import clean_errors, console
+from probekit.cli.common import DEVICE_HELP, DTYPE_HELP, QUANTIZE_HELP, clean_errors, console, model_spec
 
 
 @app.command("generate")
@@ -16,8 +16,8 @@ def generate_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Generation folder (generations, results.parquet for `probekit report`)."),
     data_dir: str | None = typer.Option(None, "--data-dir", help="Folder with the original files; default: $PROBEKIT_DATA_DIR, else the hub."),
     model: str | None = typer.Option(None, "--model", "-m", help="Hub id, local folder or FILE.gguf; default: the offline SmolLM2-135M-Instruct."),
-    dtype: str = typer.Option("auto", "--dtype", help="float32 | float16 | bfloat16 | auto."),
-    device: str = typer.Option("auto", "--device", help="cpu | cuda | cuda:N | auto."),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     device_map: str | None = typer.Option(None, "--device-map", help="'auto' spreads a model larger than one GPU over all GPUs."),
     conditions: str | None = typer.Option(None, "--demos-from",
                                           help="Comma-separated conditions: zero_shot (zero-shot CoT) and/or the level k-shot demonstrations come from (easy, medium, hard); default zero_shot,easy,hard, none with --finetune."),
@@ -33,7 +33,7 @@ def generate_cmd(
     n_train: int = typer.Option(160, "--n-train", help="Fine-tuning items per draw (--finetune; the study uses 160)."),
     min_updates: int = typer.Option(150, "--min-updates", help="Least optimizer updates per fine-tune (epochs raised to reach it)."),
     recipe: list[str] = typer.Option([], "--recipe", help="Another fine-tuning setting KEY=VALUE (lr, r, alpha, dropout, target_modules, weight_decay, final_lr_fraction, max_grad_norm, max_batch, epochs, micro_batch, optimizer); repeatable."),
-    quantize: str = typer.Option("auto", "--quantize", help="auto (8bit on CUDA with --finetune, else none) | none | 8bit | 4bit."),
+    quantize: str = typer.Option("auto", "--quantize", help=QUANTIZE_HELP),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice)."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
@@ -60,18 +60,14 @@ def generate_cmd(
     with clean_errors(options):
         from probekit.cot.run import generate_cot, parse_levels
         from probekit.data import load_dataset
-        from probekit.extract.models import ModelSpec
         from probekit.finetune.recipe import recipe_with
-        from probekit.finetune.run import resolve_quantize
 
+        spec = model_spec(model, dtype=dtype, quantize=quantize, device=device, device_map=device_map, threads=threads)
         tuned = parse_levels(finetune)
         settings = recipe_with(recipe, min_updates=min_updates)
-        q = resolve_quantize(quantize if tuned or quantize != "auto" else "none", device)
         if conditions is None:
             conditions = "" if tuned else "zero_shot,easy,hard"
         items = load_dataset(dataset, data_dir)
-        spec = ModelSpec(model=model, dtype=dtype, device=device, device_map=device_map, threads=threads,
-                         quantize=q)  # "auto" is settled when it loads
         summary = generate_cot(items, out, spec, conditions=conditions, k=k, measure=measure, draws=draws, seed=seed,
                                n_test=n_test, max_new_tokens=max_new_tokens, batch_size=batch_size, scoring=scoring,
                                finetune=tuned, n_train=n_train, recipe=settings, progress=not no_progress)

@@ -61,10 +61,11 @@ def demo_items():
 def real_cache(demo_items, tmp_path_factory):
     """A real cache: the offline SmolLM2 model run over ``demo_items`` (middle and last layers)."""
     from probekit.extract.run import extract
+    from probekit.llm import ModelSpec
 
     out = tmp_path_factory.mktemp("cache") / "smollm2__demo"
-    extract(demo_items, out, layers="middle_and_last", batch_size=16, shard_size=64,
-            cache_root=REPO / "cache", progress=False)
+    extract(demo_items, out, ModelSpec(cache_root=REPO / "cache"), layers="middle_and_last", batch_size=16,
+            shard_size=64, progress=False)
     return out
 
 
@@ -83,6 +84,6 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def lm():
     """The real model, loaded once (converted from the GGUF into cache/models on first use)."""
-    from probekit.extract.models import ModelSpec, load_model
+    from probekit.llm.models import ModelSpec, load_model
 
     return load_model(ModelSpec(dtype="float32", device="cpu", cache_root=REPO / "cache"))

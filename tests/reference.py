@@ -20,19 +20,18 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from probekit.extract.capture import (
-    Captured,
-    _check_fits,
-    _choice_sums,
-    _hidden_request,
-    _no_grad,
-    _parts,
-    _scores,
-    _targets,
+from probekit.extract.capture import Captured, score_arrays
+from probekit.llm.forward import (
     attention_masks,
+    check_fits,
+    choice_sums,
+    choice_targets,
+    hidden_request,
+    model_parts,
+    no_grad,
     pack_batch,
 )
-from probekit.extract.tokens import Encoded
+from probekit.llm.tokens import Encoded
 
 
 def plain_forward(lm, prompt, choices, tail_logits: bool = False):
@@ -65,7 +64,7 @@ def _naive_forward(lm, batch: Sequence[Encoded], layers: Sequence[int]):
     """Every (item, choice) as its own left-padded row ``prompt + choice``: (out, owners, width, targets)."""
     import torch
 
-    base, _ = _parts(lm)
+    base, _ = model_parts(lm)
     seqs, owners = [], []
     for i, e in enumerate(batch):
         for j, c in enumerate(e.choices):
@@ -86,7 +85,7 @@ def _naive_forward(lm, batch: Sequence[Encoded], layers: Sequence[int]):
         input_ids=torch.as_tensor(ids, device=dev),
         attention_mask=torch.as_tensor(att, device=dev),
         position_ids=torch.as_tensor(pos, device=dev),
-        output_hidden_states=_hidden_request(list(layers)),
+        output_hidden_states=hidden_request(list(layers)),
         use_cache=False,
     )
     rows, poss, tgts, oi, oj = [], [], [], [], []
@@ -102,20 +101,20 @@ def _naive_forward(lm, batch: Sequence[Encoded], layers: Sequence[int]):
 
 
 def score_choices_naive(lm, batch: Sequence[Encoded], max_choices: int | None = None):
-    """Per-choice reference of :func:`probekit.extract.capture.score_choices` (differentiable)."""
+    """Per-choice reference of :func:`probekit.llm.forward.score_choices` (differentiable)."""
     max_choices = max(len(e.choices) for e in batch) if max_choices is None else max_choices
-    _, head = _parts(lm)
+    _, head = model_parts(lm)
     out, _, _, targets = _naive_forward(lm, batch, [])
-    return _choice_sums(lm, head, out.last_hidden_state, *targets, len(batch), max_choices, batch)
+    return choice_sums(lm, head, out.last_hidden_state, *targets, len(batch), max_choices, batch)
 
 
-@_no_grad
+@no_grad
 def capture_naive(
     lm, batch: Sequence[Encoded], layers: Sequence[int], sites: Sequence[str], max_choices: int
 ) -> Captured:
     """Reference path: every (item, choice) runs as its own left-padded sequence ``prompt + choice``."""
-    _check_fits(batch, max_choices)
-    _, head = _parts(lm)
+    check_fits(batch, max_choices)
+    _, head = model_parts(lm)
     layers = list(layers) if sites else []
     out, owners, width, targets = _naive_forward(lm, batch, layers)
     b, d = len(batch), lm.hidden_size
@@ -128,11 +127,11 @@ def capture_naive(
                 ae[li, i, j] = h[r, -1]
             if qe is not None and j == 0:
                 qe[li, i] = h[r, width - 1 - len(batch[i].choices[j])]
-    choice_sum, choice_tokens = _scores(lm, head, out.last_hidden_state, *targets, b, max_choices, batch)
+    choice_sum, choice_tokens = score_arrays(lm, head, out.last_hidden_state, *targets, b, max_choices, batch)
     return Captured(ae, qe, choice_sum, choice_tokens, int(sum(e.n_tokens_naive for e in batch)))
 
 
-@_no_grad
+@no_grad
 def bare_forward(lm, batch: Sequence[Encoded], scores: bool = True) -> int:
     """The packed forward with no hidden states kept and nothing written: the floor capture is measured against.
 
@@ -141,7 +140,7 @@ def bare_forward(lm, batch: Sequence[Encoded], scores: bool = True) -> int:
     """
     import torch
 
-    base, head = _parts(lm)
+    base, head = model_parts(lm)
     ids, pos, seg, starts = pack_batch(batch, lm.pad_id)
     dev = lm.device
     mask = attention_masks(lm, seg, pos, 0)
@@ -149,13 +148,13 @@ def bare_forward(lm, batch: Sequence[Encoded], scores: bool = True) -> int:
                position_ids=torch.as_tensor(pos, device=dev), use_cache=False)
     if scores:
         p_end = [len(e.prompt) - 1 for e in batch]
-        rows, poss, tgts, oi, oj = _targets(batch, p_end, starts)
-        _scores(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, len(batch),
+        rows, poss, tgts, oi, oj = choice_targets(batch, p_end, starts)
+        score_arrays(lm, head, out.last_hidden_state, rows, poss, tgts, oi, oj, len(batch),
                 max(len(e.choices) for e in batch), batch)
     return int(sum(e.n_tokens_shared for e in batch))
 
 
-@_no_grad
+@no_grad
 def full_head_forward(lm, batch: Sequence[Encoded]) -> int:
     """:func:`bare_forward` with the output projection over every position of every row, as a plain
     causal-LM forward computes it (``model(...).logits``), and the choice log-probs taken from those
@@ -166,7 +165,7 @@ def full_head_forward(lm, batch: Sequence[Encoded]) -> int:
     dev = lm.device
     out = lm.model(input_ids=torch.as_tensor(ids, device=dev), attention_mask=attention_masks(lm, seg, pos, 0),
                    position_ids=torch.as_tensor(pos, device=dev), use_cache=False)
-    rows, poss, tgts, _, _ = _targets(batch, [len(e.prompt) - 1 for e in batch], starts)
+    rows, poss, tgts, _, _ = choice_targets(batch, [len(e.prompt) - 1 for e in batch], starts)
     logits = out.logits[torch.as_tensor(rows, device=dev), torch.as_tensor(poss, device=dev)].float()
     torch.log_softmax(logits, -1).gather(1, torch.as_tensor(tgts, device=dev)[:, None])
     return int(sum(e.n_tokens_shared for e in batch))

@@ -25,13 +25,14 @@ def runs(tmp_path_factory, real_cache, demo_items, lm, one_torch_thread):
     per head, hard test items only), and a probe sweep with another seed."""
     from probekit.extract.icl import extract_icl
     from probekit.finetune import finetune
+    from probekit.llm import ModelSpec
     from probekit.probe import sweep
 
     d = tmp_path_factory.mktemp("runs")
     icl = []
     for level in ("easy", "hard"):
-        extract_icl(demo_items, d / f"icl-{level}", k=1, demos_from=level, measure="grade", draws=2, limit=24,
-                    min_test=4, batch_size=8, cache_root=REPO_CACHE, progress=False)
+        extract_icl(demo_items, d / f"icl-{level}", ModelSpec(cache_root=REPO_CACHE), k=1, demos_from=level,
+                    measure="grade", draws=2, limit=24, min_test=4, batch_size=8, progress=False)
         icl.append(d / f"icl-{level}")
     sweep(real_cache, d / "probe", layers="last", draws=2, icl=icl, **SMALL)
     finetune(real_cache, demo_items, d / "ft", lm, draws=1, max_updates=1, test_levels=["hard"], **SMALL)

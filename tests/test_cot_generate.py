@@ -53,7 +53,7 @@ def plain_generate(lm, prompt: list[int], n: int) -> list[int]:
 @pytest.mark.slow
 def test_batched_shared_prefix_equals_plain_generate_per_item(lm, gsm8k):
     from probekit.cot.decode import generate
-    from probekit.extract.tokens import encode_prompt
+    from probekit.llm.tokens import encode_prompt
 
     prompts = [encode_prompt(lm.tokenizer, t, lm.rules) for t in kshot_texts(gsm8k, seed=0)]
     n = 8
@@ -74,7 +74,7 @@ def test_rows_that_end_early_leave_the_batch_without_changing_the_others(lm, gsm
     its own plain ``generate`` call, the early ones stopped at their answer line."""
     from probekit.cot.decode import answer_complete, generate
     from probekit.cot.run import test_sample
-    from probekit.extract.tokens import encode_prompt
+    from probekit.llm.tokens import encode_prompt
 
     rows = test_sample(gsm8k, "num_steps", 4, seed=1)[:4]
     # rows 0 and 2 already hold their reasoning: they state the answer within a few tokens, 1 and 3 run on
@@ -182,7 +182,7 @@ def test_errors_are_one_line(tmp_path, lm, gsm8k):
 def test_pieces_deal_whole_units_then_slices_and_every_batch_once():
     from probekit.cot.decode import batch_rows
     from probekit.cot.run import unit_pieces
-    from probekit.store.parts import rank_share
+    from probekit.llm.batches import rank_share
 
     units = [("zero_shot", 0), ("easy", 0), ("easy", 1)]
     assert unit_pieces(units, 1) == [(u, 0, 1) for u in units]

@@ -91,9 +91,9 @@ def test_a_tiny_finetune_lowers_the_loss_and_the_adapted_model_generates_like_pl
     from probekit.cot import tune
     from probekit.cot.decode import generate
     from probekit.data.prompts import render_cot
-    from probekit.extract.tokens import encode_prompt
     from probekit.finetune.recipe import Recipe
     from probekit.finetune.train import adapter_parameters, item_nll
+    from probekit.llm.tokens import encode_prompt
 
     _, enc = _targets(lm, gsm8k, n=6)
     recipe = Recipe(lr=1e-3, micro_batch=3, min_updates=150)

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _encode(lm, raw_items):
     from probekit.data.prompts import render_prompt
-    from probekit.extract.tokens import encode_item
+    from probekit.llm.tokens import encode_item
 
     rules = lm.rules
     return [encode_item(lm.tokenizer, render_prompt(r["question"], r["choices"]["text"]), r["choices"]["text"], rules, r["id"])
@@ -119,7 +119,7 @@ def test_quantized_capture_equals_direct_forward(mixed_items, quantize, threshol
     """bitsandbytes on the CPU: 8-bit without outlier columns is row-wise, so it matches exactly; the
     4-bit CPU kernels round at bfloat16 level depending on the matrix shape, so 4-bit matches to ~1e-2."""
     from probekit.extract.capture import capture_batch
-    from probekit.extract.models import ModelSpec, load_model
+    from probekit.llm.models import ModelSpec, load_model
 
     spec = ModelSpec(quantize=quantize, int8_threshold=threshold, bnb_4bit_type="nf4", cache_root=CACHE_ROOT)
     qlm = load_model(spec)
@@ -140,7 +140,7 @@ def test_quantized_capture_equals_direct_forward(mixed_items, quantize, threshol
 def test_int8_outlier_threshold_is_close_not_exact(mixed_items):
     """LLM.int8 picks outlier columns per forward pass, so a packed batch differs slightly from a lone sequence."""
     from probekit.extract.capture import capture_batch
-    from probekit.extract.models import ModelSpec, load_model
+    from probekit.llm.models import ModelSpec, load_model
 
     qlm = load_model(ModelSpec(quantize="8bit", cache_root=CACHE_ROOT))
     assert qlm.identity["quantization"]["int8_threshold"] == 6.0
@@ -155,7 +155,8 @@ def test_int8_outlier_threshold_is_close_not_exact(mixed_items):
 
 # ----- models ----------------------------------------------------------------------------------------
 def test_model_errors(tmp_path, monkeypatch):
-    from probekit.extract.models import ModelSpec, load_model, weights_sha256
+    from probekit.llm.models import ModelSpec, load_model
+    from probekit.llm.weights import weights_sha256
 
     t0 = time.perf_counter()
     with pytest.raises(ProbekitError, match="'no-such-org/no-such-model' is not a local folder or file"):
@@ -177,26 +178,58 @@ def test_model_errors(tmp_path, monkeypatch):
 
 
 def test_auto_is_settled_in_the_model_spec():
-    """"auto" device and dtype are settled by ModelSpec.resolved alone; a settled spec comes back equal."""
+    """"auto" device, dtype and quantize are settled by ModelSpec.resolved alone; a settled spec comes back equal."""
     import torch
 
-    from probekit.extract.models import ModelSpec
+    from probekit.llm.models import ModelSpec
 
     gpu = torch.cuda.is_available()
-    auto = ModelSpec(dtype="auto", device="auto").resolved()
-    assert (auto.device, auto.dtype) == (("cuda", "float16") if gpu else ("cpu", "float32"))
+    auto = ModelSpec().resolved()
+    assert (auto.device, auto.dtype, auto.quantize) == (("cuda", "float16", None) if gpu else ("cpu", "float32", None))
+    assert ModelSpec().resolved(train=True).quantize == ("8bit" if gpu else None)  # a QLoRA base on a GPU only
+    assert ModelSpec(device="cuda:1").resolved(train=True).quantize == "8bit"
+    assert ModelSpec(device="cpu").resolved(train=True).quantize is None
+    assert ModelSpec(quantize="none", device="cuda").resolved(train=True).quantize is None
+    assert ModelSpec(quantize="4bit", device="cpu").resolved().quantize == "4bit"
     assert ModelSpec(dtype="auto", device="cpu").resolved().dtype == "float32"
     assert ModelSpec(dtype="auto", device="cuda:1").resolved().dtype == "float16"
     assert ModelSpec(dtype="auto", device="cpu", device_map="auto").resolved().dtype == "float16"
     assert ModelSpec(dtype="bfloat16", device="auto").resolved().dtype == "bfloat16"
-    settled = ModelSpec(dtype="float32", device="cpu")
+    settled = ModelSpec(dtype="float32", device="cpu", quantize=None)
     assert settled.resolved() == settled and settled.resolved(local_rank=1, world_size=2) == settled
+    assert settled.resolved(train=True) == settled
     ranked = ModelSpec(device="cuda").resolved(local_rank=3, world_size=4)
     assert ranked.device == (f"cuda:{3 % torch.cuda.device_count()}" if gpu else "cuda")
     with pytest.raises(ProbekitError, match="dtype='int4' is not one of float32, float16, bfloat16, auto"):
         ModelSpec(dtype="int4").resolved()
+    with pytest.raises(ProbekitError, match="quantize='2bit' is not one of none, 8bit, 4bit, auto"):
+        ModelSpec(quantize="2bit").resolved()
     with pytest.raises(ProbekitError, match="threads=0 must be a positive integer"):
         ModelSpec(threads=0).resolved()
+
+
+def test_the_library_and_every_command_share_the_model_defaults():
+    """One default for each model setting: ModelSpec's, which every command that runs a model shows."""
+    import typer
+
+    from probekit.cli import app
+    from probekit.llm import ModelSpec
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
+    assert {k: defaults[k] for k in ("dtype", "quantize", "device", "device_map")} == {
+        "dtype": "auto", "quantize": "auto", "device": "auto", "device_map": None}
+    commands = {c.name: c for c in typer.main.get_command(app).commands.values()}
+    for name in ("extract", "finetune", "generate"):
+        params = {p.name: p for p in commands[name].params}
+        for setting in ("dtype", "quantize", "device", "device_map"):
+            assert params[setting].default == defaults[setting], (name, setting)
+        assert "none | 8bit | 4bit | auto" in params["quantize"].help, name
+
+
+def test_importing_the_llm_runtime_loads_neither_jax_nor_torch():
+    code = "import sys, probekit.llm; print(sorted(m for m in ('jax', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_extract_command_leaves_torch_to_the_library():
@@ -255,7 +288,8 @@ def reference_cache(tmp_path_factory, lm, arc):
 
 def test_pipeline_writes_what_the_capture_computes(tmp_path, lm, arc):
     from probekit.extract.capture import capture_batch
-    from probekit.extract.run import encode_rows, extract
+    from probekit.extract.run import extract
+    from probekit.llm.tokens import encode_rows
 
     out = tmp_path / "c"
     summary = extract(arc, out, lm, limit=10, shard_size=4, batch_size=3, layers=[5, 30], progress=False)
@@ -308,9 +342,10 @@ KILL_SCRIPT = """
 import sys
 from probekit.data import load_dataset
 from probekit.extract.run import extract
+from probekit.llm import ModelSpec
 items = load_dataset("arc", data_dir=sys.argv[1])
-extract(items, sys.argv[2], None, limit=12, shard_size=2, batch_size=2, layers=[0, 16, 30],
-        cache_root=sys.argv[3], progress=False)
+extract(items, sys.argv[2], ModelSpec(cache_root=sys.argv[3]), limit=12, shard_size=2, batch_size=2,
+        layers=[0, 16, 30], progress=False)
 """
 
 
@@ -476,7 +511,7 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, shared_data, mon
         (["--model", "no-such-org/no-such-model"], "is not a local folder or file"),
         (["--layers", "0,31"], "layer 31 is out of range"),
         (["--sites", "middle"], "unknown site 'middle'"),
-        (["--quantize", "2bit"], "choose 8bit or 4bit"),
+        (["--quantize", "2bit"], "quantize='2bit' is not one of none, 8bit, 4bit, auto"),
         (["--dtype", "int4"], "dtype='int4'"),
     ]:
         res = runner.invoke(app, base + extra)

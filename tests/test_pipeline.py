@@ -115,12 +115,13 @@ def test_report_from_a_real_sweep(swept, tmp_path):
 
 def test_icl_scores_join_the_sweep_and_the_report(real_cache, demo_items, tmp_path):
     from probekit.extract.icl import extract_icl, load_icl
+    from probekit.llm import ModelSpec
 
     dirs = []
     for level in ("easy", "hard"):
         out = tmp_path / f"icl-{level}"
-        extract_icl(demo_items, out, k=1, demos_from=level, measure="grade", draws=2, limit=24, min_test=4,
-                    batch_size=8, cache_root=REPO_CACHE, progress=False)
+        extract_icl(demo_items, out, ModelSpec(cache_root=REPO_CACHE), k=1, demos_from=level, measure="grade", draws=2,
+                    limit=24, min_test=4, batch_size=8, progress=False)
         dirs.append(out)
     res = tmp_path / "res"
     runner = CliRunner()

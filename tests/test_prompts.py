@@ -25,7 +25,7 @@ def tokenizer():
     """The real SmolLM2-135M-Instruct tokenizer (the model folder is converted from the GGUF once)."""
     from transformers import AutoTokenizer
 
-    from probekit.extract.models import default_model_dir
+    from probekit.llm.weights import default_model_dir
 
     return AutoTokenizer.from_pretrained(default_model_dir(REPO / "cache"))
 
@@ -81,7 +81,7 @@ def test_bad_templates():
 
 
 def test_token_rules_of_a_bpe_tokenizer(tokenizer):
-    from probekit.extract.tokens import adds_dummy_prefix, answer_text, default_bos, token_rules
+    from probekit.llm.tokens import adds_dummy_prefix, answer_text, default_bos, token_rules
 
     # GPT-2 style BPE: no dummy prefix, no BOS added by default
     encode = tokenizer.encode
@@ -93,7 +93,7 @@ def test_token_rules_of_a_bpe_tokenizer(tokenizer):
 
 
 def test_pinned_token_ids(tokenizer):
-    from probekit.extract.tokens import encode_item, token_rules
+    from probekit.llm.tokens import encode_item, token_rules
 
     rules = token_rules(tokenizer)
     e = encode_item(tokenizer, render_prompt(LICHEN_Q, LICHEN_C), LICHEN_C, rules)
@@ -122,7 +122,7 @@ def test_pinned_token_ids(tokenizer):
 
 
 def test_empty_choice_is_an_error(tokenizer):
-    from probekit.extract.tokens import encode_item, token_rules
+    from probekit.llm.tokens import encode_item, token_rules
 
     rules = token_rules(tokenizer)
     rules.dummy_prefix = True  # a choice that encodes to nothing

@@ -118,7 +118,7 @@ def test_a_bfloat16_cache_is_not_resumed_as_another_dtype(tmp_path, big_data):
 
 @pytest.fixture(scope="module")
 def arc6(arc):
-    from probekit.extract.run import limit_items
+    from probekit.extract.inputs import limit_items
 
     return limit_items(arc, 6)
 
@@ -187,9 +187,12 @@ def test_sweep_on_bfloat16_equals_float32_to_the_rounding(f32_demo, tmp_path):
     a = Cache(f32_demo)
     arrays = {site: np.stack([a.read_layer(site, layer) for layer in a.layers]) for site in a.sites}
     arrays["choice_sum"], arrays["choice_tokens"] = a.logprobs()
-    write_cache(tmp_path / "bf16", {k: a.manifest[k] for k in ("model", "dataset", "prompt")}, a.items, arrays,
-                layers=a.layers, sites=a.sites, hidden_size=a.hidden_size, max_choices=a.max_choices,
-                measures=a.measures, shard_size=64, dtype="bfloat16")
+    surface = {name: [row[:k] for row, k in zip(counts, a.items.n_choices)]
+               for name, counts in a.choice_surface().items()}
+    write_cache(tmp_path / "bf16", {k: a.manifest[k] for k in ("model", "dataset", "prompt")},
+                a.items.assign(**surface), arrays, layers=a.layers, sites=a.sites, hidden_size=a.hidden_size,
+                max_choices=a.max_choices, measures=a.measures, shard_size=64, dtype="bfloat16",
+                choice_surface=True)
     b = Cache(tmp_path / "bf16")
     for site in a.sites:
         assert same_bits(b.read_layer(site, a.layers[-1]), torch_values(arrays[site][-1]))

@@ -1,7 +1,7 @@
 """Batched greedy decoding with a shared prompt prefix (docs/protocol.md §12).
 
 The prompts of one draw share their demonstrations. The longest token prefix common to every
-prompt runs once (:func:`probekit.extract.capture.compute_prefix`); each batch then continues a
+prompt runs once (:func:`probekit.llm.forward.compute_prefix`); each batch then continues a
 copy of its key/value cache: ``[prefix][left padding][rest of the prompt]`` with the padding
 masked out, so every row sees exactly its own prompt at the positions a lone run gives it, and
 decoding is greedy from there, step by step as ``model.generate`` does, each row leaving the batch
@@ -22,11 +22,9 @@ from dataclasses import dataclass
 
 from probekit.cot.answers import TRIGGER
 from probekit.errors import ProbekitError
-from probekit.extract.capture import compute_prefix, expanded_cache
-from probekit.extract.icl import common_prefix
-from probekit.extract.inputs import context_limit
-from probekit.extract.run import length_batches
-from probekit.extract.tokens import Encoded
+from probekit.llm.batches import length_batches
+from probekit.llm.forward import compute_prefix, expanded_cache
+from probekit.llm.tokens import Encoded, common_prefix, context_limit
 
 STOPS = ("answer", "none")
 
@@ -111,7 +109,7 @@ def check_lengths(lm, prompts: Sequence[Sequence[int]], item_ids: Sequence[str],
 
 def batch_rows(prompts: Sequence[Sequence[int]], batch_size: int, part: tuple[int, int] = (0, 1)) -> list[list[int]]:
     """The batches :func:`generate` runs, as prompt indices: grouped by prompt length
-    (:func:`probekit.extract.run.length_batches`); with ``part=(j, s)`` the batches j, j+s, j+2s, ...
+    (:func:`probekit.llm.batches.length_batches`); with ``part=(j, s)`` the batches j, j+s, j+2s, ...
     (the s parts are disjoint and together every batch)."""
     j, s = part
     if not (isinstance(s, int) and s >= 1 and isinstance(j, int) and 0 <= j < s):

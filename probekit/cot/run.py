@@ -54,15 +54,14 @@ from probekit.data.levels import LEVELS, cutoff_for, probe_levels
 from probekit.data.prompts import COT_TEMPLATE_TEXT, render_cot
 from probekit.errors import OptionError, ProbekitError
 from probekit.extract.icl import level_pool
-from probekit.extract.models import LoadedModel, ModelSpec, check_model
-from probekit.extract.progress import progress_bar
-from probekit.extract.run import dist_env, prepare_model
-from probekit.extract.tokens import encode_prompt
 from probekit.finetune.recipe import SEQ2SEQ_MIN_UPDATES, Recipe, schedule
+from probekit.llm.batches import dist_env, rank_share
+from probekit.llm.models import LoadedModel, ModelSpec, prepare_model, settle_model
+from probekit.llm.progress import progress_bar
+from probekit.llm.tokens import encode_prompt
 from probekit.store.generations import GenerationsWriter, is_generation_entry, read_generations, read_logs
 from probekit.store.layout import lock_name
 from probekit.store.outdir import LOCK, OutputDir
-from probekit.store.parts import rank_share
 from probekit.store.results import ResultRows, ResultsWriter, RunRecord, refuse_other_run
 
 ZERO_SHOT = "zero_shot"
@@ -218,17 +217,13 @@ def generate_cot(
     n_train: int = 160,
     recipe: Recipe | None = None,
     max_updates: int | None = None,
-    dtype: str = "float32",
-    device: str = "cpu",
-    device_map: str | dict | None = None,
-    cache_root: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> GenerateSummary:
     """Generate and score chains of thought into ``out_dir`` (see the module docstring); resumable.
 
-    ``model``: as for :func:`probekit.extract.extract` (``dtype``, ``device``, ``device_map`` and
-    ``cache_root`` build its :class:`ModelSpec` when it is a name or None; ``device_map="auto"``
-    spreads a model larger than one GPU over every GPU this process sees).
+    ``model``: as for :func:`probekit.extract.extract` (``ModelSpec(device_map="auto")`` spreads a
+    model larger than one GPU over every GPU this process sees); with ``finetune`` its "auto" is
+    settled for fine-tuning (quantize: 8bit on a GPU, none on the CPU).
 
     ``finetune``: levels (``easy,hard``; ``all`` = every probe item) whose ``n_train`` items per draw
     train fresh LoRA adapters on chains of thought (:mod:`probekit.cot.tune`; ``recipe``: the
@@ -270,20 +265,13 @@ def generate_cot(
     rank, world, local = dist_env()
     pieces = unit_pieces(units, world)
     out = Path(out_dir)
-    if tune_levels and not isinstance(model, LoadedModel):  # a base that cannot be trained, before it loads
-        from probekit.finetune.train import check_trainable
-
-        spec = (model if isinstance(model, ModelSpec) else ModelSpec(model=model, dtype=dtype, device=device,
-                                                                     device_map=device_map)).resolved(local, world)
-        check_trainable(spec.quantize, spec.device)
-    check_model(model, local, world, dtype=dtype, device=device, device_map=device_map)
+    model = settle_model(model, local, world, train=bool(tune_levels))  # checked before anything is written
     refuse_other_run(out, "generate", "generation folder")  # before a lock file is made in it
     lock = LOCK if world == 1 else lock_name(rank)
     with OutputDir(out, (), "generation folder", lock_file=lock, own=is_generation_entry, share=True,
                    exclusive=True):  # locked before the model loads
         refuse_other_run(out, "generate", "generation folder")
-        lm = prepare_model(model, local_rank=local, world_size=world, dtype=dtype, device=device, device_map=device_map,
-                           cache_root=cache_root)
+        lm = prepare_model(model)
         header = {
             "model": lm.identity,
             "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(items.table)},
@@ -295,11 +283,9 @@ def generate_cot(
         }
         if tune_levels:  # only then: a folder of prompting conditions keeps the header it had
             from probekit.design.plan import head_seed
-            from probekit.finetune.run import loaded_quantize
-            from probekit.finetune.train import check_targets, check_trainable, library_versions
+            from probekit.finetune.train import check_targets, library_versions
 
-            quantize = loaded_quantize(lm)
-            check_trainable(quantize, lm.device)
+            quantize = lm.quantize
             check_targets(lm.model, recipe.target_modules)
             header["prompt"]["finetune"] = tune.PROMPT_ID
             header["generate"]["finetune"] = {

@@ -20,12 +20,11 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from probekit.cot.decode import context_limit
 from probekit.data.levels import LEVELS
 from probekit.data.prompts import cot_answer, render_cot
 from probekit.errors import ProbekitError
 from probekit.extract.icl import ALL
-from probekit.extract.tokens import Encoded, encode_item
+from probekit.llm.tokens import Encoded, context_limit, encode_item
 
 #: Condition names of fine-tuned units in a generation folder: ``tuned_easy``, ``tuned_all``...
 PREFIX = "tuned_"
@@ -50,7 +49,7 @@ def encode_targets(lm, items, rows: np.ndarray, gold) -> list[Encoded]:
     """Each row as (prompt "0305", one continuation: its worked answer then end-of-sequence).
 
     ``gold(row)`` gives an item's answer text. The worked answer is encoded as a continuation of the
-    prompt with the tokenizer's answer rule (:func:`probekit.extract.tokens.answer_text`: a leading
+    prompt with the tokenizer's answer rule (:func:`probekit.llm.tokens.answer_text`: a leading
     space for byte-level BPE tokenizers, none with a SentencePiece dummy prefix).
     """
     table = items.table

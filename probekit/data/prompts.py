@@ -9,7 +9,7 @@ Two templates are the paper's:
 Note the space before the first ``\\n``. Choices are lettered A), B), ... up to the number of
 answers. The reference code strips the trailing space after ``Answer:`` for models named "llama";
 probekit always renders the prompt without it and lets the tokenizer supply the space before the
-answer (see :func:`probekit.extract.tokens.answer_text`): a SentencePiece tokenizer adds it with
+answer (see :func:`probekit.llm.tokens.answer_text`): a SentencePiece tokenizer adds it with
 its dummy prefix, a byte-level BPE tokenizer (GPT-2 style, e.g. SmolLM2) gets ``" " + choice``.
 Either way the answer word is tokenised as a word that follows a space, which is what the
 paper's Llama runs saw.

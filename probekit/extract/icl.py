@@ -21,18 +21,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from probekit.data.prompts import TEMPLATE_TEXT, render_kshot
 from probekit.errors import ProbekitError
-from probekit.extract.capture import Prefix, capture_batch, compute_prefix
-from probekit.extract.inputs import check_items
-from probekit.extract.models import LoadedModel, ModelSpec, check_model
-from probekit.extract.progress import progress_bar
-from probekit.extract.run import dist_env, length_batches, limit_items, prepare_model, with_template
-from probekit.extract.tokens import Encoded, TokenRules, answer_text, encode_prompt
+from probekit.extract.capture import capture_batch
+from probekit.extract.inputs import check_items, limit_items, with_template
+from probekit.llm.batches import dist_env, length_batches
+from probekit.llm.forward import Prefix, compute_prefix
+from probekit.llm.models import LoadedModel, ModelSpec, prepare_model, settle_model
+from probekit.llm.progress import progress_bar
+from probekit.llm.tokens import Encoded, TokenRules, answer_text, common_prefix, encode_prompt
 from probekit.store.icl_scores import FORMAT, IclScoresWriter, is_icl_entry
 from probekit.store.icl_scores import load_icl as load_icl  # the reader, re-exported
 from probekit.store.layout import lock_name
@@ -82,18 +82,6 @@ def cutoff_text(rule) -> str:
     if isinstance(rule, Quantile):
         return f"q{100 * rule.lo:g},q{100 * rule.hi:g}"
     return f"{rule.easy_max:g},{rule.hard_min:g}"
-
-
-def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
-    """Length of the longest token prefix common to every sequence."""
-    first = seqs[0]
-    n = min(len(s) for s in seqs)
-    for s in seqs[1:]:
-        m = 0
-        while m < n and s[m] == first[m]:
-            m += 1
-        n = m
-    return n
 
 
 def plan_draw(lm: LoadedModel, items, rows: np.ndarray, demo_rows: np.ndarray, draw: int,
@@ -202,15 +190,8 @@ def extract_icl(
     batch_size: int = 8,
     max_seq_len: int = 2048,
     min_test: int = 50,
-    dtype: str = "float32",
-    quantize: str | None = None,
-    bnb_4bit_type: str = "nf4",
-    compute_dtype: str | None = None,
-    device: str = "cpu",
-    device_map: Any = None,
     limit: int | None = None,
     template: str | None = None,
-    cache_root: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> IclSummary:
     """Score every probe item under ``k``-shot prompts, for ``draws`` draws of demonstrations.
@@ -227,8 +208,9 @@ def extract_icl(
     level names it (``easy@grade=3,8``, ``arc:grade@3,8:easy``). ``template``: a prompt template
     instead of the set's (``"cloze"``), for the demonstrations and the test item alike.
     ``test_levels``: score only the probe items at these levels of ``measure`` (e.g. ``["hard"]``
-    for the SGR's hard test). ``limit`` keeps the first items of ``items`` only. Under
-    ``RANK``/``WORLD_SIZE`` draws are split across ranks (``b % world_size == rank``).
+    for the SGR's hard test). ``limit`` keeps the first items of ``items`` only. ``model``: as for
+    :func:`probekit.extract.extract`. Under ``RANK``/``WORLD_SIZE`` draws are split across ranks
+    (``b % world_size == rank``).
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ProbekitError(f"icl k must be a positive integer, got {k!r}")
@@ -273,24 +255,19 @@ def extract_icl(
     if demos_cutoff is not None:
         icl["demos_cutoff"] = cutoff_text(demos_cutoff)
     rank, world, local = dist_env()
-    check_model(model, local, world, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
-                bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype)
+    model = settle_model(model, local, world)  # what this machine cannot run, before anything is written
     out = Path(out_dir)
     # The folder's lock is taken before the model loads; the writer below shares it.
     with OutputDir(out, (), "ICL score folder", lock_file=lock_name(rank), own=is_icl_entry, share=True,
                    exclusive=True):
         return _extract_icl_locked(items, out, model, table, rows, demo_sets, icl, demos_items, batch_size, rank,
-                                   world, local, progress,
-                                   dict(dtype=dtype, quantize=quantize, device=device, device_map=device_map,
-                                        bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype,
-                                        cache_root=cache_root))
+                                   world, progress)
 
 
-def _extract_icl_locked(items, out: Path, model: Any, table, rows: np.ndarray, demo_sets: list, icl: dict,
-                        demos_items, batch_size: int, rank: int, world: int, local: int, progress: bool,
-                        settings: dict) -> IclSummary:
-    """Load the model and score this rank's pending draws (the folder's lock is held)."""
-    lm = prepare_model(model, local_rank=local, world_size=world, **settings)
+def _extract_icl_locked(items, out: Path, model: ModelSpec | LoadedModel, table, rows: np.ndarray, demo_sets: list,
+                        icl: dict, demos_items, batch_size: int, rank: int, world: int, progress: bool) -> IclSummary:
+    """Load the model (settled for this process) and score this rank's pending draws (the folder's lock is held)."""
+    lm = prepare_model(model)
     rules = lm.rules
     max_choices = int(items.max_choices)
     k, max_seq_len = icl["k"], icl["max_seq_len"]

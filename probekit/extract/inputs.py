@@ -1,23 +1,39 @@
-"""Checks of a question set before a model scores it: items it can score, prompts that fit the model.
+"""A question set before a model scores it: the items to run, and items a multiple-choice pass can score.
 
-:func:`check_items` runs before anything is written or loaded: a set whose answer is generated
-(GSM8k: one "choice", the gold answer) is for ``probekit generate``, every item needs at least
-two choices, and the prompt template must be able to show every item's choices. :func:`check_context`
-runs once the model is loaded, before the first item is scored: a prompt that, with its longest
-choice, does not fit the model's context (``max_position_embeddings``) is refused, naming the item
-and its length. Long prompts are refused rather than truncated: a truncated question is another
-question, and its scores would be passed off as the item's.
+:func:`limit_items` and :func:`with_template` give the set an extraction or an ICL run scores (its
+first items, another prompt template). :func:`check_items` runs before anything is written or loaded:
+a set whose answer is generated (GSM8k: one "choice", the gold answer) is for ``probekit generate``,
+every item needs at least two choices, and the prompt template must be able to show every item's
+choices. That every prompt fits the model is checked once it is loaded
+(:func:`probekit.llm.tokens.check_context`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
 
 import numpy as np
 
 from probekit.data.prompts import render_prompt
 from probekit.errors import ProbekitError
-from probekit.extract.tokens import answer_text, encode_item
+
+
+def with_template(items, template: str | None):
+    """``items`` rendered with ``template`` instead of its set's prompt (None: unchanged); an unknown
+    template is refused here, before any model loads."""
+    if template is None:
+        return items
+    render_prompt("q", ["a", "b"], template)
+    return dataclasses.replace(items, prompt_template=template)
+
+
+def limit_items(items, limit: int | None):
+    """The first ``limit`` items of a set (a new ItemSet, its own fingerprint)."""
+    if limit is None:
+        return items
+    if limit < 1:
+        raise ProbekitError(f"limit must be a positive integer, got {limit}")
+    return dataclasses.replace(items, table=items.table.iloc[:limit].reset_index(drop=True))
 
 
 def check_items(items, template: str | None = None) -> None:
@@ -41,37 +57,3 @@ def check_items(items, template: str | None = None) -> None:
                       template or items.prompt_template)
     except ProbekitError as exc:
         raise ProbekitError(f"dataset {items.name}: item {str(table['id'].iat[row])!r}: {exc}") from None
-
-
-def context_limit(lm) -> int | None:
-    """The model's context length in tokens (``max_position_embeddings``), if it states one."""
-    config = lm.model.config
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(config, "max_position_embeddings", None)
-    return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def check_context(lm, ids: Sequence[str], prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> None:
-    """Refuse the first item whose prompt plus its longest choice is longer than the model's
-    context, naming the item and its length in tokens. Only prompts long enough in bytes to be
-    over the limit are tokenised (a token covers at least one byte)."""
-    limit = context_limit(lm)
-    if limit is None:
-        return
-    for item, prompt, cs in zip(ids, prompts, choices):
-        longest = max((len(answer_text(c, lm.rules).encode()) for c in cs), default=0)
-        if len(prompt.encode()) + longest + 2 <= limit:
-            continue
-        enc = encode_item(lm.tokenizer, prompt, [str(c) for c in cs], lm.rules, str(item))
-        n = len(enc.prompt) + max((len(c) for c in enc.choices), default=0)
-        if n > limit:
-            raise ProbekitError(f"item {str(item)!r}: its prompt and longest choice are {n} tokens, more than the "
-                                f"model's context of {limit} tokens; shorten the question or leave the item out")
-
-
-def check_table_context(lm, table, template: str) -> None:
-    """:func:`check_context` for every item of an item table rendered with ``template``."""
-    rows = table.reset_index(drop=True)
-    choices = [[str(c) for c in cs] for cs in rows["choices"]]
-    prompts = [render_prompt(str(q), cs, template) for q, cs in zip(rows["question"], choices)]
-    check_context(lm, rows["id"].astype(str).tolist(), prompts, choices)

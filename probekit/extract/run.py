@@ -30,12 +30,14 @@ from probekit.data.prompts import TEMPLATE_TEXT, render_prompt
 from probekit.data.schema import choice_surface
 from probekit.errors import ProbekitError
 from probekit.extract.capture import capture_batch, resolve_sites
-from probekit.extract.inputs import check_items, check_table_context
-from probekit.extract.models import LoadedModel, ModelSpec, check_model, load_model
-from probekit.extract.progress import progress_bar
-from probekit.extract.tokens import Encoded, TokenRules, encode_item
+from probekit.extract.inputs import check_items, limit_items, with_template
 from probekit.layers import parse as parse_layers
 from probekit.layers import resolve_layers
+from probekit.llm.batches import barrier as wait_for_ranks
+from probekit.llm.batches import dist_env, length_batches
+from probekit.llm.models import LoadedModel, ModelSpec, prepare_model, settle_model
+from probekit.llm.progress import progress_bar
+from probekit.llm.tokens import check_table_context, encode_rows
 from probekit.store.layout import DTYPES as STORE_DTYPES
 from probekit.store.layout import dtype_max, value_dtype
 
@@ -72,69 +74,8 @@ class ExtractSummary:
         )
 
 
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun/accelerate environment variables (0, 1, 0 if unset)."""
-    def _int(name: str, default: int) -> int:
-        raw = os.environ.get(name)
-        if raw in (None, ""):
-            return default
-        try:
-            return int(raw)
-        except ValueError:
-            raise ProbekitError(f"environment variable {name}={raw!r} is not an integer") from None
-
-    world = _int("WORLD_SIZE", 1)
-    rank = _int("RANK", 0)
-    local = _int("LOCAL_RANK", rank)
-    if world < 1 or not 0 <= rank < world:
-        raise ProbekitError(f"RANK={rank} is not in 0..{world - 1} (WORLD_SIZE={world})")
-    return rank, world, local
-
-
-def with_template(items, template: str | None):
-    """``items`` rendered with ``template`` instead of its set's prompt (None: unchanged); an unknown
-    template is refused here, before any model loads."""
-    if template is None:
-        return items
-    render_prompt("q", ["a", "b"], template)
-    return dataclasses.replace(items, prompt_template=template)
-
-
-def limit_items(items, limit: int | None):
-    """The first ``limit`` items of a set (a new ItemSet, its own fingerprint)."""
-    if limit is None:
-        return items
-    if limit < 1:
-        raise ProbekitError(f"limit must be a positive integer, got {limit}")
-    return dataclasses.replace(items, table=items.table.iloc[:limit].reset_index(drop=True))
-
-
-def encode_rows(lm: LoadedModel, table, template: str, rules: TokenRules) -> list[Encoded]:
-    out = []
-    for row in table[["id", "question", "choices"]].itertuples(index=False):
-        choices = [str(c) for c in row.choices]
-        out.append(encode_item(lm.tokenizer, render_prompt(str(row.question), choices, template), choices, rules, str(row.id)))
-    return out
-
-
-def length_batches(encoded: Sequence[Encoded], batch_size: int) -> list[list[int]]:
-    """Row indices grouped into batches of similar packed length (less padding)."""
-    order = sorted(range(len(encoded)), key=lambda i: (encoded[i].n_tokens_shared, i))
-    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
-
-
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.glob("*") if p.is_file())
-
-
-def prepare_model(model: Any, *, local_rank: int = 0, world_size: int = 1, **settings: Any) -> LoadedModel:
-    """The model to run: a :class:`LoadedModel` as given; else a :class:`ModelSpec` (``model`` itself,
-    or one built from ``model`` and the ModelSpec fields in ``settings``), resolved for this process
-    (:meth:`ModelSpec.resolved`) and loaded."""
-    if isinstance(model, LoadedModel):
-        return model
-    spec = model if isinstance(model, ModelSpec) else ModelSpec(model=model, **settings)
-    return load_model(spec.resolved(local_rank, world_size))
 
 
 def extract(
@@ -146,16 +87,9 @@ def extract(
     sites: str | Sequence[str] = ("answer_end", "question_end"),
     batch_size: int = 8,
     shard_size: int = 256,
-    dtype: str = "float32",
-    quantize: str | None = None,
-    bnb_4bit_type: str = "nf4",
-    compute_dtype: str | None = None,
-    device: str = "cpu",
-    device_map: Any = None,
     store_dtype: str = "auto",
     limit: int | None = None,
     template: str | None = None,
-    cache_root: str | os.PathLike | None = None,
     progress: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
@@ -163,10 +97,9 @@ def extract(
 ) -> ExtractSummary:
     """Run ``items`` through a model and write (or finish) the hidden-state cache ``out_dir``.
 
-    ``model``: hub id, folder, ``.gguf`` file, :class:`ModelSpec`, an already loaded
-    :class:`LoadedModel`, or None for the offline SmolLM2 default; ``dtype``, ``quantize``,
-    ``bnb_4bit_type``, ``compute_dtype``, ``device``, ``device_map`` and ``cache_root`` build its
-    :class:`ModelSpec` when it is neither. ``layers``: a layer spec (:mod:`probekit.layers`), e.g.
+    ``model``: hub id, folder, ``.gguf`` file, named offline model, or None for the offline SmolLM2
+    default (each means ``ModelSpec(model=...)``: device, dtype and quantize "auto"), a
+    :class:`ModelSpec`, or an already loaded :class:`LoadedModel`. ``layers``: a layer spec (:mod:`probekit.layers`), e.g.
     ``"all"``, ``"middle_and_last"`` or indices into ``hidden_states``. ``sites``: ``answer_end``
     and/or ``question_end``. ``template``: a prompt template instead of the set's (``"cloze"``;
     recorded in the manifest). ``store_dtype``: float16, bfloat16 (stored as uint16 bits), float32, or
@@ -197,20 +130,16 @@ def extract(
     template = items.prompt_template
     render_prompt("q", ["a", "b"], template)  # unknown template -> error before loading
     check_items(items)  # choices the pass can score, before anything is written
-    check_model(model, local_rank, world_size, dtype=dtype, quantize=quantize, device=device, device_map=device_map,
-                bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype)
+    model = settle_model(model, local_rank, world_size)  # what this machine cannot run, before anything is written
 
     damaged: dict[str, str] = {}
     counts: dict[str, Any] = {"items": 0, "tokens": 0}
     t0 = time.perf_counter()
     with holding_cache(out_dir, rank):  # a second writer is refused before the model loads
         written = _extract_locked(items, out_dir, model, layer_spec, sites, template, batch_size, shard_size,
-                                  store_dtype, rank, world_size, local_rank, progress, counts, damaged.__setitem__,
-                                  dict(dtype=dtype, quantize=quantize, device=device, device_map=device_map,
-                                       bnb_4bit_type=bnb_4bit_type, compute_dtype=compute_dtype,
-                                       cache_root=cache_root))
+                                  store_dtype, rank, world_size, progress, counts, damaged.__setitem__)
     if world_size > 1 and barrier:
-        _barrier(rank, world_size)
+        wait_for_ranks(rank, world_size)
     seconds = time.perf_counter() - t0
     complete = bool((read_manifest(out_dir) or {}).get("complete"))
     return ExtractSummary(out_dir=out_dir, n_items=len(items), items_run=counts["items"], tokens=counts["tokens"],
@@ -219,13 +148,13 @@ def extract(
                           store_dtype=counts["store_dtype"], store_note=counts["store_note"])
 
 
-def _extract_locked(items, out_dir: Path, model: Any, layer_spec: Any, sites: list[str], template: str,
-                    batch_size: int, shard_size: int, store_dtype: str, rank: int, world_size: int, local_rank: int,
-                    progress: bool, counts: dict[str, int], on_damaged: Any, settings: dict[str, Any]) -> list[int]:
-    """Load the model and write this rank's pending shards (the cache's lock is held)."""
+def _extract_locked(items, out_dir: Path, model: ModelSpec | LoadedModel, layer_spec: Any, sites: list[str],
+                    template: str, batch_size: int, shard_size: int, store_dtype: str, rank: int, world_size: int,
+                    progress: bool, counts: dict[str, int], on_damaged: Any) -> list[int]:
+    """Load the model (settled for this process) and write this rank's pending shards (the cache's lock is held)."""
     from probekit.store import write_cache
 
-    lm = prepare_model(model, local_rank=local_rank, world_size=world_size, **settings)
+    lm = prepare_model(model)
     layer_idx = resolve_layers(layer_spec, lm.n_layers)
     table = items.table.reset_index(drop=True)
     check_table_context(lm, table, template)  # every prompt fits the model, before the first shard
@@ -338,21 +267,3 @@ def settle_store_dtype(store_dtype: str, out_dir: Path, lm: LoadedModel, table: 
     seen = {"rule": f"bfloat16 when the first items' |h| passes float16's {dtype_max('float16'):.6g} / {AUTO_HEADROOM}",
             "items": len(rows), "max_abs": peak, "limit": limit}
     return ("float16" if peak <= limit else "bfloat16"), seen
-
-
-def _barrier(rank: int, world_size: int) -> None:
-    """Wait for every rank (gloo, CPU) when a torchrun/accelerate rendezvous is configured."""
-    if not os.environ.get("MASTER_ADDR"):
-        return
-    import datetime
-
-    import torch.distributed as dist
-
-    own = not dist.is_initialized()
-    if own:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(hours=2))
-    try:
-        dist.barrier()
-    finally:
-        if own:
-            dist.destroy_process_group()

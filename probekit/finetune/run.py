@@ -45,18 +45,24 @@ from probekit.design import (
     zero_shot_tables,
 )
 from probekit.errors import ProbekitError
-from probekit.extract.inputs import check_table_context
-from probekit.extract.models import DEFAULT_NAME, LoadedModel, ModelSpec
-from probekit.extract.run import dist_env, encode_rows, prepare_model
 from probekit.finetune.recipe import Recipe, schedule
-from probekit.finetune.train import attach_lora, detach_lora, library_versions, score_items, train_adapters
+from probekit.finetune.train import (
+    attach_lora,
+    check_targets,
+    detach_lora,
+    library_versions,
+    score_items,
+    train_adapters,
+)
+from probekit.llm.batches import dist_env, rank_share
+from probekit.llm.models import LoadedModel, ModelSpec, prepare_model, settle_model
+from probekit.llm.tokens import check_table_context, encode_rows
+from probekit.llm.weights import DEFAULT_NAME
 from probekit.store import Cache
 from probekit.store.outdir import check_dir_target
-from probekit.store.parts import rank_share
 from probekit.store.results import CACHE_HASH_KEY, EXPERIMENTS, ResultsWriter, RunRecord, holding_results
 
 METHOD = "finetune"
-QUANTIZE = ("auto", "none", "8bit", "4bit")
 
 #: Progress events: (event, fields). Events: "start" (heads, updates), "head" (name, updates),
 #: "update" (done, total, loss), "scored" (name, items), "skip" (name).
@@ -85,15 +91,17 @@ def cache_questions(items, cache: Cache):
     return chosen
 
 
-def model_for_cache(cache: Cache, **settings: Any) -> ModelSpec:
-    """A :class:`ModelSpec` for the model a cache was extracted with (its recorded folder or id)."""
+def model_for_cache(cache: Cache, spec: ModelSpec | None = None) -> ModelSpec:
+    """``spec`` (default: every setting "auto") for the model a cache was extracted with (its recorded
+    folder or id, and revision)."""
+    spec = spec or ModelSpec()
     ident = cache.manifest.get("model", {})
     path = ident.get("path")
     if path and Path(path).is_dir():
         source = path
     else:  # the offline default converted elsewhere is converted again here
         source = None if ident.get("id") == DEFAULT_NAME else ident.get("id")
-    return ModelSpec(model=source, revision=ident.get("revision") or None, **settings)
+    return replace(spec, model=source, revision=spec.revision or ident.get("revision") or None)
 
 
 def _same_weights(cache_model: Mapping[str, Any], loaded: Mapping[str, Any]) -> bool:
@@ -103,26 +111,6 @@ def _same_weights(cache_model: Mapping[str, Any], loaded: Mapping[str, Any]) -> 
     return cache_model.get("id") == loaded.get("id")
 
 
-def resolve_quantize(quantize: str | None, device: str) -> str | None:
-    """The quantization a --quantize setting means on ``device`` ("auto": 8-bit on CUDA, none elsewhere)."""
-    q = "none" if quantize is None else str(quantize)
-    if q not in QUANTIZE:
-        raise ProbekitError(f"quantize must be one of {', '.join(QUANTIZE)}, got {quantize!r}")
-    if q == "auto":
-        q = "8bit" if str(device).startswith("cuda") or (device == "auto" and _cuda()) else "none"
-    return None if q == "none" else q
-
-
-def loaded_quantize(lm: LoadedModel) -> str | None:
-    """``"8bit"`` / ``"4bit"`` for a loaded model quantized by bitsandbytes, else None."""
-    bits = (lm.identity.get("quantization") or {}).get("bits")
-    return None if bits is None else f"{bits}bit"
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def _test_levels(frame, head: Head, test_levels: Sequence[str] | None) -> dict[str, np.ndarray]:
@@ -155,10 +143,6 @@ def finetune(
     test_levels: Sequence[str] | None = None,
     cutoffs: Mapping[str, Cutoff] | None = None,
     recipe: Recipe | None = None,
-    quantize: str | None = "auto",
-    dtype: str = "auto",
-    device: str = "auto",
-    device_map: Any = None,
     zero_shot: bool = True,
     save_adapters: str | os.PathLike | None = None,
     verify: bool = True,
@@ -169,9 +153,10 @@ def finetune(
 
     ``cache``: the cache of ``probekit extract`` (item ids, levels, zero-shot scores, and the model
     and prompt to use); ``items``: the question set it was extracted from (checked by fingerprint).
-    ``model``: None loads the cache's model (``quantize``: auto = 8bit on CUDA, none on CPU;
-    ``dtype``, ``device``, ``device_map`` as for extract: ``"auto"`` spreads a model larger than one GPU
-    over every GPU this process sees); a :class:`LoadedModel` is used as given.
+    ``model``: a name or :class:`ModelSpec` as for :func:`probekit.extract.extract`, with its "auto"
+    settled for fine-tuning (quantize: 8bit on a GPU, none on the CPU); None, or a spec whose model is
+    None, loads the cache's model (``ModelSpec(device_map="auto")`` spreads one larger than a GPU over
+    every GPU this process sees); a :class:`LoadedModel` is used as given.
     ``experiment``, ``measures``, ``n_train``, ``label_noise``, ``draws``, ``seed``, ``levels``,
     ``cutoffs``: as for :func:`probekit.probe.sweep` (the same heads). ``test_levels`` restricts
     scoring to items of those levels (e.g. ``["hard"]``). ``recipe``: the training settings
@@ -195,13 +180,7 @@ def finetune(
             raise ProbekitError(f"test level {lv!r} is not one of {', '.join(LEVELS)}")
     if save_adapters is not None:
         check_dir_target(save_adapters, "save_adapters")
-    if not isinstance(model, LoadedModel):  # what the model needs, checked before anything is read or loaded
-        from probekit.finetune.train import check_trainable
-
-        wanted = model if isinstance(model, ModelSpec) else ModelSpec(dtype=dtype, device=device, device_map=device_map)
-        wanted = replace(wanted, quantize=resolve_quantize(quantize, wanted.device)).resolved(local, world)
-        check_trainable(wanted.quantize, wanted.device)
-        wanted.check_available()
+    model = settle_model(model, local, world, train=True)  # checked before anything is read or loaded
     with holding_results(out, "finetune", rank):  # locked before the cache is verified or the model loads
         cache = open_cache(cache, verify)
         dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
@@ -211,20 +190,12 @@ def finetune(
                      levels=levels)  # the sweep's heads: n_train too large for a level fails here, before loading
         questions = cache_questions(items, cache)
         template = cache.manifest.get("prompt", {}).get("template", questions.prompt_template)
-        if isinstance(model, LoadedModel):
-            lm, q = model, loaded_quantize(model)
-        else:
-            q = resolve_quantize(quantize, device if not isinstance(model, ModelSpec) else model.device)
-            spec = model if isinstance(model, ModelSpec) else (
-                model_for_cache(cache, dtype=dtype, quantize=q, device=device, device_map=device_map) if model is None
-                else ModelSpec(model=model, dtype=dtype, quantize=q, device=device, device_map=device_map))
-            lm = prepare_model(spec, local_rank=local, world_size=world)
+        lm = prepare_model(model_for_cache(cache, model) if isinstance(model, ModelSpec) and model.model is None
+                           else model)
+        q = lm.quantize
         if not _same_weights(cache.manifest.get("model", {}), lm.identity):
             raise ProbekitError(f"model {lm.identity.get('id')!r} is not the model cache {cache.path} was extracted with "
                                 f"({cache.manifest.get('model', {}).get('id')!r})")
-        from probekit.finetune.train import check_targets, check_trainable
-
-        check_trainable(q, lm.device)
         check_targets(lm.model, recipe.target_modules)  # one line naming the model's modules, before any work
         check_table_context(lm, questions.table.iloc[frame.probe], template)  # every prompt fits the model
         run = {

@@ -1,7 +1,7 @@
 """LoRA adapters on a loaded model: attach fresh ones from a seed, train them, score with them.
 
 The objective and the scores come from the same packed forward the cache's zero-shot scores use
-(:func:`probekit.extract.capture.score_choices`): each item is its prompt once plus its choices as
+(:func:`probekit.llm.forward.score_choices`): each item is its prompt once plus its choices as
 continuations under a 4-D mask; a choice's score is the summed log-prob of its answer tokens, the
 item's loss the NLL of the gold choice under a softmax over its choices.
 
@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 
 from probekit.errors import ProbekitError
-from probekit.extract.capture import score_choices
-from probekit.extract.run import length_batches
-from probekit.extract.tokens import Encoded
 from probekit.finetune.recipe import Recipe, schedule
+from probekit.llm.batches import length_batches
+from probekit.llm.forward import score_choices
+from probekit.llm.spec import check_trainable
+from probekit.llm.tokens import Encoded
 
 #: Training objectives: the gold choice's NLL over the item's choices, or a target sequence's token NLL.
 OBJECTIVES = ("choices", "seq2seq")
@@ -240,14 +241,6 @@ def library_versions() -> dict[str, str]:
     import transformers
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
-
-
-def check_trainable(quantize: str | None, device) -> None:
-    """Refuse a base that cannot be trained through: bitsandbytes' 4-bit layers have no autograd
-    kernel on the CPU (their backward is silently wrong)."""
-    if quantize == "4bit" and getattr(device, "type", str(device).split(":")[0]) == "cpu":
-        raise ProbekitError("a 4-bit base cannot be fine-tuned on the CPU (bitsandbytes' 4-bit kernels there pass "
-                            "no correct gradient back); use --quantize none or 8bit, or a GPU")
 
 
 def _check_gradients(params, quantize: str | None, device) -> None:

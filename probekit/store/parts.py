@@ -2,10 +2,10 @@
 
 ``probekit finetune`` and ``probekit generate`` split their work into pieces. Under ``torchrun``
 (``RANK``/``WORLD_SIZE`` in the environment) rank r takes the pieces ``i % world_size == r``
-(:func:`rank_share`); no process group is needed, each piece is independent. Every finished piece
-is written atomically as a part, ``DIR/parts/<key>.parquet`` (or as a file of its own that only
-that rank writes), so a rerun (a killed rank's, or the whole command's) skips it; whichever rank
-finishes last merges the parts into the files one process writes.
+(:func:`probekit.llm.batches.rank_share`); no process group is needed, each piece is independent.
+Every finished piece is written atomically as a part, ``DIR/parts/<key>.parquet`` (or as a file of
+its own that only that rank writes), so a rerun (a killed rank's, or the whole command's) skips it;
+whichever rank finishes last merges the parts into the files one process writes.
 
 - **Locks.** Rank r holds ``DIR/.lock-rank{r}`` for its whole run (a second writer of the same rank
   is refused with one line); its part temporaries carry its rank (``DIR/.rank{r}.part.parquet.*.tmp``),
@@ -25,7 +25,7 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -42,13 +42,6 @@ MERGE_LOCK = ".results.lock"
 PART = "part.parquet"  # temporaries of part files: .rank{r}.part.parquet.<pid>-<random>.tmp
 #: Parquet metadata key of a part file's record (a fine-tune's final loss, say).
 INFO_KEY = b"probekit.part"
-
-T = TypeVar("T")
-
-
-def rank_share(pieces: Sequence[T], rank: int, world_size: int) -> list[T]:
-    """The pieces rank ``rank`` of ``world_size`` takes: those at positions ``i % world_size == rank``."""
-    return [p for i, p in enumerate(pieces) if i % world_size == rank]
 
 
 class RankParts:

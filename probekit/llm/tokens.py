@@ -9,6 +9,11 @@ tokenizer (GPT-2 style: SmolLM2, Llama-3, Mistral-Nemo...) has no dummy prefix, 
 Gemma's SentencePiece tokenizer (``" carbon"`` is ``▁carbon``, ``"carbon"`` is ``carbon``), so the
 answer is encoded as ``" " + choice``. :func:`adds_dummy_prefix` tells the two apart by comparing
 encodings. BOS is kept when the tokenizer adds it by default (Gemma needs it; SmolLM2 adds none).
+
+:func:`check_context` runs once a model is loaded, before the first item is scored: a prompt that,
+with its longest choice, does not fit the model's context (``max_position_embeddings``) is refused,
+naming the item and its length. Long prompts are refused rather than truncated: a truncated question
+is another question, and its scores would be passed off as the item's.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from probekit.data.prompts import render_prompt
 from probekit.errors import ProbekitError
 
 _PROBE_WORD = "carbon dioxide"
@@ -106,3 +112,58 @@ def encode_item(
     if not p:
         raise ProbekitError(f"item {item_id!r}: the prompt encodes to no tokens")
     return Encoded(prompt=p, choices=cs, item_id=item_id)
+
+
+def encode_rows(lm, table, template: str, rules: TokenRules) -> list[Encoded]:
+    """Every row of an item table (id, question, choices) rendered with ``template`` and tokenised."""
+    out = []
+    for row in table[["id", "question", "choices"]].itertuples(index=False):
+        choices = [str(c) for c in row.choices]
+        out.append(encode_item(lm.tokenizer, render_prompt(str(row.question), choices, template), choices, rules, str(row.id)))
+    return out
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest token prefix common to every sequence."""
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        m = 0
+        while m < n and s[m] == first[m]:
+            m += 1
+        n = m
+    return n
+
+
+def context_limit(lm) -> int | None:
+    """The model's context length in tokens (``max_position_embeddings``), if it states one."""
+    config = lm.model.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_context(lm, ids: Sequence[str], prompts: Sequence[str], choices: Sequence[Sequence[str]]) -> None:
+    """Refuse the first item whose prompt plus its longest choice is longer than the model's
+    context, naming the item and its length in tokens. Only prompts long enough in bytes to be
+    over the limit are tokenised (a token covers at least one byte)."""
+    limit = context_limit(lm)
+    if limit is None:
+        return
+    for item, prompt, cs in zip(ids, prompts, choices):
+        longest = max((len(answer_text(c, lm.rules).encode()) for c in cs), default=0)
+        if len(prompt.encode()) + longest + 2 <= limit:
+            continue
+        enc = encode_item(lm.tokenizer, prompt, [str(c) for c in cs], lm.rules, str(item))
+        n = len(enc.prompt) + max((len(c) for c in enc.choices), default=0)
+        if n > limit:
+            raise ProbekitError(f"item {str(item)!r}: its prompt and longest choice are {n} tokens, more than the "
+                                f"model's context of {limit} tokens; shorten the question or leave the item out")
+
+
+def check_table_context(lm, table, template: str) -> None:
+    """:func:`check_context` for every item of an item table rendered with ``template``."""
+    rows = table.reset_index(drop=True)
+    choices = [[str(c) for c in cs] for cs in rows["choices"]]
+    prompts = [render_prompt(str(q), cs, template) for q, cs in zip(rows["question"], choices)]
+    check_context(lm, rows["id"].astype(str).tolist(), prompts, choices)
