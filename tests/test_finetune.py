@@ -259,7 +259,7 @@ def test_a_rerun_skips_finished_heads_and_equals_an_uninterrupted_run(lm, real_c
     pd.testing.assert_frame_equal(a.astype(str), b.astype(str))
     assert set(a[a.method == "finetune"]["test_level"].astype(str)) == {"hard"}
     record = json.loads((tmp_path / "a" / "sweep.json").read_text())
-    assert record["config"]["recipe"]["r"] == 16 and record["method"] == "finetune"
+    assert record["config"]["recipe"]["r"] == 16 and record["kind"] == "finetune"
     assert record["prompt"] == json.loads((real_cache / "manifest.json").read_text())["prompt"]
     from probekit.report import build_report
 

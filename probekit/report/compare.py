@@ -353,6 +353,23 @@ def build_comparison(
     a2a_base = [(b, k, v) for b in names for k, v in bases[b].items() if k[2] == "all_to_all"]
     tick = _Ticker(progress, len(pop_heads) + len(a2a_heads) + len(a2a_base))
 
+    population = _population(pop_heads, bases, baseline, n_boot, n_boot_sgr, seed, p_value, notes, tick)
+    family = add_qvalues(population)
+    warnings = few_draws(population, lambda r: f"{r['model']} {r['dataset']} {r['measure']} {r['method']}")
+
+    all_to_all = _all_to_all(a2a_base, a2a_heads, n_boot, seed, tick)
+    settings = {"n_boot": n_boot, "n_boot_sgr": n_boot_sgr, "seed": seed, "baseline": baseline,
+                "zero_weights": zero_weights, "p_value": p_value, "site": site, "layer": layer, "solver": solver}
+    summary = _summary(runs, heads, population, all_to_all, family, notes, warnings, settings)
+    summary = _jsonable(summary)
+    write_report_dir(Path(out_dir), summary, lambda tmp: _write_files(tmp, summary))
+    return summary
+
+
+def _population(pop_heads: list[Head], bases: dict, baseline: str | None, n_boot: int, n_boot_sgr: int, seed: int,
+                p_value: str, notes: list[str], tick) -> list[dict]:
+    """Every population head's records, each beside the baseline of its model and dataset (a head
+    without one gets a note and no SGR)."""
     population: list[dict] = []
     for h in pop_heads:
         key = (h.run.model, h.run.dataset, "population")
@@ -374,9 +391,11 @@ def build_comparison(
                                "run": h.run.dir, "run_sha256": h.run.res.sha256, "baseline": used,
                                "baseline_run": zero_run.dir if zero_run else None, **rec})
         tick(f"{h.method} {h.run.model} {h.run.dataset}")
-    family = add_qvalues(population)
-    warnings = few_draws(population, lambda r: f"{r['model']} {r['dataset']} {r['measure']} {r['method']}")
+    return population
 
+
+def _all_to_all(a2a_base: list, a2a_heads: list[Head], n_boot: int, seed: int, tick) -> list[dict]:
+    """The all-to-all records of every baseline and every all-to-all head."""
     all_to_all: list[dict] = []
     for name, (model, dataset, _), (run, zero) in a2a_base:
         for rec in all_to_all_table(zero, n_boot, seed):
@@ -388,7 +407,12 @@ def build_comparison(
             all_to_all.append({"model": h.run.model, "dataset": h.run.dataset, "method": h.method,
                                "run": h.run.dir, "run_sha256": h.run.res.sha256, **rec})
         tick(f"{h.method} all-to-all {h.run.model} {h.run.dataset}")
+    return all_to_all
 
+
+def _summary(runs: list[Run], heads: list[Head], population: list[dict], all_to_all: list[dict], family: int,
+             notes: list[str], warnings: list, given: dict) -> dict:
+    """The comparison's ``summary.json`` (before :func:`_jsonable`); ``given``: the settings it was asked for."""
     models = _model_order(runs)
     spearman, spearman_notes = _spearman(runs)
     notes += spearman_notes
@@ -404,12 +428,12 @@ def build_comparison(
                    "method": h.method, **vars(h.headline)} for h in heads],
         "models": [{"model": m, "size": s, "size_source": src} for m, s, src in models],
         "settings": {
-            "n_boot": int(n_boot), "n_boot_sgr": int(n_boot_sgr), "seed": int(seed), "level": 0.95,
-            "test_level": HARD, "baseline": baseline or BASELINE_RULE, "zero_weights": zero_weights,
-            "p_value": p_value,
+            "n_boot": int(given["n_boot"]), "n_boot_sgr": int(given["n_boot_sgr"]), "seed": int(given["seed"]), "level": 0.95,
+            "test_level": HARD, "baseline": given["baseline"] or BASELINE_RULE, "zero_weights": given["zero_weights"],
+            "p_value": given["p_value"],
             "multiplicity": {"method": "benjamini-hochberg", "family": "every SGR of the comparison (not estimable "
                              "ones counted as p = 1)", "size": family},
-            "probe_head": {"site": site, "layer": layer, "solver": solver},
+            "probe_head": {"site": given["site"], "layer": given["layer"], "solver": given["solver"]},
             "rule": "each method's head is computed by the single-run report's functions on its own rows beside "
                     "the shared baseline of its model and dataset; every head's SGR gets n_boot_sgr resamples",
             "sgr_estimable": "an SGR is estimable only when the 95% interval of hard - zero-shot (from the same "
@@ -422,8 +446,6 @@ def build_comparison(
         "warnings": warnings,
         "files": [],
     }
-    summary = _jsonable(summary)
-    write_report_dir(Path(out_dir), summary, lambda tmp: _write_files(tmp, summary))
     return summary
 
 

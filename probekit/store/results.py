@@ -98,7 +98,7 @@ FILLED = {
 #: Columns a results table must have to be read (``p_gold`` is optional).
 REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold" and c not in FILLED)
 
-#: The experiments a row can come from (the ``experiment`` column; :func:`probekit.probe.plan.plan`).
+#: The experiments a row can come from (the ``experiment`` column; :func:`probekit.design.plan.plan`).
 EXPERIMENTS = ("population", "all_to_all", "learning_curve", "label_noise")
 #: The kinds of run that write a results directory (:func:`run_kind`), in words.
 RUN_KINDS = {"sweep": "a probe sweep", "finetune": "a fine-tuning run", "generate": "a generation run"}
@@ -145,6 +145,8 @@ def without_method_heads(table: pd.DataFrame) -> pd.DataFrame:
         else:
             out[column] = values.where(~rows, "")
     return out
+
+
 #: The ``site`` of the shortcut controls' rows (:mod:`probekit.probe.controls`): a probe on the choices'
 #: surface features, and the training draw's majority position. Never a headline head.
 SURFACE_SITE = "surface"
