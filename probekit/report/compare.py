@@ -88,14 +88,20 @@ from probekit.store.results import CONTROL_SITES, Results, RunRecord
 FORMAT = "probekit-comparison/1"
 
 
-def _baseline_rule() -> str:
-    """The per-method baseline rule in words, from the registry: "per method: zero_shot_cot for
-    icl_cot, finetune_cot when present, else zero_shot"."""
+def _other_baselines() -> dict[str, list[str]]:
+    """Each registered baseline other than zero_shot, with the methods set against it (registry order)."""
     others: dict[str, list[str]] = {}
     for m in METHODS.values():
         if m.baseline not in (None, ZERO_SHOT):
             others.setdefault(m.baseline, []).append(m.name)
-    return "per method: " + "".join(f"{b} for {', '.join(ms)} when present, else " for b, ms in others.items()) + ZERO_SHOT
+    return others
+
+
+def _baseline_rule() -> str:
+    """The per-method baseline rule in words, from the registry: "per method: zero_shot_cot for
+    icl_cot, finetune_cot when present, else zero_shot"."""
+    return ("per method: " + "".join(f"{b} for {', '.join(ms)} when present, else "
+                                     for b, ms in _other_baselines().items()) + ZERO_SHOT)
 
 
 BASELINE_RULE = _baseline_rule()
@@ -630,8 +636,7 @@ def _write_files(tmp: Path, summary: dict) -> list[str]:
 
 def _baseline_words(baseline: str) -> str:
     if baseline == BASELINE_RULE:
-        others = ", ".join(f"`{m.baseline}` for `{m.name}`" for m in METHODS.values()
-                           if m.baseline not in (None, ZERO_SHOT))
+        others = ", ".join(f"`{b}` for " + " and ".join(f"`{m}`" for m in ms) for b, ms in _other_baselines().items())
         return f"the zero-shot baseline is method `{ZERO_SHOT}`, or {others} when a run holds it"
     return f"the zero-shot baseline is method `{baseline}` for every method"
 
