@@ -17,7 +17,7 @@ def export_cmd(
 ) -> None:
     """Write a cache as a folder that `datasets.load_dataset("parquet", ...)` reads without probekit.
 
-    One Parquet row per item: the item columns (id, label, n_choices, pool, source, difficulty.<measure>), logprob.choice_sum and logprob.choice_tokens, and one column per site and layer (hidden.answer_end.layer16: max_choices x hidden_size per item) in the cache's dtype (a bfloat16 cache's uint16 bits, see README.md). The folder's README.md is a dataset card with the manifest, the columns and how to push it to the Hub (HfApi().upload_folder, or `hf upload USER/NAME DIR . --repo-type dataset --exclude .lock`); probekit.json holds the manifest and each file's sha256 for `probekit import`.
+    One Parquet row per item: the item columns (id, label, n_choices, pool, source, difficulty.<measure>), logprob.choice_sum and logprob.choice_tokens, and one column per site and layer (hidden.answer_end.layer16: max_choices x hidden_size per item) in the cache's dtype (a bfloat16 cache's uint16 bits, see docs/formats.md). The folder's README.md is a dataset card with the manifest, the columns and how to push it to the Hub (HfApi().upload_folder, or `hf upload USER/NAME DIR . --repo-type dataset --exclude .lock`); probekit.json holds the manifest and each file's sha256 for `probekit import`.
 
     \b
     Example:

@@ -55,7 +55,7 @@ def extract_cmd(
     sites: str = typer.Option("answer_end,question_end", "--sites", help="Token positions: answer_end, question_end."),
     batch_size: int = typer.Option(8, "--batch-size", help="Items per forward pass (all choices of an item share one row)."),
     shard_size: int = typer.Option(256, "--shard-size", help="Items per HDF5 shard (the unit of resuming)."),
-    store_dtype: str = typer.Option("auto", "--store-dtype", help="auto | float16 | bfloat16 | float32: how the cache stores hidden states. bfloat16 has float32's range (stored as uint16 bits, see README); auto is float16 unless the first batch of items passes 65504/4, then bfloat16 (a float16 choice gives the same cache as --store-dtype float16)."),
+    store_dtype: str = typer.Option("auto", "--store-dtype", help="auto | float16 | bfloat16 | float32: how the cache stores hidden states. bfloat16 has float32's range (stored as uint16 bits, see docs/formats.md); auto is float16 unless the first batch of items passes 65504/4, then bfloat16 (a float16 choice gives the same cache as --store-dtype float16)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Cache directory; default cache/<model-slug>__<dataset>."),
     limit: int | None = typer.Option(None, "--limit", help="Only the first N items."),
     template: str | None = typer.Option(None, "--template", help="Prompt template instead of the set's: cloze (\"Question: {q}\\nAnswer:\", no choices listed), 0040, 0306."),

@@ -20,10 +20,8 @@ from rich.text import Text
 
 from probekit.cli import app
 from probekit.cli.common import clean_errors, console
-from probekit.errors import ProbekitError
-from probekit.report import build_report
-from probekit.report.build import holding_report
-from probekit.report.compare import build_comparison, comparison_order
+from probekit.report.compare import comparison_order
+from probekit.report.compare import report as build
 from probekit.report.tables import (
     NOT_ESTIMABLE,
     control_verdict,
@@ -87,23 +85,15 @@ def report(
     """
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                _RateColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    with clean_errors(), holding_report(out), Progress(*columns, console=console, transient=True) as bar:
-        if baseline is not None and len(results_dirs) == 1:
-            raise ProbekitError(f"--baseline {baseline}: a baseline is shared by the methods of a comparison; give "
-                                "several results directories, or leave --baseline out")
+    with clean_errors(), Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("bootstrapping", total=None)
 
         def progress(done: int, total: int, what: str) -> None:
             bar.update(task, completed=done, total=total, description=what[:48])
 
-        if len(results_dirs) > 1:
-            summary = build_comparison(results_dirs, out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed, site=site,
-                                       layer=layer, solver=solver, baseline=baseline, zero_weights=zero_weights,
-                                       p_value=p_value, progress=progress)
-        else:
-            summary = build_report(results_dirs[0], out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed,
-                                   site=site, layer=layer, solver=solver, zero_weights=zero_weights, p_value=p_value,
-                                   progress=progress)
+        summary = build(results_dirs, out, n_boot=boot, n_boot_sgr=boot_sgr, seed=seed, site=site, layer=layer,
+                        solver=solver, baseline=baseline, zero_weights=zero_weights, p_value=p_value,
+                        progress=progress)
     if len(results_dirs) > 1:
         _print_comparison(summary)
     else:

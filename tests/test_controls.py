@@ -90,7 +90,7 @@ def test_control_reaches_every_item_when_the_longest_choice_is_correct(tmp_path)
     assert rec["beats_controls"] is False
     assert rec["controls"]["surface"]["hard_minus_control"]["hi"] < 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert "| ≤ surface" in md and "surface control hard→hard" in md
+    assert "| not above surface" in md and "surface control hard→hard" in md
 
 
 def test_majority_control_is_the_training_draws_most_frequent_position(tmp_path):

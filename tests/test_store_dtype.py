@@ -85,7 +85,7 @@ def test_bfloat16_cache_reads_back_torchs_rounding(tmp_path, big_data):
 
     m = cache.manifest
     assert m["dtype"] == "bfloat16" and m["dtype_storage"].startswith("uint16 bits of bfloat16")
-    with h5py.File(tmp_path / "bf16" / "shard-00000.h5", "r") as f:  # plain h5py + numpy, as the README shows
+    with h5py.File(tmp_path / "bf16" / "shard-00000.h5", "r") as f:  # plain h5py + numpy, as docs/formats.md shows
         ds = f["hidden/answer_end"]
         assert ds.dtype == np.uint16 and ds.attrs["dtype"] == "bfloat16" and "uint16" in ds.attrs["storage"]
         h = (ds[1].astype(np.uint32) << 16).view(np.float32)

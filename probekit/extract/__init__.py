@@ -7,9 +7,12 @@ Public entry points::
     print(summary.line())
 """
 
+from probekit.entry import entry_package
 from probekit.extract.capture import SITES, Captured, capture_batch, resolve_sites
 from probekit.extract.icl import extract_icl, load_icl
 from probekit.extract.run import ExtractSummary, extract
 
 __all__ = ["SITES", "Captured", "capture_batch", "resolve_sites", "extract_icl", "load_icl", "ExtractSummary",
            "extract"]
+
+entry_package(__name__, "probekit.extract.run", "extract")  # probekit.extract(...) calls probekit.extract.run.extract

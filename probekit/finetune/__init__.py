@@ -9,9 +9,12 @@ Public entry points::
 adapters, the packed objective and scoring, :mod:`probekit.finetune.run` the resumable run.
 """
 
+from probekit.entry import entry_package
 from probekit.finetune.recipe import Recipe, Schedule, schedule
 from probekit.finetune.run import finetune, part_key
 from probekit.finetune.train import attach_lora, detach_lora, score_items, train_adapters
 
 __all__ = ["Recipe", "Schedule", "schedule", "finetune", "part_key", "attach_lora", "detach_lora", "score_items",
            "train_adapters"]
+
+entry_package(__name__, "probekit.finetune.run", "finetune")  # probekit.finetune(...) calls probekit.finetune.run.finetune

@@ -57,7 +57,16 @@ from probekit.data.sets import SETS
 from probekit.errors import OptionError, ProbekitError
 from probekit.methods import METHODS, baselines, method_order
 from probekit.report import compare_plots
-from probekit.report.build import ProgressFn, ReportFiles, _jsonable, _Ticker, check_settings, write_report_dir
+from probekit.report.build import (
+    ProgressFn,
+    ReportFiles,
+    _jsonable,
+    _Ticker,
+    build_report,
+    check_settings,
+    holding_report,
+    write_report_dir,
+)
 from probekit.report.tables import (
     HARD,
     NOT_ESTIMABLE,
@@ -453,6 +462,33 @@ def _summary(runs: list[Run], heads: list[Head], population: list[dict], all_to_
         "files": [],
     }
     return summary
+
+
+def report(
+    results: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    n_boot: int = 10_000,
+    n_boot_sgr: int = 100_000,
+    seed: int = 0,
+    *,
+    baseline: str | None = None,
+    **options,
+) -> dict:
+    """``probekit report``: one results directory gives a single-run report
+    (:func:`probekit.report.build.build_report`), several a comparison (:func:`build_comparison`);
+    ``out_dir`` is held from the start, so a refused report leaves nothing behind. ``options``: ``site``,
+    ``layer``, ``solver``, ``zero_weights``, ``p_value``, ``progress``. Returns the summary
+    (``summary.json``)."""
+    dirs = [results] if isinstance(results, (str, Path)) else list(results)
+    if not dirs:
+        raise ProbekitError("no results directory to report on")
+    with holding_report(out_dir):
+        if len(dirs) > 1:
+            return build_comparison(dirs, out_dir, n_boot, n_boot_sgr, seed, baseline=baseline, **options)
+        if baseline is not None:
+            raise ProbekitError(f"--baseline {baseline}: a baseline is shared by the methods of a comparison; give "
+                                "several results directories, or leave --baseline out")
+        return build_report(dirs[0], out_dir, n_boot, n_boot_sgr, seed, **options)
 
 
 def method_label(method: str, record: RunRecord) -> str:

@@ -728,13 +728,13 @@ def fmt_fieller(stat: dict | None) -> str:
 
 def control_verdict(record: dict) -> str:
     """How a headline record's hidden-state probe fares against its shortcut controls: ``beats`` when
-    every ``hard − control`` interval lies above 0, else ``≤ surface`` / ``≤ majority`` naming each
-    control it does not beat; ``–`` without controls."""
+    every ``hard − control`` interval lies above 0, else ``not above surface`` / ``not above majority``
+    naming each control it does not beat (its interval includes or lies below 0); ``–`` without controls."""
     tests = _control_tests(record.get("controls") or {})
     if not tests:
         return "–"
     below = [site for site, t in tests.items() if not t["lo"] > 0]
-    return "≤ " + ", ".join(below) if below else "beats"
+    return "not above " + ", ".join(below) if below else "beats"
 
 
 def _control_tests(controls: dict) -> dict:
