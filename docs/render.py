@@ -13,6 +13,8 @@ A rendered block is the text between a line ``<!-- render KIND NAME [KEY=VALUE .
 - ``zero-weights``: per run, how many of the headline heads have zero weights as their exact optimum.
 - ``controls``: per row, the hard-trained probe beside its shortcut controls.
 - ``facts``: counts a reading refers to (estimable SGRs, q < 0.05, rows beating their controls, ...).
+- ``treatments``: a single-run report's headline under each treatment of zero-weight heads (chance,
+  exclude, include): the easy- and hard-trained accuracies and the SGR.
 - ``warnings``: the report's warnings (conditions with fewer than 3 draws).
 - ``cli`` (no NAME): every command's help, example and options, read from the command-line app.
 
@@ -204,6 +206,26 @@ def facts(summary: dict, opts: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def treatments(summary: dict, opts: dict) -> str:
+    from probekit.report.tables import fmt_acc, fmt_sgr
+
+    by = summary["zero_weight_treatments"]
+    names = [t for t in ("chance", "exclude", "include") if t in by]
+    measures = sorted({m for t in names if "error" not in by[t] for m in by[t]})
+    head = ["measure"] + [f"{t}: {what}" for t in names for what in ("easy→hard", "hard→hard", "SGR [95% CI]")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in measures:
+        cells = [m]
+        for t in names:
+            r = by[t].get(m) if "error" not in by[t] else None
+            if r is None:
+                cells += ["–", "–", by[t].get("error", "–") if "error" in by[t] else "–"]
+                continue
+            cells += [fmt_acc(r["accuracy"].get("easy")), fmt_acc(r["accuracy"].get("hard")), fmt_sgr(r["sgr"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def warnings(summary: dict, opts: dict) -> str:
     return "\n".join(f"- {w}" for w in summary.get("warnings", [])) + "\n" if summary.get("warnings") else "- none\n"
 
@@ -248,7 +270,7 @@ def _command(name: str, cmd) -> list[str]:
 
 
 KINDS = {"comparison": comparison, "headline": headline, "zero-weights": zero_weights, "controls": controls,
-         "facts": facts, "warnings": warnings, "cli": cli}
+         "facts": facts, "treatments": treatments, "warnings": warnings, "cli": cli}
 
 
 def render_block(spec: str) -> str:
