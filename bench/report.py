@@ -36,7 +36,7 @@ from probekit.report import build_report
 from probekit.report.tables import HARD, ZERO_SHOT, choose_headline, item_draw_frame, load_results, population_table
 from probekit.stats import crossed_bootstrap, paired_difference, sgr_bootstrap
 from probekit.stats.shared import SharedBootstrap
-from probekit.store.results import CACHE_HASH_KEY, ResultRows, ResultsWriter
+from probekit.store.results import ResultRows, ResultsWriter, RunRecord
 
 MEASURES = ["grade", "difficulty", "bloom", "question_num_words", "answer_num_words"]
 LEVELS = ["easy", "medium", "hard"]
@@ -50,13 +50,14 @@ def write_results(out: Path, n_items: int, n_layers: int, draws: int, n_train: i
     ability = rng.uniform(0.15, 0.95, n_items)
     layers = [str(i) for i in range(n_layers - 1)] + [f"{(n_layers - 1) // 2}+{n_layers - 2}"]
     rows = ResultRows("population", "answer_end", ids, LEVELS)
+    zero_rows = ResultRows("population", "", ids, LEVELS)
     with ResultsWriter(out, row_group=1 << 20) as w:
         for measure in MEASURES:
             levels = np.argsort(np.argsort(rng.random(n_items))) * 3 // n_items  # thirds: 0 easy .. 2 hard
             zero = (rng.random(n_items) < 0.25 + 0.1 * ability).astype(np.int8)
-            w.append(rows.table(layer="", measure=measure, train_level=ZERO_SHOT, draw=0, n_train=0, noise=0.0,
-                                solver="zero_shot", rows=np.arange(n_items), test_levels=levels, correct=zero,
-                                p_gold=np.full(n_items, 0.25)))
+            w.append(zero_rows.table(method=ZERO_SHOT, layer="", measure=measure, train_level=ZERO_SHOT, draw=0,
+                                     n_train=0, noise=0.0, solver="", rows=np.arange(n_items), test_levels=levels,
+                                     correct=zero, p_gold=np.full(n_items, 0.25)))
             for k, layer in enumerate(layers):
                 depth = min(k, n_layers - 1) / n_layers
                 for t, level in enumerate(TRAIN_LEVELS):
@@ -65,12 +66,13 @@ def write_results(out: Path, n_items: int, n_layers: int, draws: int, n_train: i
                         test = np.setdiff1d(np.arange(n_items), rng.choice(pool, n_train, replace=False))
                         p = np.clip(ability[test] * (0.6 + 0.4 * depth) + 0.02 * t, 0, 1)
                         correct = (rng.random(len(test)) < p).astype(np.int8)
-                        w.append(rows.table(layer=layer, measure=measure, train_level=level, draw=d,
+                        w.append(rows.table(method="probe", layer=layer, measure=measure, train_level=level, draw=d,
                                             n_train=n_train, noise=0.0, solver="paper", rows=test,
                                             test_levels=levels[test], correct=correct,
                                             p_gold=p.astype(np.float32)))
-        w.commit({"dataset": "synthetic-arc", "cache": "bench", CACHE_HASH_KEY: "0" * 64})
-    return rows.n_rows
+        w.commit(RunRecord(kind="sweep", dataset="synthetic-arc", model={}, prompt={}, config={}, seed=seed, counts={},
+                           cache="bench", cache_manifest_sha256="0" * 64))
+    return rows.n_rows + zero_rows.n_rows
 
 
 class Timer:

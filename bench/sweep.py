@@ -351,7 +351,7 @@ def startup_times(cache_dir: Path, repeats: int = 3) -> None:
     (the first sweep: every shard hashed, the stamp written), then again (the repeated sweep: each
     shard's size, mtime and inode against the stamp, the file not opened), and ``Cache.verify()``
     (``probekit info CACHE --verify``: every shard hashed)."""
-    from probekit.probe.sweep import open_cache
+    from probekit.design import open_cache
     from probekit.store import Cache
     from probekit.store.stamp import VERIFIED
 
@@ -392,7 +392,8 @@ def sklearn_cv_fit(Xq, gold, rows, folds, grid) -> float:
 
 def cv_path_bench(cache, heads, args) -> None:
     """The batched cross-validated path against LogisticRegressionCV head by head, and against one fit."""
-    from probekit.probe import ProbeConfig, fit_and_score, head_seed
+    from probekit.design import head_seed
+    from probekit.probe import ProbeConfig, fit_and_score
     from probekit.probe.cvpath import Selection, head_folds
     from probekit.probe.engine import prepare
 
@@ -503,7 +504,8 @@ def main() -> None:
     ap.add_argument("--cv-workers", type=int, default=1, help="the engine's host threads in --cv (scikit-learn: one)")
     args = ap.parse_args()
 
-    from probekit.probe import ProbeConfig, fit_and_score, head_seed, item_frame, plan
+    from probekit.design import head_seed, item_frame, plan
+    from probekit.probe import ProbeConfig, fit_and_score
     from probekit.probe.engine import head_key
     from probekit.probe.kernel import init_weights, mc_rows_needed
     from probekit.probe.runtime import default_workers

@@ -167,8 +167,8 @@ def test_dataset_label_names_a_prompt_other_than_the_sets_own():
 
     assert dataset_label("arc", "0040") == "arc" and dataset_label("strategyqa", "0306") == "strategyqa"
     assert dataset_label("arc", "cloze") == "arc (cloze)" and dataset_label("mmlu", None) == "mmlu"
-    assert prompt_template({"prompt": {"template": "cloze", "k_shot": 0}}) == "cloze"
-    assert prompt_template({"prompt": {"zero_shot": "0305"}}) is None and prompt_template({}) is None
+    assert prompt_template({"template": "cloze", "k_shot": 0}) == "cloze"
+    assert prompt_template({"zero_shot": "0305"}) is None and prompt_template({}) is None
 
 
 @pytest.mark.slow

@@ -116,9 +116,9 @@ def test_a_cache_without_surface_features_gets_the_majority_control_only(tmp_pat
     cache = build_cache(tmp_path / "c")
     rec = sweep(cache, tmp_path / "res", measures=["grade"], layers="4", n_train=[40], draws=1, seed=0)
     df = pd.read_parquet(tmp_path / "res" / RESULTS)
-    assert set(df.site) == {"answer_end", "majority"}
+    assert set(df.site) == {"answer_end", "majority", ""}  # "": the zero-shot rows (no probe head)
     assert rec["config"]["controls"]["sites"] == ["majority"]
     assert "no choice surface features" in rec["config"]["controls"]["surface_skipped"]
     none = sweep(cache, tmp_path / "none", measures=["grade"], layers="4", n_train=[40], draws=1, controls=False)
-    assert set(pd.read_parquet(tmp_path / "none" / RESULTS).site) == {"answer_end"}
+    assert set(pd.read_parquet(tmp_path / "none" / RESULTS).site) == {"answer_end", ""}
     assert none["config"]["controls"]["sites"] == []

@@ -163,7 +163,7 @@ def test_finetune_cot_run_writes_rows_repeats_exactly_and_skips_finished_units(t
     assert ft["recipe"]["min_updates"] == 150 and ft["schedule"]["updates"] == 150 and ft["max_updates"] == 1
     assert header["prompt"]["finetune"] == "0305"
     config = json.loads((tmp_path / "a" / "sweep.json").read_text())
-    assert config["generate"]["finetune"]["n_train"] == 4
+    assert config["kind"] == "generate" and config["config"]["finetune"]["n_train"] == 4
     assert set(config["training"]) == {"tuned_easy/0", "tuned_hard/0"}
     assert config["training"]["tuned_easy/0"]["updates"] == 1
 

@@ -16,12 +16,13 @@ from typer.testing import CliRunner
 
 from probekit.cli import app
 from probekit.data.draws import cv_folds
+from probekit.design import head_seed, item_frame, plan
+from probekit.design import tested_rows as rows_tested  # (not collected as a test)
 from probekit.errors import ProbekitError
-from probekit.probe import RESULTS, SWEEP_JSON, item_frame, plan, sweep
+from probekit.probe import RESULTS, SWEEP_JSON, sweep
 from probekit.probe.cvpath import Selection, head_folds
-from probekit.probe.engine import ProbeConfig, fit_and_score, head_key, head_seed
+from probekit.probe.engine import ProbeConfig, fit_and_score, head_key
 from probekit.probe.kernel import init_weights
-from probekit.probe.plan import tested_rows as rows_tested  # (not collected as a test)
 from probekit.store import Cache
 from probekit.store.results import cv_table
 from tests.test_sweep import build_cache

@@ -211,10 +211,9 @@ def fake_training(monkeypatch):
 
 
 def test_training_rows_and_test_items_are_the_sweeps(lm, real_cache, demo_items, tmp_path, fake_training):
+    from probekit.design import item_frame, load_items, open_cache, plan
     from probekit.finetune import finetune
     from probekit.probe import sweep
-    from probekit.probe.plan import item_frame, plan
-    from probekit.probe.sweep import load_items, open_cache
     from probekit.store.results import read_results
 
     kw = dict(measures=["grade"], n_train=[8], draws=2, seed=7, levels=["easy", "hard"])
@@ -260,7 +259,7 @@ def test_a_rerun_skips_finished_heads_and_equals_an_uninterrupted_run(lm, real_c
     pd.testing.assert_frame_equal(a.astype(str), b.astype(str))
     assert set(a[a.method == "finetune"]["test_level"].astype(str)) == {"hard"}
     record = json.loads((tmp_path / "a" / "sweep.json").read_text())
-    assert record["config"]["recipe"]["r"] == 16 and record["method"] == "finetune"
+    assert record["config"]["recipe"]["r"] == 16 and record["kind"] == "finetune"
     assert record["prompt"] == json.loads((real_cache / "manifest.json").read_text())["prompt"]
     from probekit.report import build_report
 

@@ -84,7 +84,8 @@ def test_demos_from_all_draw_from_every_level_and_report_under_every_measure(lm,
           levels=["all"], icl=[out])
     df = read_results(tmp_path / "res").table
     icl = df[df["method"] == "icl"]
-    assert set(icl["train_level"]) == {"all"} and set(icl["site"]) == {"icl"} and set(icl["n_train"]) == {2}
+    assert set(icl["train_level"]) == {"all"} and set(icl["n_train"]) == {2}
+    assert set(icl["site"].astype(str)) == set(icl["solver"].astype(str)) == {""}  # no probe head
     assert set(icl["measure"]) == {"grade", "difficulty"}  # as the probes' "all" heads
     for m in ("grade", "difficulty"):
         one = icl[icl["measure"] == m]
@@ -107,10 +108,10 @@ def college(shared_data):
 
 @pytest.mark.slow
 def test_arc_easy_demonstrations_scored_on_mmlu_college_items(lm, college, tmp_path):
+    from probekit.design import item_frame, load_items
     from probekit.extract.icl import extract_icl, load_icl
     from probekit.extract.run import extract
-    from probekit.probe.plan import item_frame
-    from probekit.probe.sweep import icl_tables, load_items
+    from probekit.probe.sweep import icl_tables
     from probekit.store import Cache
     from probekit.store.results import SCHEMA
 

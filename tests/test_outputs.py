@@ -29,6 +29,7 @@ from probekit.store.results import (
     RESULTS_FILE_KEY,
     ResultRows,
     ResultsWriter,
+    RunRecord,
     read_results,
 )
 
@@ -40,15 +41,20 @@ def rows_table(solver: str = "paper", draw: int = 0):
     """One head's rows over six items (levels easy, medium, hard, unknown, ...)."""
     rows = np.arange(6)
     return ResultRows("population", "answer_end", IDS, LEVELS).table(
-        layer="3", measure="grade", train_level="easy", draw=draw, n_train=10, noise=0.0, solver=solver,
+        method="probe", layer="3", measure="grade", train_level="easy", draw=draw, n_train=10, noise=0.0, solver=solver,
         rows=rows, test_levels=np.array([0, 1, 2, -1, 0, 1]), correct=rows % 2, p_gold=np.full(6, 0.5))
+
+
+def run_record(seed: int = 0) -> RunRecord:
+    return RunRecord(kind="sweep", dataset="synthetic", model={"id": "m"}, prompt={}, config={}, seed=seed,
+                     counts={}, cache_manifest_sha256="cd" * 32)
 
 
 def write_results(out, seed: int = 0, draws: int = 2):
     with ResultsWriter(out, row_group=4) as w:
         for d in range(draws):
             w.append(rows_table(draw=d))
-        return w.commit({"format": "probekit-sweep/1", CACHE_HASH_KEY: "cd" * 32, "seed": seed})
+        return w.commit(run_record(seed))
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -70,7 +76,10 @@ def test_results_round_trip_records_the_table(tmp_path):
     on_disk = json.loads((tmp_path / "res" / CONFIG).read_text())
     assert on_disk[RESULTS_FILE_KEY]["sha256"] == res.sha256 == record[RESULTS_FILE_KEY]["sha256"]
     assert on_disk[RESULTS_FILE_KEY]["bytes"] == (tmp_path / "res" / RESULTS).stat().st_size
-    assert res.sweep == {"format": "probekit-sweep/1", CACHE_HASH_KEY: "cd" * 32, "seed": 0}  # record left out
+    assert res.sweep == {"format": "probekit-sweep/1", "kind": "sweep", CACHE_HASH_KEY: "cd" * 32,
+                         "dataset": "synthetic", "model": {"id": "m"}, "prompt": {}, "config": {}, "seed": 0,
+                         "counts": {}}  # the results-file record left out
+    assert res.record == run_record(0)
     assert leftovers(tmp_path / "res") == []
 
 
@@ -96,10 +105,10 @@ def test_second_writer_is_refused_and_the_first_stays_whole(tmp_path):
                 second.append(rows_table(solver="converged"))
         assert f"results directory {out} " in one_line(exc) and f"pid {os.getpid()}" in one_line(exc)
         first.append(rows_table(draw=1))
-        first.commit({"seed": 1})
+        first.commit(run_record(1))
     res = read_results(out)
     assert len(res.table) == 12 and set(res.table["solver"].astype(str)) == {"paper"}
-    assert res.sweep == {"seed": 1}
+    assert res.record.seed == 1
 
 
 def test_swapped_results_are_refused(tmp_path):
@@ -177,6 +186,96 @@ def test_rerun_removes_a_killed_writers_temporaries(tmp_path):
     assert read_results(out).sweep["seed"] == 0  # the committed pair is untouched
     write_results(out, seed=7)  # the lock died with the killed process
     assert leftovers(out) == [] and read_results(out).sweep["seed"] == 7
+
+
+# ----- the method registry and the run record -----------------------------------------------------
+def test_an_unregistered_method_is_refused_when_results_are_committed(tmp_path):
+    import pyarrow as pa
+
+    from probekit.methods import METHODS
+
+    good = rows_table()
+    weird = good.set_column(good.schema.get_field_index("method"), "method",
+                            pa.DictionaryArray.from_arrays(pa.array(np.zeros(6, np.int32)), pa.array(["weird"])))
+    out = tmp_path / "res"
+    with pytest.raises(ProbekitError, match="unknown method 'weird': one of probe, icl") as exc:
+        with ResultsWriter(out) as w:
+            w.append(good)
+            w.append(weird)
+            w.commit(run_record())
+    one_line(exc)
+    assert not out.exists()  # nothing committed
+    with pytest.raises(ProbekitError, match="unknown method 'weird'"):
+        ResultRows("population", "", IDS, LEVELS).table(
+            method="weird", layer="", measure="grade", train_level="easy", draw=0, n_train=1, noise=0.0, solver="",
+            rows=np.arange(6), test_levels=np.zeros(6, int), correct=np.zeros(6), p_gold=np.full(6, 0.5))
+    for name, m in METHODS.items():  # a method without a probe head takes no site, layer or solver
+        if not m.probe_head:
+            with pytest.raises(ProbekitError, match=f"rows of method '{name}' carry no site, layer or solver"):
+                ResultRows("population", "", IDS, LEVELS).table(
+                    method=name, layer="", measure="grade", train_level="easy", draw=0, n_train=1, noise=0.0,
+                    solver=name, rows=np.arange(6), test_levels=np.zeros(6, int), correct=np.zeros(6),
+                    p_gold=np.full(6, 0.5))
+
+
+def test_a_run_record_that_does_not_hold_is_refused_when_committed(tmp_path):
+    from dataclasses import replace
+
+    out = tmp_path / "res"
+    for bad, message in [(replace(run_record(), kind="probe"), "kind must be one of sweep, finetune, generate"),
+                         (replace(run_record(), seed=-1), "seed must be a non-negative integer"),
+                         (replace(run_record(), model=None), "model must be a JSON object"),
+                         (replace(run_record(), details={"seed": 3}), "details may not hold 'seed'")]:
+        with pytest.raises(ProbekitError, match=message):
+            with ResultsWriter(out) as w:
+                w.append(rows_table())
+                w.commit(bad)
+        assert not out.exists()
+    with pytest.raises(TypeError, match="RunRecord"):
+        with ResultsWriter(out) as w:
+            w.commit({"seed": 0})
+
+
+def test_older_tables_and_sweep_json_read_in_the_current_shape(tmp_path):
+    """A table of an earlier version (method names in site and solver, no method column) and the three
+    earlier shapes of sweep.json read as the current ones."""
+    import hashlib
+
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "old"
+    out.mkdir()
+    frame = pd.DataFrame({
+        "experiment": "population", "site": ["answer_end", "answer_end", "icl", "answer_end"],
+        "layer": ["3", "", "", ""], "measure": "grade", "train_level": ["easy", "zero_shot", "easy", "easy"],
+        "draw": 0, "n_train": [10, 0, 2, 10], "label_noise": 0.0, "solver": ["paper", "zero_shot", "icl", "paper"],
+        "item_id": IDS[:4], "test_level": "hard", "correct": np.int8(1), "p_gold": np.float32(0.5)})
+    frame.loc[3, ["site", "layer"]] = ["majority", ""]
+    frame.to_parquet(out / RESULTS)
+    raw = (out / RESULTS).read_bytes()
+    done = {"name": RESULTS, "bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (out / CONFIG).write_text(json.dumps({"format": "probekit-sweep/1", "cache": "c", CACHE_HASH_KEY: "ab",
+                                          "dataset": "arc", "model": {"id": "m"}, "seed": 2, RESULTS_FILE_KEY: done}))
+    res = read_results(out)
+    t = res.table.astype({c: str for c in ("site", "solver", "method")})
+    assert t[["method", "site", "solver"]].values.tolist() == [
+        ["probe", "answer_end", "paper"], ["zero_shot", "", ""], ["icl", "", ""], ["probe", "majority", "paper"]]
+    assert pq.read_schema(out / RESULTS).names == list(frame.columns)  # the file itself is left as it was
+    assert (res.record.kind, res.record.dataset, res.record.seed, res.record.prompt) == ("sweep", "arc", 2, {})
+    finetune = {"format": "probekit-sweep/1", "method": "finetune", "dataset": "arc", "model": {}, "prompt": {},
+                "finetune_model": {"dtype": "float32"}, "config": {"quantize": "none"}, "seed": 0, "counts": {},
+                "run": {"seed": 0}}
+    rec = RunRecord.from_json(finetune)
+    assert rec.kind == "finetune" and rec.details == {"finetune_model": {"dtype": "float32"}}
+    generate = {"format_of": "probekit generate", "generate": {"seed": 4, "k": 1}, "model": {"id": "m"},
+                "dataset": "gsm8k", "dataset_fingerprint": "f", "prompt": {"zero_shot": "5305"}, "training": {}}
+    rec = RunRecord.from_json(generate)
+    assert (rec.kind, rec.config, rec.seed, rec.dataset_fingerprint) == ("generate", {"seed": 4, "k": 1}, 4, "f")
+    assert rec.to_json() == {"format": "probekit-sweep/1", "kind": "generate", "dataset": "gsm8k",
+                             "dataset_fingerprint": "f", "model": {"id": "m"}, "prompt": {"zero_shot": "5305"},
+                             "config": {"seed": 4, "k": 1}, "seed": 4, "counts": {}, "training": {}}
+    with pytest.raises(ProbekitError, match=r"x/sweep.json: seed must be a non-negative integer"):
+        RunRecord.from_json({"seed": "zero"}, "x/sweep.json")
 
 
 # ----- the report directory ---------------------------------------------------------------------

@@ -130,8 +130,9 @@ def test_icl_scores_join_the_sweep_and_the_report(real_cache, demo_items, tmp_pa
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
     results = pd.read_parquet(res / "results.parquet")
-    icl = results[results["solver"] == "icl"]
-    assert set(icl["site"]) == {"icl"} and set(icl["train_level"]) == {"easy", "hard"} and set(icl["n_train"]) == {1}
+    icl = results[results["method"] == "icl"]
+    assert set(icl["site"]) == set(icl["layer"]) == set(icl["solver"]) == {""}  # ICL has no probe head
+    assert set(icl["train_level"]) == {"easy", "hard"} and set(icl["n_train"]) == {1}
     manifest, ids, choice_sum, _ = load_icl(dirs[1])
     gold = demo_items.table.set_index("id").loc[ids, "label"].to_numpy()
     for b in range(2):

@@ -16,6 +16,7 @@ import pytest
 from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
 
+from probekit.design import head_seed
 from probekit.errors import ProbekitError
 from probekit.probe import engine
 from probekit.probe.engine import (
@@ -25,7 +26,6 @@ from probekit.probe.engine import (
     fit_and_score,
     fit_and_score_many,
     head_key,
-    head_seed,
 )
 from probekit.probe.kernel import Scratch, init_weights, mc_rows, mc_rows_needed, mc_slots
 
@@ -383,7 +383,8 @@ def test_same_numbers_on_four_devices(tmp_path):
         import sys, json, numpy as np
         sys.path.insert(0, %r)
         from test_probe import make_problem
-        from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed
+        from probekit.design import head_seed
+        from probekit.probe.engine import ProbeConfig, fit_and_score
         import jax
         Xs, n_choices, gold, rng = make_problem(seed=11, N=150, D=32)
         rows = np.stack([rng.choice(150, 30, replace=False) for _ in range(6)])

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 import probekit.store.layout as layout
 from probekit.cli import app
+from probekit.design import open_cache
 from probekit.errors import ProbekitError
-from probekit.probe.sweep import open_cache
 from probekit.store import Cache
 from probekit.store.manifest import sha256_bytes
 from probekit.store.stamp import VERIFIED, read_stamp

@@ -85,7 +85,7 @@ def test_population_table(cache_dir, population):
     # heads: 2 measures x (easy, medium, hard) + one "all" head serving both measures, x 2 draws
     assert rec["counts"]["heads"] == (2 * 3 + 1) * 2
     assert set(df.layer) == {"3+4", "4", ""}
-    assert set(df.solver) == {"paper", "converged", "zero_shot", "majority"}  # no surface features: majority only
+    assert set(df.solver) == {"paper", "converged", "", "majority"}  # no surface features: majority only
     # every row records its test item's number of choices
     assert (df.n_choices.to_numpy() == df.item_id.astype(str).map(items.set_index("id")["n_choices"]).to_numpy()).all()
     assert set(df.train_level) == {"easy", "medium", "hard", "all", "zero_shot"}
@@ -105,7 +105,7 @@ def test_population_table(cache_dir, population):
     zs = df[df.train_level == "zero_shot"]
     assert len(zs) == 2 * len(probe) and (zs.n_train == 0).all() and (zs.draw == 0).all()
     # probes learn the planted signal; easy items are easier than hard ones
-    fitted = df[df.solver != "zero_shot"]
+    fitted = df[df.method != "zero_shot"]
     assert fitted.correct.mean() > 0.5
     acc = fitted[fitted.measure == "grade"].groupby("test_level", observed=True).correct.mean()
     assert acc["easy"] > acc["hard"]
@@ -225,7 +225,7 @@ def test_second_sweep_into_the_same_out_is_refused(cache_dir, tmp_path):
     assert len(refused) == 1 and "\n" not in refused[0]
     assert f"results directory {out} is being written by another process" in refused[0]
     df = pd.read_parquet(out / RESULTS)  # the first sweep's output is whole and its own
-    assert len(df) == first["counts"]["rows"] and set(df.solver) == {"paper", "zero_shot", "majority"}
+    assert len(df) == first["counts"]["rows"] and set(df.solver) == {"paper", "", "majority"}
     assert json.loads((out / SWEEP_JSON).read_text())["config"]["solvers"] == ["paper"]
     assert not list(out.glob(".*tmp"))
 

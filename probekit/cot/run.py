@@ -43,6 +43,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,6 +53,7 @@ from probekit.cot.decode import batch_rows, check_lengths, generate
 from probekit.data.draws import MIN_TEST, rng_for, train_draw
 from probekit.data.levels import LEVELS, cutoff_for, probe_levels
 from probekit.data.prompts import COT_TEMPLATE_TEXT, render_cot
+from probekit.design.plan import head_seed
 from probekit.errors import OptionError, ProbekitError
 from probekit.extract.icl import level_pool
 from probekit.finetune.recipe import SEQ2SEQ_MIN_UPDATES, Recipe, schedule
@@ -62,12 +64,12 @@ from probekit.llm.tokens import encode_prompt
 from probekit.store.generations import GenerationsWriter, is_generation_entry, read_generations, read_logs
 from probekit.store.layout import lock_name
 from probekit.store.outdir import LOCK, OutputDir
-from probekit.store.results import ResultRows, ResultsWriter, refuse_other_run
+from probekit.store.results import ResultRows, ResultsWriter, RunRecord, refuse_other_run
 
 ZERO_SHOT = "zero_shot"
 CONDITIONS = (ZERO_SHOT,) + LEVELS
-SITE = "cot"
-METHOD = {ZERO_SHOT: "zero_shot_cot"}  # every k-shot condition: "icl_cot"
+#: The method of each kind of condition's rows (:data:`probekit.methods.METHODS`).
+ZERO_SHOT_METHOD, PROMPTED_METHOD = "zero_shot_cot", "icl_cot"
 
 
 def default_prompt_id(items) -> str:
@@ -230,8 +232,95 @@ def generate_cot(
     settings, default the study's with at least 150 updates; ``max_updates`` caps a fine-tune, for
     tests) before the adapted model generates. With ``finetune``, ``conditions`` may be empty.
     """
-    tune_levels = parse_levels(finetune)
-    conds = parse_conditions(conditions or [], allow_none=bool(tune_levels))
+    g = _settle(items, conditions, k, measure, draws, seed, n_test, max_new_tokens, batch_size, scoring, prompt_id,
+                min_test, finetune, n_train, recipe, max_updates)
+    rank, world, local = dist_env()
+    pieces = unit_pieces(g.units, world)
+    out = Path(out_dir)
+    model = settle_model(model, local, world, train=bool(g.tune_levels))  # checked before anything is written
+    refuse_other_run(out, "generate", "generation folder")  # before a lock file is made in it
+    lock = LOCK if world == 1 else lock_name(rank)
+    with OutputDir(out, (), "generation folder", lock_file=lock, own=is_generation_entry, share=True,
+                   exclusive=True):  # locked before the model loads
+        refuse_other_run(out, "generate", "generation folder")
+        lm = prepare_model(model)
+        header = _header(lm, items, g)
+        t0 = time.perf_counter()
+        merged = True
+        with GenerationsWriter(out, header, rank, world) as writer:
+            mine = rank_share(pieces, rank, world)
+            todo = [(u, j, s) for u, j, s in mine if not writer.has_unit(*u) and not writer.has_slice(*u, j, s)]
+            done = _generate_pieces(lm, items, g, header, writer, todo, out, rank, world, progress)
+            if world == 1 and not todo:
+                write_results(out, items, g.codes, g.measure, g.k, header)
+            if world > 1:  # the rank that finishes last merges (the others find a piece missing)
+                writer.parts.write_counts({"rank": rank, "pieces": len(mine), "written_now": len(done.units),
+                                           "resumed": len(mine) - len(todo), "new_tokens_now": done.new_tokens,
+                                           "wall_seconds": round(time.perf_counter() - t0, 3)})
+                with writer.merging():
+                    merged = all([writer.merge_unit(c, b, s, _merge_logs) for (c, b), j, s in pieces if j == 0])
+                    if merged:
+                        writer.remove_leftovers(g.units)
+                        write_results(out, items, g.codes, g.measure, g.k, header, world,
+                                      [x for x in writer.parts.counts() if x is not None])
+        accuracy = {}
+        if merged:
+            frame = read_generations(out)
+            accuracy = {c: float(x["correct"].mean()) for c, x in frame.groupby("condition", sort=False)}
+    return GenerateSummary(out, done.units, len(g.rows), done.new_tokens, time.perf_counter() - t0, accuracy, rank,
+                           world, merged, len(mine) - len(todo))
+
+
+class Generation(NamedTuple):
+    """A generation run's settings, checked and settled, and its draws: the test rows and their level
+    codes, each k-shot unit's demonstrations and each fine-tuned unit's training rows, the units."""
+
+    conds: list[str]
+    tune_levels: list[str]
+    k: int
+    measure: str
+    draws: int
+    seed: int
+    n_test: int | None
+    max_new_tokens: int
+    batch_size: int
+    scoring: str
+    prompt_id: str
+    min_test: int
+    n_train: int
+    recipe: Recipe
+    max_updates: int | None
+    rows: np.ndarray
+    codes: np.ndarray
+    demos: dict[tuple[str, int], np.ndarray]
+    trains: dict[tuple[str, int], np.ndarray]
+    units: list[tuple[str, int]]
+
+
+class UnitPlan(NamedTuple):
+    """A unit's test rows, prompt texts, item ids and prompt token ids (prompt order)."""
+
+    rows: np.ndarray
+    texts: list[str]
+    ids: list[str]
+    prompts: list
+
+
+class Written(NamedTuple):
+    """What one rank generated now: the units (or slices) written and the tokens generated."""
+
+    units: list[str]
+    new_tokens: int
+
+
+class Piece(NamedTuple):
+    """A unit (or slice) generated: its rows, and the fine-tune's log for a fine-tuned unit (else None)."""
+
+    rows: dict
+    log: dict | None
+
+
+def _check_options(items, k, draws, seed, max_new_tokens, batch_size, scoring, n_train) -> None:
     if scoring not in SCORINGS:
         raise ProbekitError(f"unknown scoring rule {scoring!r}: choose {' or '.join(SCORINGS)}")
     for name, value in (("k", k), ("draws", draws), ("batch_size", batch_size), ("n_train", n_train)):
@@ -246,6 +335,15 @@ def generate_cot(
         raise ProbekitError(f"dataset {items.name} has no reasoning text: chain-of-thought generation is for sets "
                             "with worked reasoning (gsm8k, strategyqa, or a file with a 'reasoning' column); score "
                             "multiple-choice items with `probekit extract`")
+
+
+def _settle(items, conditions, k, measure, draws, seed, n_test, max_new_tokens, batch_size, scoring, prompt_id,
+            min_test, finetune, n_train, recipe, max_updates) -> Generation:
+    """The options checked and their defaults settled; the test sample, demonstrations and training
+    draws drawn and checked (every refusal before a model loads)."""
+    tune_levels = parse_levels(finetune)
+    conds = parse_conditions(conditions or [], allow_none=bool(tune_levels))
+    _check_options(items, k, draws, seed, max_new_tokens, batch_size, scoring, n_train)
     recipe = recipe or Recipe(min_updates=SEQ2SEQ_MIN_UPDATES)
     measure = measure or items.measures[0]
     max_new_tokens = max_new_tokens if max_new_tokens is not None else default_max_new_tokens(items)
@@ -262,103 +360,91 @@ def generate_cot(
         _check_reasoning(items, d, "training")
     units = [(c, b) for b in range(draws) for c in conds if c != ZERO_SHOT or b == 0]
     units += [(tune.condition(lv), b) for b in range(draws) for lv in tune_levels]
-    rank, world, local = dist_env()
-    pieces = unit_pieces(units, world)
-    out = Path(out_dir)
-    model = settle_model(model, local, world, train=bool(tune_levels))  # checked before anything is written
-    refuse_other_run(out, "generate", "generation folder")  # before a lock file is made in it
-    lock = LOCK if world == 1 else lock_name(rank)
-    with OutputDir(out, (), "generation folder", lock_file=lock, own=is_generation_entry, share=True,
-                   exclusive=True):  # locked before the model loads
-        refuse_other_run(out, "generate", "generation folder")
-        lm = prepare_model(model)
-        header = {
-            "model": lm.identity,
-            "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(items.table)},
-            "prompt": {"zero_shot": prompt_id, "k_shot": "0305", "text": COT_TEMPLATE_TEXT},
-            "generate": {"conditions": conds, "k": k, "measure": measure, "draws": draws, "seed": seed,
-                         "n_test": n_test, "max_new_tokens": max_new_tokens, "scoring": scoring,
-                         "stop": "answer line", "min_test": min_test},
-            "test_ids": [str(i) for i in items.table["id"].to_numpy()[rows]],
+    return Generation(conds, tune_levels, k, measure, draws, seed, n_test, max_new_tokens, batch_size, scoring,
+                      prompt_id, min_test, n_train, recipe, max_updates, rows, codes, demos, trains, units)
+
+
+def _header(lm, items, g: Generation) -> dict:
+    """The generation folder's header: model, dataset, prompts and settings (and the fine-tuning recipe
+    with ``finetune``: only then, so a folder of prompting conditions keeps the header it had)."""
+    header = {
+        "model": lm.identity,
+        "dataset": {"name": items.name, "fingerprint": items.fingerprint, "n_items": len(items.table)},
+        "prompt": {"zero_shot": g.prompt_id, "k_shot": "0305", "text": COT_TEMPLATE_TEXT},
+        "generate": {"conditions": g.conds, "k": g.k, "measure": g.measure, "draws": g.draws, "seed": g.seed,
+                     "n_test": g.n_test, "max_new_tokens": g.max_new_tokens, "scoring": g.scoring,
+                     "stop": "answer line", "min_test": g.min_test},
+        "test_ids": [str(i) for i in items.table["id"].to_numpy()[g.rows]],
+    }
+    if g.tune_levels:
+        from probekit.finetune.train import check_targets, library_versions
+
+        quantize, recipe = lm.quantize, g.recipe
+        check_targets(lm.model, recipe.target_modules)
+        header["prompt"]["finetune"] = tune.PROMPT_ID
+        header["generate"]["finetune"] = {
+            "levels": g.tune_levels, "n_train": g.n_train, "objective": "seq2seq", "draws": "icl/{measure}/{level}",
+            "quantize": quantize or "none", "optimizer": recipe.optimizer_for(quantize),
+            "recipe": recipe.describe("seq2seq"), "max_updates": g.max_updates,
+            "schedule": schedule(g.n_train, recipe).__dict__, "versions": library_versions(),
         }
-        if tune_levels:  # only then: a folder of prompting conditions keeps the header it had
-            from probekit.finetune.run import _versions
-            from probekit.finetune.train import check_targets
-            from probekit.probe.engine import head_seed
+    return header
 
-            quantize = lm.quantize
-            check_targets(lm.model, recipe.target_modules)
-            header["prompt"]["finetune"] = tune.PROMPT_ID
-            header["generate"]["finetune"] = {
-                "levels": tune_levels, "n_train": n_train, "objective": "seq2seq", "draws": "icl/{measure}/{level}",
-                "quantize": quantize or "none", "optimizer": recipe.optimizer_for(quantize),
-                "recipe": recipe.describe("seq2seq"), "max_updates": max_updates,
-                "schedule": schedule(n_train, recipe).__dict__, "versions": _versions(),
-            }
-        t0 = time.perf_counter()
-        written, new_tokens, merged = [], 0, True
-        with GenerationsWriter(out, header, rank, world) as writer:
-            mine = rank_share(pieces, rank, world)
-            todo = [(u, j, s) for u, j, s in mine if not writer.has_unit(*u) and not writer.has_slice(*u, j, s)]
-            excluded = {**demos, **trains}
-            plans = {u: _plan_unit(lm, items, rows, excluded.get(u), prompt_id, max_new_tokens, u[0])
-                     for u in dict.fromkeys(u for u, _, _ in todo)}
-            piece_rows = {(u, j, s): [i for batch in batch_rows(plans[u][3], batch_size, (j, s)) for i in batch]
-                          for u, j, s in todo}
-            total = sum(len(v) for v in piece_rows.values())
-            label = f"generate {items.name} k={k}" + (f" rank {rank}/{world}" if world > 1 else "")
-            with progress_bar(total, label, enabled=progress and bool(todo)) as bar:
-                for (c, b), j, s in todo:
-                    log = None
-                    if tune_levels:
-                        bar.describe(f"generate {items.name} {c}")
-                    if tune.tuned_level(c) is None or (s > 1 and not piece_rows[((c, b), j, s)]):  # an empty slice
-                        unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar, (j, s))
-                    else:
-                        train = tune.encode_targets(lm, items, trains[(c, b)], lambda r: gold_answer(items, r))
 
-                        def shown(done: int, total: int, loss: float, c=c) -> None:
-                            bar.describe(f"train {c} update {done}/{total} loss {loss:.3f}")
+def _generate_pieces(lm, items, g: Generation, header: dict, writer: GenerationsWriter, todo: list, out: Path,
+                     rank: int, world: int, progress: bool) -> Written:
+    """Generate this rank's pieces not yet written, each written as it finishes (a single process
+    rebuilds the results after each)."""
+    excluded = {**g.demos, **g.trains}
+    plans = {u: _plan_unit(lm, items, g.rows, excluded.get(u), g.prompt_id, g.max_new_tokens, u[0])
+             for u in dict.fromkeys(u for u, _, _ in todo)}
+    piece_rows = {(u, j, s): [i for batch in batch_rows(plans[u].prompts, g.batch_size, (j, s)) for i in batch]
+                  for u, j, s in todo}
+    total = sum(len(v) for v in piece_rows.values())
+    label = f"generate {items.name} k={g.k}" + (f" rank {rank}/{world}" if world > 1 else "")
+    written, new_tokens = [], 0
+    with progress_bar(total, label, enabled=progress and bool(todo)) as bar:
+        for (c, b), j, s in todo:
+            if g.tune_levels:
+                bar.describe(f"generate {items.name} {c}")
+            empty = s > 1 and not piece_rows[((c, b), j, s)]  # an empty slice: nothing to train for
+            piece = _run_piece(lm, items, g, (c, b), (j, s), plans[(c, b)], empty, bar)
+            if s == 1:
+                writer.write_unit(c, b, piece.rows, piece.log)
+                written.append(f"{c}/{b}")
+            else:
+                writer.write_slice(c, b, j, s, piece.rows, piece.log)
+                written.append(f"{c}/{b} part {j + 1}/{s}")
+            new_tokens += int(sum(piece.rows["new_tokens"]))
+            if world == 1:
+                write_results(out, items, g.codes, g.measure, g.k, header)
+    return Written(written, new_tokens)
 
-                        with tune.tuned(lm, train, recipe, head_seed(seed, f"cot/{measure}/{c}/{b}/n{n_train}"),
-                                        quantize=quantize, max_updates=max_updates, on_update=shown) as trained:
-                            bar.describe(f"generate {items.name} {c}")
-                            t1 = time.perf_counter()
-                            unit = _run_unit(lm, items, c, b, plans[(c, b)], max_new_tokens, batch_size, scoring, bar,
-                                             (j, s))
-                        log = {"train_items": [str(i) for i in items.table["id"].to_numpy()[trains[(c, b)]]],
-                               "updates": trained.updates, "epochs": trained.epochs,
-                               "effective_batch": trained.effective_batch, "optimizer": trained.optimizer,
-                               "losses": [x if math.isfinite(x) else None for x in trained.losses],
-                               "train_seconds": round(trained.seconds, 3),
-                               "generate_seconds": round(time.perf_counter() - t1, 3)}
-                    if s == 1:
-                        writer.write_unit(c, b, unit, log)
-                        written.append(f"{c}/{b}")
-                    else:
-                        writer.write_slice(c, b, j, s, unit, log)
-                        written.append(f"{c}/{b} part {j + 1}/{s}")
-                    new_tokens += int(sum(unit["new_tokens"]))
-                    if world == 1:
-                        write_results(out, items, codes, measure, k, header)
-            if world == 1 and not todo:
-                write_results(out, items, codes, measure, k, header)
-            if world > 1:  # the rank that finishes last merges (the others find a piece missing)
-                writer.parts.write_counts({"rank": rank, "pieces": len(mine), "written_now": len(written),
-                                           "resumed": len(mine) - len(todo), "new_tokens_now": new_tokens,
-                                           "wall_seconds": round(time.perf_counter() - t0, 3)})
-                with writer.merging():
-                    merged = all([writer.merge_unit(c, b, s, _merge_logs) for (c, b), j, s in pieces if j == 0])
-                    if merged:
-                        writer.remove_leftovers(units)
-                        write_results(out, items, codes, measure, k, header, world,
-                                      [x for x in writer.parts.counts() if x is not None])
-        accuracy = {}
-        if merged:
-            frame = read_generations(out)
-            accuracy = {c: float(g["correct"].mean()) for c, g in frame.groupby("condition", sort=False)}
-    return GenerateSummary(out, written, len(rows), new_tokens, time.perf_counter() - t0, accuracy, rank, world, merged,
-                           len(mine) - len(todo))
+
+def _run_piece(lm, items, g: Generation, unit: tuple[str, int], part: tuple[int, int], plan: UnitPlan,
+               empty: bool, bar) -> Piece:
+    """One unit (or slice ``part`` of it); a fine-tuned unit trains its adapters first (seeded by the
+    unit) and generates with them."""
+    c, b = unit
+    if tune.tuned_level(c) is None or empty:
+        return Piece(_run_unit(lm, items, c, b, plan, g.max_new_tokens, g.batch_size, g.scoring, bar, part), None)
+    train = tune.encode_targets(lm, items, g.trains[unit], lambda r: gold_answer(items, r))
+
+    def shown(done: int, total: int, loss: float) -> None:
+        bar.describe(f"train {c} update {done}/{total} loss {loss:.3f}")
+
+    with tune.tuned(lm, train, g.recipe, head_seed(g.seed, f"cot/{g.measure}/{c}/{b}/n{g.n_train}"),
+                    quantize=lm.quantize, max_updates=g.max_updates, on_update=shown) as trained:
+        bar.describe(f"generate {items.name} {c}")
+        t1 = time.perf_counter()
+        rows = _run_unit(lm, items, c, b, plan, g.max_new_tokens, g.batch_size, g.scoring, bar, part)
+    log = {"train_items": [str(i) for i in items.table["id"].to_numpy()[g.trains[unit]]],
+           "updates": trained.updates, "epochs": trained.epochs,
+           "effective_batch": trained.effective_batch, "optimizer": trained.optimizer,
+           "losses": [x if math.isfinite(x) else None for x in trained.losses],
+           "train_seconds": round(trained.seconds, 3),
+           "generate_seconds": round(time.perf_counter() - t1, 3)}
+    return Piece(rows, log)
 
 
 def _merge_logs(logs: list[dict]) -> dict:
@@ -372,7 +458,7 @@ def _merge_logs(logs: list[dict]) -> dict:
     return out
 
 
-def _plan_unit(lm, items, rows, excluded, prompt_id, max_new_tokens, condition: str = "") -> tuple:
+def _plan_unit(lm, items, rows, excluded, prompt_id, max_new_tokens, condition: str = "") -> UnitPlan:
     """A unit's test rows (without the draw's ``excluded`` rows), prompt texts and token ids; every
     prompt checked against the context. A k-shot unit shows its excluded rows as demonstrations."""
     table = items.table
@@ -390,10 +476,10 @@ def _plan_unit(lm, items, rows, excluded, prompt_id, max_new_tokens, condition: 
     ids = [str(table["id"].iat[r]) for r in rows]
     prompts = [encode_prompt(lm.tokenizer, t, lm.rules) for t in texts]
     check_lengths(lm, prompts, ids, max_new_tokens)
-    return rows, texts, ids, prompts
+    return UnitPlan(rows, texts, ids, prompts)
 
 
-def _run_unit(lm, items, condition, draw, plan, max_new_tokens, batch_size, scoring, bar, part=(0, 1)) -> dict:
+def _run_unit(lm, items, condition, draw, plan: UnitPlan, max_new_tokens, batch_size, scoring, bar, part=(0, 1)) -> dict:
     """One unit's rows (its slice ``part``, see :func:`probekit.cot.decode.generate`), in prompt order."""
     rows, texts, ids, prompts = plan
     gens, _ = generate(lm, prompts, max_new_tokens, batch_size=batch_size, stop="answer", bar=bar, part=part)
@@ -411,15 +497,14 @@ def _run_unit(lm, items, condition, draw, plan, max_new_tokens, batch_size, scor
     }
 
 
-def condition_row(condition: str, k: int, header: dict) -> tuple[str, str, int, str]:
-    """A condition's ``train_level``, ``method``, ``n_train`` and ``solver`` in the results table (the
-    solver tells a report's heads apart: "cot" for prompting, "lora" for fine-tuned units)."""
+def condition_row(condition: str, k: int, header: dict) -> tuple[str, str, int]:
+    """A condition's ``train_level``, ``method`` and ``n_train`` in the results table."""
     level = tune.tuned_level(condition)
     if level is not None:
-        return level, tune.METHOD, int(header["generate"]["finetune"]["n_train"]), tune.SOLVER
+        return level, tune.METHOD, int(header["generate"]["finetune"]["n_train"])
     if condition == ZERO_SHOT:
-        return ZERO_SHOT, METHOD[ZERO_SHOT], 0, SITE
-    return condition, "icl_cot", k, SITE
+        return ZERO_SHOT, ZERO_SHOT_METHOD, 0
+    return condition, PROMPTED_METHOD, k
 
 
 def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, header: dict,
@@ -429,26 +514,25 @@ def write_results(out: Path, items, codes: np.ndarray, measure: str, k: int, hea
     frame = read_generations(out)
     table = items.table
     index = {str(i): n for n, i in enumerate(table["id"].to_numpy())}
-    builder = ResultRows("population", SITE, [str(i) for i in table["id"].to_numpy()], LEVELS)
+    builder = ResultRows("population", "", [str(i) for i in table["id"].to_numpy()], LEVELS)
     with ResultsWriter(out) as writer:
         for (c, b), g in frame.groupby(["condition", "draw"], sort=True):
             r = np.array([index[i] for i in g["item_id"]], dtype=np.int64)
-            level, method, n, solver = condition_row(c, k, header)
+            level, method, n = condition_row(c, k, header)
             writer.append(builder.table(
-                layer="", measure=measure, train_level=level, draw=int(b), n_train=n, noise=0.0,
-                solver=solver, rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
-                p_gold=np.full(len(r), np.nan), method=method))
-        config = {"format_of": "probekit generate", "generate": header["generate"], "model": header["model"],
-                  "dataset": header["dataset"]["name"], "dataset_fingerprint": header["dataset"]["fingerprint"],
-                  "prompt": header["prompt"]}
+                method=method, layer="", measure=measure, train_level=level, draw=int(b), n_train=n, noise=0.0,
+                solver="", rows=r, test_levels=codes[r], correct=g["correct"].to_numpy(),
+                p_gold=np.full(len(r), np.nan)))
+        details = {}
         logs = read_logs(out)
         if logs:  # fine-tuned units: updates, first and last loss, seconds (every loss: DIR/log-*.json)
-            config["training"] = {u: {"updates": g["updates"], "first_loss": (g["losses"] or [None])[0],
-                                      "last_loss": (g["losses"] or [None])[-1], "train_seconds": g["train_seconds"],
-                                      "generate_seconds": g["generate_seconds"]} for u, g in logs.items()}
+            details["training"] = {u: {"updates": g["updates"], "first_loss": (g["losses"] or [None])[0],
+                                       "last_loss": (g["losses"] or [None])[-1], "train_seconds": g["train_seconds"],
+                                       "generate_seconds": g["generate_seconds"]} for u, g in logs.items()}
         if world_size > 1:
-            config["world_size"] = world_size
-            config["ranks"] = ranks or []
-        writer.commit(config)
-
-
+            details["world_size"] = world_size
+            details["ranks"] = ranks or []
+        writer.commit(RunRecord(
+            kind="generate", dataset=header["dataset"]["name"], dataset_fingerprint=header["dataset"]["fingerprint"],
+            model=header["model"], prompt=header["prompt"], config=header["generate"],
+            seed=header["generate"]["seed"], counts={"rows": builder.n_rows}, details=details))

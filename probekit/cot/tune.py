@@ -31,9 +31,8 @@ PREFIX = "tuned_"
 TUNE_LEVELS = LEVELS + (ALL,)
 #: The prompt the adapters are trained and scored with (the authors' QLoRA-CoT runs use "0305").
 PROMPT_ID = "0305"
+#: The method of the fine-tuned units' rows (:data:`probekit.methods.METHODS`).
 METHOD = "finetune_cot"
-#: The ``solver`` of fine-tuned rows, as ``probekit finetune`` writes them (prompting rows have "cot").
-SOLVER = "lora"
 
 
 def condition(level: str) -> str:

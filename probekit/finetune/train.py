@@ -234,6 +234,15 @@ def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe
     return log
 
 
+def library_versions() -> dict[str, str]:
+    """The versions of the libraries a fine-tune ran on (torch, transformers, peft), as runs record them."""
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__}
+
+
 def _check_gradients(params, quantize: str | None, device) -> None:
     """After the first backward pass some adapter gradient must be non-zero (LoRA's B always gets
     one); bitsandbytes' 4-bit layers on the CPU silently pass none back."""

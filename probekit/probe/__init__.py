@@ -7,14 +7,13 @@
   (:class:`ProbeConfig` picks the head, solver and padding).
 """
 
-from probekit.probe.engine import HeadResults, ProbeConfig, fit_and_score, fit_and_score_many, head_seed
+from probekit.probe.engine import HeadResults, ProbeConfig, fit_and_score, fit_and_score_many
 from probekit.probe.hardness import MDL_SIZES, hardness
-from probekit.probe.plan import EXPERIMENTS, Head, item_frame, plan
 from probekit.probe.sweep import sweep
 from probekit.store.results import CONFIG as SWEEP_JSON
 from probekit.store.results import RESULTS, SCHEMA
 
 __all__ = [
-    "EXPERIMENTS", "MDL_SIZES", "RESULTS", "SCHEMA", "SWEEP_JSON", "Head", "HeadResults", "ProbeConfig",
-    "fit_and_score", "fit_and_score_many", "hardness", "head_seed", "item_frame", "plan", "sweep",
+    "MDL_SIZES", "RESULTS", "SCHEMA", "SWEEP_JSON", "HeadResults", "ProbeConfig", "fit_and_score",
+    "fit_and_score_many", "hardness", "sweep",
 ]

@@ -17,7 +17,8 @@ and scores them on the same test items:
 - ``majority``: the training draw's most frequent gold position, predicted for every test item (ties go
   to the first position); its ``p_gold`` is the share of the item's gold position in the draw.
 
-Their rows join the results table with ``site`` "surface" / "majority" and an empty layer.
+Their rows join the results table as rows of method "probe" (heads reading other features) with
+``site`` "surface" / "majority" and an empty layer.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ import jax
 import numpy as np
 import pyarrow as pa
 
-from probekit.probe.engine import ProbeConfig, fit_and_score_many, head_seed, prepare
-from probekit.probe.plan import Head, ItemFrame, tested_rows
+from probekit.design.plan import Head, ItemFrame, head_seed, tested_rows
+from probekit.probe.engine import ProbeConfig, fit_and_score_many, prepare
 from probekit.store import Cache
 from probekit.store.results import MAJORITY_SITE, MAJORITY_SOLVER, SURFACE_SITE, SURFACE_SOLVER, ResultRows
 
@@ -96,6 +97,6 @@ def control_tables(
 def _rows(builder: ResultRows, frame: ItemFrame, h: Head, solver: str, correct: np.ndarray, p_gold: np.ndarray,
           zero_weights: bool) -> list[pa.Table]:
     test = tested_rows(frame, h)
-    return [builder.table(layer="", measure=m, train_level=h.train_level, draw=h.draw, n_train=h.n_train,
+    return [builder.table(method="probe", layer="", measure=m, train_level=h.train_level, draw=h.draw, n_train=h.n_train,
                           noise=h.label_noise, solver=solver, rows=test, correct=correct[test], p_gold=p_gold[test],
                           zero_weights=zero_weights) for m in h.measures]

@@ -20,7 +20,6 @@ not know which: :func:`prepare` places a feature set where its heads will be fit
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import numbers
 import threading
@@ -119,14 +118,8 @@ _NUMBERS = (("l2", 0, False), ("lr", 0, True), ("steps", 1, False), ("max_grad_n
 _COUNTS = ("steps", "max_newton")
 
 
-def head_seed(seed: int, name: str) -> int:
-    """A 31-bit integer naming one head's initialisation, derived from the sweep seed and head name."""
-    digest = hashlib.sha256(f"{int(seed)}/{name}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
 def head_key(seed: int) -> jax.Array:
-    """The jax PRNG key of a head with :func:`head_seed` ``seed``."""
+    """The jax PRNG key of a head with :func:`~probekit.design.plan.head_seed` ``seed``."""
     return jax.random.key(seed)
 
 
@@ -325,7 +318,7 @@ def fit_and_score(
     each (N, C, d) for ``cfg.head == "mc"`` or (N, d) for ``"multinomial"``; ``n_choices`` (N,)
     real choices per item; ``gold`` (N,) the labels used for scoring; ``rows`` (H, n) training
     item rows per head; ``labels`` (H, n) training labels (noisy ones for label-noise heads);
-    ``seeds`` (H,) per-head initialisation seeds (:func:`head_seed`). ``on_chunk(k)`` is called as
+    ``seeds`` (H,) per-head initialisation seeds (:func:`~probekit.design.plan.head_seed`). ``on_chunk(k)`` is called as
     fits complete with their count. ``folds`` (H, n): each training item's cross-validation fold
     (:func:`probekit.data.draws.cv_folds`), needed when ``cfg.select`` is set; the results then
     hold each head's cross-validation curve and choice (:class:`HeadResults`).

@@ -19,12 +19,12 @@ import jax
 import numpy as np
 
 from probekit.data.draws import rng_for, train_draw
+from probekit.design import head_seed, item_frame, layer_label, open_cache
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
 from probekit.layers import parse as parse_layers
-from probekit.probe.engine import ProbeConfig, fit_and_score, head_seed, prepare
-from probekit.probe.plan import item_frame, layer_label
-from probekit.probe.sweep import SITE_HEAD, Progress, compile_first, open_cache, read_features
+from probekit.probe.engine import ProbeConfig, fit_and_score, prepare
+from probekit.probe.sweep import SITE_HEAD, Progress, compile_first, read_features
 from probekit.store import Cache
 from probekit.store.hardness import FORMAT, HARDNESS_FILE, check_hardness_target, holding_hardness, write_hardness
 

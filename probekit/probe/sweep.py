@@ -15,71 +15,49 @@ import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import pyarrow as pa
 
 from probekit.data.levels import LEVELS, Cutoff
+from probekit.design import (
+    ALL,
+    FrameRows,
+    Head,
+    ItemFrame,
+    head_seed,
+    item_frame,
+    layer_label,
+    load_items,
+    open_cache,
+    plan,
+    tested_rows,
+    zero_shot_p,
+    zero_shot_tables,
+)
 from probekit.errors import ProbekitError
 from probekit.layers import feature_sets
 from probekit.probe import cvpath
 from probekit.probe.controls import SURFACE_FEATURES, control_tables
-from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, head_seed, prepare
-from probekit.probe.plan import ALL, EXPERIMENTS, Head, ItemFrame, item_frame, layer_label, plan, tested_rows
+from probekit.probe.engine import ProbeConfig, compile_heads, fit_and_score_many, prepare
 from probekit.probe.solvers import DEFAULT_TOL, SOLVERS, solver_names
 from probekit.store import Cache
-from probekit.store.hardness import HARDNESS_FILE, MDL, read_mdl
 from probekit.store.icl_scores import demo_level, load_icl
 from probekit.store.results import (
-    CACHE_HASH_KEY,
-    FORMAT,
+    EXPERIMENTS,
     MAJORITY_SITE,
     SURFACE_SITE,
     SURFACE_SOLVER,
-    ResultRows,
     ResultsWriter,
+    RunRecord,
     holding_results,
 )
 
 SITE_HEAD = {"answer_end": "mc", "question_end": "multinomial"}
 
 Progress = Callable[[int, int, str], None]  # (fits done, fits in all, feature set being fitted)
-
-
-def open_cache(cache: str | os.PathLike | Cache, verify: bool = True) -> Cache:
-    """The cache, with every shard's hash and shapes checked first when ``verify``.
-
-    A shard unchanged (size, mtime, inode) since its last full hash is not hashed again (see
-    :mod:`probekit.store.stamp`); ``probekit info CACHE --verify`` hashes every shard."""
-    cache = cache if isinstance(cache, Cache) else Cache(cache)
-    if verify:
-        problems = cache.verify(since_stamp=True)
-        if problems:
-            raise ProbekitError(f"cache {cache.path} fails verification: {problems[0]}"
-                                + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    return cache
-
-
-def load_items(cache: Cache, measures: Sequence[str] | None) -> tuple[Any, list[str]]:
-    """The cache's item table plus the ``mdl`` column when asked for; the measures to use."""
-    items = cache.items.copy()
-    known = list(cache.measures) + [MDL]
-    chosen = list(measures) if measures else list(cache.measures)
-    twice = sorted({m for m in chosen if chosen.count(m) > 1})
-    if twice:
-        raise ProbekitError(f"measures list {', '.join(repr(m) for m in twice)} more than once: name each once")
-    for m in chosen:
-        if m not in known:
-            raise ProbekitError(f"unknown measure {m!r}: the cache has {', '.join(known)}")
-    if MDL in chosen:
-        path = cache.path / HARDNESS_FILE
-        if not path.is_file():
-            raise ProbekitError(f"measure 'mdl' needs {path}: run `probekit hardness {cache.path}` first")
-        scores = read_mdl(path)
-        items[MDL] = items["id"].astype(str).map(scores).astype(float)
-    return items, chosen
 
 
 def read_features(cache: Cache, site: str, layer: int, ids: np.ndarray) -> np.ndarray:
@@ -149,37 +127,12 @@ def compile_first(cache: Cache, n_choices: np.ndarray, row_sets: Sequence[np.nda
     return time.perf_counter() - t
 
 
-def zero_shot_p(choice_sum: np.ndarray, n_choices: np.ndarray, gold: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """p(gold) and correctness from summed choice log-probs, softmaxed over the real choices (§5)."""
-    real = np.arange(choice_sum.shape[1])[None, :] < n_choices[:, None]
-    s = np.where(real, choice_sum.astype(np.float64), -np.inf)
-    s = s - s.max(1, keepdims=True)
-    p = np.exp(s)
-    p /= p.sum(1, keepdims=True)
-    return p[np.arange(len(gold)), gold].astype(np.float32), (s.argmax(1) == gold).astype(np.int8)
-
-
-class FrameRows(ResultRows):
-    """Result rows of one experiment at one site; test levels are the item frame's levels."""
-
-    def __init__(self, frame: ItemFrame, experiment: str, site: str) -> None:
-        super().__init__(experiment, site, frame.ids, LEVELS, frame.n_choices)
-        self.frame = frame
-
-    def table(self, *, measure: str, rows: np.ndarray, **fields: Any) -> pa.Table:
-        codes = self.frame.levels[measure][rows] if measure in self.frame.levels else np.full(len(rows), -1)
-        return super().table(measure=measure, rows=rows, test_levels=codes, **fields)
-
-
-ICL_SITE = "icl"
-
-
 def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | os.PathLike) -> list[pa.Table]:
     """Result rows of a k-shot score directory (``probekit extract --icl``), one table per draw
     (and measure).
 
-    Each draw's prompts share demonstrations from one level; its rows have ``site`` and ``solver``
-    "icl", ``train_level`` the demonstrations' level (:func:`~probekit.store.icl_scores.demo_level`:
+    Each draw's prompts share demonstrations from one level; its rows have method "icl" (no site, layer
+    or solver), ``train_level`` the demonstrations' level (:func:`~probekit.store.icl_scores.demo_level`:
     ``easy``, ``all``, or ``arc:grade:easy`` for demonstrations from another question set),
     ``n_train`` k, and cover the probe items scored in that draw (the demonstrations themselves
     are not scored), so the report treats them like a trained head of that level. Demonstrations
@@ -209,28 +162,17 @@ def icl_tables(cache: Cache, frame: ItemFrame, experiment: str, icl_dir: str | o
         raise ProbekitError(f"ICL scores {icl_dir}: item {missing[0]!r} is not in the cache")
     rows_of = np.array([position[item] for item in ids])
     probe = np.isin(rows_of, frame.probe)
-    builder = FrameRows(frame, experiment, ICL_SITE)
+    builder = FrameRows(frame, experiment)
     tables = []
     for b in range(choice_sum.shape[0]):
         scored = probe & np.isfinite(choice_sum[b]).any(1)
         rows = rows_of[scored]
         p, c = zero_shot_p(choice_sum[b][scored], frame.n_choices[rows], frame.gold[rows])
         for m in measures:
-            tables.append(builder.table(layer="", measure=m, train_level=demo_level(icl), draw=b,
-                                        n_train=int(icl["k"]), noise=0.0, solver="icl", rows=rows, correct=c,
+            tables.append(builder.table(method="icl", layer="", measure=m, train_level=demo_level(icl), draw=b,
+                                        n_train=int(icl["k"]), noise=0.0, solver="", rows=rows, correct=c,
                                         p_gold=p))
     return tables
-
-
-def zero_shot_tables(cache: Cache, frame: ItemFrame, rows: FrameRows, measures: Sequence[str],
-                     experiment: str) -> list[pa.Table]:
-    """The zero-shot rows (from the cached choice log-probs) of every probe item, one table per
-    measure (one for the unstratified all_to_all experiment)."""
-    choice_sum, _ = cache.logprobs()
-    p0, c0 = zero_shot_p(choice_sum, frame.n_choices, frame.gold)
-    return [rows.table(layer="", measure=m, train_level="zero_shot", draw=0, n_train=0, noise=0.0,
-                       solver="zero_shot", rows=frame.probe, correct=c0[frame.probe], p_gold=p0[frame.probe])
-            for m in (measures if experiment != "all_to_all" else [ALL])]
 
 
 def sweep(
@@ -263,13 +205,13 @@ def sweep(
     """Run one experiment over a cache; write ``out/results.parquet`` and ``out/sweep.json``.
 
     ``icl``: k-shot score directories of ``probekit extract --icl`` for the same model and
-    dataset; their rows join the table as heads with site and solver "icl" (see :func:`icl_tables`).
+    dataset; their rows join the table as heads of method "icl" (see :func:`icl_tables`).
     ``controls``: also fit the shortcut controls of every head on its draw (:mod:`probekit.probe.controls`:
     the probe recipe on the choices' surface features when the cache holds them, and the majority
     position), rows with site "surface" and "majority".
 
     ``experiment``: population | all_to_all | learning_curve | label_noise (see
-    :func:`probekit.probe.plan.plan`). ``layers``: a layer spec (:mod:`probekit.layers`): all | last |
+    :func:`probekit.design.plan.plan`). ``layers``: a layer spec (:mod:`probekit.layers`): all | last |
     middle | middle_and_last | "15,30" | "15+30" | "-1". ``site``: answer_end (multiple-choice head)
     or question_end (multinomial head).
     ``solver``: a name in :data:`probekit.probe.solvers.SOLVERS` (paper, converged), several, or
@@ -293,146 +235,216 @@ def sweep(
         raise ProbekitError(f"site must be answer_end or question_end, got {site!r}")
     solvers = solver_names(solver)
     configs = probe_configs(solvers, SITE_HEAD[site], pad, tol, C, l2, select)
+    settings = Settings(experiment, measures, layers, site, solvers, configs, n_train, label_noise, draws, seed,
+                        levels, pad, cutoffs, zero_shot, list(icl), controls, select, devices)
     with holding_results(out, "sweep"):  # the lock before the cache is verified or anything compiles
-        return _sweep_held(t0, cache, out, experiment, measures, layers, site, solvers, configs, n_train,
-                           label_noise, draws, seed, levels, pad, cutoffs, zero_shot, icl, controls, select, verify,
-                           devices, progress)
+        return _sweep_held(t0, cache, out, settings, verify, progress)
 
 
-def _sweep_held(t0: float, cache, out, experiment, measures, layers, site, solvers, configs, n_train, label_noise,
-                draws, seed, levels, pad, cutoffs, zero_shot, icl, controls, select, verify, devices,
-                progress) -> dict[str, Any]:
+class Settings(NamedTuple):
+    """A sweep's settings, checked (see :func:`sweep`); ``configs``: each solver's probe configuration."""
+
+    experiment: str
+    measures: Sequence[str] | None
+    layers: str | Sequence[int]
+    site: str
+    solvers: list[str]
+    configs: dict[str, ProbeConfig]
+    n_train: Sequence[int]
+    label_noise: Sequence[float]
+    draws: int
+    seed: int
+    levels: Sequence[str] | None
+    pad: str
+    cutoffs: Mapping[str, Cutoff] | None
+    zero_shot: bool
+    icl: list[str | os.PathLike]
+    controls: bool
+    select: str | None
+    devices: Sequence[jax.Device] | None
+
+
+class Design(NamedTuple):
+    """What a sweep fits on a cache: the item frame, the feature sets, the heads (grouped by training
+    size: one batched fit per group), the result rows of every site and each head's folds."""
+
+    cache: Cache
+    dataset: str
+    measures: list[str]
+    frame: ItemFrame
+    sets: list
+    heads: list[Head]
+    groups: list[list[Head]]
+    rows: FrameRows
+    controls: dict[str, FrameRows]
+    folds: dict[str, np.ndarray]
+    selections: dict[str, Any]
+
+
+@dataclasses.dataclass
+class Tally:
+    """A sweep's running counts: fits done (for ``progress``), seconds fitting, fits not converged,
+    zero-weight optima by feature set, every cross-validated fit's record."""
+
+    fits: int
+    progress: Progress | None
+    done: int = 0
+    fit_seconds: float = 0.0
+    not_converged: int = 0
+    cv_not_converged: int = 0
+    surface_zero: int = 0
+    zero_fits: dict[str, int] = dataclasses.field(default_factory=dict)
+    cv_fits: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    def tick(self, label: str) -> Callable[[int], None]:
+        """A callback counting ``k`` more fits done of feature set ``label``."""
+        def on_chunk(k: int) -> None:
+            self.done += k
+            if self.progress is not None:
+                self.progress(self.done, self.fits, label)
+        return on_chunk
+
+
+def _sweep_held(t0: float, cache, out, s: Settings, verify: bool, progress: Progress | None) -> dict[str, Any]:
     """The sweep, with its results directory held (see :func:`sweep`)."""
-    selections = {s: c.select for s, c in configs.items() if c.select is not None}
+    d = _design(cache, s, verify)
+    n_fits = len(d.heads) * len(d.sets) * len(s.solvers) + len(d.heads) * (SURFACE_SITE in d.controls)
+    tally = Tally(n_fits, progress)
+    tally.fit_seconds = compile_first(d.cache, d.frame.n_choices, [np.stack([h.rows for h in g]) for g in d.groups],
+                                      list(s.configs.values()), d.sets, s.devices)
+    with ResultsWriter(out) as batch:  # refuses a directory another writer holds
+        zero_rows = 0
+        if s.zero_shot:
+            for t in zero_shot_tables(d.cache, d.frame, d.measures, s.experiment):
+                zero_rows += t.num_rows
+                batch.append(t)
+        for icl_dir in s.icl:
+            for t in icl_tables(d.cache, d.frame, s.experiment, icl_dir):
+                batch.append(t)
+        t1 = time.perf_counter()
+        tables, tally.surface_zero = control_tables(d.cache, d.frame, d.controls, d.groups,
+                                                    next(iter(s.configs.values())), s.seed, s.devices,
+                                                    tally.tick(SURFACE_SITE))
+        tally.fit_seconds += time.perf_counter() - t1
+        for t in tables:
+            batch.append(t)
+        for fs in d.sets:
+            _fit_feature_set(batch, d, s, fs, tally)
+        return batch.commit(_sweep_record(d, s, tally, zero_rows, time.perf_counter() - t0))
+
+
+def _design(cache, s: Settings, verify: bool) -> Design:
+    """The cache verified and the sweep's heads planned on it; a bad experiment, site or cut-off refused."""
+    selections = {name: c.select for name, c in s.configs.items() if c.select is not None}
     n_folds = next(iter(selections.values())).folds if selections else None
     cache = open_cache(cache, verify)
-    if experiment not in EXPERIMENTS:
-        raise ProbekitError(f"unknown experiment {experiment!r}: choose from {', '.join(EXPERIMENTS)}")
-    if site not in cache.sites:
-        raise ProbekitError(f"site {site!r} is not in cache {cache.path}; it holds {cache.sites}")
+    if s.experiment not in EXPERIMENTS:
+        raise ProbekitError(f"unknown experiment {s.experiment!r}: choose from {', '.join(EXPERIMENTS)}")
+    if s.site not in cache.sites:
+        raise ProbekitError(f"site {s.site!r} is not in cache {cache.path}; it holds {cache.sites}")
     dataset = str(cache.manifest.get("dataset", {}).get("name", ""))
-    items, measures = load_items(cache, measures)
-    stray = [m for m in (cutoffs or {}) if m not in measures]
+    items, measures = load_items(cache, s.measures)
+    stray = [m for m in (s.cutoffs or {}) if m not in measures]
     if stray:
         raise ProbekitError(f"cut-off given for {stray[0]!r}, which is not a measure of this sweep "
                             f"({', '.join(measures)}); check its name or add it to the measures")
-    frame = item_frame(items, dataset, measures, cutoffs)
-    sets = feature_sets(layers, cache.manifest.get("model", {}).get("n_layers"), cache.layers)
-    heads = plan(frame, experiment, measures, n_train=n_train, label_noise=label_noise, draws=draws, seed=seed,
-                 levels=levels)
-    folds = cvpath.head_folds(heads, n_folds, seed) if n_folds else {}
-
-    rows = FrameRows(frame, experiment, site)
+    frame = item_frame(items, dataset, measures, s.cutoffs)
+    sets = feature_sets(s.layers, cache.manifest.get("model", {}).get("n_layers"), cache.layers)
+    heads = plan(frame, s.experiment, measures, n_train=s.n_train, label_noise=s.label_noise, draws=s.draws,
+                 seed=s.seed, levels=s.levels)
     groups: dict[int, list[Head]] = {}
     for h in heads:
         groups.setdefault(h.n_train, []).append(h)
-    builders = {}
-    if controls:
-        builders = {MAJORITY_SITE: FrameRows(frame, experiment, MAJORITY_SITE)}
+    controls = {}
+    if s.controls:
+        controls = {MAJORITY_SITE: FrameRows(frame, s.experiment, MAJORITY_SITE)}
         if cache.has_surface:
-            builders[SURFACE_SITE] = FrameRows(frame, experiment, SURFACE_SITE)
-    n_fits = len(heads) * len(sets) * len(solvers) + len(heads) * (SURFACE_SITE in builders)
-    done = 0
+            controls[SURFACE_SITE] = FrameRows(frame, s.experiment, SURFACE_SITE)
+    return Design(cache, dataset, measures, frame, sets, heads, list(groups.values()),
+                  FrameRows(frame, s.experiment, s.site), controls,
+                  cvpath.head_folds(heads, n_folds, s.seed) if n_folds else {}, selections)
 
-    def tick(label: str) -> Callable[[int], None]:
-        def on_chunk(k: int) -> None:
-            nonlocal done
-            done += k
-            if progress is not None:
-                progress(done, n_fits, label)
-        return on_chunk
 
-    fit_seconds = compile_first(cache, frame.n_choices, [np.stack([h.rows for h in g]) for g in groups.values()],
-                                list(configs.values()), sets, devices)
-    not_converged = 0
-    zero_fits: dict[str, int] = {}  # feature set -> fits whose exact optimum has zero weights
-    cv_fits: list[dict[str, Any]] = []  # every cross-validated fit's choice and curve
-    cv_not_converged = 0
-    with ResultsWriter(out) as batch:  # refuses a directory another writer holds
-        if zero_shot:
-            for t in zero_shot_tables(cache, frame, rows, measures, experiment):
-                batch.append(t)
-        for icl_dir in icl:
-            for t in icl_tables(cache, frame, experiment, icl_dir):
-                batch.append(t)
+def _fit_feature_set(batch: ResultsWriter, d: Design, s: Settings, fs, tally: Tally) -> None:
+    """Fit every head with every solver on one feature set (a layer, or layers concatenated); append
+    their rows."""
+    label = layer_label(fs)
+    Xs = prepare((read_features(d.cache, s.site, layer, d.frame.ids) for layer in fs), s.devices)
+    frame = d.frame
+    for group in d.groups:  # every solver on the same heads: rows and Gram shared
         t1 = time.perf_counter()
-        tables, surface_zero = control_tables(cache, frame, builders, list(groups.values()),
-                                              next(iter(configs.values())), seed, devices, tick(SURFACE_SITE))
-        fit_seconds += time.perf_counter() - t1
-        for t in tables:
-            batch.append(t)
-        for fs in sets:
-            label = layer_label(fs)
-            Xs = prepare((read_features(cache, site, layer, frame.ids) for layer in fs), devices)
-            for group in groups.values():  # every solver on the same heads: rows and Gram shared
-                t1 = time.perf_counter()
-                results = fit_and_score_many(
-                    Xs, frame.n_choices, frame.gold,
-                    np.stack([h.rows for h in group]), np.stack([h.labels for h in group]),
-                    np.array([head_seed(seed, f"{h.name}/{label}") for h in group]), list(configs.values()),
-                    devices=devices,
-                    on_chunk=tick(label),
-                    folds=np.stack([folds[h.name] for h in group]) if folds else None,
-                )
-                fit_seconds += time.perf_counter() - t1
-                for s, res in zip(configs, results):
-                    not_converged += int((~res.converged).sum())
-                    if res.chosen is not None:
-                        cv_not_converged += int((~res.cv_converged).sum())
-                        cv_fits += [cvpath.fit_record(h, label, s, selections[s], res.cv_loss[i], res.cv_accuracy[i],
-                                                      res.cv_converged[i], res.chosen[i]) for i, h in enumerate(group)]
-                    if res.zero_weights.any():
-                        zero_fits[label] = zero_fits.get(label, 0) + int(res.zero_weights.sum())
-                    for i, h in enumerate(group):
-                        test = tested_rows(frame, h)
-                        for m in h.measures:
-                            batch.append(rows.table(
-                                layer=label, measure=m, train_level=h.train_level, draw=h.draw,
-                                n_train=h.n_train, noise=h.label_noise, solver=s, rows=test,
-                                correct=res.correct[i, test], p_gold=res.p_gold[i, test],
-                                zero_weights=bool(res.zero_weights[i])))
-            del Xs
-        wall = time.perf_counter() - t0
-        record = {
-            "format": FORMAT,
-            "cache": str(cache.path.resolve()),
-            CACHE_HASH_KEY: cache.manifest_sha256,
-            "dataset": dataset,
-            "model": cache.manifest.get("model", {}),
-            "prompt": cache.manifest.get("prompt", {}),
-            "config": {
-                "experiment": experiment, "measures": measures, "layers": [layer_label(s) for s in sets],
-                "layers_spec": layers if isinstance(layers, str) else list(layers), "site": site,
-                "head": SITE_HEAD[site], "solvers": solvers, "n_train": sorted({int(x) for x in n_train}),
-                "label_noise": [float(x) for x in label_noise] if experiment == "label_noise" else [0.0],
-                "draws": draws, "train_levels": sorted({h.train_level for h in heads}), "pad": pad,
-                "probe": {s: _recorded(c) for s, c in configs.items()}, "select": select,
-                "objectives": {name: spec.objective for name, spec in SOLVERS.items()},
-                "cutoffs": {m: repr(r) for m, r in (cutoffs or {}).items()}, "zero_shot": zero_shot,
-                "icl": [str(Path(d).resolve()) for d in icl],
-                "controls": {"sites": list(builders),
-                             "surface_features": [*SURFACE_FEATURES, "position"] if SURFACE_SITE in builders else None,
-                             "surface_solver": SURFACE_SOLVER,
-                             "surface_skipped": (None if not controls or SURFACE_SITE in builders else
-                                                 "the cache holds no choice surface features (extract it again)")},
-                "normalisation": "z-score with training statistics (unbiased std)",
-            },
-            "seed": seed,
-            "counts": {
-                "heads": len(heads), "feature_sets": len(sets), "fits": n_fits,
-                "rows": rows.n_rows + sum(b.n_rows for b in builders.values()),
-                "probe_items": int(len(frame.probe)), "not_converged": not_converged,
-                "zero_weight_fits": sum(zero_fits.values()), "zero_weight_fits_by_layer": zero_fits,
-                "surface_zero_weight_fits": surface_zero,
-                **({"cv_fold_fits_not_converged": cv_not_converged} if selections else {}),
-                "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
-                           for m in measures},
-            },
-            "devices": [str(d) for d in (devices or jax.devices())],
+        results = fit_and_score_many(
+            Xs, frame.n_choices, frame.gold,
+            np.stack([h.rows for h in group]), np.stack([h.labels for h in group]),
+            np.array([head_seed(s.seed, f"{h.name}/{label}") for h in group]), list(s.configs.values()),
+            devices=s.devices,
+            on_chunk=tally.tick(label),
+            folds=np.stack([d.folds[h.name] for h in group]) if d.folds else None,
+        )
+        tally.fit_seconds += time.perf_counter() - t1
+        for name, res in zip(s.configs, results):
+            tally.not_converged += int((~res.converged).sum())
+            if res.chosen is not None:
+                tally.cv_not_converged += int((~res.cv_converged).sum())
+                tally.cv_fits += [cvpath.fit_record(h, label, name, d.selections[name], res.cv_loss[i],
+                                                    res.cv_accuracy[i], res.cv_converged[i], res.chosen[i])
+                                  for i, h in enumerate(group)]
+            if res.zero_weights.any():
+                tally.zero_fits[label] = tally.zero_fits.get(label, 0) + int(res.zero_weights.sum())
+            for i, h in enumerate(group):
+                test = tested_rows(frame, h)
+                for m in h.measures:
+                    batch.append(d.rows.table(
+                        method="probe", layer=label, measure=m, train_level=h.train_level, draw=h.draw,
+                        n_train=h.n_train, noise=h.label_noise, solver=name, rows=test,
+                        correct=res.correct[i, test], p_gold=res.p_gold[i, test],
+                        zero_weights=bool(res.zero_weights[i])))
+    del Xs
+
+
+def _sweep_record(d: Design, s: Settings, tally: Tally, zero_rows: int, wall: float) -> RunRecord:
+    """``sweep.json`` of a sweep: its settings, counts and timings."""
+    frame, experiment, controls = d.frame, s.experiment, d.controls
+    return RunRecord(
+        kind="sweep",
+        cache=str(d.cache.path.resolve()),
+        cache_manifest_sha256=d.cache.manifest_sha256,
+        dataset=d.dataset,
+        model=d.cache.manifest.get("model", {}),
+        prompt=d.cache.manifest.get("prompt", {}),
+        config={
+            "experiment": experiment, "measures": d.measures, "layers": [layer_label(fs) for fs in d.sets],
+            "layers_spec": s.layers if isinstance(s.layers, str) else list(s.layers), "site": s.site,
+            "head": SITE_HEAD[s.site], "solvers": s.solvers, "n_train": sorted({int(x) for x in s.n_train}),
+            "label_noise": [float(x) for x in s.label_noise] if experiment == "label_noise" else [0.0],
+            "draws": s.draws, "train_levels": sorted({h.train_level for h in d.heads}), "pad": s.pad,
+            "probe": {name: _recorded(c) for name, c in s.configs.items()}, "select": s.select,
+            "objectives": {name: spec.objective for name, spec in SOLVERS.items()},
+            "cutoffs": {m: repr(r) for m, r in (s.cutoffs or {}).items()}, "zero_shot": s.zero_shot,
+            "icl": [str(Path(i).resolve()) for i in s.icl],
+            "controls": {"sites": list(controls),
+                         "surface_features": [*SURFACE_FEATURES, "position"] if SURFACE_SITE in controls else None,
+                         "surface_solver": SURFACE_SOLVER,
+                         "surface_skipped": (None if not s.controls or SURFACE_SITE in controls else
+                                             "the cache holds no choice surface features (extract it again)")},
+            "normalisation": "z-score with training statistics (unbiased std)",
+        },
+        seed=s.seed,
+        counts={
+            "heads": len(d.heads), "feature_sets": len(d.sets), "fits": tally.fits,
+            "rows": zero_rows + d.rows.n_rows + sum(b.n_rows for b in controls.values()),
+            "probe_items": int(len(frame.probe)), "not_converged": tally.not_converged,
+            "zero_weight_fits": sum(tally.zero_fits.values()), "zero_weight_fits_by_layer": tally.zero_fits,
+            "surface_zero_weight_fits": tally.surface_zero,
+            **({"cv_fold_fits_not_converged": tally.cv_not_converged} if d.selections else {}),
+            "levels": {m: {lv: int((frame.levels[m][frame.probe] == k).sum()) for k, lv in enumerate(LEVELS)}
+                       for m in d.measures},
+        },
+        details={
+            "devices": [str(dev) for dev in (s.devices or jax.devices())],
             "wall_seconds": round(wall, 3),
-            "fit_seconds": round(fit_seconds, 3),
-            "heads_per_second": round(n_fits / fit_seconds, 3) if fit_seconds > 0 else None,
-            **({"cv": cvpath.record(selections, cv_fits)} if selections else {}),
-        }
-        record = batch.commit(record)
-    return record
+            "fit_seconds": round(tally.fit_seconds, 3),
+            "heads_per_second": round(tally.fits / tally.fit_seconds, 3) if tally.fit_seconds > 0 else None,
+            **({"cv": cvpath.record(d.selections, tally.cv_fits)} if d.selections else {}),
+        },
+    )

@@ -60,7 +60,7 @@ from probekit.report.tables import (
 )
 from probekit.stats.bootstrap import P_VALUES
 from probekit.store.outdir import LOCK, OutputDir, remove_temporaries, replace_dir, take_dir_lock, write_error
-from probekit.store.results import cache_hash, cv_table
+from probekit.store.results import cv_table
 
 FORMAT = "probekit-report/1"
 SUMMARY = "summary.json"
@@ -136,48 +136,11 @@ def build_report(
             "n_rows": int(len(table)),
             "experiments": experiments,
         },
-        "cache_manifest_sha256": cache_hash(res.sweep),
+        "cache_manifest_sha256": res.record.cache_manifest_sha256,
         "sweep": res.sweep,
-        "settings": {
-            "n_boot": int(n_boot),
-            "n_boot_sgr": int(n_boot_sgr),
-            "seed": int(seed),
-            "level": 0.95,
-            "test_level": HARD,
-            "headline": vars(headline) if headline else None,
-            "headline_method": head_method(table, headline) if headline else None,
-            "accuracy": "crossed bootstrap over test items and training draws; point = nanmean of the "
-                        "item x draw matrix, interval = percentiles of the resampled means",
-            "p_value": p_value,
-            "zero_weights": zero_weights,
-            "sgr": "(easy - zero_shot) / (hard - zero_shot) on the hard test; one shared item resample, "
-                   "independent draw resamples; point = the ratio of the observed matrices' means, interval = "
-                   "percentiles of the resampled ratios, p-value: " + _P_WORDS[p_value] + "; fieller = the "
-                   "Fieller-type set of the ratio from the resamples' numerator and denominator covariance; "
-                   "q_value = Benjamini-Hochberg over the headline's SGRs (not estimable ones counted as p = 1)",
-            "multiplicity": {"method": "benjamini-hochberg", "family": "the headline head's SGRs, one per measure",
-                             "size": family},
-            "sgr_estimable": "an SGR is estimable only when the 95% interval of hard - zero-shot (from the "
-                             "same resamples) lies above 0; otherwise its numbers are kept with "
-                             "estimable = false and the reason, and tables show it as n/e",
-            "differences": {"hard_minus_easy": "hard-trained minus easy-trained, paired: per training draw, over "
-                                               "the test items both were tested on",
-                            "easy_minus_zero_shot": "easy-trained minus zero-shot"},
-            "controls": "shortcut controls trained on the same draws: the probe recipe on the choices' surface "
-                        "features (site surface) and the training draw's majority position (site majority); "
-                        "hard_minus_control = the hard-trained probe minus the hard-trained control on the hard "
-                        "test, paired by draw; beats_controls when every such interval lies above 0",
-        },
+        "settings": _settings(n_boot, n_boot_sgr, seed, table, headline, p_value, zero_weights, family),
         "warnings": warnings,
-        "zero_weight_heads": {
-            "rule": "zero weights are the exact optimum of the head's objective: the NLL gradient at zero "
-                    "weights has norm <= the unsquared penalty l2 (standardised units)",
-            "treatment": zero_weights,
-            "excluded": zero_weights == "exclude",
-            "heads": sum(r["heads"] for r in zero),
-            "zero_weight_heads": sum(r["zero_weight_heads"] for r in zero),
-            "by_layer": zero,
-        },
+        "zero_weight_heads": _zero_weight_record(zero, zero_weights),
         "population": population,
         "zero_weight_treatments": treatments,
         "transfer": transfer.to_dict(orient="records"),
@@ -190,6 +153,54 @@ def build_report(
     summary = _jsonable(summary)
     _write(Path(out_dir), summary, headline, population, all_to_all, curves, transfer)
     return summary
+
+
+def _settings(n_boot: int, n_boot_sgr: int, seed: int, table: pd.DataFrame, headline: Headline | None, p_value: str,
+              zero_weights: str, family: int) -> dict:
+    """The report's ``settings``: its resamples, headline head and the estimators its numbers come from."""
+    return {
+        "n_boot": int(n_boot),
+        "n_boot_sgr": int(n_boot_sgr),
+        "seed": int(seed),
+        "level": 0.95,
+        "test_level": HARD,
+        "headline": vars(headline) if headline else None,
+        "headline_method": head_method(table, headline) if headline else None,
+        "accuracy": "crossed bootstrap over test items and training draws; point = nanmean of the "
+                    "item x draw matrix, interval = percentiles of the resampled means",
+        "p_value": p_value,
+        "zero_weights": zero_weights,
+        "sgr": "(easy - zero_shot) / (hard - zero_shot) on the hard test; one shared item resample, "
+               "independent draw resamples; point = the ratio of the observed matrices' means, interval = "
+               "percentiles of the resampled ratios, p-value: " + _P_WORDS[p_value] + "; fieller = the "
+               "Fieller-type set of the ratio from the resamples' numerator and denominator covariance; "
+               "q_value = Benjamini-Hochberg over the headline's SGRs (not estimable ones counted as p = 1)",
+        "multiplicity": {"method": "benjamini-hochberg", "family": "the headline head's SGRs, one per measure",
+                         "size": family},
+        "sgr_estimable": "an SGR is estimable only when the 95% interval of hard - zero-shot (from the "
+                         "same resamples) lies above 0; otherwise its numbers are kept with "
+                         "estimable = false and the reason, and tables show it as n/e",
+        "differences": {"hard_minus_easy": "hard-trained minus easy-trained, paired: per training draw, over "
+                                           "the test items both were tested on",
+                        "easy_minus_zero_shot": "easy-trained minus zero-shot"},
+        "controls": "shortcut controls trained on the same draws: the probe recipe on the choices' surface "
+                    "features (site surface) and the training draw's majority position (site majority); "
+                    "hard_minus_control = the hard-trained probe minus the hard-trained control on the hard "
+                    "test, paired by draw; beats_controls when every such interval lies above 0",
+    }
+
+
+def _zero_weight_record(zero: list[dict], zero_weights: str) -> dict:
+    """The report's ``zero_weight_heads``: the rule, the treatment and the counts by layer."""
+    return {
+        "rule": "zero weights are the exact optimum of the head's objective: the NLL gradient at zero "
+                "weights has norm <= the unsquared penalty l2 (standardised units)",
+        "treatment": zero_weights,
+        "excluded": zero_weights == "exclude",
+        "heads": sum(r["heads"] for r in zero),
+        "zero_weight_heads": sum(r["zero_weight_heads"] for r in zero),
+        "by_layer": zero,
+    }
 
 
 #: How each p-value rule is described in a summary.

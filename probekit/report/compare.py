@@ -9,17 +9,18 @@ head). Every number is computed by the single-run machinery (:func:`population_t
 in the comparison are the numbers of its own report with that head as the headline.
 
 The zero-shot baseline (the rows of method ``baseline``) is shared by the methods of one (model,
-dataset), as in the paper. By default each method gets its own: a chain-of-thought method
-(``*_cot``: ``icl_cot``, ``finetune_cot``) is set against zero-shot chain of thought
-(``zero_shot_cot``) when some run of its model and dataset holds those rows (GSM8k has no other
-zero-shot baseline; the paper scores its CoT methods against zero-shot CoT), every other method
-against ``zero_shot``; ``baseline`` names one method for all. Each baseline is checked across runs:
-the runs of one model and dataset that hold baseline rows must agree on them item by item (same
-items, levels and correctness per measure), else the comparison is refused. Runs whose heads are
-training draws (probe, finetune) are paired item by item by the draw function; when two such runs of
-one model and dataset were run with different seeds, their training items differ and the comparison
-is refused. Two runs giving the same (model, dataset, experiment, method) are refused (which one
-would the table show?). A run scored with another prompt template than its set's own (``extract
+dataset), as in the paper. By default each method gets the baseline the method registry gives it
+(:attr:`probekit.methods.Method.baseline`): a chain-of-thought method (``icl_cot``, ``finetune_cot``)
+is set against zero-shot chain of thought (``zero_shot_cot``) when some run of its model and dataset
+holds those rows (GSM8k has no other zero-shot baseline; the paper scores its CoT methods against
+zero-shot CoT), and against ``zero_shot`` otherwise, as every other method is; ``baseline`` names one
+method for all. Each baseline is checked across runs: the runs of one model and dataset that hold
+baseline rows must agree on them item by item (same items, levels and correctness per measure), else
+the comparison is refused. Runs whose heads are training draws (the registry's ``paired`` methods:
+probe, finetune) are paired item by item by the draw function; when two such runs of one model and
+dataset were run with different seeds, their training items differ and the comparison is refused.
+Two runs giving the same (model, dataset, experiment, method) are refused (which one would the table
+show?). A run scored with another prompt template than its set's own (``extract
 --template cloze``, recorded in sweep.json) counts as its own dataset, labelled "arc (cloze)", with
 its own zero-shot baseline.
 
@@ -54,6 +55,7 @@ import pandas as pd
 import probekit
 from probekit.data.sets import SETS
 from probekit.errors import OptionError, ProbekitError
+from probekit.methods import METHODS, baselines, method_order
 from probekit.report import compare_plots
 from probekit.report.build import (
     ProgressFn,
@@ -65,7 +67,6 @@ from probekit.report.build import (
     holding_report,
     write_report_dir,
 )
-from probekit.report.compare_plots import method_order
 from probekit.report.tables import (
     HARD,
     NOT_ESTIMABLE,
@@ -91,15 +92,28 @@ from probekit.report.tables import (
     to_markdown,
     treat_zero_weights,
 )
-from probekit.store.results import CONTROL_SITES, METHODS, Results, cache_hash
+from probekit.store.results import CONTROL_SITES, Results, RunRecord
 
 FORMAT = "probekit-comparison/1"
-#: Methods whose heads are training draws of :func:`probekit.probe.plan.plan`: runs of these
-#: methods pair item by item only when they share the seed.
-PAIRED = ("probe", "finetune")
-#: The baseline of chain-of-thought methods (``*_cot``) when no single baseline is given.
-COT_BASELINE = "zero_shot_cot"
-BASELINE_RULE = f"per method: {COT_BASELINE} for *_cot methods when present, else {ZERO_SHOT}"
+
+
+def _other_baselines() -> dict[str, list[str]]:
+    """Each registered baseline other than zero_shot, with the methods set against it (registry order)."""
+    others: dict[str, list[str]] = {}
+    for m in METHODS.values():
+        if m.baseline not in (None, ZERO_SHOT):
+            others.setdefault(m.baseline, []).append(m.name)
+    return others
+
+
+def _baseline_rule() -> str:
+    """The per-method baseline rule in words, from the registry: "per method: zero_shot_cot for
+    icl_cot, finetune_cot when present, else zero_shot"."""
+    return ("per method: " + "".join(f"{b} for {', '.join(ms)} when present, else "
+                                     for b, ms in _other_baselines().items()) + ZERO_SHOT)
+
+
+BASELINE_RULE = _baseline_rule()
 _SIZE = re.compile(r"(?<![0-9.])(\d+(?:\.\d+)?)\s*([kKmMbBtT])(?![a-zA-Z])")
 _UNIT = {"k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
 
@@ -124,11 +138,11 @@ class Run:
     @property
     def dataset_name(self) -> str:
         """The question set's name as sweep.json records it, whatever the prompt."""
-        return str(self.res.sweep["dataset"])
+        return self.res.record.dataset
 
     @property
     def prompt(self) -> str | None:
-        return prompt_template(self.res.sweep)
+        return prompt_template(self.res.record.prompt)
 
 
 @dataclass
@@ -166,11 +180,11 @@ def _model_label(model: dict) -> str:
     return f"{label} ({quant})" if quant else label
 
 
-def prompt_template(sweep: dict) -> str | None:
-    """The prompt template a run's rows were scored with, as its sweep.json records it (the cache's
-    ``prompt.template``); None for runs that do not record one."""
-    prompt = sweep.get("prompt")
-    template = prompt.get("template") if isinstance(prompt, dict) else None
+def prompt_template(prompt: dict) -> str | None:
+    """The prompt template a run's rows were scored with, as its run record's ``prompt`` holds it (the
+    cache's ``prompt.template``); None for runs that do not record one (generation runs name their
+    prompts by id)."""
+    template = prompt.get("template")
     return template if isinstance(template, str) else None
 
 
@@ -193,18 +207,17 @@ def _load_runs(dirs: Sequence[str | Path], zero_weights: str) -> list[Run]:
         if where in seen:
             raise ProbekitError(f"results directory {d} is given twice (also as {seen[where]})")
         seen[where] = str(d)
-        if not res.sweep or not res.sweep.get("model") or not res.sweep.get("dataset"):
+        record = res.record
+        if not record.model or not record.dataset:
             raise ProbekitError(f"{res.path}: its sweep.json does not record the model and dataset, "
                                 "so it cannot be compared with other runs")
         try:
             table = treat_zero_weights(res.table, zero_weights)
         except ProbekitError as exc:
             raise ProbekitError(f"{res.path}: {exc}") from None
-        size, source = model_size(res.sweep["model"])
-        seed = res.sweep.get("seed")
-        dataset = dataset_label(str(res.sweep["dataset"]), prompt_template(res.sweep))
-        runs.append(Run(i, res, table, _model_label(res.sweep["model"]), dataset,
-                        int(seed) if isinstance(seed, int) else None, size, source))
+        size, source = model_size(record.model)
+        dataset = dataset_label(record.dataset, prompt_template(record.prompt))
+        runs.append(Run(i, res, table, _model_label(record.model), dataset, record.seed, size, source))
     return runs
 
 
@@ -224,7 +237,7 @@ def _heads(runs: list[Run], baselines: Sequence[str], site: str | None, layer: s
                     f"{owner[key].res.path} and {run.res.path} both hold {method} rows of the {experiment} "
                     f"experiment for {run.model} on {run.dataset}: give one of them")
             owner[key] = run
-            pick = (site, layer, solver) if method == "probe" else (None, None, None)
+            pick = (site, layer, solver) if METHODS[method].probe_head else (None, None, None)
             try:
                 head = choose_headline(rows, *pick)
             except ProbekitError as exc:
@@ -258,11 +271,12 @@ def _baselines(runs: list[Run], baseline: str) -> dict[tuple, tuple[Run, pd.Data
 
 def baseline_of(method: str, key: tuple, baseline: str | None, bases: dict[str, dict]) -> str:
     """The baseline method of ``method``'s head for ``key`` = (model, dataset, experiment): ``baseline``
-    when given, else :data:`COT_BASELINE` for a ``*_cot`` method when present for ``key``, else zero_shot."""
+    when given, else the method's registered baseline when present for ``key``, else zero_shot."""
     if baseline:
         return baseline
-    if method.endswith("_cot") and key in bases.get(COT_BASELINE, {}):
-        return COT_BASELINE
+    registered = METHODS[method].baseline
+    if registered and key in bases.get(registered, {}):
+        return registered
     return ZERO_SHOT
 
 
@@ -295,7 +309,7 @@ def _check_pairing(heads: list[Head]) -> list[str]:
     notes = []
     groups: dict[tuple, list[Head]] = {}
     for h in heads:
-        if h.method in PAIRED:
+        if METHODS[h.method].paired:
             groups.setdefault((h.run.model, h.run.dataset, h.experiment), []).append(h)
     for (model, dataset, experiment), hs in groups.items():
         for h in hs[1:]:
@@ -345,7 +359,7 @@ def build_comparison(
     if baseline is not None and baseline not in METHODS:
         raise OptionError("baseline", baseline, f"one of the methods {', '.join(METHODS)}")
     runs = _load_runs(results_dirs, zero_weights)
-    names = [baseline] if baseline else [ZERO_SHOT, COT_BASELINE]
+    names = [baseline] if baseline else baselines()
     heads = _heads(runs, names, site, layer, solver)
     bases = {b: _baselines(runs, b) for b in names}
     notes = _check_pairing(heads)
@@ -354,6 +368,23 @@ def build_comparison(
     a2a_base = [(b, k, v) for b in names for k, v in bases[b].items() if k[2] == "all_to_all"]
     tick = _Ticker(progress, len(pop_heads) + len(a2a_heads) + len(a2a_base))
 
+    population = _population(pop_heads, bases, baseline, n_boot, n_boot_sgr, seed, p_value, notes, tick)
+    family = add_qvalues(population)
+    warnings = few_draws(population, lambda r: f"{r['model']} {r['dataset']} {r['measure']} {r['method']}")
+
+    all_to_all = _all_to_all(a2a_base, a2a_heads, n_boot, seed, tick)
+    settings = {"n_boot": n_boot, "n_boot_sgr": n_boot_sgr, "seed": seed, "baseline": baseline,
+                "zero_weights": zero_weights, "p_value": p_value, "site": site, "layer": layer, "solver": solver}
+    summary = _summary(runs, heads, population, all_to_all, family, notes, warnings, settings)
+    summary = _jsonable(summary)
+    write_report_dir(Path(out_dir), summary, lambda tmp: _write_files(tmp, summary))
+    return summary
+
+
+def _population(pop_heads: list[Head], bases: dict, baseline: str | None, n_boot: int, n_boot_sgr: int, seed: int,
+                p_value: str, notes: list[str], tick) -> list[dict]:
+    """Every population head's records, each beside the baseline of its model and dataset (a head
+    without one gets a note and no SGR)."""
     population: list[dict] = []
     for h in pop_heads:
         key = (h.run.model, h.run.dataset, "population")
@@ -371,13 +402,15 @@ def build_comparison(
         count_zero_weight_heads(records, h.run.res.table)
         for rec in records:
             population.append({"model": h.run.model, "dataset": h.run.dataset, "method": h.method,
-                               "method_label": method_label(h.method, h.run.res.sweep),
+                               "method_label": method_label(h.method, h.run.res.record),
                                "run": h.run.dir, "run_sha256": h.run.res.sha256, "baseline": used,
                                "baseline_run": zero_run.dir if zero_run else None, **rec})
         tick(f"{h.method} {h.run.model} {h.run.dataset}")
-    family = add_qvalues(population)
-    warnings = few_draws(population, lambda r: f"{r['model']} {r['dataset']} {r['measure']} {r['method']}")
+    return population
 
+
+def _all_to_all(a2a_base: list, a2a_heads: list[Head], n_boot: int, seed: int, tick) -> list[dict]:
+    """The all-to-all records of every baseline and every all-to-all head."""
     all_to_all: list[dict] = []
     for name, (model, dataset, _), (run, zero) in a2a_base:
         for rec in all_to_all_table(zero, n_boot, seed):
@@ -389,7 +422,12 @@ def build_comparison(
             all_to_all.append({"model": h.run.model, "dataset": h.run.dataset, "method": h.method,
                                "run": h.run.dir, "run_sha256": h.run.res.sha256, **rec})
         tick(f"{h.method} all-to-all {h.run.model} {h.run.dataset}")
+    return all_to_all
 
+
+def _summary(runs: list[Run], heads: list[Head], population: list[dict], all_to_all: list[dict], family: int,
+             notes: list[str], warnings: list, given: dict) -> dict:
+    """The comparison's ``summary.json`` (before :func:`_jsonable`); ``given``: the settings it was asked for."""
     models = _model_order(runs)
     spearman, spearman_notes = _spearman(runs)
     notes += spearman_notes
@@ -399,18 +437,18 @@ def build_comparison(
         "runs": [{"dir": r.dir, "sha256": r.res.sha256, "model": r.model, "dataset": r.dataset, "prompt": r.prompt,
                   "experiments": sorted(r.table["experiment"].unique()),
                   "methods": method_order(r.table["method"].unique()), "seed": r.seed,
-                  "cache_manifest_sha256": cache_hash(r.res.sweep), "n_rows": int(len(r.table)),
+                  "cache_manifest_sha256": r.res.record.cache_manifest_sha256, "n_rows": int(len(r.table)),
                   "model_size": r.size, "model_size_source": r.size_source} for r in runs],
         "heads": [{"run": h.run.dir, "model": h.run.model, "dataset": h.run.dataset, "experiment": h.experiment,
                    "method": h.method, **vars(h.headline)} for h in heads],
         "models": [{"model": m, "size": s, "size_source": src} for m, s, src in models],
         "settings": {
-            "n_boot": int(n_boot), "n_boot_sgr": int(n_boot_sgr), "seed": int(seed), "level": 0.95,
-            "test_level": HARD, "baseline": baseline or BASELINE_RULE, "zero_weights": zero_weights,
-            "p_value": p_value,
+            "n_boot": int(given["n_boot"]), "n_boot_sgr": int(given["n_boot_sgr"]), "seed": int(given["seed"]), "level": 0.95,
+            "test_level": HARD, "baseline": given["baseline"] or BASELINE_RULE, "zero_weights": given["zero_weights"],
+            "p_value": given["p_value"],
             "multiplicity": {"method": "benjamini-hochberg", "family": "every SGR of the comparison (not estimable "
                              "ones counted as p = 1)", "size": family},
-            "probe_head": {"site": site, "layer": layer, "solver": solver},
+            "probe_head": {"site": given["site"], "layer": given["layer"], "solver": given["solver"]},
             "rule": "each method's head is computed by the single-run report's functions on its own rows beside "
                     "the shared baseline of its model and dataset; every head's SGR gets n_boot_sgr resamples",
             "sgr_estimable": "an SGR is estimable only when the 95% interval of hard - zero-shot (from the same "
@@ -423,8 +461,6 @@ def build_comparison(
         "warnings": warnings,
         "files": [],
     }
-    summary = _jsonable(summary)
-    write_report_dir(Path(out_dir), summary, lambda tmp: _write_files(tmp, summary))
     return summary
 
 
@@ -455,22 +491,25 @@ def report(
         return build_report(dirs[0], out_dir, n_boot, n_boot_sgr, seed, **options)
 
 
-def method_label(method: str, sweep: dict | None) -> str:
-    """How a method is named in tables, by what ran: a fine-tuning run's base ("LoRA (float32 base)" on a
-    model that was not quantized, "QLoRA (8-bit base)"), as its sweep.json records it; else the method."""
-    if not method.startswith("finetune") or not isinstance(sweep, dict):
-        return method
-    config = sweep.get("config") or {}
-    tune = (sweep.get("generate") or {}).get("finetune") or {}
-    quantize = config.get("quantize") or tune.get("quantize")
-    if quantize in ("8bit", "4bit"):
-        base = f"QLoRA ({quantize[0]}-bit base)"
-    elif quantize == "none":
-        dtype = (sweep.get("finetune_model") or sweep.get("model") or {}).get("dtype") or "unquantized"
-        base = f"LoRA ({dtype} base)"
+def method_label(method: str, record: RunRecord) -> str:
+    """How a method is named in tables (:attr:`probekit.methods.Method.label`), with what ran for a
+    fine-tuning run: its base ("LoRA (float32 base)" on a model that was not quantized, "QLoRA (8-bit
+    base)"), as its run record holds it (a fine-tuning run's settings, or a generation run's
+    fine-tuning settings)."""
+    label = METHODS[method].label
+    if not METHODS[method].finetunes:
+        return label
+    if record.kind == "finetune":
+        quantize, model = record.config["quantize"], record.details["finetune_model"]
+    elif record.kind == "generate":
+        quantize, model = record.config["finetune"]["quantize"], record.model
     else:
-        return method
-    return f"{method}: {base}"
+        return label
+    if quantize in ("8bit", "4bit"):
+        return f"{label}: QLoRA ({quantize[0]}-bit base)"
+    if quantize == "none":
+        return f"{label}: LoRA ({model.get('dtype') or 'unquantized'} base)"
+    return label
 
 
 def _model_order(runs: list[Run]) -> list[tuple[str, float | None, str]]:
@@ -498,7 +537,7 @@ def _spearman(runs: list[Run]) -> tuple[list[dict], list[str]]:
     for dataset, rs in sorted(by_dataset.items()):
         found = None
         for r in rs:
-            path, recorded = r.res.sweep.get("cache"), cache_hash(r.res.sweep)
+            path, recorded = r.res.record.cache, r.res.record.cache_manifest_sha256
             if not path or not Path(path).is_dir():
                 continue
             try:
@@ -633,8 +672,8 @@ def _write_files(tmp: Path, summary: dict) -> list[str]:
 
 def _baseline_words(baseline: str) -> str:
     if baseline == BASELINE_RULE:
-        return (f"the zero-shot baseline is method `{ZERO_SHOT}`, or `{COT_BASELINE}` for chain-of-thought "
-                "methods (`*_cot`) when a run holds it")
+        others = ", ".join(f"`{b}` for " + " and ".join(f"`{m}`" for m in ms) for b, ms in _other_baselines().items())
+        return f"the zero-shot baseline is method `{ZERO_SHOT}`, or {others} when a run holds it"
     return f"the zero-shot baseline is method `{baseline}` for every method"
 
 

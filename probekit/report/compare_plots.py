@@ -14,24 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
+from probekit.methods import METHODS, method_order
 from probekit.report.plots import COLORS, EXTRA_COLORS, _figure, _save
 from probekit.report.tables import NOT_ESTIMABLE, ZERO_SHOT, sgr_flagged
 
-METHOD_COLORS = {"icl": "#E69F00", "probe": "#0072B2", "finetune": "#009E73", "zero_shot": COLORS[ZERO_SHOT]}
-
 
 def method_color(method: str, i: int = 0) -> str:
-    return METHOD_COLORS.get(method, EXTRA_COLORS[i % len(EXTRA_COLORS)])
+    """A method's colour (:data:`probekit.methods.METHODS`); a name outside the registry takes the ``i``-th
+    spare colour."""
+    return METHODS[method].colour if method in METHODS else EXTRA_COLORS[i % len(EXTRA_COLORS)]
 
 
-#: Display order of methods; others follow, sorted.
-METHOD_ORDER = ("zero_shot", "icl", "probe", "finetune")
-
-
-def method_order(methods) -> list[str]:
-    """The given methods in :data:`METHOD_ORDER`, then any others sorted."""
-    methods = set(methods)
-    return [m for m in METHOD_ORDER if m in methods] + sorted(methods - set(METHOD_ORDER))
+def method_label(method: str) -> str:
+    """A method's name in legends (:attr:`probekit.methods.Method.label`)."""
+    return METHODS[method].label if method in METHODS else method
 
 
 def _methods(records: list[dict]) -> list[str]:
@@ -63,7 +59,7 @@ def plot_method_sgr(records: list[dict], models: list[str], path: Path) -> Path 
                 flagged = sgr_flagged(s)
                 label = None
                 if not flagged and method not in shown:
-                    label, _ = method, shown.add(method)
+                    label, _ = method_label(method), shown.add(method)
                 elif flagged and "n/e" not in shown:
                     label, _ = f"{NOT_ESTIMABLE}: hard − zero-shot interval not above 0 (no bar)", shown.add("n/e")
                 color = method_color(method, k)
@@ -114,13 +110,14 @@ def plot_model_size(records: list[dict], models: list[dict], path: Path) -> Path
             sgr = [by_model.get(n, {}).get("sgr") for n in names]
             pts = np.array([s["point"] if s and s["point"] is not None else np.nan for s in sgr], float)
             ok = np.array([bool(s) and not sgr_flagged(s) for s in sgr])
-            top.plot(x, np.where(ok, pts, np.nan), marker="o", color=c, label=method)
+            top.plot(x, np.where(ok, pts, np.nan), marker="o", color=c, label=method_label(method))
             if (~ok & np.isfinite(pts)).any():
                 top.scatter(x[~ok & np.isfinite(pts)], np.zeros(int((~ok & np.isfinite(pts)).sum())),
-                            facecolors="none", edgecolors="#999999", label=f"{method}: {NOT_ESTIMABLE} (drawn on 0)")
+                            facecolors="none", edgecolors="#999999",
+                            label=f"{method_label(method)}: {NOT_ESTIMABLE} (drawn on 0)")
             acc = [by_model.get(n, {}).get("accuracy", {}) for n in names]
             easy = np.array([100 * a["easy"]["point"] if a.get("easy") else np.nan for a in acc])
-            bottom.plot(x, easy, marker="o", color=c, label=f"{method} easy → hard")
+            bottom.plot(x, easy, marker="o", color=c, label=f"{method_label(method)} easy → hard")
             if not zero_drawn:
                 zero = np.array([100 * a[ZERO_SHOT]["point"] if a.get(ZERO_SHOT) else np.nan for a in acc])
                 bottom.plot(x, zero, ls="--", marker="s", color=COLORS[ZERO_SHOT], label="zero-shot")

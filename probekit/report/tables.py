@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from probekit.errors import ProbekitError
+from probekit.methods import METHODS
 from probekit.stats.bootstrap import Fieller, bh_qvalues
 from probekit.stats.shared import SharedBootstrap
 from probekit.store.results import (
@@ -84,7 +85,30 @@ def load_results(results_dir: str | Path, columns: Sequence[str] | None = None) 
     path = res.path / RESULTS
     if res.table.empty:
         raise ProbekitError(f"{path} has no rows")
-    return replace(res, table=_normalise(res.table, path))
+    return replace(res, table=method_heads(_normalise(res.table, path)))
+
+
+def method_heads(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with the rows of each method without a probe head keyed as that method's heads: their
+    (empty) site and solver set to the method's :attr:`~probekit.methods.Method.report_head`, so the
+    tables, which key heads by site, layer and solver, keep two such methods of one table apart (and
+    their resamples, keyed by those names, are the same in every version)."""
+    out = table
+    for m in METHODS.values():
+        if m.report_head is None:
+            continue
+        rows = (out["method"] == m.name).to_numpy(bool)
+        if not rows.any():
+            continue
+        out = out.copy(deep=False) if out is table else out
+        for column, value in zip(("site", "solver"), m.report_head):
+            values = out[column]
+            if value not in values.cat.categories:
+                values = values.cat.add_categories([value])
+            codes = values.cat.codes.to_numpy().copy()
+            codes[rows] = values.cat.categories.get_loc(value)
+            out[column] = pd.Categorical.from_codes(codes, values.cat.categories).remove_unused_categories()
+    return out
 
 
 def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:

@@ -8,10 +8,14 @@ dictionary-encoded). Build row batches with :class:`ResultRows`. ``zero_weights`
 rows of heads whose exact optimum has zero weights; a reader fills it with False for tables
 written without it. ``n_choices`` is the test item's number of answer choices (what a head that scores
 every choice alike expects to get right: 1 / n_choices), 0 where it has none (free-text answers) or
-for tables written without it. ``sweep.json`` holds the run's
-configuration: ``format`` (:data:`FORMAT`), the cache's manifest hash under
-:data:`CACHE_HASH_KEY`, and whatever else the writer records; the writer adds
-:data:`RESULTS_FILE_KEY` = ``{"name", "bytes", "sha256"}`` of the results file it belongs to.
+for tables written without it. ``method`` names a method of the registry
+(:data:`probekit.methods.METHODS`): a table naming another is refused when it is committed and when
+it is read. Only the rows of a method with a probe head carry a ``site``, ``layer`` and ``solver``;
+every other method's rows leave them empty (tables of earlier versions, whose rows of other methods
+held the method's name there, are read with them emptied). ``sweep.json`` holds the run's
+:class:`RunRecord` (one shape for every kind of run, checked when it is committed; an older
+``sweep.json`` is read into the same shape); the writer adds :data:`RESULTS_FILE_KEY` =
+``{"name", "bytes", "sha256"}`` of the results file it belongs to.
 
 Writing is safe against a second writer and against crashes:
 
@@ -50,7 +54,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probekit.errors import ProbekitError
+from probekit.methods import METHODS, method
 from probekit.store.layout import lock_name, sha256_file
 from probekit.store.outdir import LOCK, OutputDir, is_temporary, remove_temporaries, write_error
 from probekit.store.parts import MERGE_LOCK, PARTS, RankParts
@@ -83,8 +88,6 @@ SCHEMA = pa.schema([
     ("n_choices", pa.int16()),
 ])
 COLUMNS = tuple(SCHEMA.names)
-#: The supervision methods a row can come from (the ``method`` column).
-METHODS = ("probe", "icl", "finetune", "zero_shot", "zero_shot_cot", "icl_cot", "finetune_cot")
 #: Columns a reader fills when a table lacks them (tables written before they existed): name -> value,
 #: or a function of the table (``method``: :func:`method_of` its train level and site).
 FILLED = {
@@ -95,7 +98,7 @@ FILLED = {
 #: Columns a results table must have to be read (``p_gold`` is optional).
 REQUIRED_COLUMNS = tuple(c for c in COLUMNS if c != "p_gold" and c not in FILLED)
 
-#: The experiments a row can come from (the ``experiment`` column; :func:`probekit.probe.plan.plan`).
+#: The experiments a row can come from (the ``experiment`` column; :func:`probekit.design.plan.plan`).
 EXPERIMENTS = ("population", "all_to_all", "learning_curve", "label_noise")
 #: The kinds of run that write a results directory (:func:`run_kind`), in words.
 RUN_KINDS = {"sweep": "a probe sweep", "finetune": "a fine-tuning run", "generate": "a generation run"}
@@ -106,18 +109,44 @@ TRAIN_LEVELS_EXTRA = ("all", "zero_shot")
 #: (:func:`probekit.store.icl_scores.demo_level`).
 _OTHER_SET_LEVEL = re.compile(r"^([^:\s]+:(all|[^:\s@]+(@[^:\s]+)?:(easy|medium|hard))"
                               r"|(easy|medium|hard)@[^=\s]+=[^\s]+)$")
-#: Methods whose rows score generated text: no probability of the gold answer (``p_gold`` NaN).
-NO_P_GOLD = ("zero_shot_cot", "icl_cot", "finetune_cot")
 #: The test levels a row can have ("" for an item whose level is unknown).
 TEST_LEVELS = ("easy", "medium", "hard", "")
 
 
 def method_of(train_level: Any, site: Any) -> Any:
-    """The ``method`` of rows without one (older tables): ``zero_shot`` for zero-shot rows, ``icl``
-    for rows of site "icl", else ``probe``. Works on scalars and on arrays/Series."""
+    """The ``method`` of rows of tables written before the column existed: ``zero_shot`` for zero-shot
+    rows, ``icl`` for rows of site "icl" (where those tables put ICL rows), else ``probe``. Works on
+    scalars and on arrays/Series."""
     level, where = np.asarray(train_level, dtype=object), np.asarray(site, dtype=object)
     out = np.where(level == "zero_shot", "zero_shot", np.where(where == "icl", "icl", "probe"))
     return out.item() if out.ndim == 0 else out
+
+
+def without_method_heads(table: pd.DataFrame) -> pd.DataFrame:
+    """``table`` with ``site`` and ``solver`` emptied in the rows of methods without a probe head.
+
+    Tables of earlier versions wrote the method's name there (ICL rows: site and solver "icl";
+    fine-tuning rows: site "finetune", solver "lora"; chain-of-thought rows: site "cot", solver
+    "cot" or "lora"; zero-shot rows: the sweep's site, solver "zero_shot"); a table written now
+    has them empty already and is returned as it is."""
+    headless = [name for name, m in METHODS.items() if not m.probe_head]
+    rows = np.asarray(table["method"].astype(str).isin(headless), dtype=bool)
+    if not rows.any():
+        return table
+    out = table.copy(deep=False)
+    for column in ("site", "solver"):
+        values = out[column]
+        if not (values[rows].astype(str) != "").any():
+            continue
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            values = values.cat.add_categories([""]) if "" not in values.cat.categories else values.copy()
+            values[rows] = ""
+            out[column] = values.cat.remove_unused_categories()
+        else:
+            out[column] = values.where(~rows, "")
+    return out
+
+
 #: The ``site`` of the shortcut controls' rows (:mod:`probekit.probe.controls`): a probe on the choices'
 #: surface features, and the training draw's majority position. Never a headline head.
 SURFACE_SITE = "surface"
@@ -141,14 +170,116 @@ def is_results_entry(name: str) -> bool:
 
 def run_kind(config: Mapping[str, Any] | None) -> str | None:
     """What wrote a results directory, by its ``sweep.json``: ``"generate"``, ``"finetune"`` or
-    ``"sweep"`` (:data:`RUN_KINDS`); None without a configuration."""
+    ``"sweep"`` (:data:`RUN_KINDS`); None without a configuration. A ``sweep.json`` of an earlier
+    version, without ``kind``, is told by what it holds: a generation run's ``format_of``, a
+    fine-tuning run's ``method`` or ``run``."""
     if not isinstance(config, Mapping):
         return None
+    if "kind" in config:
+        return str(config["kind"])
     if config.get("format_of") == "probekit generate":
         return "generate"
     if config.get("method") == "finetune" or "run" in config:
         return "finetune"
     return "sweep"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """``sweep.json``: what a run did, in one shape for every kind of run (:data:`RUN_KINDS`).
+
+    ``kind``: what wrote the directory (``sweep``, ``finetune``, ``generate``). ``dataset``: the
+    question set's name; ``dataset_fingerprint`` its fingerprint where the run checked one; ``model``
+    and ``prompt``: the model's identity and the prompt as the run used them (the cache's for a run
+    on a cache); ``cache`` and ``cache_manifest_sha256`` (:data:`CACHE_HASH_KEY`): the cache a run
+    read, None for a run without one. ``config``: the kind's settings; ``seed``: the seed of its
+    draws; ``counts``: what it did (``rows``: the results table's rows, and the kind's own counts).
+    ``details``: the kind's further entries (timings, devices, ranks, losses, cross-validation
+    paths), written after ``counts``.
+
+    :meth:`to_json` is what ``sweep.json`` holds (the optional entries only when set);
+    :meth:`from_json` reads one back, an earlier version's too (:func:`run_kind`; a generation
+    run's settings were under ``generate``), into this shape. The record is checked
+    (:meth:`check`) when it is committed.
+    """
+
+    kind: str
+    dataset: str
+    model: dict
+    prompt: dict
+    config: dict
+    seed: int | None
+    counts: dict
+    cache: str | None = None
+    cache_manifest_sha256: str | None = None
+    dataset_fingerprint: str | None = None
+    details: dict = field(default_factory=dict)
+    format: str = FORMAT
+
+    _ORDER = ("format", "kind", "cache", CACHE_HASH_KEY, "dataset", "dataset_fingerprint", "model", "prompt",
+              "config", "seed", "counts")
+    _OPTIONAL = ("cache", CACHE_HASH_KEY, "dataset_fingerprint")
+
+    def check(self) -> None:
+        """Refuse a record whose entries do not have their types, in one line naming the entry."""
+        def refuse(name: str, rule: str) -> None:
+            raise ProbekitError(f"{CONFIG}: {name} must be {rule}, got {getattr(self, name, None)!r}")
+
+        if self.format != FORMAT:
+            refuse("format", repr(FORMAT))
+        if self.kind not in RUN_KINDS:
+            refuse("kind", f"one of {', '.join(RUN_KINDS)}")
+        if not isinstance(self.dataset, str):
+            refuse("dataset", "a question set's name")
+        for name in ("model", "prompt", "config", "counts", "details"):
+            if not isinstance(getattr(self, name), dict):
+                refuse(name, "a JSON object")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            refuse("seed", "a non-negative integer or None")
+        for name in ("cache", "cache_manifest_sha256", "dataset_fingerprint"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                refuse(name, "a string or None")
+        clash = sorted(set(self.details) & {*self._ORDER, "run", RESULTS_FILE_KEY})
+        if clash:
+            raise ProbekitError(f"{CONFIG}: details may not hold {clash[0]!r}, an entry of the record itself")
+
+    def to_json(self) -> dict[str, Any]:
+        """The record as ``sweep.json`` holds it (optional entries only when set), checked first."""
+        self.check()
+        out = {}
+        for key in self._ORDER:
+            value = getattr(self, "cache_manifest_sha256" if key == CACHE_HASH_KEY else key)
+            if value is not None or key not in self._OPTIONAL:
+                out[key] = value
+        return {**out, **self.details}
+
+    @classmethod
+    def from_json(cls, config: Mapping[str, Any], path: str | os.PathLike = CONFIG) -> RunRecord:
+        """The record of a ``sweep.json`` (without its results-file record), an earlier version's too;
+        a record that does not hold is refused in one line naming ``path``."""
+        raw = dict(config)
+        kind = run_kind(raw)
+        raw.pop("kind", None)
+        raw.pop("run", None)
+        raw.pop(RESULTS_FILE_KEY, None)
+        if kind == "generate" and "format_of" in raw:  # earlier generation runs: settings under "generate"
+            raw.pop("format_of")
+            raw["config"] = raw.pop("generate", {})
+            raw.setdefault("seed", raw["config"].get("seed"))
+        if kind == "finetune" and raw.get("method") == "finetune":
+            raw.pop("method")
+        values = {f.name: raw.pop(f.name, None) for f in fields(cls) if f.name not in ("kind", "details")}
+        record = cls(
+            kind=kind, dataset=values["dataset"] or "", model=values["model"] or {}, prompt=values["prompt"] or {},
+            config=values["config"] or {}, seed=values["seed"], counts=values["counts"] or {},
+            cache=values["cache"], cache_manifest_sha256=values["cache_manifest_sha256"],
+            dataset_fingerprint=values["dataset_fingerprint"], details=raw, format=values["format"] or FORMAT,
+        )
+        try:
+            record.check()
+        except ProbekitError as exc:
+            raise ProbekitError(f"{path}: {str(exc).removeprefix(CONFIG + ': ')}") from None
+        return record
 
 
 def refuse_other_run(out: str | os.PathLike, kind: str, what: str = "results directory") -> None:
@@ -176,6 +307,21 @@ def holding_results(out: str | os.PathLike, kind: str, rank: int | None = None) 
         yield held
 
 
+def check_head(name: str, site: str, layer: str, solver: str) -> None:
+    """Refuse rows of an unregistered method, and a site, layer or solver on the rows of a method
+    without a probe head (:attr:`probekit.methods.Method.probe_head`), in one line."""
+    if not method(name).probe_head and (site or layer or solver):
+        raise ProbekitError(f"rows of method {name!r} carry no site, layer or solver (it has no probe head); got "
+                            f"site {site!r}, layer {layer!r}, solver {solver!r}")
+
+
+def check_methods(table: pa.Table) -> None:
+    """Refuse a :data:`SCHEMA` table naming a method the registry does not hold, in one line."""
+    names = {name for chunk in table.column("method").chunks for name in chunk.dictionary.to_pylist()}
+    for name in sorted(names):
+        method(name)
+
+
 class ResultRows:
     """Builds :data:`SCHEMA` batches of one experiment at one site; counts the rows built.
 
@@ -201,16 +347,14 @@ class ResultRows:
         idx = np.where(codes < 0, len(self.level_names) - 1, codes).astype(np.int32)
         return pa.DictionaryArray.from_arrays(pa.array(idx), pa.array(self.level_names, pa.string()))
 
-    def table(self, *, layer: str, measure: str, train_level: str, draw: int, n_train: int, noise: float,
-              solver: str, rows: np.ndarray, test_levels: np.ndarray, correct: np.ndarray,
-              p_gold: np.ndarray, method: str | None = None, zero_weights: bool = False) -> pa.Table:
-        """Rows for test items ``rows`` (indices into ``item_ids``) of one head. ``method`` defaults
-        to :func:`method_of` the train level and site (probe heads, zero-shot and ICL rows);
+    def table(self, *, method: str, layer: str, measure: str, train_level: str, draw: int, n_train: int,
+              noise: float, solver: str, rows: np.ndarray, test_levels: np.ndarray, correct: np.ndarray,
+              p_gold: np.ndarray, zero_weights: bool = False) -> pa.Table:
+        """Rows for test items ``rows`` (indices into ``item_ids``) of one head of ``method`` (a name of
+        :data:`probekit.methods.METHODS`; a method without a probe head takes no site, layer or solver);
         ``zero_weights``: the head's exact optimum has zero weights
         (:func:`probekit.probe.solvers.zero_is_optimal`)."""
-        method = method_of(train_level, self.site) if method is None else method
-        if method not in METHODS:
-            raise ProbekitError(f"unknown method {method!r}: one of {', '.join(METHODS)}")
+        check_head(method, self.site, layer, solver)
         n = len(rows)
         self.n_rows += n
         cols = [
@@ -297,7 +441,10 @@ class ResultsWriter:
 
     def write_part(self, key: str, tables: Sequence[pa.Table], info: Mapping[str, Any] | None = None) -> None:
         """Write the rows of one finished piece atomically (``RES/parts/<key>.parquet``), with
-        ``info`` (JSON) in its metadata (read back by :meth:`part_info`)."""
+        ``info`` (JSON) in its metadata (read back by :meth:`part_info`). A table naming an
+        unregistered method is refused."""
+        for table in tables:
+            check_methods(table)
         self._parts.write(key, pa.concat_tables(tables) if tables else SCHEMA.empty_table(), info)
 
     def read_part(self, key: str) -> pa.Table:
@@ -316,7 +463,7 @@ class ResultsWriter:
         """Every rank's recorded counts (None for a rank that has not recorded them)."""
         return self._parts.counts()
 
-    def merge(self, keys: Sequence[str], config: Callable[[int], Mapping[str, Any]]) -> dict[str, Any] | None:
+    def merge(self, keys: Sequence[str], config: Callable[[int], RunRecord]) -> dict[str, Any] | None:
         """Resumable runs: once every part in ``keys`` is written, concatenate them (in that order)
         into ``results.parquet`` and commit ``config(n_rows)`` as ``sweep.json``; returns the record
         written, or None while parts are missing (another rank is still at work and merges when it
@@ -334,7 +481,8 @@ class ResultsWriter:
             return self.commit(config(n))
 
     def append(self, table: pa.Table) -> None:
-        """Add rows (a :data:`SCHEMA` table)."""
+        """Add rows (a :data:`SCHEMA` table); a table naming an unregistered method is refused."""
+        check_methods(table)
         self._tables.append(table)
         self._n += table.num_rows
         if self._n >= self.row_group:
@@ -348,8 +496,12 @@ class ResultsWriter:
                 raise write_error(exc, self._tmp) from None
         self._tables, self._n = [], 0
 
-    def commit(self, config: Mapping[str, Any]) -> dict[str, Any]:
-        """Finish the table and commit it with ``config`` as ``sweep.json``; returns what was written."""
+    def commit(self, record: RunRecord) -> dict[str, Any]:
+        """Finish the table and commit it with ``record`` as ``sweep.json`` (checked first: nothing is
+        committed for a record that does not hold); returns what was written."""
+        if not isinstance(record, RunRecord):
+            raise TypeError(f"commit takes a RunRecord, not {type(record).__name__}")
+        config = record.to_json()
         self._flush()
         writer, self._writer = self._writer, None
         try:
@@ -367,12 +519,13 @@ class ResultsWriter:
 
 @dataclass(frozen=True)
 class Results:
-    """A results directory as read: the per-item table, the configuration (``sweep.json``
-    without its results-file record, or None when absent) and the table file's sha256."""
+    """A results directory as read: the per-item table, the configuration (``sweep.json`` as
+    written, without its results-file record), its :class:`RunRecord` and the table file's sha256."""
 
     path: Path
     table: pd.DataFrame
-    sweep: dict | None
+    sweep: dict
+    record: RunRecord
     sha256: str | None = None
 
 
@@ -424,7 +577,8 @@ def read_results(results_dir: str | os.PathLike, columns: Sequence[str] | None =
             table[column] = fill(table)
     p_gold = table["p_gold"] if "p_gold" in table.columns else _column(raw, "p_gold", path)
     check_values(table, path, p_gold)
-    return Results(root, table, sweep, found["sha256"])
+    record = RunRecord.from_json(sweep, root / CONFIG)
+    return Results(root, without_method_heads(table), sweep, record, found["sha256"])
 
 
 def _column(raw: bytes, name: str, path: Path) -> np.ndarray | None:
@@ -450,7 +604,7 @@ def check_values(table: pd.DataFrame, path: str | os.PathLike, p_gold: Any = Non
     value and the first row's item: an unknown experiment, method, training or test level; a
     negative draw or n_train; label noise outside [0, 1]; correct other than 0 or 1; p_gold (the
     table's column, or ``p_gold`` given apart) outside [0, 1], or NaN for a method that has a
-    probability of the gold answer (every method but :data:`NO_P_GOLD`)."""
+    probability of the gold answer (every method whose :attr:`~probekit.methods.Method.p_gold` is set)."""
     def refuse(bad: np.ndarray, column: str, rule: str) -> None:
         row = int(np.flatnonzero(bad)[0])
         value = table[column].iloc[row] if column in table.columns else p_gold[row]
@@ -486,10 +640,11 @@ def check_values(table: pd.DataFrame, path: str | os.PathLike, p_gold: Any = Non
         refuse(bad, "correct", "0 or 1")
     if p_gold is not None:
         p = pd.to_numeric(pd.Series(np.asarray(p_gold)), errors="coerce").to_numpy(float)
-        free = np.asarray(table["method"].isin(NO_P_GOLD), dtype=bool)
+        no_p_gold = [name for name, m in METHODS.items() if not m.p_gold]
+        free = np.asarray(table["method"].isin(no_p_gold), dtype=bool)
         bad = np.where(np.isnan(p), ~free, ~((p >= 0) & (p <= 1)))
         if bad.any():
-            refuse(bad, "p_gold", f"a probability in [0, 1] (NaN only for {', '.join(NO_P_GOLD)} rows, which "
+            refuse(bad, "p_gold", f"a probability in [0, 1] (NaN only for {', '.join(no_p_gold)} rows, which "
                                   "score generated text)")
 
 
@@ -505,12 +660,6 @@ def read_config(results_dir: str | os.PathLike) -> dict | None:
     if not isinstance(config, dict):
         raise ProbekitError(f"{path} must hold a JSON object")
     return config
-
-
-def cache_hash(config: Mapping[str, Any] | None) -> str | None:
-    """The cache manifest hash a run's configuration records (:data:`CACHE_HASH_KEY`), or None."""
-    value = config.get(CACHE_HASH_KEY) if isinstance(config, Mapping) else None
-    return value if isinstance(value, str) else None
 
 
 #: Columns of :func:`cv_table`: the results table's keys of a head, then its cross-validation curve.

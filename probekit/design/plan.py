@@ -2,11 +2,14 @@
 
 Pure numpy over the cache's item table; no features are read here. Each :class:`Head` is one
 fit; it emits result rows for one or more measures (a head trained on all items serves every
-measure, labelled by each measure's test levels).
+measure, labelled by each measure's test levels). Every method trained on the study's draws (the
+probe sweep, fine-tuning) fits the heads of :func:`plan`, so their rows pair item by item; each head
+is initialised from :func:`head_seed` of its name.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -165,6 +168,13 @@ def plan(
                                                   key=f"{key}/{n}/{rate:g}")
                         heads.append(Head(experiment, level, b, n, rate, rows, labels, exclude, group))
     return heads
+
+
+def head_seed(seed: int, name: str) -> int:
+    """A 31-bit integer naming one head's initialisation, derived from the run's seed and the head's name
+    (a probe head's key, a fine-tune's adapters and data order)."""
+    digest = hashlib.sha256(f"{int(seed)}/{name}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
 def layer_label(layers: Sequence[int]) -> str:
