@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from probekit.errors import ProbekitError
 from probekit.finetune import Recipe, schedule
-from probekit.finetune.train import TrainLog
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE_ROOT = REPO / "cache"
@@ -189,40 +188,35 @@ def test_a_model_without_linear_layers_is_refused():
 
 # ----- the run: the sweep's training items, resumable parts ---------------------------------------
 @pytest.fixture()
-def fake_training(monkeypatch):
-    """Training and scoring replaced by records: which items each fine-tune got, fixed scores."""
+def training_seen(monkeypatch):
+    """Which items and labels each fine-tune trains on, with which seed: the real training, its
+    arguments recorded on the way in."""
     import probekit.finetune.run as run
 
-    seen = []
+    seen, real = [], run.train_adapters
 
     def train(lm, model, encoded, labels, recipe, seed, **kw):
         seen.append(([e.item_id for e in encoded], list(np.asarray(labels)), seed))
-        return TrainLog(losses=[0.5], updates=1)
-
-    def score(lm, encoded, batch_size=16, max_choices=None):
-        out = np.full((len(encoded), max_choices), -np.inf, np.float32)
-        for i, e in enumerate(encoded):
-            out[i, :len(e.choices)] = -np.arange(len(e.choices), dtype=np.float32)  # always choice 0
-        return out
+        return real(lm, model, encoded, labels, recipe, seed, **kw)
 
     monkeypatch.setattr(run, "train_adapters", train)
-    monkeypatch.setattr(run, "score_items", score)
     return seen
 
 
-def test_training_rows_and_test_items_are_the_sweeps(lm, real_cache, demo_items, tmp_path, fake_training):
+@pytest.mark.slow
+def test_training_rows_and_test_items_are_the_sweeps(lm, real_cache, demo_items, tmp_path, training_seen):
     from probekit.design import item_frame, load_items, open_cache, plan
     from probekit.finetune import finetune
     from probekit.probe import sweep
     from probekit.store.results import read_results
 
     kw = dict(measures=["grade"], n_train=[8], draws=2, seed=7, levels=["easy", "hard"])
-    finetune(real_cache, demo_items, tmp_path / "ft", lm, **kw)
+    finetune(real_cache, demo_items, tmp_path / "ft", lm, max_updates=1, **kw)
     cache = open_cache(real_cache)
     items, measures = load_items(cache, ["grade"])
     frame = item_frame(items, cache.manifest["dataset"]["name"], measures)
     heads = plan(frame, "population", measures, n_train=[8], draws=2, seed=7, levels=["easy", "hard"])
-    assert [(ids, labels) for ids, labels, _ in fake_training] == [
+    assert [(ids, labels) for ids, labels, _ in training_seen] == [
         (list(frame.ids[h.rows]), list(h.labels)) for h in heads]
     sweep(real_cache, tmp_path / "probe", layers="-1", **kw)
     key = ["train_level", "draw", "n_train", "measure"]
@@ -237,14 +231,15 @@ def test_training_rows_and_test_items_are_the_sweeps(lm, real_cache, demo_items,
     pd.testing.assert_frame_equal(zs(ft).astype(str), zs(pr).astype(str))
 
 
+@pytest.mark.slow
 def test_a_rerun_skips_finished_heads_and_equals_an_uninterrupted_run(lm, real_cache, demo_items, tmp_path,
-                                                                     fake_training):
+                                                                     training_seen):
     from probekit.finetune import finetune
     from probekit.store.results import read_results
 
-    kw = dict(measures=["grade"], n_train=[4], draws=2, levels=["easy"], test_levels=["hard"])
+    kw = dict(measures=["grade"], n_train=[4], draws=2, levels=["easy"], test_levels=["hard"], max_updates=1)
     full = finetune(real_cache, demo_items, tmp_path / "a", lm, save_adapters=tmp_path / "adapters", **kw)
-    assert full["counts"]["trained_now"] == 2 and len(fake_training) == 2
+    assert full["counts"]["trained_now"] == 2 and len(training_seen) == 2
     assert (tmp_path / "adapters" / "population__grade__easy__1__4__0" / "adapter_config.json").is_file()
     parts = sorted(p.name for p in (tmp_path / "a" / "parts").iterdir())
     assert parts == ["population__grade__easy__0__4__0.parquet", "population__grade__easy__1__4__0.parquet",
@@ -267,7 +262,8 @@ def test_a_rerun_skips_finished_heads_and_equals_an_uninterrupted_run(lm, real_c
     assert "site `finetune`" in (tmp_path / "rep" / "report.md").read_text() and summary
 
 
-def test_cli_errors_are_one_line(real_cache, demo_items, tmp_path, lm, fake_training):
+@pytest.mark.slow
+def test_cli_errors_are_one_line(real_cache, demo_items, tmp_path, lm):
     from probekit.cli import app
     from probekit.finetune import finetune
 
@@ -278,11 +274,10 @@ def test_cli_errors_are_one_line(real_cache, demo_items, tmp_path, lm, fake_trai
     assert not (tmp_path / "x").exists()
     # a directory holding another run (other settings)
     finetune(real_cache, demo_items, tmp_path / "y", lm, measures=["grade"], n_train=[4], draws=1,
-             levels=["easy"], test_levels=["hard"])
+             levels=["easy"], test_levels=["hard"], max_updates=1)
     with pytest.raises(ProbekitError, match="holds another run"):
         finetune(real_cache, demo_items, tmp_path / "y", lm, measures=["grade"], n_train=[4], draws=1,
-                 levels=["easy"], test_levels=["hard"], seed=1)
-
+                 levels=["easy"], test_levels=["hard"], max_updates=1, seed=1)
 
 
 @pytest.mark.slow

@@ -276,7 +276,7 @@ def garbage(df):
 @pytest.mark.parametrize("change, message", [
     (lambda df: df.drop(columns=["test_level"]), "lacks column(s) test_level"),
     (no_hard_grade, "no hard-test rows for measure 'grade'"),
-    (lambda df: df.assign(correct=2), "correct must be 0 or 1"),
+    (lambda df: df.assign(correct=2), "correct must be 0 or 1 (the table was changed"),
     (lambda df: pd.concat([df, df[df["train_level"] == "hard"].iloc[[0]]]), "appears twice"),
     (lambda df: df.iloc[:0], "has no rows"),
 ])

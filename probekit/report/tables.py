@@ -126,11 +126,7 @@ def _normalise(table: pd.DataFrame, path: Path) -> pd.DataFrame:
         out["n_choices"] = out["n_choices"].astype(np.int64)
     except (TypeError, ValueError) as exc:
         raise ProbekitError(f"{path}: non-numeric draw, n_train, label_noise, correct or n_choices ({exc})") from None
-    bad = ~out["correct"].isin([0.0, 1.0])
-    if bad.any():
-        row = out[bad].iloc[0]
-        raise ProbekitError(f"{path}: correct must be 0 or 1, got {row['correct']!r} for item {row['item_id']!r}")
-    return out
+    return out  # values were checked by read_results (probekit.store.results.check_values)
 
 
 def treat_zero_weights(table: pd.DataFrame, treatment: str) -> pd.DataFrame:
