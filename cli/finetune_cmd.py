@@ -10,7 +10,7 @@ from rich.text import Text
 
 from probekit.cli import app
 from probekit.cli.common import DEVICE_HELP, DTYPE_HELP, QUANTIZE_HELP, clean_errors, console, model_spec
-from probekit.cli.sweep_cmd import _cutoffs, _ints, _items, _noise
+from probekit.cli.sweep_cmd import parse_cutoffs, parse_ints, parse_list, parse_noise
 
 #: Library settings named otherwise on this command (the others are --name-with-dashes).
 OPTIONS = {"r": "--lora-r {value}", "alpha": "--lora-alpha {value}", "dropout": "--lora-dropout {value}"}
@@ -113,10 +113,10 @@ def finetune_cmd(
                     console.print(f"{fields['name']}: scored {fields['items']} items", highlight=False)
 
             record = finetune(
-                cache, items, out, spec, experiment=experiment, measures=_items(measures, "--measures"),
-                n_train=_ints(n_train, "--n-train"), label_noise=_noise(label_noise, experiment), draws=draws,
-                seed=seed, levels=_items(levels, "--levels"), test_levels=_items(test_levels, "--test-levels"),
-                cutoffs=_cutoffs(cutoff),
+                cache, items, out, spec, experiment=experiment, measures=parse_list(measures, "--measures"),
+                n_train=parse_ints(n_train, "--n-train"), label_noise=parse_noise(label_noise, experiment), draws=draws,
+                seed=seed, levels=parse_list(levels, "--levels"), test_levels=parse_list(test_levels, "--test-levels"),
+                cutoffs=parse_cutoffs(cutoff),
                 recipe=recipe, zero_shot=zero_shot, save_adapters=save_adapters, verify=verify, progress=progress,
             )
     c = record["counts"]

@@ -36,7 +36,7 @@ def _bar() -> Progress:
     )
 
 
-def _items(text: str | None, name: str) -> list[str] | None:
+def parse_list(text: str | None, name: str) -> list[str] | None:
     """A comma-separated option as its items (None when not given); an empty item (``100,,16``, a
     comma at either end, an empty option) is refused, as the layer grammar refuses it."""
     if text is None:
@@ -50,16 +50,16 @@ def _items(text: str | None, name: str) -> list[str] | None:
     return parts
 
 
-def _ints(text: str, name: str) -> list[int]:
+def parse_ints(text: str, name: str) -> list[int]:
     try:
-        return [int(x) for x in _items(text, name)]
+        return [int(x) for x in parse_list(text, name)]
     except ValueError:
         raise ProbekitError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
 def _floats(text: str, name: str) -> list[float]:
     try:
-        values = [float(x) for x in _items(text, name)]
+        values = [float(x) for x in parse_list(text, name)]
     except ValueError:
         raise ProbekitError(f"{name} must be comma-separated numbers, got {text!r}") from None
     bad = [x for x in values if x != x or x in (float("inf"), float("-inf"))]
@@ -72,7 +72,7 @@ def _floats(text: str, name: str) -> list[float]:
 DEFAULT_NOISE = "0,0.05,0.1,0.2,0.3"
 
 
-def _noise(text: str | None, experiment: str) -> list[float]:
+def parse_noise(text: str | None, experiment: str) -> list[float]:
     """--label-noise: the rates of the label_noise experiment (default :data:`DEFAULT_NOISE`); refused with
     another experiment, which draws no noisy labels."""
     if text is not None and experiment != "label_noise":
@@ -80,7 +80,7 @@ def _noise(text: str | None, experiment: str) -> list[float]:
     return _floats(DEFAULT_NOISE if text is None else text, "--label-noise")
 
 
-def _cutoffs(items: list[str]) -> dict:
+def parse_cutoffs(items: list[str]) -> dict:
     from probekit.data.levels import parse_cutoff
 
     out = {}
@@ -155,10 +155,10 @@ def sweep_cmd(
     from probekit.probe import sweep
 
     with clean_errors():
-        sizes = _ints(n_train, "--n-train")
-        noise = _noise(label_noise, experiment)
+        sizes = parse_ints(n_train, "--n-train")
+        noise = parse_noise(label_noise, experiment)
         grid_C, grid_l2 = _floats(C, "--C"), _floats(l2, "--l2")
-        chosen = _items(measures, "--measures")
+        chosen = parse_list(measures, "--measures")
         with _bar() as bar:
             task = bar.add_task("fit", total=None, layer="")
 
@@ -169,7 +169,7 @@ def sweep_cmd(
                 cache_dir, out, experiment=experiment, measures=chosen, layers=layers, site=site, solver=solver,
                 n_train=sizes, label_noise=noise, draws=draws, seed=seed, pad=pad, C=grid_C, l2=grid_l2,
                 select=select, tol=tol,
-                cutoffs=_cutoffs(cutoff), zero_shot=zero_shot, icl=icl or (), controls=controls, verify=verify,
+                cutoffs=parse_cutoffs(cutoff), zero_shot=zero_shot, icl=icl or (), controls=controls, verify=verify,
                 progress=progress,
             )
     counts = record["counts"]
@@ -228,7 +228,7 @@ def hardness_cmd(
             def progress(done: int, total: int, layer: str) -> None:
                 bar.update(task, completed=done, total=total, layer=layer)
 
-            record = hardness(cache_dir, layers=layers, site=site, sizes=_ints(sizes, "--sizes"), draws=draws,
+            record = hardness(cache_dir, layers=layers, site=site, sizes=parse_ints(sizes, "--sizes"), draws=draws,
                               seed=seed, pad=pad, out=out, verify=verify, progress=progress)
     values = list(record["mdl"].values())
     console.print(f"MDL hardness of {len(values)} probe items (mean {sum(values) / max(len(values), 1):.3f}) -> "

@@ -116,7 +116,7 @@ def build_report(
     headline = choose_headline(table, site, layer, solver)
     experiments = sorted(table["experiment"].unique())
 
-    tick = _Ticker(progress, _count_tasks(table))
+    tick = Ticker(progress, _count_tasks(table))
     population = population_table(table, n_boot, n_boot_sgr, seed, tick, headline, p_value)
     count_zero_weight_heads(population, res.table)
     chosen = headline_records(population, headline)
@@ -150,7 +150,7 @@ def build_report(
         "cv": cv_choices(cv_table(res.sweep), res.sweep),
         "files": [],
     }
-    summary = _jsonable(summary)
+    summary = jsonable(summary)
     _write(Path(out_dir), summary, headline, population, all_to_all, curves, transfer)
     return summary
 
@@ -250,7 +250,7 @@ def check_settings(n_boot, n_boot_sgr, seed, zero_weights, p_value="percentile")
         raise ProbekitError(f"p_value must be one of {', '.join(P_VALUES)}, got {p_value!r}")
 
 
-class _Ticker:
+class Ticker:
     """Counts finished units of work and forwards them to a progress callback."""
 
     def __init__(self, progress: ProgressFn | None, total: int):
@@ -490,12 +490,12 @@ def _curve_display(records: list[dict], x: str) -> pd.DataFrame:
     return wide.reset_index().fillna("")
 
 
-def _jsonable(obj):
+def jsonable(obj):
     """Plain JSON types: numpy scalars to Python, NaN/inf to None, tuples to lists."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.integer,)):
         return int(obj)
     if isinstance(obj, (float, np.floating)):

@@ -60,11 +60,11 @@ from probekit.report import compare_plots
 from probekit.report.build import (
     ProgressFn,
     ReportFiles,
-    _jsonable,
-    _Ticker,
+    Ticker,
     build_report,
     check_settings,
     holding_report,
+    jsonable,
     write_report_dir,
 )
 from probekit.report.tables import (
@@ -366,7 +366,7 @@ def build_comparison(
     pop_heads = [h for h in heads if h.experiment == "population"]
     a2a_heads = [h for h in heads if h.experiment == "all_to_all"]
     a2a_base = [(b, k, v) for b in names for k, v in bases[b].items() if k[2] == "all_to_all"]
-    tick = _Ticker(progress, len(pop_heads) + len(a2a_heads) + len(a2a_base))
+    tick = Ticker(progress, len(pop_heads) + len(a2a_heads) + len(a2a_base))
 
     population = _population(pop_heads, bases, baseline, n_boot, n_boot_sgr, seed, p_value, notes, tick)
     family = add_qvalues(population)
@@ -376,7 +376,7 @@ def build_comparison(
     settings = {"n_boot": n_boot, "n_boot_sgr": n_boot_sgr, "seed": seed, "baseline": baseline,
                 "zero_weights": zero_weights, "p_value": p_value, "site": site, "layer": layer, "solver": solver}
     summary = _summary(runs, heads, population, all_to_all, family, notes, warnings, settings)
-    summary = _jsonable(summary)
+    summary = jsonable(summary)
     write_report_dir(Path(out_dir), summary, lambda tmp: _write_files(tmp, summary))
     return summary
 
@@ -427,7 +427,7 @@ def _all_to_all(a2a_base: list, a2a_heads: list[Head], n_boot: int, seed: int, t
 
 def _summary(runs: list[Run], heads: list[Head], population: list[dict], all_to_all: list[dict], family: int,
              notes: list[str], warnings: list, given: dict) -> dict:
-    """The comparison's ``summary.json`` (before :func:`_jsonable`); ``given``: the settings it was asked for."""
+    """The comparison's ``summary.json`` (before :func:`jsonable`); ``given``: the settings it was asked for."""
     models = _model_order(runs)
     spearman, spearman_notes = _spearman(runs)
     notes += spearman_notes

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from probekit.methods import METHODS, method_order
-from probekit.report.plots import COLORS, EXTRA_COLORS, _figure, _save
+from probekit.report.plots import COLORS, EXTRA_COLORS, figure, save_figure
 from probekit.report.tables import NOT_ESTIMABLE, ZERO_SHOT, sgr_flagged
 
 
@@ -42,7 +42,7 @@ def plot_method_sgr(records: list[dict], models: list[str], path: Path) -> Path 
         return None
     methods = _methods(recs)
     groups = sorted({(r["dataset"], r["measure"]) for r in recs})
-    fig, axes = _figure(len(models), width=max(6.5, len(groups) * max(1.3, 0.45 * len(methods)) + 2.0), height=4.6,
+    fig, axes = figure(len(models), width=max(6.5, len(groups) * max(1.3, 0.45 * len(methods)) + 2.0), height=4.6,
                         ncols=1)
     width = min(0.8 / len(methods), 0.3)
     for ax, model in zip(axes, models):
@@ -86,7 +86,7 @@ def plot_method_sgr(records: list[dict], models: list[str], path: Path) -> Path 
         ax.legend(fontsize=7, loc="best")
     fig.suptitle("SGR = (easy − zero-shot) / (hard − zero-shot), hard test\nshared zero-shot; whiskers: 95% CI",
                  fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_model_size(records: list[dict], models: list[dict], path: Path) -> Path | None:
@@ -96,7 +96,7 @@ def plot_model_size(records: list[dict], models: list[dict], path: Path) -> Path
         return None
     names = [m["model"] for m in models]
     methods = _methods(records)
-    fig, axes = _figure(2 * len(groups), width=max(4.4, 0.9 * len(names) + 2.0), height=3.2, ncols=2)
+    fig, axes = figure(2 * len(groups), width=max(4.4, 0.9 * len(names) + 2.0), height=3.2, ncols=2)
     x = np.arange(len(names))
     for g, (dataset, measure) in enumerate(groups):
         top, bottom = axes[2 * g], axes[2 * g + 1]  # a row per (dataset, measure): SGR | accuracy
@@ -135,4 +135,4 @@ def plot_model_size(records: list[dict], models: list[dict], path: Path) -> Path
         top.legend(fontsize=7, loc="best")
         bottom.legend(fontsize=7, loc="best")
     fig.suptitle("SGR and hard-test accuracy by model (smallest first)")
-    return _save(fig, path)
+    return save_figure(fig, path)

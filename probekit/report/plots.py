@@ -33,7 +33,7 @@ def _color(level: str, i: int = 0) -> str:
     return COLORS.get(level, EXTRA_COLORS[i % len(EXTRA_COLORS)])
 
 
-def _figure(n_panels: int, width: float = 4.6, height: float = 3.4, ncols: int = 3):
+def figure(n_panels: int, width: float = 4.6, height: float = 3.4, ncols: int = 3):
     ncols = max(1, min(ncols, n_panels))
     nrows = math.ceil(n_panels / ncols)
     fig = Figure(figsize=(width * ncols, height * nrows), dpi=DPI, layout="constrained")
@@ -42,7 +42,7 @@ def _figure(n_panels: int, width: float = 4.6, height: float = 3.4, ncols: int =
     return fig, axes
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     fig.savefig(path, format="png", dpi=DPI)
     return path
 
@@ -60,7 +60,7 @@ def plot_layer_curves(records: list[dict], headline: Headline, path: Path, zero_
     measures = sorted({r["measure"] for r in recs})
     if not measures:
         return None
-    fig, axes = _figure(len(measures))
+    fig, axes = figure(len(measures))
     for ax, measure in zip(axes, measures):
         rm = sorted((r for r in recs if r["measure"] == measure), key=lambda r: layer_key(r["layer"]))
         # single layers form the curve at their own index; layer sets ("16+30") stand to its right
@@ -105,7 +105,7 @@ def plot_layer_curves(records: list[dict], headline: Headline, path: Path, zero_
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
     fig.suptitle(f"Hard-test accuracy by layer ({headline.site}, solver {headline.solver}; bands: 95% bootstrap CI)")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_sgr(records: list[dict], headline: Headline, path: Path) -> Path | None:
@@ -115,7 +115,7 @@ def plot_sgr(records: list[dict], headline: Headline, path: Path) -> Path | None
     if not recs:
         return None
     recs = sorted(recs, key=lambda r: r["measure"])
-    fig, (ax,) = _figure(1, width=max(5.5, 1.2 * len(recs) + 2.5), height=4.2)
+    fig, (ax,) = figure(1, width=max(5.5, 1.2 * len(recs) + 2.5), height=4.2)
     x = np.arange(len(recs))
     point = np.array([r["sgr"]["point"] for r in recs])
     lo = np.array([r["sgr"]["lo"] for r in recs])
@@ -152,7 +152,7 @@ def plot_sgr(records: list[dict], headline: Headline, path: Path) -> Path | None
                  f"hard test, {headline.site}, layer {headline.layer}", fontsize=10)
     ax.legend(fontsize=8, loc="best")
     ax.grid(alpha=0.3, axis="y")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_transfer(frame: pd.DataFrame, headline: Headline, path: Path) -> Path | None:
@@ -160,7 +160,7 @@ def plot_transfer(frame: pd.DataFrame, headline: Headline, path: Path) -> Path |
     if frame.empty:
         return None
     measures = sorted(frame["measure"].unique())
-    fig, axes = _figure(len(measures), width=4.2, height=3.4)
+    fig, axes = figure(len(measures), width=4.2, height=3.4)
     vmin, vmax = 100 * frame["accuracy"].min(), 100 * frame["accuracy"].max()
     image = None
     for ax, measure in zip(axes, measures):
@@ -183,7 +183,7 @@ def plot_transfer(frame: pd.DataFrame, headline: Headline, path: Path) -> Path |
         ax.set_title("random split (all_to_all)" if measure == "all" else measure)
     fig.colorbar(image, ax=axes, label="accuracy (%)", shrink=0.8)
     fig.suptitle(f"Accuracy by training and test level ({headline.site}, layer {headline.layer})")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(records: list[dict], x: str, path: Path, title: str, xlabel: str,
@@ -197,7 +197,7 @@ def plot_curves(records: list[dict], x: str, path: Path, title: str, xlabel: str
     measures = sorted({r["measure"] for r in trained})
     if not measures:
         return None
-    fig, axes = _figure(len(measures))
+    fig, axes = figure(len(measures))
     for ax, measure in zip(axes, measures):
         rm = [r for r in trained if r["measure"] == measure]
         heads = sorted({(r["site"], r["layer"], r["solver"]) for r in rm}, key=lambda h: (h[0], layer_key(h[1]), h[2]))
@@ -226,4 +226,4 @@ def plot_curves(records: list[dict], x: str, path: Path, title: str, xlabel: str
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8, loc="best")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
