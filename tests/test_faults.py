@@ -370,13 +370,12 @@ def test_unwritable_cache_and_report_folders_give_one_line(tmp_path, monkeypatch
 
 
 def test_cli_turns_a_stray_os_error_into_one_line(tmp_path, monkeypatch):
-    from probekit.report import build
+    from probekit.report import compare
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/locked")
 
-    monkeypatch.setattr(build, "build_report", denied)
-    monkeypatch.setattr("probekit.cli.report_cmd.build_report", denied)
+    monkeypatch.setattr(compare, "build_report", denied)  # what `probekit report` calls for one run
     res = CliRunner().invoke(app, ["report", str(tmp_path), "--out", str(tmp_path / "rep")])
     assert error_line(res) == "error: Permission denied: /somewhere/locked"
 
