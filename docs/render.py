@@ -1,6 +1,6 @@
 """Render the numbers the docs show from the reports' summaries, so that no number in them is typed.
 
-    python docs/render.py trim REPORT_DIR NAME   # docs/results/NAME.json: the fields the docs show (+ its plots)
+    python docs/render.py trim REPORT_DIR NAME   # docs/results/NAME.json: the fields the docs show (+ the plots they show)
     python docs/render.py                        # rewrite every rendered block of README.md and docs/*.md
     python docs/render.py --check                # exit 1 naming each block that differs from its rendering
 
@@ -293,8 +293,9 @@ def main(argv: list[str]) -> int:
         summary = json.loads((Path(report) / "summary.json").read_text())
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / f"{name}.json").write_text(json.dumps(trim(summary), indent=1, ensure_ascii=False) + "\n")
-        for plot in ("sgr", "layer_curves"):
-            if (Path(report) / f"{plot}.png").is_file():
+        shown = "".join(page.read_text() for page in DOCS)
+        for plot in ("sgr", "layer_curves"):  # the plots a page shows
+            if f"results/{name}_{plot}.png" in shown and (Path(report) / f"{plot}.png").is_file():
                 shutil.copyfile(Path(report) / f"{plot}.png", RESULTS / f"{name}_{plot}.png")
         return 0
     check = argv == ["--check"]
