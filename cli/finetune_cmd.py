@@ -10,7 +10,7 @@ from rich.text import Text
 
 from probekit.cli import app
 from probekit.cli.common import DEVICE_HELP, DTYPE_HELP, QUANTIZE_HELP, clean_errors, console, model_spec
-from probekit.cli.sweep_cmd import parse_cutoffs, parse_ints, parse_list, parse_noise
+from probekit.cli.sweep_cmd import parse_cutoffs, parse_floats, parse_ints, parse_list, parse_noise
 
 #: Library settings named otherwise on this command (the others are --name-with-dashes).
 OPTIONS = {"r": "--lora-r {value}", "alpha": "--lora-alpha {value}", "dropout": "--lora-dropout {value}"}
@@ -130,3 +130,78 @@ def finetune_cmd(
         f"({record['updates_per_second']} updates/s), {c['rows']:,} rows, {record['wall_seconds']:.1f} s -> {out}",
         highlight=False,
     )
+
+
+@app.command("finetune-select")
+def finetune_select_cmd(
+    cache_dir: Path = typer.Argument(..., help="Cache directory written by `probekit extract`."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for selection.json (a rerun keeps finished runs)."),
+    measure: str = typer.Option(..., "--measure", "-m", help="The head's measure, e.g. grade."),
+    level: str = typer.Option("easy", "--level", help="The head's training level."),
+    draw: int = typer.Option(0, "--draw", help="The head's draw (as in finetune and sweep)."),
+    n_train: int = typer.Option(160, "--n-train", help="The head's training size; the validation split is "
+                                                       "carved from these items."),
+    validation: float = typer.Option(0.2, "--validation", help="Fraction of the draw held out for validation."),
+    lrs: str = typer.Option("1e-4,3e-4,1e-3", "--lr", help="Learning rates to try."),
+    updates: str = typer.Option("10,20,50,100", "--updates", help="Update counts to score the validation items at."),
+    dataset: str | None = typer.Option(None, "--dataset", "-d", help="The cache's question set (default: its "
+                                                                      "manifest's)."),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="Folder with the original files, as for extract."),
+    seed: int = typer.Option(0, "--seed", help="Seed of draws, split, adapters and data order (as finetune)."),
+    cutoff: list[str] = typer.Option([], "--cutoff", help="Override a level rule, as for sweep (repeatable)."),
+    model: str | None = typer.Option(None, "--model", help="Model to load (default: the cache's)."),
+    quantize: str = typer.Option("auto", "--quantize", help=QUANTIZE_HELP),
+    dtype: str = typer.Option("auto", "--dtype", help=DTYPE_HELP),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    max_batch: int = typer.Option(16, "--max-batch", help="Items per update."),
+    final_lr_fraction: float = typer.Option(1.0, "--final-lr-fraction", help="1 (constant lr): one run per lr, "
+                                            "scored along the way; below 1, one run per (lr, updates)."),
+    setting: list[str] = typer.Option([], "--set", help="Any other recipe setting, KEY=VALUE (e.g. r=8, "
+                                                        "micro_batch=4; repeatable)."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check shard hashes first."),
+) -> None:
+    """Choose a fine-tuning learning rate and length on a validation split of one training draw.
+
+    The head's training items are split (seeded by the head) into training and validation parts;
+    fresh adapters train on the first at each learning rate and are scored on the validation items
+    after each update count (accuracy and the gold choice's NLL; 0 updates is zero-shot). The
+    lowest validation NLL wins; OUT/selection.json holds every point and the finetune options of
+    the choice. Test items are never scored.
+
+    \b
+    Example:
+      probekit finetune-select cache/smollm2__arc --data-dir ../shared/data --measure grade \\
+          --out results/ft-select --lr 1e-4,3e-4,1e-3 --updates 10,20,50,100
+    """
+    from probekit.data import load_dataset
+    from probekit.finetune.recipe import recipe_with
+    from probekit.finetune.select import check_search, select_recipe
+    from probekit.store import Cache
+
+    with clean_errors():
+        lr_values, counts = check_search(parse_floats(lrs, "--lr"), parse_ints(updates, "--updates"), validation)
+        spec = model_spec(model, dtype=dtype, quantize=quantize, device=device, device_map=None)
+        recipe = recipe_with(setting, max_batch=max_batch, final_lr_fraction=final_lr_fraction)
+        cache = Cache(cache_dir)
+        items = load_dataset(dataset or str(cache.manifest.get("dataset", {}).get("name", "")), data_dir=data_dir)
+
+        def progress(event: str, fields: dict) -> None:
+            if event == "run":
+                console.print(f"lr {fields['lr']:g}: training to {fields['updates']} updates", highlight=False)
+            elif event == "point":
+                console.print(f"  lr {fields['lr']:g}, {fields['updates']} updates: validation accuracy "
+                              f"{fields['accuracy']:.3f}, NLL {fields['nll']:.4f} (train loss {fields['train_loss']:.4f})",
+                              highlight=False)
+            elif event == "skip":
+                console.print(f"lr {fields['lr']:g}: done before, kept", highlight=False)
+
+        record = select_recipe(cache, items, out, spec, measure=measure, level=level, draw=draw, n_train=n_train,
+                               seed=seed, lrs=lr_values, updates=counts,
+                               validation=validation, recipe=recipe, cutoffs=parse_cutoffs(cutoff), verify=verify,
+                               progress=progress)
+    zero, chosen = record["zero_shot"], record["chosen"]
+    console.print(f"zero-shot on the {record['split']['validation']} validation items: accuracy {zero['accuracy']:.3f}, "
+                  f"NLL {zero['nll']:.4f}", highlight=False)
+    console.print(f"chosen: lr {chosen['lr']:g}, {chosen['updates']} updates: accuracy {chosen['accuracy']:.3f}, "
+                  f"NLL {chosen['nll']:.4f} -> {out}/selection.json\n  probekit finetune options: "
+                  f"{chosen['finetune_options']}", highlight=False)

@@ -57,7 +57,7 @@ def parse_ints(text: str, name: str) -> list[int]:
         raise ProbekitError(f"{name} must be comma-separated integers, got {text!r}") from None
 
 
-def _floats(text: str, name: str) -> list[float]:
+def parse_floats(text: str, name: str) -> list[float]:
     try:
         values = [float(x) for x in parse_list(text, name)]
     except ValueError:
@@ -77,7 +77,7 @@ def parse_noise(text: str | None, experiment: str) -> list[float]:
     another experiment, which draws no noisy labels."""
     if text is not None and experiment != "label_noise":
         raise ProbekitError(f"--label-noise {text}: applies to --experiment label_noise only")
-    return _floats(DEFAULT_NOISE if text is None else text, "--label-noise")
+    return parse_floats(DEFAULT_NOISE if text is None else text, "--label-noise")
 
 
 def parse_cutoffs(items: list[str]) -> dict:
@@ -157,7 +157,7 @@ def sweep_cmd(
     with clean_errors():
         sizes = parse_ints(n_train, "--n-train")
         noise = parse_noise(label_noise, experiment)
-        grid_C, grid_l2 = _floats(C, "--C"), _floats(l2, "--l2")
+        grid_C, grid_l2 = parse_floats(C, "--C"), parse_floats(l2, "--l2")
         chosen = parse_list(measures, "--measures")
         with _bar() as bar:
             task = bar.add_task("fit", total=None, layer="")

@@ -1,6 +1,7 @@
 """Render the numbers the docs show from the reports' summaries, so that no number in them is typed.
 
     python docs/render.py trim REPORT_DIR NAME   # docs/results/NAME.json: the fields the docs show (+ the plots they show)
+    python docs/render.py trim SELECT_DIR NAME   # the same for a `probekit finetune-select` directory
     python docs/render.py                        # rewrite every rendered block of README.md and docs/*.md
     python docs/render.py --check                # exit 1 naming each block that differs from its rendering
 
@@ -16,6 +17,8 @@ A rendered block is the text between a line ``<!-- render KIND NAME [KEY=VALUE .
 - ``treatments``: a single-run report's headline under each treatment of zero-weight heads (chance,
   exclude, include): the easy- and hard-trained accuracies and the SGR.
 - ``warnings``: the report's warnings (conditions with fewer than 3 draws).
+- ``selection``: a ``probekit finetune-select`` search (NAME trimmed from its ``selection.json``):
+  validation accuracy and NLL per learning rate and update count, zero-shot, and the choice.
 - ``cli`` (no NAME): every command's help, example and options, read from the command-line app.
 
 ``tests/test_docs.py`` checks that every committed block equals its rendering.
@@ -75,6 +78,17 @@ def trim(summary: dict) -> dict:
         t: {m: {"accuracy": {lv: _stat(a) for lv, a in v["accuracy"].items()}, "sgr": _stat(v["sgr"])}
             for m, v in by.items()} if "error" not in by else by
         for t, by in summary.get("zero_weight_treatments", {}).items()}
+    return out
+
+
+def trim_selection(selection: dict) -> dict:
+    """The fields of a ``finetune-select`` search that the docs render."""
+    keep = ("format", "dataset", "head", "split", "search", "criterion", "zero_shot", "points", "complete", "chosen",
+            "seconds")
+    out = {k: selection[k] for k in keep}
+    out["split"] = {k: v for k, v in selection["split"].items() if k != "validation_ids"}
+    out["recipe"] = {k: selection["recipe"][k] for k in ("r", "alpha", "target_modules", "max_batch",
+                                                         "final_lr_fraction", "weight_decay")}
     return out
 
 
@@ -269,8 +283,27 @@ def _command(name: str, cmd) -> list[str]:
     return lines
 
 
-KINDS = {"comparison": comparison, "headline": headline, "zero-weights": zero_weights, "controls": controls,
-         "facts": facts, "treatments": treatments, "warnings": warnings, "cli": cli}
+def selection(sel: dict, opts: dict) -> str:
+    """Validation accuracy (%) and NLL per learning rate (rows) and update count (columns)."""
+    counts = sel["search"]["updates"]
+    lines = ["| lr | " + " | ".join(f"{u} updates ({u / sel['split']['updates_per_epoch']:g} ep.)" for u in counts)
+             + " |", "|---|" + "---|" * len(counts)]
+    zero = sel["zero_shot"]
+    lines.append(f"| zero-shot (0 updates) | {100 * zero['accuracy']:.1f}% / {zero['nll']:.3f} |" + " |" * (len(counts) - 1))
+    at = {(p["lr"], p["updates"]): p for p in sel["points"]}
+    chosen = sel.get("chosen") or {}
+    for lr in sel["search"]["lrs"]:
+        cells = []
+        for u in counts:
+            p = at.get((lr, u))
+            text = "" if p is None else f"{100 * p['accuracy']:.1f}% / {p['nll']:.3f}"
+            cells.append(f"**{text}**" if p is not None and (lr, u) == (chosen.get("lr"), chosen.get("updates")) else text)
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+KINDS = {"comparison": comparison, "selection": selection, "headline": headline, "zero-weights": zero_weights,
+         "controls": controls, "facts": facts, "treatments": treatments, "warnings": warnings, "cli": cli}
 
 
 def render_block(spec: str) -> str:
@@ -290,8 +323,12 @@ def render_text(text: str) -> str:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["trim"]:
         _, report, name = argv
-        summary = json.loads((Path(report) / "summary.json").read_text())
         RESULTS.mkdir(parents=True, exist_ok=True)
+        if (Path(report) / "selection.json").is_file():
+            sel = json.loads((Path(report) / "selection.json").read_text())
+            (RESULTS / f"{name}.json").write_text(json.dumps(trim_selection(sel), indent=1) + "\n")
+            return 0
+        summary = json.loads((Path(report) / "summary.json").read_text())
         (RESULTS / f"{name}.json").write_text(json.dumps(trim(summary), indent=1, ensure_ascii=False) + "\n")
         shown = "".join(page.read_text() for page in DOCS)
         for plot in ("sgr", "layer_curves"):  # the plots a page shows

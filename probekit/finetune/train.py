@@ -12,7 +12,7 @@ them unchanged; :func:`detach_lora` removes them again (the base weights are nev
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +30,8 @@ from probekit.llm.tokens import Encoded
 OBJECTIVES = ("choices", "seq2seq")
 #: Called after every optimizer update: (updates done, updates in all, that update's loss).
 OnUpdate = Callable[[int, int, float], None]
+#: Called after the updates named in ``checkpoints``, adapters' dropout off: (updates done).
+OnCheckpoint = Callable[[int], None]
 
 
 def lora_module_names(model) -> list[str]:
@@ -177,13 +179,17 @@ class TrainLog:
 
 def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe, seed: int, *,
                    quantize: str | None = None, on_update: OnUpdate | None = None,
-                   max_updates: int | None = None, objective: str = "choices") -> TrainLog:
+                   max_updates: int | None = None, objective: str = "choices",
+                   checkpoints: Collection[int] = (), on_checkpoint: OnCheckpoint | None = None) -> TrainLog:
     """Train the adapters of ``model`` (from :func:`attach_lora`) on ``encoded`` items with ``labels``.
 
     Each epoch visits the items in an order drawn from ``seed``; every update averages the loss
     (:func:`item_nll` with ``objective``; ``labels`` may be None for "seq2seq") over
     :func:`~probekit.finetune.recipe.schedule`'s effective batch. ``max_updates`` stops early
-    (tests, benchmarks); the learning-rate schedule still spans the full run.
+    (tests, benchmarks); the learning-rate schedule still spans the full run. After each update
+    counted in ``checkpoints`` (and before the first, for 0) ``on_checkpoint(updates done)`` runs with
+    the adapters' dropout off (to score the model as it is then); it draws no random numbers, so the
+    run goes on exactly as without it.
     """
     import torch
 
@@ -201,8 +207,17 @@ def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), 1]))
     stop = plan.updates if max_updates is None else min(plan.updates, max_updates)
     t0 = time.perf_counter()
+    marks = {int(c) for c in checkpoints}
+
+    def checkpoint() -> None:
+        if on_checkpoint is not None and log.updates in marks:
+            _set_adapter_dropout(model, False)
+            on_checkpoint(log.updates)
+            _set_adapter_dropout(model, True)
+
     _set_adapter_dropout(model, True)
     try:
+        checkpoint()
         with seeded(seed + 1, lm.device), torch.enable_grad():
             for _ in range(plan.epochs):
                 order = rng.permutation(len(encoded))
@@ -227,6 +242,7 @@ def train_adapters(lm, model, encoded: Sequence[Encoded], labels, recipe: Recipe
                     log.updates += 1
                     if on_update is not None:
                         on_update(log.updates, stop, total)
+                    checkpoint()
     finally:
         _set_adapter_dropout(model, False)
         opt.zero_grad(set_to_none=True)
