@@ -7,7 +7,7 @@ requested condition:
   no instruction), one draw (greedy decoding has nothing to redraw);
 - ``easy`` / ``medium`` / ``hard``: k demonstrations ``Q: ...\\nA: {reasoning} So the answer is
   {answer}`` drawn per draw from that level of ``measure``, with the draws and pools ICL uses
-  (:func:`probekit.extract.icl.level_pool`, :func:`probekit.data.draws.train_draw`, key
+  (:func:`probekit.data.levels.level_pool`, :func:`probekit.data.draws.train_draw`, key
   ``icl/{measure}/{level}``); a draw's demonstrations are not among its test items;
 - ``tuned_easy`` / ``tuned_medium`` / ``tuned_hard`` / ``tuned_all`` (``finetune``): LoRA adapters
   trained on ``n_train`` items of that draw and level with the seq2seq objective, then zero-shot
@@ -51,11 +51,10 @@ from probekit.cot import tune
 from probekit.cot.answers import SCORINGS, score
 from probekit.cot.decode import batch_rows, check_lengths, generate
 from probekit.data.draws import MIN_TEST, rng_for, train_draw
-from probekit.data.levels import LEVELS, cutoff_for, probe_levels
+from probekit.data.levels import LEVELS, cutoff_for, level_pool, probe_levels
 from probekit.data.prompts import COT_TEMPLATE_TEXT, render_cot
 from probekit.design.plan import head_seed
 from probekit.errors import OptionError, ProbekitError
-from probekit.extract.icl import level_pool
 from probekit.finetune.recipe import SEQ2SEQ_MIN_UPDATES, Recipe, schedule
 from probekit.llm.batches import dist_env, rank_share
 from probekit.llm.models import LoadedModel, ModelSpec, prepare_model, settle_model

@@ -20,10 +20,9 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from probekit.data.levels import LEVELS
+from probekit.data.levels import ALL, LEVELS
 from probekit.data.prompts import cot_answer, render_cot
 from probekit.errors import ProbekitError
-from probekit.extract.icl import ALL
 from probekit.llm.tokens import Encoded, context_limit, encode_item
 
 #: Condition names of fine-tuned units in a generation folder: ``tuned_easy``, ``tuned_all``...

@@ -159,3 +159,26 @@ def level_counts(items, measures=None, overrides: Mapping[str, Cutoff] | None = 
         counts = {name: int((codes == k).sum()) for k, name in enumerate(LEVELS)}
         rows.append({"measure": m, "cutoff": rule.describe(), **counts, "unknown": int((codes == UNKNOWN).sum())})
     return rows
+
+
+#: ``demos_from`` value for demonstrations drawn from every probe item, whatever its level.
+ALL = "all"
+
+
+def level_pool(items, measure: str, level: str, cutoff=None) -> np.ndarray:
+    """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of docs/protocol.md §1.6, or
+    ``cutoff``); every probe item for ``level="all"``."""
+    table = items.table.reset_index(drop=True)
+    probe = np.flatnonzero((table["pool"] == "probe").to_numpy())
+    if level == ALL:
+        return probe
+
+    if measure not in items.measures:
+        why = getattr(items, "not_measures", {}).get(measure)
+        raise ProbekitError(f"measure {measure!r} is not a difficulty measure of {items.name} "
+                            + (f"({why})" if why else f"({', '.join(items.measures)})"))
+    if level not in LEVELS:
+        raise ProbekitError(f"level {level!r} is not one of {', '.join(LEVELS)} or {ALL}")
+    codes = probe_levels(table[measure].to_numpy(), probe,
+                         cutoff_for(items.name, measure, {measure: cutoff} if cutoff is not None else None))
+    return np.flatnonzero(codes == LEVELS.index(level))

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from probekit.data.levels import ALL, level_pool
 from probekit.data.prompts import TEMPLATE_TEXT, render_kshot
 from probekit.errors import ProbekitError
 from probekit.extract.capture import capture_batch
@@ -48,31 +49,6 @@ class DrawPlan:
     k_used: int
     encoded: list[Encoded]  # full k-shot prompt ids per scored row
     prefix_ids: list[int]
-
-
-#: ``demos_from`` value for demonstrations drawn from every probe item, whatever its level.
-ALL = "all"
-
-
-def level_pool(items, measure: str, level: str, cutoff=None) -> np.ndarray:
-    """Row indices of the probe items at ``level`` of ``measure`` (cut-offs of docs/protocol.md §1.6, or
-    ``cutoff``); every probe item for ``level="all"``."""
-    from probekit.data.levels import LEVELS, cutoff_for, probe_levels
-
-    table = items.table.reset_index(drop=True)
-    probe = np.flatnonzero((table["pool"] == "probe").to_numpy())
-    if level == ALL:
-        return probe
-
-    if measure not in items.measures:
-        why = getattr(items, "not_measures", {}).get(measure)
-        raise ProbekitError(f"measure {measure!r} is not a difficulty measure of {items.name} "
-                            + (f"({why})" if why else f"({', '.join(items.measures)})"))
-    if level not in LEVELS:
-        raise ProbekitError(f"level {level!r} is not one of {', '.join(LEVELS)} or {ALL}")
-    codes = probe_levels(table[measure].to_numpy(), probe,
-                         cutoff_for(items.name, measure, {measure: cutoff} if cutoff is not None else None))
-    return np.flatnonzero(codes == LEVELS.index(level))
 
 
 def cutoff_text(rule) -> str:
