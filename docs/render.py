@@ -9,7 +9,7 @@ A rendered block is the text between a line ``<!-- render KIND NAME [KEY=VALUE .
 ``<!-- /render -->``; NAME is a trimmed summary in ``docs/results/``. Kinds:
 
 - ``comparison``: a comparison report's table (``methods=probe,icl``: which methods get columns;
-  ``models=...``, ``datasets=...``: which rows).
+  ``models=...``, ``datasets=...``, ``measures=...``: which rows).
 - ``headline``: a single-run report's headline table, as ``probekit report`` prints it.
 - ``zero-weights``: per run, how many of the headline heads have zero weights as their exact optimum.
 - ``controls``: per row, the hard-trained probe beside its shortcut controls.
@@ -109,7 +109,7 @@ def _opts(args: list[str]) -> dict[str, list[str]]:
 
 def _rows(summary: dict, opts: dict) -> list[dict]:
     rows = summary["population"]
-    for key in ("models", "datasets"):
+    for key in ("models", "datasets", "measures"):
         if key in opts:
             rows = [r for r in rows if r[key[:-1]] in opts[key]]
     return rows
@@ -299,6 +299,13 @@ def selection(sel: dict, opts: dict) -> str:
             text = "" if p is None else f"{100 * p['accuracy']:.1f}% / {p['nll']:.3f}"
             cells.append(f"**{text}**" if p is not None and (lr, u) == (chosen.get("lr"), chosen.get("updates")) else text)
         lines.append(f"| {lr:g} | " + " | ".join(cells) + " |")
+    split, head, search = sel["split"], sel["head"], sel["search"]
+    runs = len(search["lrs"]) * (1 if search["constant_lr"] else len(counts))
+    lines += ["", f"Head {head['measure']}/{head['train_level']}, draw {head['draw']}: {split['train']} training and "
+              f"{split['validation']} validation items of its {head['n_train']}; {split['updates_per_epoch']} updates "
+              f"of {sel['recipe']['max_batch']} items per epoch; {runs} runs in "
+              f"{sel['seconds']:.0f} s. Cells: validation accuracy / mean NLL of the gold choice; bold: the choice "
+              "(lowest NLL)." if sel.get("chosen") else "The search is not complete: no choice yet."]
     return "\n".join(lines) + "\n"
 
 
