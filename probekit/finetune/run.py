@@ -215,10 +215,10 @@ def finetune(
     s = Settings(experiment, n_train, label_noise, draws, seed, levels, test_levels, cutoffs, recipe or Recipe(),
                  zero_shot, save_adapters, max_updates)
     emit = progress or (lambda event, fields: None)
-    _check_settings(s)
+    check_settings(s)
     model = settle_model(model, local, world, train=True)  # checked before anything is read or loaded
     with holding_results(out, "finetune", rank):  # locked before the cache is verified or the model loads
-        run = _open_run(cache, items, model, measures, s, verify)
+        run = open_run(cache, items, model, measures, s, verify)
         mine = rank_share(run.heads, rank, world)  # each rank its own heads
         with ResultsWriter(out, run=_resume_key(run, s), rank=rank, world_size=world) as writer:
             counts = _train_heads(run, s, mine, writer, rank, emit)
@@ -233,7 +233,8 @@ def finetune(
         return record
 
 
-def _check_settings(s: Settings) -> None:
+def check_settings(s: Settings) -> None:
+    """Refuse an unknown experiment or test level, and an unusable ``save_adapters`` folder, in one line."""
     if s.experiment not in EXPERIMENTS:
         raise ProbekitError(f"unknown experiment {s.experiment!r}: choose from {', '.join(EXPERIMENTS)}")
     for lv in s.test_levels or ():
@@ -243,7 +244,7 @@ def _check_settings(s: Settings) -> None:
         check_dir_target(s.save_adapters, "save_adapters")
 
 
-def _open_run(cache, items, model, measures: Sequence[str] | None, s: Settings, verify: bool) -> Opened:
+def open_run(cache, items, model, measures: Sequence[str] | None, s: Settings, verify: bool) -> Opened:
     """The cache verified, its heads planned (the sweep's), the questions checked against it and the
     model loaded and checked: every refusal before the first update."""
     cache = open_cache(cache, verify)

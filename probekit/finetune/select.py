@@ -12,7 +12,8 @@ i.e. zero-shot on the same items.
 At a constant learning rate (``recipe.final_lr_fraction == 1``, the default here) the adapters after
 ``u`` updates of one long run are exactly those of a run of ``u`` updates (same data order, same
 seeds; scoring draws no random numbers), so each learning rate costs one run to ``max(updates)``.
-With a decaying rate every (lr, updates) pair is its own run, its schedule spanning its updates.
+With a decaying rate every (lr, updates) pair is its own run, whose schedule spans the whole epochs
+those updates fall in (exactly its updates when they are a multiple of the updates per epoch).
 
 The choice is the (lr, updates) of the lowest validation NLL (ties: fewer updates, then the
 smaller lr); accuracy is reported beside it. ``OUT/selection.json`` holds every curve, the
@@ -34,7 +35,7 @@ import numpy as np
 from probekit.design import head_seed, zero_shot_p
 from probekit.errors import ProbekitError
 from probekit.finetune.recipe import Recipe, schedule
-from probekit.finetune.run import Settings, _check_settings, _open_run
+from probekit.finetune.run import Settings, check_settings, open_run
 from probekit.finetune.train import attach_lora, detach_lora, score_items, train_adapters
 from probekit.llm.models import settle_model
 from probekit.llm.tokens import encode_rows
@@ -114,11 +115,11 @@ def select_recipe(
     emit = progress or (lambda event, fields: None)
     s = Settings("population", (int(n_train),), (0.0,), int(draw) + 1, seed, (level,), None, cutoffs, recipe, False,
                  None, None)
-    _check_settings(s)
+    check_settings(s)
     model = settle_model(model, 0, 1, train=True)
     with OutputDir(out, (SELECTION,), "selection directory", own=lambda e: e == SELECTION or e.startswith("."),
                    share=True, exclusive=True) as held:
-        run = _open_run(cache, items, model, [measure], s, verify)
+        run = open_run(cache, items, model, [measure], s, verify)
         head = next((h for h in run.heads if h.draw == int(draw)), None)
         if head is None:
             raise ProbekitError(f"no draw {draw} of {measure}/{level} with {n_train} items in {run.cache.path}")
