@@ -58,6 +58,7 @@ def parse_ints(text: str, name: str) -> list[int]:
 
 
 def parse_floats(text: str, name: str) -> list[float]:
+    """A comma-separated option of finite numbers; one error line naming ``name`` otherwise."""
     try:
         values = [float(x) for x in parse_list(text, name)]
     except ValueError:
