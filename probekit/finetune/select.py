@@ -152,16 +152,18 @@ def select_recipe(
                     "accuracy": float(correct.mean()), "nll": float(nll.mean()), "p_gold": float(p.mean()),
                     "train_loss": train_loss}
 
-        def save(zero: dict | None) -> None:
-            held.write_json(SELECTION, _selection(key, head, fit, val, run, recipe, lrs, counts, constant, zero,
-                                                  points, per_epoch, before + time.perf_counter() - t0))
+        def save(zero: dict | None) -> dict[str, Any]:
+            record = _selection(key, head, fit, val, run, recipe, lrs, counts, constant, zero, points, per_epoch,
+                                before + time.perf_counter() - t0)
+            held.write_json(SELECTION, record)
+            return record
 
         zero = old.get("zero_shot") if isinstance(old, dict) and old.get("key") == key else None
         if zero is None:
             zero = point(0.0, 0, None)
             zero.pop("lr")
             save(zero)
-        runs = [(lr, [c for c in counts]) for lr in lrs] if constant else [(lr, [c]) for lr in lrs for c in counts]
+        runs = [(lr, list(counts)) for lr in lrs] if constant else [(lr, [c]) for lr in lrs for c in counts]
         for lr, marks in runs:
             if all((lr, c) in points for c in marks):
                 emit("skip", {"lr": lr, "updates": marks})
@@ -187,10 +189,7 @@ def select_recipe(
             finally:
                 detach_lora(lm, peft_model)
             save(zero)
-        record = _selection(key, head, fit, val, run, recipe, lrs, counts, constant, zero, points, per_epoch,
-                            before + time.perf_counter() - t0)
-        held.write_json(SELECTION, record)
-    return record
+        return save(zero)  # every point in: the choice, and the time of a resumed search too
 
 
 def _selection(key, head, fit, val, run, recipe: Recipe, lrs, counts, constant: bool, zero, points, per_epoch: int,
@@ -222,8 +221,8 @@ def _selection(key, head, fit, val, run, recipe: Recipe, lrs, counts, constant: 
 def _options(recipe: Recipe, best: Mapping[str, Any], n_train: int) -> str:
     """The ``probekit finetune`` options that train a whole ``n_train``-item draw with the chosen
     setting (its update count exactly when it is a multiple of that draw's updates per epoch)."""
-    batch = min(n_train, recipe.max_batch)
+    per_epoch = schedule(n_train, replace(recipe, min_updates=0, epochs=1)).updates_per_epoch
     return (f"--lr {best['lr']:g} --max-batch {recipe.max_batch} --min-updates {best['updates']} --epochs 1 "
             f"--final-lr-fraction {recipe.final_lr_fraction:g}"
-            + ("" if best["updates"] % -(-n_train // batch) == 0 else
-               f"  (a {n_train}-item draw has {-(-n_train // batch)} updates per epoch: the run rounds up)"))
+            + ("" if best["updates"] % per_epoch == 0 else
+               f"  (a {n_train}-item draw has {per_epoch} updates per epoch: the run rounds up)"))
